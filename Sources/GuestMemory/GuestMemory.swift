@@ -1,0 +1,183 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A guest-physical address. Its own type so that guest and host addresses never mix.
+public struct GuestAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var raw: UInt64
+    public init(_ raw: UInt64) { self.raw = raw }
+    public static func < (a: GuestAddress, b: GuestAddress) -> Bool { a.raw < b.raw }
+    public func adding(_ offset: UInt64) -> GuestAddress { GuestAddress(raw &+ offset) }
+    public var description: String { "0x" + String(raw, radix: 16) }
+}
+
+/// Why a guest memory operation was refused.
+public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
+    /// An access of `length` bytes at `address` reaches outside guest RAM of `size` bytes.
+    case outOfBounds(address: UInt64, length: UInt64, size: UInt64)
+    /// The requested size is zero, not a multiple of the page size, or too large to map.
+    case invalidSize(UInt64)
+    /// `mmap` failed for a region.
+    case mapFailed(size: UInt64, errno: Int32)
+
+    public var description: String {
+        switch self {
+        case let .outOfBounds(a, l, s):
+            return "guest memory access of \(l) bytes at 0x\(String(a, radix: 16)) is outside guest RAM (0x0..<0x\(String(s, radix: 16)))"
+        case let .invalidSize(s):
+            return "invalid guest memory size \(s) bytes: it must be a non-zero multiple of 4096"
+        case let .mapFailed(s, e):
+            return "could not map \(s) bytes of guest memory: \(String(cString: strerror(e))); try a smaller --memory"
+        }
+    }
+}
+
+/// Guest RAM: a contiguous guest-physical range starting at 0, backed by one or
+/// more anonymous host mappings (one KVM memory slot each).
+///
+/// Every access is bounds-checked by guest-physical address and may span regions.
+/// Host pointers stay inside this type; the only thing that leaves it is each
+/// region's host address as an integer, which KVM needs to register the slot.
+///
+/// Thread-safety: the mappings never change after `init` and are unmapped in
+/// `deinit`; the bytes themselves are shared with the running guest by design,
+/// exactly as they are in hardware, so callers coordinate by pausing vCPUs.
+public final class GuestMemory: @unchecked Sendable {
+    public static let pageSize: UInt64 = 4096
+    /// Largest single mapping / memory slot. Larger guests get several slots.
+    public static let maxRegionSize: UInt64 = 1 << 30
+
+    /// One backing mapping, registered with KVM as one memory slot.
+    public struct Region: Sendable {
+        public let slot: UInt32
+        public let guestBase: GuestAddress
+        public let size: UInt64
+        /// Host virtual address of the mapping, for `KVM_SET_USER_MEMORY_REGION` only.
+        public let hostAddress: UInt
+    }
+
+    public let size: UInt64
+    public let regions: [Region]
+    // SAFETY: each pointer maps exactly `regions[i].size` bytes until deinit.
+    private let bases: [UnsafeMutableRawPointer]
+    private let regionSize: UInt64
+
+    /// Maps `size` bytes of zeroed guest RAM.
+    public init(size: UInt64, regionSize: UInt64 = GuestMemory.maxRegionSize) throws(GuestMemoryError) {
+        guard size > 0, size % Self.pageSize == 0, size <= (1 << 46),
+              regionSize > 0, regionSize % Self.pageSize == 0 else { throw .invalidSize(size) }
+        var regions: [Region] = []
+        var bases: [UnsafeMutableRawPointer] = []
+        var offset: UInt64 = 0
+        while offset < size {
+            let length = min(regionSize, size - offset)
+            let p = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            guard let p, p != MAP_FAILED else {
+                let e = errno
+                for (r, b) in zip(regions, bases) { munmap(b, Int(r.size)) }
+                throw .mapFailed(size: length, errno: e)
+            }
+            regions.append(Region(slot: UInt32(regions.count), guestBase: GuestAddress(offset), size: length, hostAddress: UInt(bitPattern: p)))
+            bases.append(p)
+            offset += length
+        }
+        self.size = size
+        self.regions = regions
+        self.bases = bases
+        self.regionSize = regionSize
+    }
+
+    deinit {
+        for (r, b) in zip(regions, bases) { munmap(b, Int(r.size)) }
+    }
+
+    /// Checks that `[address, address+length)` lies inside guest RAM.
+    public func checkRange(_ address: GuestAddress, _ length: UInt64) throws(GuestMemoryError) {
+        let (end, overflow) = address.raw.addingReportingOverflow(length)
+        guard !overflow, end <= size else {
+            throw .outOfBounds(address: address.raw, length: length, size: size)
+        }
+    }
+
+    /// Calls `body` for each contiguous host piece of a checked guest range.
+    private func forEachPiece(_ address: GuestAddress, _ length: UInt64,
+                              _ body: (UnsafeMutableRawPointer, Int, Int) throws -> Void) rethrows {
+        var done: UInt64 = 0
+        while done < length {
+            let gpa = address.raw + done
+            let index = Int(gpa / regionSize)
+            let region = regions[min(index, regions.count - 1)]
+            let inRegion = gpa - region.guestBase.raw
+            let n = min(length - done, region.size - inRegion)
+            // SAFETY: range checked by the caller; piece lies inside one mapping.
+            try body(bases[Int(region.slot)] + Int(inRegion), Int(n), Int(done))
+            done += n
+        }
+    }
+
+    /// Copies `bytes` into guest RAM at `address`.
+    public func write(_ bytes: some Collection<UInt8>, at address: GuestAddress) throws(GuestMemoryError) {
+        let array = Array(bytes)
+        try checkRange(address, UInt64(array.count))
+        array.withUnsafeBytes { src in
+            forEachPiece(address, UInt64(array.count)) { dst, n, done in
+                dst.copyMemory(from: src.baseAddress! + done, byteCount: n)
+            }
+        }
+    }
+
+    /// Reads `count` bytes of guest RAM at `address`.
+    public func read(at address: GuestAddress, count: Int) throws(GuestMemoryError) -> [UInt8] {
+        try checkRange(address, UInt64(count))
+        var out = [UInt8](repeating: 0, count: count)
+        out.withUnsafeMutableBytes { dst in
+            forEachPiece(address, UInt64(count)) { src, n, done in
+                (dst.baseAddress! + done).copyMemory(from: src, byteCount: n)
+            }
+        }
+        return out
+    }
+
+    /// Writes a little-endian integer at `address`.
+    public func writeInteger<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
+        try write(withUnsafeBytes(of: value.littleEndian) { Array($0) }, at: address)
+    }
+
+    /// Reads a little-endian integer at `address`.
+    public func readInteger<T: FixedWidthInteger>(_: T.Type = T.self, at address: GuestAddress) throws(GuestMemoryError) -> T {
+        let bytes = try read(at: address, count: MemoryLayout<T>.size)
+        var value: T = 0
+        withUnsafeMutableBytes(of: &value) { $0.copyBytes(from: bytes) }
+        return T(littleEndian: value)
+    }
+
+    /// Fills `[address, address+length)` with zeros.
+    public func zero(at address: GuestAddress, length: UInt64) throws(GuestMemoryError) {
+        try checkRange(address, length)
+        forEachPiece(address, length) { dst, n, _ in dst.initializeMemory(as: UInt8.self, repeating: 0, count: n) }
+    }
+
+    /// Gives `body` read access to a range that lies inside one region (e.g. one page),
+    /// without copying. The buffer must not escape `body`.
+    public func withBytes<R>(at address: GuestAddress, count: Int,
+                             _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        try checkRange(address, UInt64(count))
+        let index = Int(address.raw / regionSize)
+        let region = regions[min(index, regions.count - 1)]
+        let inRegion = address.raw - region.guestBase.raw
+        guard inRegion + UInt64(count) <= region.size else {
+            throw GuestMemoryError.outOfBounds(address: address.raw, length: UInt64(count), size: size)
+        }
+        // SAFETY: range checked against this one mapping.
+        return try body(UnsafeRawBufferPointer(start: bases[Int(region.slot)] + Int(inRegion), count: count))
+    }
+
+    /// Whether the 4 KiB page at `address` (page-aligned) is all zeros.
+    public func isZeroPage(_ address: GuestAddress) throws -> Bool {
+        try withBytes(at: address, count: Int(Self.pageSize)) { buf in
+            let words = buf.bindMemory(to: UInt64.self)
+            for w in words where w != 0 { return false }
+            return true
+        }
+    }
+}

@@ -1,0 +1,333 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Devices
+import GuestMemory
+import KVM
+import Loader
+
+/// What a machine is built from.
+public struct MachineConfiguration: Sendable, Equatable {
+    public var memorySize: UInt64
+    public var vcpuCount: Int
+    public var mode: BootMode?
+    public var commandLine: String?
+
+    public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, mode: BootMode? = nil, commandLine: String? = nil) {
+        self.memorySize = memorySize
+        self.vcpuCount = vcpuCount
+        self.mode = mode
+        self.commandLine = commandLine
+    }
+}
+
+/// How a run ended.
+public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
+    /// The guest wrote `status` to the exit port.
+    case exitPort(status: UInt8)
+    /// `HLT` with interrupts disabled: a clean stop.
+    case halted
+    /// `HLT` with interrupts enabled: with no interrupt source, the guest would wait forever.
+    case hang(details: String)
+    /// Triple fault, failed entry, internal error or an unexpected exit.
+    case fatal(reason: String, details: String)
+    /// Stopped from outside (a signal or `requestStop`).
+    case stopped(signal: Int32)
+
+    /// The process exit status for `vmm run`.
+    public var exitStatus: Int32 {
+        switch self {
+        case let .exitPort(s): Int32(s)
+        case .halted: 0
+        case .hang, .fatal: 2
+        case let .stopped(sig): 128 + sig
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case let .exitPort(s): "guest exited with status \(s) through port 0xf4"
+        case .halted: "guest halted with interrupts disabled"
+        case let .hang(d): "guest hung: HLT with interrupts enabled, but this VM has no interrupt source\n\(d)"
+        case let .fatal(r, d): "guest stopped: \(r)\n\(d)"
+        case let .stopped(sig): "stopped by signal \(sig)"
+        }
+    }
+}
+
+/// Run state of a machine.
+public enum MachineState: String, Sendable {
+    case created, running, paused, finished
+}
+
+/// A virtual machine with its memory, devices and vCPU threads.
+///
+/// Each vCPU runs on its own OS thread. `pause()` sets a flag and
+/// `immediate_exit`, signals each vCPU thread, and waits until every vCPU has
+/// acknowledged; because pausing happens only after `KVM_RUN` returns EINTR,
+/// any I/O in flight has been completed by KVM first.
+///
+/// Thread-safety: the mutable run state lives behind `control` (an NSCondition).
+public final class Machine: @unchecked Sendable {
+    public let configuration: MachineConfiguration
+    public let kvm: KVMSystem
+    public let vm: VirtualMachine
+    public let memory: GuestMemory
+    public let vcpus: [VCPU]
+    public let image: LoadedImage
+    public let serial: Serial16550
+
+    private let deviceLock = NSLock()
+    private let control = NSCondition()
+    // Guarded by `control`:
+    private var threads: [pthread_t?]
+    private var alive: [Bool]
+    private var pauseRequested = false
+    private var stopRequested = false
+    private var pausedCount = 0
+    private var started = false
+    private var result: MachineExit?
+    private var runningThreads = 0
+
+    /// Builds the VM: KVM_CREATE_VM, guest memory, the image, vCPUs with CPUID and
+    /// the initial registers. Throws `KVMError`, `GuestMemoryError` or `LoaderError`.
+    public init(image bytes: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem? = nil,
+                serialOutput: @escaping (UInt8) -> Void) throws {
+        guard configuration.vcpuCount >= 1, configuration.vcpuCount <= 64 else {
+            throw MachineError.invalidConfiguration("vCPU count \(configuration.vcpuCount) must be 1 to 64")
+        }
+        guard configuration.memorySize >= BootLayout.minMemory, configuration.memorySize <= BootLayout.maxMemory else {
+            throw LoaderError.memorySize(configuration.memorySize)
+        }
+        self.configuration = configuration
+        self.kvm = try kvm ?? KVMSystem()
+        self.memory = try GuestMemory(size: configuration.memorySize)
+        self.image = try ImageLoader.load(image: bytes, mode: configuration.mode,
+                                          commandLine: configuration.commandLine, into: memory)
+        self.vm = try self.kvm.createVM()
+        try vm.register(memory)
+        let cpuid = try self.kvm.supportedCPUID()
+        var vcpus: [VCPU] = []
+        for id in 0..<configuration.vcpuCount {
+            let vcpu = try vm.createVCPU(id: UInt32(id))
+            try vcpu.setCPUID(cpuid)
+            try CPUSetup.apply(image.cpu, to: vcpu)
+            vcpus.append(vcpu)
+        }
+        self.vcpus = vcpus
+        self.serial = Serial16550(output: serialOutput)
+        self.threads = Array(repeating: nil, count: vcpus.count)
+        self.alive = Array(repeating: false, count: vcpus.count)
+    }
+
+    /// Current run state.
+    public var state: MachineState {
+        control.lock(); defer { control.unlock() }
+        if result != nil && runningThreads == 0 { return .finished }
+        if !started { return .created }
+        return pausedCount == runningThreads && pauseRequested ? .paused : .running
+    }
+
+    /// Starts one OS thread per vCPU and returns once all of them run.
+    public func start() {
+        KickSignal.install()
+        control.lock()
+        precondition(!started, "a machine starts once")
+        started = true
+        runningThreads = vcpus.count
+        control.unlock()
+        for (index, vcpu) in vcpus.enumerated() {
+            startOSThread(name: "vcpu\(index)") { [self] in vcpuLoop(index: index, vcpu: vcpu) }
+        }
+        control.lock()
+        while threads.contains(where: { $0 == nil }) && result == nil { control.wait() }
+        control.unlock()
+    }
+
+    /// Pauses every vCPU and returns once all have acknowledged. Returns false if
+    /// the machine has already finished.
+    @discardableResult
+    public func pause() -> Bool {
+        control.lock(); defer { control.unlock() }
+        guard started, result == nil else { return false }
+        pauseRequested = true
+        kickAllLocked()
+        while pausedCount < runningThreads && result == nil { control.wait() }
+        return result == nil
+    }
+
+    /// Resumes a paused machine.
+    public func resume() {
+        control.lock(); defer { control.unlock() }
+        pauseRequested = false
+        control.broadcast()
+    }
+
+    /// Stops all vCPUs; the run ends with `.stopped(signal:)` unless it already ended.
+    public func requestStop(signal: Int32 = 0) {
+        control.lock(); defer { control.unlock() }
+        if result == nil { result = .stopped(signal: signal) }
+        stopRequested = true
+        kickAllLocked()
+        control.broadcast()
+    }
+
+    /// Blocks until every vCPU thread has stopped; returns how the run ended.
+    public func waitForExit() -> MachineExit {
+        control.lock(); defer { control.unlock() }
+        while result == nil || runningThreads > 0 { control.wait() }
+        return result!
+    }
+
+    /// Waits up to `timeout` seconds; nil if the machine is still running.
+    public func waitForExit(timeout: Double) -> MachineExit? {
+        let deadline = Date(timeIntervalSinceNow: timeout)
+        control.lock(); defer { control.unlock() }
+        while result == nil || runningThreads > 0 {
+            if !control.wait(until: deadline) { return nil }
+        }
+        return result
+    }
+
+    private func kickAllLocked() {
+        for (i, vcpu) in vcpus.enumerated() where alive[i] {
+            vcpu.immediateExit = true
+            if let t = threads[i] { pthread_kill(t, KickSignal.number) }
+        }
+    }
+
+    private func finish(_ exit: MachineExit) {
+        control.lock(); defer { control.unlock() }
+        if result == nil { result = exit }
+        stopRequested = true
+        kickAllLocked()
+        control.broadcast()
+    }
+
+    private func vcpuLoop(index: Int, vcpu: VCPU) {
+        control.lock()
+        threads[index] = pthread_self()
+        alive[index] = true
+        control.broadcast()
+        control.unlock()
+        defer {
+            control.lock()
+            alive[index] = false
+            runningThreads -= 1
+            control.broadcast()
+            control.unlock()
+        }
+        while true {
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.run()
+            } catch {
+                finish(.fatal(reason: "\(error)", details: dumpRegisters(vcpu)))
+                return
+            }
+            if case .interrupted = exit {
+                control.lock()
+                if stopRequested { control.unlock(); return }
+                if pauseRequested {
+                    vcpu.immediateExit = false
+                    pausedCount += 1
+                    control.broadcast()
+                    while pauseRequested && !stopRequested { control.wait() }
+                    pausedCount -= 1
+                    let stop = stopRequested
+                    control.unlock()
+                    if stop { return }
+                    continue
+                }
+                // A stale kick from an earlier pause: clear it and go on.
+                vcpu.immediateExit = false
+                control.unlock()
+                continue
+            }
+            if let ending = handle(exit, vcpu: vcpu) {
+                finish(ending)
+                return
+            }
+        }
+    }
+
+    /// One `switch` on the exit reason: what each exit means for this machine.
+    private func handle(_ exit: VCPUExit, vcpu: VCPU) -> MachineExit? {
+        switch exit {
+        case let .io(port, isWrite, size, count, data):
+            if port == DebugExitPort.port && isWrite {
+                return .exitPort(status: data.first ?? 0)
+            }
+            let com1 = Serial16550.com1Base
+            if port >= com1 && port < com1 + 8 {
+                deviceLock.lock(); defer { deviceLock.unlock() }
+                if isWrite {
+                    // `rep outsb` delivers several items; a wider access writes its low byte.
+                    for item in 0..<count { serial.write(offset: port - com1, value: data[item * size]) }
+                } else {
+                    var bytes: [UInt8] = []
+                    for _ in 0..<count {
+                        bytes.append(serial.read(offset: port - com1))
+                        bytes.append(contentsOf: repeatElement(0, count: size - 1))
+                    }
+                    vcpu.completeInput(bytes)
+                }
+                return nil
+            }
+            // No device here: writes are dropped and reads float high, as on a PC bus.
+            if !isWrite { vcpu.completeInput([UInt8](repeating: 0xFF, count: size * count)) }
+            return nil
+        case let .mmio(_, isWrite, data):
+            // No MMIO devices: writes are dropped, reads return all ones.
+            if !isWrite { vcpu.completeMMIORead([UInt8](repeating: 0xFF, count: data.count)) }
+            return nil
+        case let .hlt(interruptsEnabled):
+            return interruptsEnabled ? .hang(details: dumpRegisters(vcpu)) : .halted
+        case .shutdown:
+            return .fatal(reason: "triple fault on vCPU \(vcpu.id) (KVM_EXIT_SHUTDOWN)", details: dumpRegisters(vcpu))
+        case let .failEntry(reason, cpu):
+            return .fatal(reason: "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason 0x\(String(reason, radix: 16)), cpu \(cpu))",
+                          details: dumpRegisters(vcpu))
+        case let .internalError(sub):
+            return .fatal(reason: "KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror \(sub)): an instruction KVM cannot emulate",
+                          details: dumpRegisters(vcpu))
+        case let .systemEvent(type):
+            return .fatal(reason: "system event \(type) (KVM_EXIT_SYSTEM_EVENT)", details: dumpRegisters(vcpu))
+        case .dirtyRingFull:
+            return .fatal(reason: "dirty ring full, but no dirty ring is enabled", details: dumpRegisters(vcpu))
+        case let .unknown(reason):
+            return .fatal(reason: "unexpected exit reason \(reason)", details: dumpRegisters(vcpu))
+        case .interrupted:
+            return nil
+        }
+    }
+
+    /// A register dump for fatal exits.
+    public func dumpRegisters(_ vcpu: VCPU) -> String {
+        guard let r = try? vcpu.registers(), let s = try? vcpu.specialRegisters() else {
+            return "(registers unavailable)"
+        }
+        func h(_ v: UInt64) -> String {
+            let s = String(v, radix: 16)
+            return "0x" + String(repeating: "0", count: max(0, 16 - s.count)) + s
+        }
+        return """
+        vCPU \(vcpu.id) registers:
+          rip=\(h(r.rip)) rflags=\(h(r.rflags)) rsp=\(h(r.rsp)) rbp=\(h(r.rbp))
+          rax=\(h(r.rax)) rbx=\(h(r.rbx)) rcx=\(h(r.rcx)) rdx=\(h(r.rdx))
+          rsi=\(h(r.rsi)) rdi=\(h(r.rdi)) r8=\(h(r.r8)) r9=\(h(r.r9))
+          cs=\(String(s.cs.selector, radix: 16)) base=\(h(s.cs.base)) ss=\(String(s.ss.selector, radix: 16)) ds=\(String(s.ds.selector, radix: 16))
+          cr0=\(h(s.cr0)) cr2=\(h(s.cr2)) cr3=\(h(s.cr3)) cr4=\(h(s.cr4)) efer=\(h(s.efer))
+          gdt=\(h(s.gdt.base))/\(s.gdt.limit) idt=\(h(s.idt.base))/\(s.idt.limit)
+        """
+    }
+}
+
+/// Errors of the machine itself (not KVM, memory or loader).
+public enum MachineError: Error, CustomStringConvertible {
+    case invalidConfiguration(String)
+    public var description: String {
+        switch self { case let .invalidConfiguration(s): "invalid machine configuration: \(s)" }
+    }
+}
