@@ -39,10 +39,14 @@ public final class KVMSystem: Sendable {
         }
         self.fd = OwnedDescriptor(raw)
         self.path = path
-        let version = try apiVersion()
-        guard version == Self.expectedAPIVersion else {
+        try Self.checkAPIVersion(try apiVersion())
+    }
+
+    /// Refuses any API version but 12.
+    public static func checkAPIVersion(_ version: Int32) throws(KVMError) {
+        guard version == expectedAPIVersion else {
             throw KVMError("KVM_GET_API_VERSION", errno: EINVAL,
-                           hint: "the kernel reports API version \(version), this VMM needs \(Self.expectedAPIVersion)")
+                           hint: "the kernel reports API version \(version), this VMM needs \(expectedAPIVersion)")
         }
     }
 

@@ -1,0 +1,102 @@
+import Testing
+import GuestMemory
+import Devices
+
+@Suite("Guest memory is bounds-checked by guest-physical address")
+struct GuestMemoryTests {
+    @Test("reads and writes inside guest RAM round-trip")
+    func roundTrip() throws {
+        let m = try GuestMemory(size: 1 << 20)
+        try m.write([1, 2, 3, 4], at: GuestAddress(0x1000))
+        #expect(try m.read(at: GuestAddress(0x1000), count: 4) == [1, 2, 3, 4])
+        try m.writeInteger(UInt64(0x1122_3344_5566_7788), at: GuestAddress((1 << 20) - 8))
+        #expect(try m.readInteger(UInt64.self, at: GuestAddress((1 << 20) - 8)) == 0x1122_3344_5566_7788)
+    }
+
+    @Test("an access past the end is refused, even by one byte")
+    func pastTheEnd() throws {
+        let m = try GuestMemory(size: 1 << 20)
+        #expect(throws: GuestMemoryError.outOfBounds(address: (1 << 20) - 3, length: 4, size: 1 << 20)) {
+            try m.write([1, 2, 3, 4], at: GuestAddress((1 << 20) - 3))
+        }
+        #expect(throws: GuestMemoryError.self) { try m.read(at: GuestAddress(1 << 20), count: 1) }
+    }
+
+    @Test("an address whose end overflows 2^64 is refused, not wrapped")
+    func overflowingAddress() throws {
+        let m = try GuestMemory(size: 1 << 20)
+        #expect(throws: GuestMemoryError.self) { try m.read(at: GuestAddress(UInt64.max - 1), count: 4) }
+        #expect(throws: GuestMemoryError.self) { try m.zero(at: GuestAddress(8), length: UInt64.max) }
+    }
+
+    @Test("sizes that are zero or not page multiples are refused")
+    func badSizes() {
+        #expect(throws: GuestMemoryError.invalidSize(0)) { try GuestMemory(size: 0) }
+        #expect(throws: GuestMemoryError.invalidSize(4097)) { try GuestMemory(size: 4097) }
+    }
+
+    @Test("memory larger than one region spans several slots, and accesses cross region borders")
+    func crossRegion() throws {
+        let m = try GuestMemory(size: 256 << 10, regionSize: 64 << 10)
+        #expect(m.regions.count == 4)
+        #expect(m.regions.map(\.slot) == [0, 1, 2, 3])
+        #expect(m.regions[3].guestBase == GuestAddress(192 << 10))
+        let bytes = (0..<100).map { UInt8($0) }
+        try m.write(bytes, at: GuestAddress((64 << 10) - 50))
+        #expect(try m.read(at: GuestAddress((64 << 10) - 50), count: 100) == bytes)
+        #expect(try m.isZeroPage(GuestAddress(128 << 10)))
+        #expect(try !m.isZeroPage(GuestAddress(60 << 10)))
+    }
+}
+
+@Suite("The 16550 UART as a state machine")
+struct SerialTests {
+    final class Sink: @unchecked Sendable { var bytes: [UInt8] = [] }
+
+    @Test("transmit goes to the output and LSR always reports the transmitter empty")
+    func transmit() {
+        let sink = Sink()
+        let uart = Serial16550 { sink.bytes.append($0) }
+        uart.write(offset: 0, value: 0x41)
+        #expect(sink.bytes == [0x41])
+        #expect(uart.read(offset: 5) & 0x60 == 0x60)
+        #expect(uart.read(offset: 5) & 0x01 == 0)
+    }
+
+    @Test("DLAB switches offsets 0 and 1 to the divisor latch")
+    func divisorLatch() {
+        let sink = Sink()
+        let uart = Serial16550 { sink.bytes.append($0) }
+        uart.write(offset: 3, value: 0x80)
+        uart.write(offset: 0, value: 0x01)
+        uart.write(offset: 1, value: 0x02)
+        #expect(uart.read(offset: 0) == 0x01)
+        #expect(uart.read(offset: 1) == 0x02)
+        uart.write(offset: 3, value: 0x03)
+        #expect(sink.bytes.isEmpty)
+        #expect(uart.state.divisorLow == 1 && uart.state.divisorHigh == 2)
+    }
+
+    @Test("loopback returns transmitted bytes to the receiver instead of the output")
+    func loopback() {
+        let sink = Sink()
+        let uart = Serial16550 { sink.bytes.append($0) }
+        uart.write(offset: 4, value: 0x10)
+        uart.write(offset: 0, value: 0xAE)
+        #expect(sink.bytes.isEmpty)
+        #expect(uart.read(offset: 5) & 0x01 == 1)
+        #expect(uart.read(offset: 0) == 0xAE)
+        #expect(uart.read(offset: 5) & 0x01 == 0)
+    }
+
+    @Test("scratch register and state restore round-trip")
+    func stateRoundTrip() {
+        let a = Serial16550 { _ in }
+        a.write(offset: 7, value: 0x5A)
+        a.write(offset: 1, value: 0x0F)
+        let b = Serial16550 { _ in }
+        b.restore(a.state)
+        #expect(b.read(offset: 7) == 0x5A)
+        #expect(b.state == a.state)
+    }
+}

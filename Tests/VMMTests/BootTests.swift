@@ -1,0 +1,107 @@
+import Foundation
+import Testing
+import KVM
+import Loader
+import VMM
+
+@Suite("Booting guests on /dev/kvm", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+struct BootTests {
+    @Test("hello boots in real mode and ends by HLT with interrupts off (status 0)")
+    func helloReal() throws {
+        let (exit, output) = try runGuest("hello-real.bin", mode: .real)
+        #expect(output.contains("Hello from real mode"))
+        #expect(exit == .halted)
+        #expect(exit.exitStatus == 0)
+    }
+
+    @Test("hello boots in protected mode and ends through port 0xf4 with status 0")
+    func helloProtected() throws {
+        let (exit, output) = try runGuest("hello-protected.bin", mode: .protected)
+        #expect(output == "Hello from protected mode\n")
+        #expect(exit == .exitPort(status: 0))
+    }
+
+    @Test("hello boots in long mode and reads the parameter block: command line and memory size")
+    func helloLong() throws {
+        let (exit, output) = try runGuest("hello-long.bin", mode: .long, commandLine: "alpha beta=2", memory: 96 << 20)
+        #expect(output.contains("Hello from long mode\n"))
+        #expect(output.contains("cmdline: alpha beta=2\n"))
+        #expect(output.contains("memory: 96 MiB\n"))
+        #expect(exit == .exitPort(status: 0))
+    }
+
+    @Test("long mode identity-maps all of a 4 GiB guest (the last 2 MiB page included)")
+    func longModeLargeMemory() throws {
+        let (exit, output) = try runGuest("hello-long.bin", mode: .long, memory: 4 << 30)
+        #expect(output.contains("memory: 4096 MiB"))
+        #expect(exit == .exitPort(status: 0))
+    }
+
+    @Test("a guest's byte on port 0xf4 becomes the exit status")
+    func exitStatusThroughPort() throws {
+        let (exit, output) = try runGuest("status42.bin", mode: .protected)
+        #expect(output.isEmpty)
+        #expect(exit == .exitPort(status: 42))
+        #expect(exit.exitStatus == 42)
+    }
+
+    @Test("HLT with interrupts enabled is reported as a hang, not a success")
+    func hangIsReported() throws {
+        let (exit, output) = try runGuest("hang.bin", mode: .protected)
+        #expect(output == "hang\n")
+        guard case let .hang(details) = exit else { Issue.record("expected a hang, got \(exit)"); return }
+        #expect(details.contains("rflags="))
+        #expect(exit.exitStatus != 0)
+    }
+
+    @Test("a triple fault is a fatal exit with the registers, and a non-zero status")
+    func tripleFaultIsFatal() throws {
+        let (exit, _) = try runGuest("triplefault.bin", mode: .protected)
+        guard case let .fatal(reason, details) = exit else { Issue.record("expected a fatal exit, got \(exit)"); return }
+        // Nested KVM may report the unrecoverable fault as an emulation failure instead of SHUTDOWN.
+        #expect(reason.contains("KVM_EXIT_SHUTDOWN") || reason.contains("KVM_EXIT_INTERNAL_ERROR"))
+        #expect(details.contains("rip="))
+        #expect(exit.exitStatus == 2)
+    }
+
+    @Test("a Multiboot kernel sees the magic, mem_lower/mem_upper, the memory map and its command line")
+    func multibootInformation() throws {
+        let (exit, output) = try runGuest("hello-multiboot.elf", commandLine: "console=ttyS0 answer=42", memory: 128 << 20)
+        #expect(output.contains("Hello from multiboot\n"))
+        #expect(!output.contains("bad magic"))
+        #expect(output.contains("mem_lower=640 mem_upper=\((128 << 10) - 1024)\n"))
+        #expect(output.contains("cmdline=console=ttyS0 answer=42\n"))
+        #expect(output.contains("mmap 0x100000 0x7f00000 1\n"))
+        #expect(exit == .exitPort(status: 0))
+    }
+
+    @Test("without --cmdline the Multiboot information carries no command line")
+    func multibootWithoutCommandLine() throws {
+        let (exit, output) = try runGuest("hello-multiboot.elf")
+        #expect(!output.contains("cmdline="))
+        #expect(exit == .exitPort(status: 0))
+    }
+
+    @Test("the counter guest prints its sequence and ends after count steps")
+    func counterCounts() throws {
+        let (exit, output) = try runGuest("counter.elf", commandLine: "count=20 ticks=10000")
+        let numbers = output.split(separator: "\n").dropFirst().compactMap { Int($0) }
+        #expect(numbers == Array(1...20))
+        #expect(exit == .exitPort(status: 0))
+    }
+
+    @Test("the dirtier guest writes its working set for the given passes and exits 0")
+    func dirtierRuns() throws {
+        let (exit, output) = try runGuest("dirtier.elf", commandLine: "pages=512 passes=4 mark_us=0", memory: 64 << 20)
+        #expect(output.contains("dirtier pages=512"))
+        #expect(output.contains("dirtier done passes=4"))
+        #expect(exit == .exitPort(status: 0))
+    }
+
+    @Test("the dirtier refuses a working set larger than its memory with status 2")
+    func dirtierRefusesOversizedSet() throws {
+        let (exit, output) = try runGuest("dirtier.elf", commandLine: "pages=100000 passes=1 mark_us=0", memory: 16 << 20)
+        #expect(output.contains("does not fit"))
+        #expect(exit == .exitPort(status: 2))
+    }
+}

@@ -1,0 +1,117 @@
+import Foundation
+import Testing
+
+@Suite("The vmm command line")
+struct CLITests {
+    @Test("--help works on every command")
+    func helpEverywhere() throws {
+        for args in [["--help"], ["run", "--help"], ["bench", "--help"], ["bench", "boot", "--help"]] {
+            let r = try runVMM(args)
+            #expect(r.status == 0, "vmm \(args.joined(separator: " ")) exited \(r.status)")
+            #expect(r.stdout.contains("USAGE"), "no usage for \(args)")
+        }
+    }
+
+    @Test("a missing image exits non-zero and says what to do")
+    func missingImage() throws {
+        let r = try runVMM(["run", "/nonexistent/image.bin", "--mode", "real"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("no such file"))
+    }
+
+    @Test("an empty image file exits non-zero")
+    func emptyImage() throws {
+        let path = try Fixtures.temporaryFile("empty.bin", [])
+        let r = try runVMM(["run", path, "--mode", "real"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("empty"))
+    }
+
+    @Test("a directory given as image exits non-zero")
+    func directoryImage() throws {
+        let r = try runVMM(["run", "/tmp", "--mode", "real"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("directory"))
+    }
+
+    @Test("an unreadable image exits non-zero", .disabled(if: getuid() == 0, "root reads files regardless of mode bits"))
+    func unreadableImage() throws {
+        let path = try Fixtures.temporaryFile("unreadable.bin", [0x90])
+        chmod(path, 0)
+        let r = try runVMM(["run", path, "--mode", "real"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("permission"))
+    }
+
+    @Test("an image larger than guest memory exits non-zero naming --memory")
+    func imageLargerThanMemory() throws {
+        let path = try Fixtures.temporaryFile("big.bin", [UInt8](repeating: 0x90, count: (2 << 20) + 1))
+        let r = try runVMM(["run", path, "--mode", "protected", "--memory", "2M"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("--memory"))
+    }
+
+    @Test("bad memory sizes are usage errors (status 64) with the reason", arguments: ["12Q", "0", "64T", "1K"])
+    func badMemoryFlag(_ size: String) throws {
+        let r = try runVMM(["run", "/tmp/whatever", "--memory", size])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("invalid memory size"))
+    }
+
+    @Test("an unknown mode is a usage error")
+    func badMode() throws {
+        let r = try runVMM(["run", "/tmp/whatever", "--mode", "virtual86"])
+        #expect(r.status == 64)
+        #expect(r.stderr.contains("mode"))
+    }
+
+    @Test("a flat image without --mode is refused, asking for --mode")
+    func flatWithoutMode() throws {
+        let path = try Fixtures.temporaryFile("flat.bin", [0xF4])
+        let r = try runVMM(["run", path])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("--mode"))
+    }
+
+    @Test("vmm run passes the guest's exit status through", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+    func exitStatusFromCLI() throws {
+        let r = try runVMM(["run", try Fixtures.guest("status42.bin"), "--mode", "protected"])
+        #expect(r.status == 42)
+        let h = try runVMM(["run", try Fixtures.guest("hello-multiboot.elf"), "--cmdline", "from the cli"])
+        #expect(h.status == 0)
+        #expect(h.stdout.contains("cmdline=from the cli"))
+    }
+
+    @Test("--serial-log writes the guest's output to a file", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+    func serialLog() throws {
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("serial-\(getpid()).log").path
+        let r = try runVMM(["run", try Fixtures.guest("hello-protected.bin"), "--mode", "protected", "--serial-log", log])
+        #expect(r.status == 0)
+        #expect(r.stdout.isEmpty)
+        #expect(try String(contentsOfFile: log, encoding: .utf8) == "Hello from protected mode\n")
+    }
+
+    @Test("a hung guest exits with status 2 and a register dump", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+    func hangFromCLI() throws {
+        let r = try runVMM(["run", try Fixtures.guest("hang.bin"), "--mode", "protected"])
+        #expect(r.status == 2)
+        #expect(r.stderr.contains("hung"))
+        #expect(r.stderr.contains("rip="))
+    }
+
+    @Test("SIGTERM stops a running guest cleanly with status 128+15", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+    func sigtermStops() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try Fixtures.vmmBinary())
+        process.arguments = ["run", try Fixtures.guest("counter.elf"), "--cmdline", "count=0 ticks=100000"]
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = Pipe()
+        try process.run()
+        // Wait for the first line, so the vCPU is running.
+        _ = out.fileHandleForReading.availableData
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 128 + SIGTERM)
+    }
+}

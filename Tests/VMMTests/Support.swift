@@ -1,0 +1,91 @@
+import Foundation
+import Testing
+import KVM
+import Loader
+import VMM
+
+/// Whether this machine can run guests; tests that need KVM are skipped otherwise.
+enum KVMAvailability {
+    static let present: Bool = {
+        let fd = open(KVMSystem.defaultPath, O_RDWR)
+        if fd >= 0 { close(fd); return true }
+        return false
+    }()
+    static let skipMessage: Comment = "/dev/kvm is missing or not accessible: KVM tests are skipped"
+}
+
+/// Paths of the repository, the built guests and the built `vmm` binary.
+enum Fixtures {
+    static let root: URL = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// A guest image built by `make guests`. A missing image is a test failure that says how to build it.
+    static func guest(_ name: String) throws -> String {
+        let path = root.appendingPathComponent("GuestImages/build/\(name)").path
+        try #require(FileManager.default.fileExists(atPath: path),
+                     "guest image \(name) is missing: run `make guests` (make test does it)")
+        return path
+    }
+
+    static func guestBytes(_ name: String) throws -> [UInt8] {
+        [UInt8](try Data(contentsOf: URL(fileURLWithPath: try guest(name))))
+    }
+
+    /// The `vmm` executable of this build.
+    static func vmmBinary() throws -> String {
+        if let env = ProcessInfo.processInfo.environment["VMM_BINARY"] { return env }
+        let path = root.appendingPathComponent(".build/debug/vmm").path
+        try #require(FileManager.default.isExecutableFile(atPath: path),
+                     "the vmm binary is missing at \(path): run `swift build` (make test does it)")
+        return path
+    }
+
+    static func temporaryFile(_ name: String, _ bytes: [UInt8]) throws -> String {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vmm-tests-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let url = dir.appendingPathComponent(name)
+        try Data(bytes).write(to: url)
+        return url.path
+    }
+}
+
+/// Collects a guest's serial output, thread-safely.
+final class SerialCapture: @unchecked Sendable {
+    private let lock = NSLock()
+    private var bytes: [UInt8] = []
+    func append(_ b: UInt8) { lock.lock(); bytes.append(b); lock.unlock() }
+    var text: String { lock.lock(); defer { lock.unlock() }; return String(decoding: bytes, as: UTF8.self) }
+    var count: Int { lock.lock(); defer { lock.unlock() }; return bytes.count }
+}
+
+/// Boots `image` in-process and runs it to its end (or `timeout`).
+func runGuest(_ name: String, mode: BootMode? = nil, commandLine: String? = nil,
+              memory: UInt64 = 64 << 20, timeout: Double = 60) throws -> (exit: MachineExit, output: String) {
+    let capture = SerialCapture()
+    let machine = try Machine(image: try Fixtures.guestBytes(name),
+                              configuration: MachineConfiguration(memorySize: memory, mode: mode, commandLine: commandLine),
+                              serialOutput: capture.append)
+    machine.start()
+    guard let exit = machine.waitForExit(timeout: timeout) else {
+        machine.requestStop()
+        _ = machine.waitForExit()
+        Issue.record("guest \(name) did not finish within \(timeout) s; output: \(capture.text)")
+        return (.stopped(signal: 0), capture.text)
+    }
+    return (exit, capture.text)
+}
+
+/// Runs the `vmm` binary and returns its status, stdout and stderr.
+func runVMM(_ arguments: [String], timeout: Double = 60) throws -> (status: Int32, stdout: String, stderr: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: try Fixtures.vmmBinary())
+    process.arguments = arguments
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    let errData = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+}
