@@ -1,4 +1,4 @@
-// swift-tools-version: 6.0
+// swift-tools-version: 6.2
 import PackageDescription
 
 let package = Package(
@@ -9,25 +9,57 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         // <linux/kvm.h>, ioctl request numbers as constants, non-variadic shims. No logic.
         .target(name: "CKVM", path: "CKVM"),
-        // Guest-physical address space; bounds-checked access; raw pointers stay inside.
+        // Guest-physical address space; bounds-checked access; dirty bitmaps and the tracker protocol.
         .target(name: "GuestMemory"),
-        // One Swift method per ioctl; owning fds; typed errors.
+        // One Swift method per ioctl; owning fds; typed errors; dirty trackers.
         .target(name: "KVM", dependencies: ["CKVM", "GuestMemory"]),
-        // Pure device state machines (UART, exit port). No KVM, no threads.
+        // Pure device state machines (UART, exit port, beacon port). No KVM, no threads.
         .target(name: "Devices"),
         // Image formats (flat, Multiboot) -> guest memory + initial CPU state.
         .target(name: "Loader", dependencies: ["GuestMemory"]),
-        // The machine: VM + vCPU threads + exit dispatch.
-        .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "Devices", "Loader"]),
+        // The versioned, checksummed stream shared by snapshot files and migration.
+        .target(name: "Snapshot", dependencies: ["GuestMemory", .product(name: "Crypto", package: "swift-crypto")]),
+        // Pre-copy protocol, sender and receiver, transport behind one interface.
+        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory"]),
+        // Signed guest registry, leases, beacons, scans, audit.
+        .target(name: "Billboard", dependencies: [
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "GRDB", package: "GRDB.swift"),
+        ]),
+        // The machine: VM + vCPU threads + exit dispatch + state capture.
+        .target(name: "VMM", dependencies: [
+            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        // HTTP/JSON control API on a Unix socket, and its client.
+        .target(name: "ControlAPI", dependencies: [
+            "VMM", "Migration",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(
             name: "vmm",
-            dependencies: ["VMM", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: [
+                "VMM", "ControlAPI", "Migration",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+            ]
         ),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "Loader", "Devices"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "Loader", "GuestMemory"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot"]),
     ]
 )

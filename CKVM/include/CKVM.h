@@ -57,6 +57,10 @@ static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
 static const unsigned long CKVM_SET_TSC_KHZ = KVM_SET_TSC_KHZ;
 
+// Flags of dirty-ring entries (defined with _BITUL, which Swift cannot import).
+static const uint32_t CKVM_DIRTY_GFN_F_DIRTY = KVM_DIRTY_GFN_F_DIRTY;
+static const uint32_t CKVM_DIRTY_GFN_F_RESET = KVM_DIRTY_GFN_F_RESET;
+
 /// ioctl(fd, request, arg) with an integer argument. Returns the result, or -errno.
 int ckvm_ioctl_value(int fd, unsigned long request, unsigned long arg);
 

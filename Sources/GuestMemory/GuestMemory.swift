@@ -61,6 +61,7 @@ public final class GuestMemory: @unchecked Sendable {
     // SAFETY: each pointer maps exactly `regions[i].size` bytes until deinit.
     private let bases: [UnsafeMutableRawPointer]
     private let regionSize: UInt64
+    let vmmWrites = VMMWriteLog()
 
     /// Maps `size` bytes of zeroed guest RAM.
     public init(size: UInt64, regionSize: UInt64 = GuestMemory.maxRegionSize) throws(GuestMemoryError) {
@@ -119,6 +120,7 @@ public final class GuestMemory: @unchecked Sendable {
     public func write(_ bytes: some Collection<UInt8>, at address: GuestAddress) throws(GuestMemoryError) {
         let array = Array(bytes)
         try checkRange(address, UInt64(array.count))
+        vmmWrites.mark(address.raw, UInt64(array.count))
         array.withUnsafeBytes { src in
             forEachPiece(address, UInt64(array.count)) { dst, n, done in
                 dst.copyMemory(from: src.baseAddress! + done, byteCount: n)
@@ -154,6 +156,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// Fills `[address, address+length)` with zeros.
     public func zero(at address: GuestAddress, length: UInt64) throws(GuestMemoryError) {
         try checkRange(address, length)
+        vmmWrites.mark(address.raw, length)
         forEachPiece(address, length) { dst, n, _ in dst.initializeMemory(as: UInt8.self, repeating: 0, count: n) }
     }
 

@@ -7,18 +7,27 @@ import GuestMemory
 import KVM
 import Loader
 
+/// Which dirty tracker a machine uses; fixed when the VM is created, because
+/// KVM needs the dirty ring enabled before any vCPU exists.
+public enum DirtyTrackerKind: String, Sendable, Equatable, Codable, CaseIterable {
+    case bitmap, ring
+}
+
 /// What a machine is built from.
 public struct MachineConfiguration: Sendable, Equatable {
     public var memorySize: UInt64
     public var vcpuCount: Int
     public var mode: BootMode?
     public var commandLine: String?
+    public var dirtyTracker: DirtyTrackerKind
 
-    public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, mode: BootMode? = nil, commandLine: String? = nil) {
+    public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, mode: BootMode? = nil, commandLine: String? = nil,
+                dirtyTracker: DirtyTrackerKind = .bitmap) {
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount
         self.mode = mode
         self.commandLine = commandLine
+        self.dirtyTracker = dirtyTracker
     }
 }
 
@@ -34,6 +43,10 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
     case fatal(reason: String, details: String)
     /// Stopped from outside (a signal or `requestStop`).
     case stopped(signal: Int32)
+    /// Shut down through the control API.
+    case shutdown
+    /// Handed over to a migration destination; this copy must never run again.
+    case migrated
 
     /// The process exit status for `vmm run`.
     public var exitStatus: Int32 {
@@ -42,6 +55,7 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         case .halted: 0
         case .hang, .fatal: 2
         case let .stopped(sig): 128 + sig
+        case .shutdown, .migrated: 0
         }
     }
 
@@ -52,12 +66,14 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         case let .hang(d): "guest hung: HLT with interrupts enabled, but this VM has no interrupt source\n\(d)"
         case let .fatal(r, d): "guest stopped: \(r)\n\(d)"
         case let .stopped(sig): "stopped by signal \(sig)"
+        case .shutdown: "shut down through the control API"
+        case .migrated: "migrated to another VMM"
         }
     }
 }
 
 /// Run state of a machine.
-public enum MachineState: String, Sendable {
+public enum RunState: String, Sendable, Codable {
     case created, running, paused, finished
 }
 
@@ -75,7 +91,6 @@ public final class Machine: @unchecked Sendable {
     public let vm: VirtualMachine
     public let memory: GuestMemory
     public let vcpus: [VCPU]
-    public let image: LoadedImage
     public let serial: Serial16550
 
     private let deviceLock = NSLock()
@@ -90,9 +105,23 @@ public final class Machine: @unchecked Sendable {
     private var result: MachineExit?
     private var runningThreads = 0
 
-    /// Builds the VM: KVM_CREATE_VM, guest memory, the image, vCPUs with CPUID and
-    /// the initial registers. Throws `KVMError`, `GuestMemoryError` or `LoaderError`.
-    public init(image bytes: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem? = nil,
+    /// The guest's registered identity, when the Billboard knows it.
+    public var identity: String? { nil }
+    let throttle = Throttle()
+    /// Tells which pages changed, for live migration.
+    public let dirtyTracker: any DirtyTracker
+    /// The MSRs saved with each vCPU: KVM's saveable list, less those this vCPU cannot read.
+    public let savedMSRIndices: [UInt32]
+    /// Guest TSC frequency in kHz.
+    public let tscKHz: UInt32
+    /// When `start()` ran (monotonic milliseconds), for uptime.
+    public private(set) var startedAt: Double?
+    /// Information about the image this machine booted (nil when restored).
+    public private(set) var image: LoadedImage?
+
+    /// Creates the VM with zeroed memory and vCPUs that have `cpuid` (default: all
+    /// that KVM supports), but no boot state yet: callers load an image or restore.
+    public init(configuration: MachineConfiguration, cpuid: [CPUIDEntry]? = nil, kvm: KVMSystem? = nil,
                 serialOutput: @escaping (UInt8) -> Void) throws {
         guard configuration.vcpuCount >= 1, configuration.vcpuCount <= 64 else {
             throw MachineError.invalidConfiguration("vCPU count \(configuration.vcpuCount) must be 1 to 64")
@@ -103,26 +132,42 @@ public final class Machine: @unchecked Sendable {
         self.configuration = configuration
         self.kvm = try kvm ?? KVMSystem()
         self.memory = try GuestMemory(size: configuration.memorySize)
-        self.image = try ImageLoader.load(image: bytes, mode: configuration.mode,
-                                          commandLine: configuration.commandLine, into: memory)
         self.vm = try self.kvm.createVM()
         try vm.register(memory)
-        let cpuid = try self.kvm.supportedCPUID()
+        let cpuid = try cpuid ?? self.kvm.supportedCPUID()
+        if configuration.dirtyTracker == .ring { try DirtyRingTracker.prepare(vm: vm) }
         var vcpus: [VCPU] = []
         for id in 0..<configuration.vcpuCount {
             let vcpu = try vm.createVCPU(id: UInt32(id))
             try vcpu.setCPUID(cpuid)
-            try CPUSetup.apply(image.cpu, to: vcpu)
             vcpus.append(vcpu)
         }
         self.vcpus = vcpus
+        switch configuration.dirtyTracker {
+        case .bitmap: self.dirtyTracker = DirtyBitmapTracker(vm: vm, memory: memory)
+        case .ring: self.dirtyTracker = try DirtyRingTracker(vm: vm, vcpus: vcpus, memory: memory)
+        }
+        self.savedMSRIndices = try MSRProbe.saveable(kvm: self.kvm, vcpu: vcpus[0])
+        self.tscKHz = try vcpus[0].tscKHz()
         self.serial = Serial16550(output: serialOutput)
         self.threads = Array(repeating: nil, count: vcpus.count)
         self.alive = Array(repeating: false, count: vcpus.count)
     }
 
+    /// Builds the VM and boots `image` (KVM_CREATE_VM, guest memory, the image,
+    /// vCPUs with CPUID and the initial registers). Throws `KVMError`,
+    /// `GuestMemoryError` or `LoaderError`.
+    public convenience init(image bytes: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem? = nil,
+                            serialOutput: @escaping (UInt8) -> Void) throws {
+        try self.init(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+        let loaded = try ImageLoader.load(image: bytes, mode: configuration.mode,
+                                          commandLine: configuration.commandLine, into: memory)
+        for vcpu in vcpus { try CPUSetup.apply(loaded.cpu, to: vcpu) }
+        self.image = loaded
+    }
+
     /// Current run state.
-    public var state: MachineState {
+    public var state: RunState {
         control.lock(); defer { control.unlock() }
         if result != nil && runningThreads == 0 { return .finished }
         if !started { return .created }
@@ -135,6 +180,7 @@ public final class Machine: @unchecked Sendable {
         control.lock()
         precondition(!started, "a machine starts once")
         started = true
+        startedAt = monotonicMilliseconds()
         runningThreads = vcpus.count
         control.unlock()
         for (index, vcpu) in vcpus.enumerated() {
@@ -142,6 +188,19 @@ public final class Machine: @unchecked Sendable {
         }
         control.lock()
         while threads.contains(where: { $0 == nil }) && result == nil { control.wait() }
+        control.unlock()
+    }
+
+    /// Starts the vCPU threads already paused (a restored guest waiting for resume).
+    public func startPaused() {
+        control.lock()
+        pauseRequested = true
+        // The first KVM_RUN of each vCPU returns at once, before any guest instruction.
+        for vcpu in vcpus { vcpu.immediateExit = true }
+        control.unlock()
+        start()
+        control.lock()
+        while pausedCount < runningThreads && result == nil { control.wait() }
         control.unlock()
     }
 
@@ -166,11 +225,23 @@ public final class Machine: @unchecked Sendable {
 
     /// Stops all vCPUs; the run ends with `.stopped(signal:)` unless it already ended.
     public func requestStop(signal: Int32 = 0) {
+        end(with: .stopped(signal: signal))
+    }
+
+    /// Ends the run with `exit` (unless it already ended) and stops every vCPU,
+    /// paused or running; works before `start()` too.
+    public func end(with exit: MachineExit) {
         control.lock(); defer { control.unlock() }
-        if result == nil { result = .stopped(signal: signal) }
+        if result == nil { result = exit }
         stopRequested = true
         kickAllLocked()
         control.broadcast()
+    }
+
+    /// How the run ended, once it has.
+    public var exitResult: MachineExit? {
+        control.lock(); defer { control.unlock() }
+        return runningThreads == 0 ? result : nil
     }
 
     /// Blocks until every vCPU thread has stopped; returns how the run ended.
@@ -295,12 +366,30 @@ public final class Machine: @unchecked Sendable {
         case let .systemEvent(type):
             return .fatal(reason: "system event \(type) (KVM_EXIT_SYSTEM_EVENT)", details: dumpRegisters(vcpu))
         case .dirtyRingFull:
-            return .fatal(reason: "dirty ring full, but no dirty ring is enabled", details: dumpRegisters(vcpu))
+            // The vCPU harvests every ring itself, then goes on.
+            guard let ring = dirtyTracker as? DirtyRingTracker else {
+                return .fatal(reason: "dirty ring full, but no dirty ring is enabled", details: dumpRegisters(vcpu))
+            }
+            do { try ring.harvestFull() } catch {
+                return .fatal(reason: "harvesting the dirty ring failed: \(error)", details: dumpRegisters(vcpu))
+            }
+            return nil
         case let .unknown(reason):
             return .fatal(reason: "unexpected exit reason \(reason)", details: dumpRegisters(vcpu))
         case .interrupted:
             return nil
         }
+    }
+
+    /// The UART's state, read under the device lock.
+    public var serialState: Serial16550State {
+        deviceLock.lock(); defer { deviceLock.unlock() }
+        return serial.state
+    }
+
+    func restoreSerial(_ state: Serial16550State) {
+        deviceLock.lock(); defer { deviceLock.unlock() }
+        serial.restore(state)
     }
 
     /// A register dump for fatal exits.
@@ -327,7 +416,11 @@ public final class Machine: @unchecked Sendable {
 /// Errors of the machine itself (not KVM, memory or loader).
 public enum MachineError: Error, CustomStringConvertible {
     case invalidConfiguration(String)
+    case io(String)
     public var description: String {
-        switch self { case let .invalidConfiguration(s): "invalid machine configuration: \(s)" }
+        switch self {
+        case let .invalidConfiguration(s): "invalid machine configuration: \(s)"
+        case let .io(s): s
+        }
     }
 }

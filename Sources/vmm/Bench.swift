@@ -37,11 +37,6 @@ struct Stats: Codable {
     }
 }
 
-func monotonicMilliseconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1_000_000
-}
 
 struct BootBench: ParsableCommand {
     static let configuration = CommandConfiguration(

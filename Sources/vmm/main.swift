@@ -1,5 +1,8 @@
 import ArgumentParser
+import ControlAPI
 import Foundation
+import Hummingbird
+import Migration
 import KVM
 import Loader
 import VMM
@@ -8,8 +11,8 @@ import VMM
 struct VMMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vmm",
-        abstract: "A small KVM hypervisor: boot tiny guests on /dev/kvm.",
-        subcommands: [Run.self, Bench.self]
+        abstract: "A small KVM hypervisor: boot tiny guests on /dev/kvm, snapshot and migrate them.",
+        subcommands: [Run.self, Restore.self, Receive.self, Ctl.self, Bench.self]
     )
 }
 
@@ -41,27 +44,163 @@ struct Run: ParsableCommand {
     @Option(help: "Write the guest's serial output to this file instead of stdout.")
     var serialLog: String?
 
+    @Option(help: "Serve the HTTP/JSON control API on this Unix socket.")
+    var apiSocket: String?
+
+    @Option(help: "Dirty tracker for live migration: bitmap (KVM_GET_DIRTY_LOG) or ring (per-vCPU dirty rings).")
+    var dirtyTracker: DirtyTrackerKind = .bitmap
+
+    @Option(help: "Directory for migration reports (JSON).")
+    var reportDir: String = "migration-reports"
+
     func validate() throws {
         do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) }
     }
 
     func run() throws {
         let memorySize = try MemorySize.parse(memory)
-        let exitStatus = try CommandRunner.fail {
+        let status = try CommandRunner.fail {
             let bytes = try ImageFile.read(image, limit: memorySize)
             let output = try SerialOutput(path: serialLog)
             let machine = try Machine(image: bytes, configuration: MachineConfiguration(
-                memorySize: memorySize, mode: mode, commandLine: cmdline), serialOutput: output.write)
-            TerminationSignals.handle { signal in machine.requestStop(signal: signal) }
-            machine.start()
-            let exit = machine.waitForExit()
-            switch exit {
-            case .exitPort, .halted: break
-            default: FileHandle.standardError.write(Data("vmm: \(exit)\n".utf8))
-            }
-            return exit.exitStatus
+                memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker), serialOutput: output.write)
+            return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir)
         }
-        throw ExitCode(exitStatus)
+        throw ExitCode(status)
+    }
+}
+
+struct Restore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a new VMM from a snapshot file and resume the guest where it was.",
+        discussion: "The snapshot is verified completely (every section's checksum and the stream digest) before the guest runs. A different --memory or a host CPU lacking the guest's features is refused."
+    )
+
+    @Argument(help: "The snapshot file written by PUT /vm/snapshot or `vmm ctl snapshot`.")
+    var file: String
+
+    @Option(help: "Expected guest memory size; refused if the snapshot's differs.")
+    var memory: String?
+
+    @Option(help: "Write the guest's serial output to this file instead of stdout.")
+    var serialLog: String?
+
+    @Option(help: "Serve the HTTP/JSON control API on this Unix socket.")
+    var apiSocket: String?
+
+    @Flag(help: "Stay paused after restoring (resume with `vmm ctl resume`); needs --api-socket.")
+    var paused = false
+
+    func validate() throws {
+        if let memory { do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) } }
+        if paused && apiSocket == nil { throw ValidationError("--paused needs --api-socket, or nothing could resume the guest") }
+    }
+
+    func run() throws {
+        let status = try CommandRunner.fail {
+            let output = try SerialOutput(path: serialLog)
+            let requested = try memory.map { try MemorySize.parse($0) }
+            let (machine, _, _) = try SnapshotFile.read(file, requestedMemory: requested, serialOutput: output.write)
+            return try Host.serve(machine, apiSocket: apiSocket, startPaused: paused, reportDir: nil)
+        }
+        throw ExitCode(status)
+    }
+}
+
+extension DirtyTrackerKind: ExpressibleByArgument {}
+extension InjectedFault: ExpressibleByArgument {}
+
+struct Receive: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Wait for one incoming live migration, then run the guest here.",
+        discussion: "The VM is reserved (memory, vCPUs) when the migration's hello arrives, filled while the source runs, and resumed only after all state is verified and the source says GO. Any failure before GO discards it and exits 1; the guest keeps running on the source.")
+
+    @Option(help: "Address to listen on, HOST:PORT (e.g. 127.0.0.1:7000; port 0 picks one and prints it).")
+    var listen: String
+
+    @Option(help: "Serve the HTTP/JSON control API on this Unix socket once the guest runs here.")
+    var apiSocket: String?
+
+    @Option(help: "Dirty tracker for migrating the guest onward: bitmap or ring.")
+    var dirtyTracker: DirtyTrackerKind = .bitmap
+
+    @Option(help: "Write the guest's serial output to this file instead of stdout.")
+    var serialLog: String?
+
+    @Option(help: "Directory for migration reports (JSON) of onward migrations.")
+    var reportDir: String = "migration-reports"
+
+    @Option(help: .hidden) var injectFault: InjectedFault?
+
+    func run() throws {
+        let status = try CommandRunner.fail {
+            let output = try SerialOutput(path: serialLog)
+            let listener = try TCPListener(listen: listen)
+            FileHandle.standardError.write(Data("vmm: listening on \(listener.address):\(listener.port)\n".utf8))
+            TerminationSignals.handle { signal in
+                listener.shutdownListening()
+                Foundation.exit(128 + signal)
+            }
+            let (machine, _) = try IncomingMigration.receive(listener: listener, dirtyTracker: dirtyTracker,
+                                                             fault: injectFault, serialOutput: output.write)
+            return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
+        }
+        throw ExitCode(status)
+    }
+}
+
+/// Runs a built machine in this process: signals, optional API, exit status.
+enum Host {
+    final class Controller: VMControlling {
+        let machine: Machine
+        let migrations: MigrationService
+        init(machine: Machine, migrations: MigrationService) { self.machine = machine; self.migrations = migrations }
+
+        func extraRoutes(_ router: Router<BasicRequestContext>) {
+            MigrationRoutes.add(router, service: migrations)
+        }
+
+        func beforeResume(force: Bool) throws {
+            if migrations.inDoubt && !force {
+                throw APIError(.conflict, "the last migration is in doubt: the destination may be running this guest. Resume only if it is not, with {\"force\": true}")
+            }
+        }
+    }
+
+    static func serve(_ machine: Machine, apiSocket: String?, startPaused: Bool, reportDir: String?,
+                      alreadyStarted: Bool = false) throws -> Int32 {
+        let migrations = MigrationService(machine: machine, reportDirectory: reportDir)
+        if !alreadyStarted {
+            TerminationSignals.handle { signal in
+                // A migration in flight is aborted first (the guest resumes here), then the VMM stops.
+                migrations.cancel(reason: "the VMM received signal \(signal)")
+                let deadline = Date().addingTimeInterval(10)
+                while [.setup, .precopy, .stopAndCopy, .handover].contains(migrations.status.progress.phase) && Date() < deadline {
+                    usleep(10_000)
+                }
+                machine.requestStop(signal: signal)
+            }
+        }
+        var server: ControlServer?
+        if let apiSocket {
+            server = try ControlServer.start(socketPath: apiSocket, controller: Controller(machine: machine, migrations: migrations))
+        }
+        defer { server?.stop() }
+        if alreadyStarted {
+            // Started by the migration receiver on GO.
+        } else if startPaused {
+            machine.startPaused()
+        } else {
+            machine.start()
+        }
+        let exit = machine.waitForExit()
+        // Let the API answer the request that ended the VM before the socket goes away.
+        if exit == .migrated || exit == .shutdown { usleep(300_000) }
+        switch exit {
+        case .exitPort, .halted, .shutdown, .migrated: break
+        default: FileHandle.standardError.write(Data("vmm: \(exit)\n".utf8))
+        }
+        return exit.exitStatus
     }
 }
 

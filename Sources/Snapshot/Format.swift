@@ -1,0 +1,121 @@
+import Crypto
+
+/// Fixed facts of the snapshot stream format, version 1.
+///
+/// The same framing carries snapshot files and the live-migration stream,
+/// so both are validated by one decoder. See docs/snapshot-format.md.
+public enum SnapshotFormat {
+    /// The 8 ASCII bytes every stream starts with.
+    public static let magic: [UInt8] = Array("SVMMSNAP".utf8)
+    /// The only version this code writes and reads.
+    public static let version: UInt32 = 1
+    /// Stream header: magic, version u32, flags u32.
+    public static let streamHeaderSize = 16
+    /// Section header: type u32, flags u32, payload length u64.
+    public static let sectionHeaderSize = 16
+    /// SHA-256 trailer after every section payload.
+    public static let checksumSize = 32
+    /// Guest page size the memory section is defined in.
+    public static let pageSize: UInt64 = 4096
+    /// Most page entries one memory section may hold.
+    public static let maxPagesPerSection: UInt32 = 512
+}
+
+/// The kind of a section; anything else is refused because this layer
+/// cannot know how long or how trusted an unknown section may be.
+public enum SectionType: UInt32, Sendable, CaseIterable, CustomStringConvertible {
+    /// Machine configuration, JSON defined by the VMM.
+    case machine = 1
+    /// vCPU register state, JSON defined by the VMM.
+    case vcpu = 2
+    /// Device state, JSON defined by the VMM.
+    case devices = 3
+    /// A page table and the data of its non-zero pages.
+    case memory = 4
+    /// Migration protocol messages, opaque here.
+    case control = 5
+    /// The running SHA-256 of everything before it; always last.
+    case end = 0xFFFF
+
+    /// Largest payload accepted, checked before anything is allocated.
+    public var payloadLimit: UInt64 {
+        switch self {
+        case .machine, .devices: return 1 << 20
+        case .vcpu: return 4 << 20
+        case .control: return 64 << 10
+        case .memory:
+            let n = UInt64(SnapshotFormat.maxPagesPerSection)
+            return 8 + n * 8 + n * SnapshotFormat.pageSize
+        case .end: return UInt64(SnapshotFormat.checksumSize)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .machine: return "machine"
+        case .vcpu: return "vcpu"
+        case .devices: return "devices"
+        case .memory: return "memory"
+        case .control: return "control"
+        case .end: return "end"
+        }
+    }
+}
+
+/// One verified section as read from a stream.
+public struct Section: Sendable, Equatable {
+    public var type: SectionType
+    public var payload: [UInt8]
+    /// Stream offset of the section's header.
+    public var offset: UInt64
+
+    public init(type: SectionType, payload: [UInt8], offset: UInt64) {
+        self.type = type
+        self.payload = payload
+        self.offset = offset
+    }
+}
+
+// MARK: - Little-endian helpers
+
+extension Array where Element == UInt8 {
+    mutating func appendLittleEndian<T: FixedWidthInteger>(_ value: T) {
+        // Byte by byte so the encoding never depends on host byte order.
+        for i in 0..<MemoryLayout<T>.size {
+            append(UInt8(truncatingIfNeeded: value >> (8 * i)))
+        }
+    }
+
+    /// Caller guarantees `offset + size(T) <= count`.
+    func loadLittleEndian<T: FixedWidthInteger>(_: T.Type = T.self, at offset: Int) -> T {
+        var value: T = 0
+        for i in 0..<MemoryLayout<T>.size {
+            value |= T(self[offset + i]) << (8 * i)
+        }
+        return value
+    }
+}
+
+/// Encodes a section header.
+func encodeSectionHeader(type: UInt32, flags: UInt32, length: UInt64) -> [UInt8] {
+    var header: [UInt8] = []
+    header.reserveCapacity(SnapshotFormat.sectionHeaderSize)
+    header.appendLittleEndian(type)
+    header.appendLittleEndian(flags)
+    header.appendLittleEndian(length)
+    return header
+}
+
+/// SHA-256 of the concatenation of `parts` (used by tests to craft streams).
+func sha256(_ parts: [UInt8]...) -> [UInt8] {
+    var hasher = SHA256()
+    for part in parts { hasher.update(bytes: part) }
+    return hasher.finalize().withUnsafeBytes { Array($0) }
+}
+
+extension SHA256 {
+    /// Hashes an array without going through Foundation's `DataProtocol`.
+    mutating func update(bytes: [UInt8]) {
+        bytes.withUnsafeBytes { update(bufferPointer: $0) }
+    }
+}

@@ -1,0 +1,121 @@
+import GuestMemory
+
+/// Encoding, validation and restore of memory section payloads.
+///
+/// Layout: count u32, reserved u32 (0), `count` u64 entries (page frame number
+/// in bits 0..51, bit 63 = zero page, bits 52..62 reserved), then 4096 bytes
+/// per non-zero entry in entry order.
+public enum MemorySection {
+    /// Entry bit that marks a page as all zeros (no data stored).
+    public static let zeroPageFlag: UInt64 = 1 << 63
+    /// Bits of an entry that hold the page frame number.
+    public static let pageFrameMask: UInt64 = (1 << 52) - 1
+    /// Entry bits that must be 0 in version 1.
+    public static let reservedEntryMask: UInt64 = ~(zeroPageFlag | pageFrameMask)
+
+    /// One page table entry.
+    struct Entry {
+        var pfn: UInt64
+        var isZero: Bool
+    }
+
+    /// A structurally valid payload, not yet checked against any guest memory.
+    struct Parsed {
+        var entries: [Entry]
+        /// Payload offset of the first page's data.
+        var dataStart: Int
+    }
+
+    /// Checks everything that does not depend on guest memory size. Every
+    /// size computation is checked, so hostile counts and lengths are refused, not trapped on.
+    static func parse(_ payload: [UInt8]) throws(MemorySectionDefect) -> Parsed {
+        let length = UInt64(payload.count)
+        guard length >= 8 else { throw .tooShort(length: length) }
+        let count = payload.loadLittleEndian(UInt32.self, at: 0)
+        guard count >= 1, count <= SnapshotFormat.maxPagesPerSection else { throw .countOutOfRange(count: count) }
+        let reserved = payload.loadLittleEndian(UInt32.self, at: 4)
+        guard reserved == 0 else { throw .reservedFieldNonZero(value: reserved) }
+
+        let (tableBytes, overflow1) = UInt64(count).multipliedReportingOverflow(by: 8)
+        let (tableEnd, overflow2) = UInt64(8).addingReportingOverflow(tableBytes)
+        guard !overflow1, !overflow2, tableEnd <= length else {
+            throw .tableTruncated(count: count, length: length)
+        }
+
+        var entries: [Entry] = []
+        entries.reserveCapacity(Int(count))
+        var dataPages: UInt64 = 0
+        for index in 0..<Int(count) {
+            let raw = payload.loadLittleEndian(UInt64.self, at: 8 + 8 * index)
+            guard raw & reservedEntryMask == 0 else { throw .reservedEntryBits(index: index, entry: raw) }
+            let pfn = raw & pageFrameMask
+            if let previous = entries.last?.pfn, pfn <= previous {
+                throw .notIncreasing(index: index, pfn: pfn, previous: previous)
+            }
+            let isZero = raw & zeroPageFlag != 0
+            if !isZero { dataPages += 1 }
+            entries.append(Entry(pfn: pfn, isZero: isZero))
+        }
+
+        let (dataBytes, overflow3) = dataPages.multipliedReportingOverflow(by: SnapshotFormat.pageSize)
+        let (expected, overflow4) = tableEnd.addingReportingOverflow(dataBytes)
+        guard !overflow3, !overflow4, expected == length else {
+            throw .lengthMismatch(expected: overflow3 || overflow4 ? UInt64.max : expected, actual: length)
+        }
+        return Parsed(entries: entries, dataStart: Int(tableEnd))
+    }
+
+    /// Guest-physical address of `pfn` if the whole page lies inside `memorySize`.
+    static func pageAddress(_ pfn: UInt64, memorySize: UInt64) -> GuestAddress? {
+        let (address, overflow1) = pfn.multipliedReportingOverflow(by: SnapshotFormat.pageSize)
+        let (end, overflow2) = address.addingReportingOverflow(SnapshotFormat.pageSize)
+        guard !overflow1, !overflow2, end <= memorySize else { return nil }
+        return GuestAddress(address)
+    }
+
+    /// Validates a memory payload (structure, ordering, bounds against `memory.size`)
+    /// and applies it: data pages written, zero pages zeroed. Nothing is written
+    /// unless the whole payload is valid, so a refused section leaves memory untouched.
+    public static func apply(_ payload: [UInt8], to memory: GuestMemory) throws -> (pages: Int, zeroPages: Int) {
+        try apply(payload, to: memory, sectionOffset: nil)
+    }
+
+    /// Like `apply(_:to:)`, but errors name the section's stream offset.
+    public static func apply(_ section: Section, to memory: GuestMemory) throws -> (pages: Int, zeroPages: Int) {
+        guard section.type == .memory else {
+            throw SnapshotFormatError.writerMisuse("MemorySection.apply was given a \(section.type) section")
+        }
+        return try apply(section.payload, to: memory, sectionOffset: section.offset)
+    }
+
+    static func apply(_ payload: [UInt8], to memory: GuestMemory, sectionOffset: UInt64?) throws -> (pages: Int, zeroPages: Int) {
+        let parsed: Parsed
+        do {
+            parsed = try parse(payload)
+        } catch {
+            throw SnapshotFormatError.malformedMemorySection(reason: error, offset: sectionOffset)
+        }
+        var addresses: [GuestAddress] = []
+        addresses.reserveCapacity(parsed.entries.count)
+        for entry in parsed.entries {
+            guard let address = pageAddress(entry.pfn, memorySize: memory.size) else {
+                throw SnapshotFormatError.pageOutOfRange(pfn: entry.pfn, memorySize: memory.size)
+            }
+            addresses.append(address)
+        }
+
+        var dataOffset = parsed.dataStart
+        var zeroPages = 0
+        let page = Int(SnapshotFormat.pageSize)
+        for (entry, address) in zip(parsed.entries, addresses) {
+            if entry.isZero {
+                try memory.zero(at: address, length: SnapshotFormat.pageSize)
+                zeroPages += 1
+            } else {
+                try memory.write(payload[dataOffset..<dataOffset + page], at: address)
+                dataOffset += page
+            }
+        }
+        return (parsed.entries.count, zeroPages)
+    }
+}

@@ -1,0 +1,162 @@
+import Crypto
+
+/// Reads and verifies a version 1 snapshot stream, one section at a time.
+///
+/// Each section's declared length is checked against its type's limit before
+/// its payload is allocated, and its checksum before it is returned. After an
+/// error the reader is poisoned: every later call throws the same error.
+public struct StreamReader<Source: ByteSource> {
+    public private(set) var source: Source
+    /// Stream bytes consumed so far.
+    public private(set) var offset: UInt64 = 0
+
+    private var streamHasher = SHA256()
+    private var endReturned = false
+    private var exhausted = false
+    private var failure: (any Error)?
+
+    /// Reads and validates the stream header.
+    public init(source: Source) throws {
+        self.source = source
+        var header = [UInt8](repeating: 0, count: SnapshotFormat.streamHeaderSize)
+        try fill(&header)
+        guard Array(header[0..<8]) == SnapshotFormat.magic else { throw SnapshotFormatError.badMagic }
+        let version = header.loadLittleEndian(UInt32.self, at: 8)
+        // Version before flags: a newer version may define flags, and "newer VMM" is the better message.
+        guard version == SnapshotFormat.version else {
+            throw SnapshotFormatError.unsupportedVersion(found: version, supported: SnapshotFormat.version)
+        }
+        let flags = header.loadLittleEndian(UInt32.self, at: 12)
+        guard flags == 0 else { throw SnapshotFormatError.unsupportedFlags(flags: flags, sectionType: nil, offset: 0) }
+        streamHasher.update(bytes: header)
+    }
+
+    /// Next section, verified (limits, checksum, and memory section structure);
+    /// for `.end` also verifies the stream digest. The call after `.end` was
+    /// returned checks that no data follows (so it reads once more from the
+    /// source) and returns nil; a migration receiver that keeps its connection
+    /// open should stop at `.end` instead.
+    public mutating func nextSection() throws -> Section? {
+        if let failure { throw failure }
+        do {
+            return try readSection()
+        } catch {
+            failure = error
+            throw error
+        }
+    }
+
+    /// Reads a whole stream and returns its sections in order, without the end
+    /// section, after verifying that nothing follows it.
+    public static func readAll(from source: Source) throws -> [Section] {
+        var reader = try StreamReader(source: source)
+        var sections: [Section] = []
+        // Runs until the nil after the end section, which proves nothing follows it.
+        while let section = try reader.nextSection() {
+            if section.type != .end { sections.append(section) }
+        }
+        return sections
+    }
+
+    private mutating func readSection() throws -> Section? {
+        if endReturned {
+            if !exhausted {
+                try expectEndOfInput()
+                exhausted = true
+            }
+            return nil
+        }
+
+        let sectionOffset = offset
+        var header = [UInt8](repeating: 0, count: SnapshotFormat.sectionHeaderSize)
+        do {
+            try fill(&header, hashStream: false)
+        } catch SnapshotFormatError.truncated(let at, _) where at == sectionOffset {
+            throw SnapshotFormatError.missingEnd(offset: sectionOffset)
+        }
+        let rawType = header.loadLittleEndian(UInt32.self, at: 0)
+        let flags = header.loadLittleEndian(UInt32.self, at: 4)
+        let length = header.loadLittleEndian(UInt64.self, at: 8)
+
+        guard let type = SectionType(rawValue: rawType) else {
+            throw SnapshotFormatError.unknownSectionType(type: rawType, offset: sectionOffset)
+        }
+        guard flags == 0 else {
+            throw SnapshotFormatError.unsupportedFlags(flags: flags, sectionType: type, offset: sectionOffset)
+        }
+        // The limit check comes before the allocation below, so a hostile length costs nothing.
+        guard length <= type.payloadLimit else {
+            throw SnapshotFormatError.sectionTooLarge(type: type, length: length, limit: type.payloadLimit, offset: sectionOffset)
+        }
+        if type == .end, length != UInt64(SnapshotFormat.checksumSize) {
+            throw SnapshotFormatError.badEndLength(length: length, offset: sectionOffset)
+        }
+
+        // The end digest covers everything before the end section's header; since
+        // nothing is hashed after it, the running hasher can be finalized in place.
+        var expectedDigest: [UInt8] = []
+        if type == .end {
+            expectedDigest = streamHasher.finalize().withUnsafeBytes { Array($0) }
+        } else {
+            streamHasher.update(bytes: header)
+        }
+        let hashStream = type != .end
+
+        var payload = [UInt8](repeating: 0, count: Int(length))
+        do {
+            try fill(&payload, hashStream: hashStream)
+        } catch let SnapshotFormatError.truncated(at, needed) {
+            // Report the whole shortfall of the section, its checksum included.
+            throw SnapshotFormatError.truncated(offset: at, needed: needed + UInt64(SnapshotFormat.checksumSize))
+        }
+        var checksum = [UInt8](repeating: 0, count: SnapshotFormat.checksumSize)
+        try fill(&checksum, hashStream: hashStream)
+
+        var sectionHasher = SHA256()
+        sectionHasher.update(bytes: header)
+        sectionHasher.update(bytes: payload)
+        guard sectionHasher.finalize().withUnsafeBytes({ Array($0) }) == checksum else {
+            throw SnapshotFormatError.checksumMismatch(type: type, offset: sectionOffset)
+        }
+
+        switch type {
+        case .end:
+            guard payload == expectedDigest else { throw SnapshotFormatError.streamDigestMismatch(offset: sectionOffset) }
+            endReturned = true
+        case .memory:
+            do {
+                _ = try MemorySection.parse(payload)
+            } catch {
+                throw SnapshotFormatError.malformedMemorySection(reason: error, offset: sectionOffset)
+            }
+        default:
+            break
+        }
+        return Section(type: type, payload: payload, offset: sectionOffset)
+    }
+
+    /// Throws `dataAfterEnd` if the source has another byte.
+    private mutating func expectEndOfInput() throws {
+        var probe = [UInt8](repeating: 0, count: 1)
+        do {
+            try fill(&probe, hashStream: false)
+        } catch SnapshotFormatError.truncated {
+            return
+        }
+        throw SnapshotFormatError.dataAfterEnd(offset: offset - 1)
+    }
+
+    /// Reads exactly `buffer.count` bytes, reporting a shortfall in this stream's offsets.
+    private mutating func fill(_ buffer: inout [UInt8], hashStream: Bool = false) throws {
+        let start = offset
+        let count = UInt64(buffer.count)
+        do {
+            try buffer.withUnsafeMutableBytes { try source.readExactly(into: $0) }
+        } catch SnapshotFormatError.truncated(_, let needed) {
+            let missing = min(max(needed, 1), count)
+            throw SnapshotFormatError.truncated(offset: start + (count - missing), needed: missing)
+        }
+        offset += count
+        if hashStream { streamHasher.update(bytes: buffer) }
+    }
+}

@@ -1,0 +1,91 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import GuestMemory
+import KVM
+import Migration
+import Snapshot
+
+/// The machine as a migration source and destination.
+extension Machine: MigrationSourceVM, MigrationDestinationVM {
+    public func machineDescriptionPayload() throws -> [UInt8] {
+        Array(try MachineStream.encoder.encode(machineDescription))
+    }
+
+    public var migrationIdentity: String? { identity }
+
+    public func pauseForMigration() -> Bool { pause() }
+
+    public func resumeAfterMigration() { resume() }
+
+    public func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) {
+        let (vcpus, devices) = try captureState()
+        return (Array(try MachineStream.encoder.encode(vcpus)), Array(try MachineStream.encoder.encode(devices)))
+    }
+
+    public func applyState(vcpu: [UInt8], devices: [UInt8]) throws {
+        let states: [VCPUState]
+        let device: DeviceState
+        do { states = try JSONDecoder().decode([VCPUState].self, from: Data(vcpu)) } catch {
+            throw SnapshotError.malformed("vCPU section: \(error)")
+        }
+        do { device = try JSONDecoder().decode(DeviceState.self, from: Data(devices)) } catch {
+            throw SnapshotError.malformed("device section: \(error)")
+        }
+        try restoreState(vcpus: states, devices: device, description: machineDescription)
+    }
+
+    public func startGuest() { start() }
+
+    public func discard() { end(with: .stopped(signal: 0)) }
+
+    /// Holds the vCPUs paused for `percent` of every 20 ms (auto-converge).
+    public func setThrottle(percent: Int) {
+        throttle.set(percent: percent, machine: self)
+    }
+}
+
+/// Slows a guest by pausing it for a share of each period, from its own thread.
+final class Throttle: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var percent = 0        // guarded by condition
+    private var running = false    // guarded by condition
+    static let periodMs = 20.0
+
+    func set(percent newValue: Int, machine: Machine) {
+        condition.lock()
+        percent = max(0, min(99, newValue))
+        if percent > 0 && !running {
+            running = true
+            condition.unlock()
+            startOSThread(name: "throttle") { [self] in loop(machine) }
+            return
+        }
+        // Turning it off waits until the loop has resumed the guest and left.
+        while percent == 0 && running { condition.wait() }
+        condition.unlock()
+    }
+
+    private func loop(_ machine: Machine) {
+        while true {
+            condition.lock()
+            let p = percent
+            if p == 0 {
+                running = false
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+            condition.unlock()
+            let held = Self.periodMs * Double(p) / 100
+            guard machine.pause() else {
+                condition.lock(); running = false; percent = 0; condition.broadcast(); condition.unlock()
+                return
+            }
+            usleep(UInt32(held * 1000))
+            machine.resume()
+            usleep(UInt32((Self.periodMs - held) * 1000))
+        }
+    }
+}

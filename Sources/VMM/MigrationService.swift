@@ -1,0 +1,102 @@
+import Foundation
+import KVM
+import Migration
+import Snapshot
+import Synchronization
+
+/// Runs at most one outgoing migration of a machine at a time, in the background,
+/// and remembers the last outcome for the API.
+public final class MigrationService: Sendable {
+    public let machine: Machine
+    /// Where each migration's JSON report goes (nil: not written).
+    public let reportDirectory: String?
+    private struct Shared {
+        var sender: PreCopySender?
+        var lastReport: MigrationReport?
+        var lastProgress = MigrationProgress()
+    }
+    private let shared = Mutex<Shared>(Shared())
+
+    public init(machine: Machine, reportDirectory: String?) {
+        self.machine = machine
+        self.reportDirectory = reportDirectory
+    }
+
+    public enum StartError: Error, CustomStringConvertible {
+        case busy, notRunning(String)
+        public var description: String {
+            switch self {
+            case .busy: "a migration is already in progress"
+            case let .notRunning(s): "the VM is \(s); only a running or paused VM can migrate"
+            }
+        }
+    }
+
+    /// Starts migrating; returns at once. On success the machine ends with `.migrated`.
+    public func start(_ settings: MigrationSettings, connect: @escaping @Sendable () throws -> any MigrationTransport,
+                      completion: @escaping @Sendable (MigrationReport) -> Void = { _ in }) throws {
+        let state = machine.state
+        guard state == .running || state == .paused else { throw StartError.notRunning(state.rawValue) }
+        let sender = PreCopySender(vm: machine, settings: settings)
+        try shared.withLock { s in
+            if let current = s.sender, ![.completed, .failed, .inDoubt].contains(current.progress.phase) { throw StartError.busy }
+            s.sender = sender
+        }
+        startOSThread(name: "migration") { [self] in
+            let report = sender.run(connect: connect)
+            shared.withLock { $0.lastReport = report; $0.lastProgress = sender.progress }
+            writeReport(report)
+            completion(report)
+            if report.outcome == "completed" { machine.end(with: .migrated) }
+        }
+    }
+
+    /// Aborts a migration that has not sent GO (signals, shutdown).
+    public func cancel(reason: String) {
+        shared.withLock { $0.sender }?.cancel(reason: reason)
+    }
+
+    /// Current progress, or the last migration's final state.
+    public var status: (progress: MigrationProgress, report: MigrationReport?) {
+        shared.withLock { s in (s.sender?.progress ?? s.lastProgress, s.lastReport) }
+    }
+
+    /// Whether the last migration ended after GO without confirmation.
+    public var inDoubt: Bool { status.progress.phase == .inDoubt }
+
+    private func writeReport(_ report: MigrationReport) {
+        guard let dir = reportDirectory else { return }
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        guard let data = try? e.encode(report) else { return }
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let stamp = Int(Date().timeIntervalSince1970 * 1000)
+        try? data.write(to: URL(fileURLWithPath: dir).appendingPathComponent("migration-\(stamp).json"))
+    }
+}
+
+/// The destination: listens, admits, receives, and returns the running machine.
+public enum IncomingMigration {
+    public static func receive(listener: TCPListener, kvm: KVMSystem? = nil, dirtyTracker: DirtyTrackerKind = .bitmap,
+                               fault: InjectedFault? = nil, acceptTimeoutSeconds: Int = 3600,
+                               admit: @escaping @Sendable (MachineDescription, String?) throws -> Void = { _, _ in },
+                               serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> (Machine, MigrationReceiver.Result) {
+        let transport = try listener.accept(timeoutSeconds: 30)
+        defer { transport.close() }
+        let receiver = MigrationReceiver(fault: fault) { payload, identity in
+            let description: MachineDescription
+            do { description = try JSONDecoder().decode(MachineDescription.self, from: Data(payload)) } catch {
+                throw SnapshotError.malformed("the machine description in the hello: \(error)")
+            }
+            guard !description.inKernelIRQChip else { throw SnapshotError.inKernelIRQChip }
+            // The Billboard's admission runs here, before any memory is reserved.
+            try admit(description, identity)
+            var configuration = description.configuration
+            configuration.dirtyTracker = dirtyTracker
+            return try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+        }
+        let (vm, result) = try receiver.run(transport: transport)
+        guard let machine = vm as? Machine else { throw MigrationError.protocolViolation("internal: unexpected VM type") }
+        return (machine, result)
+    }
+}

@@ -1,0 +1,144 @@
+import ArgumentParser
+import ControlAPI
+import Foundation
+import NIOHTTP1
+
+struct Ctl: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Control a running VMM through its API socket.",
+        subcommands: [Info.self, Pause.self, Resume.self, SnapshotCmd.self, Digest.self, Shutdown.self, Migrate.self, MigrationStatus.self])
+
+    struct Socket: ParsableArguments {
+        @Option(help: "The VMM's control socket (vmm run --api-socket PATH).")
+        var apiSocket: String
+    }
+
+    /// Sends a request, prints the JSON reply; a non-2xx reply prints the error and exits 1.
+    static func call(_ socket: Socket, _ method: HTTPMethod, _ path: String, body: [String: Any]? = nil) throws {
+        let text = try body.map { String(decoding: try JSONSerialization.data(withJSONObject: $0), as: UTF8.self) }
+        let reply: ControlClient.Reply
+        do {
+            reply = try ControlClient(socketPath: socket.apiSocket).send(method, path, body: text)
+        } catch {
+            FileHandle.standardError.write(Data("vmm: error: \(error)\n".utf8))
+            throw ExitCode(1)
+        }
+        guard (200..<300).contains(reply.status) else {
+            let message = reply.json?["error"] as? String ?? reply.body
+            FileHandle.standardError.write(Data("vmm: error (HTTP \(reply.status)): \(message)\n".utf8))
+            throw ExitCode(1)
+        }
+        print(reply.body, terminator: reply.body.hasSuffix("\n") ? "" : "\n")
+    }
+
+    struct Info: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show the VM's state, configuration and uptime (GET /vm).")
+        @OptionGroup var socket: Socket
+        func run() throws { try Ctl.call(socket, .GET, "/vm") }
+    }
+    struct Pause: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Pause every vCPU (PUT /vm/pause).")
+        @OptionGroup var socket: Socket
+        func run() throws { try Ctl.call(socket, .PUT, "/vm/pause") }
+    }
+    struct Resume: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Resume a paused VM (PUT /vm/resume).")
+        @OptionGroup var socket: Socket
+        @Flag(help: "Resume even though the last migration is in doubt (only if the destination does not run the guest).")
+        var force = false
+        func run() throws { try Ctl.call(socket, .PUT, "/vm/resume", body: force ? ["force": true] : nil) }
+    }
+    struct SnapshotCmd: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "snapshot", abstract: "Write a paused VM to a file (PUT /vm/snapshot).")
+        @OptionGroup var socket: Socket
+        @Argument(help: "The snapshot file to write.") var path: String
+        func run() throws {
+            let absolute = URL(fileURLWithPath: path).path
+            try Ctl.call(socket, .PUT, "/vm/snapshot", body: ["path": absolute])
+        }
+    }
+    struct Digest: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "SHA-256 of all guest RAM of a paused VM (GET /vm/digest).")
+        @OptionGroup var socket: Socket
+        func run() throws { try Ctl.call(socket, .GET, "/vm/digest") }
+    }
+    struct Shutdown: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop the VM and end its VMM (PUT /vm/shutdown).")
+        @OptionGroup var socket: Socket
+        func run() throws { try Ctl.call(socket, .PUT, "/vm/shutdown") }
+    }
+}
+
+extension Ctl {
+    struct Migrate: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Live-migrate the VM to `vmm receive` at HOST:PORT (PUT /vm/migrate), showing progress.",
+            discussion: "Exits 0 when the guest runs on the destination; 1 if the migration failed (the guest keeps running here) or is in doubt.")
+        @OptionGroup var socket: Socket
+        @Argument(help: "The destination, HOST:PORT.") var destination: String
+        @Option(help: "Largest acceptable pause of the guest, in milliseconds.") var maxDowntimeMs: Double = 300
+        @Option(help: "Bandwidth cap in bytes per second; 0 = unlimited.") var maxBandwidth: UInt64 = 0
+        @Flag(help: "Throttle a guest that dirties memory faster than it can be sent.") var autoConverge = false
+        @Option(help: "Give up (guest keeps running here) after this many seconds.") var timeout: Double = 60
+        @Flag(help: "No progress line.") var quiet = false
+
+        func run() throws {
+            let client = ControlClient(socketPath: socket.apiSocket)
+            let body: [String: Any] = ["destination": destination, "max_downtime_ms": maxDowntimeMs,
+                                       "max_bandwidth": maxBandwidth, "auto_converge": autoConverge,
+                                       "timeout_s": timeout, "wait": true]
+            let text = String(decoding: try JSONSerialization.data(withJSONObject: body), as: UTF8.self)
+            // The request waits for the end; a second connection polls progress meanwhile.
+            let finished = Finished()
+            if !quiet {
+                Thread.detachNewThread {
+                    var lastLine = ""
+                    while !finished.value {
+                        if let r = try? client.send(.GET, "/vm/migration", timeout: .seconds(2)), let j = r.json {
+                            let phase = j["phase"] as? String ?? "?"
+                            let line = String(format: "\r%@ round %d  sent %d pages  dirty %d  %.1f MB/s  expected downtime %.1f ms  throttle %d%%   ",
+                                              phase, j["round"] as? Int ?? 0, j["pages_sent"] as? Int ?? 0,
+                                              j["dirty_pages_left"] as? Int ?? 0, (j["rate_bytes_per_s"] as? Double ?? 0) / 1e6,
+                                              j["expected_downtime_ms"] as? Double ?? 0, j["throttle_percent"] as? Int ?? 0)
+                            if !finished.value && line != lastLine { FileHandle.standardError.write(Data(line.utf8)) }
+                            lastLine = line
+                        }
+                        usleep(200_000)
+                    }
+                }
+            }
+            let reply: ControlClient.Reply
+            do {
+                reply = try client.send(.PUT, "/vm/migrate", body: text, timeout: .seconds(Int64(timeout) + 120))
+            } catch {
+                finished.value = true
+                FileHandle.standardError.write(Data("\nvmm: error: \(error)\n".utf8))
+                throw ExitCode(1)
+            }
+            finished.value = true
+            if !quiet { FileHandle.standardError.write(Data("\n".utf8)) }
+            print(reply.body, terminator: reply.body.hasSuffix("\n") ? "" : "\n")
+            guard reply.status == 200 else {
+                let message = reply.json?["error"] as? String ?? "HTTP \(reply.status)"
+                FileHandle.standardError.write(Data("vmm: migration did not complete: \(message)\n".utf8))
+                throw ExitCode(1)
+            }
+        }
+    }
+
+    struct MigrationStatus: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "migration", abstract: "Show migration progress (GET /vm/migration).")
+        @OptionGroup var socket: Socket
+        func run() throws { try Ctl.call(socket, .GET, "/vm/migration") }
+    }
+}
+
+/// A flag shared between the request and the progress thread.
+final class Finished: @unchecked Sendable {
+    private let lock = NSLock()
+    private var flag = false
+    var value: Bool {
+        get { lock.lock(); defer { lock.unlock() }; return flag }
+        set { lock.lock(); flag = newValue; lock.unlock() }
+    }
+}
