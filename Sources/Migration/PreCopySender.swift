@@ -1,0 +1,249 @@
+import Foundation
+import GuestMemory
+import Snapshot
+import Synchronization
+
+/// What the sender needs of a running VM; the VMM's machine provides it.
+public protocol MigrationSourceVM: AnyObject, Sendable {
+    var memory: GuestMemory { get }
+    var dirtyTracker: any DirtyTracker { get }
+    /// The machine section (JSON), sent in the hello so the destination can check it first.
+    func machineDescriptionPayload() throws -> [UInt8]
+    /// The guest's identity for the destination's admission check, if it has one.
+    var migrationIdentity: String? { get }
+    /// Pauses every vCPU; false if the guest has already stopped.
+    func pauseForMigration() -> Bool
+    /// Resumes after a failed migration.
+    func resumeAfterMigration()
+    /// vCPU and device sections of the paused VM.
+    func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8])
+    /// Slows the guest: the share of time its vCPUs are held paused (0 = off).
+    func setThrottle(percent: Int)
+}
+
+/// Iterative pre-copy: round 0 sends all memory while the guest runs; each later
+/// round sends what was dirtied since the last; when what is left can go within
+/// the downtime limit at the measured rate, the guest pauses for the last pages
+/// and its state, and the READY / GO / RUNNING hand-over follows.
+public final class PreCopySender: Sendable {
+    public let settings: MigrationSettings
+    let vm: any MigrationSourceVM
+    private struct Shared {
+        var progress = MigrationProgress()
+        var cancelled: String?
+        var transport: (any MigrationTransport)?
+        /// Set, under the lock, at the moment GO is about to be written.
+        var goSent = false
+    }
+    private let state = Mutex<Shared>(Shared())
+    /// Pages per memory section (the format's limit).
+    static let batchPages = 512
+
+    public init(vm: any MigrationSourceVM, settings: MigrationSettings) {
+        self.vm = vm
+        self.settings = settings
+    }
+
+    /// A copy of the current progress.
+    public var progress: MigrationProgress { state.withLock { $0.progress } }
+
+    /// Aborts the migration unless GO was already sent (SIGINT/SIGTERM, or the API).
+    public func cancel(reason: String) {
+        let transport: (any MigrationTransport)? = state.withLock { s in
+            // After GO, the hand-over must finish: cancelling then would leave no copy running.
+            guard !s.goSent else { return nil }
+            s.cancelled = reason
+            return s.transport
+        }
+        // Closing the socket unblocks any send or receive in progress.
+        transport?.close()
+    }
+
+    private func update(_ body: (inout MigrationProgress) -> Void) {
+        state.withLock { body(&$0.progress) }
+    }
+
+    private func checkCancelled() throws {
+        if let reason = state.withLock({ $0.cancelled }) { throw MigrationError.aborted(reason) }
+    }
+
+    /// Runs the whole migration. Never throws: the outcome is in the report, and
+    /// on failure before GO the guest is running again here.
+    public func run(connect: () throws -> any MigrationTransport) -> MigrationReport {
+        let t0 = monotonicMs()
+        var report = MigrationReport(destination: settings.destination, tracker: vm.dirtyTracker.name,
+                                     converged: false, outcome: "failed", settings: settings)
+        report.memoryBytes = vm.memory.size
+        var goSent = false, paused = false, tracking = false
+        var pauseTime = 0.0
+        state.withLock { $0 = Shared(); $0.progress.phase = .setup }
+        do {
+            let transport = try connect()
+            state.withLock { $0.transport = transport }
+            defer { transport.close() }
+            try checkCancelled()
+            var writer = try StreamWriter(sink: TransportSink(transport))
+            let hello = ControlMessage(kind: .hello, version: migrationProtocolVersion,
+                                       machine: Data(try vm.machineDescriptionPayload()), identity: vm.migrationIdentity)
+            try writer.writeSection(.control, payload: hello.encoded())
+            var reader = try StreamReader(source: TransportSource(transport))
+            try expect(.accept, from: &reader)
+            report.setupMs = monotonicMs() - t0
+
+            try vm.dirtyTracker.enable()
+            tracking = true
+            update { $0.phase = .precopy }
+            var pending = DirtyBitmap.all(pageCount: vm.memory.pageCount)
+            var round = 0
+            var rate = 0.0
+            while true {
+                let roundStart = monotonicMs()
+                let before = writer.bytesWritten
+                let sent = try sendPages(pending, writer: &writer, rearm: round > 0, report: &report, t0: t0)
+                report.pagesPerRound.append(sent)
+                let seconds = max((monotonicMs() - roundStart) / 1000, 1e-6)
+                let roundRate = Double(writer.bytesWritten - before) / seconds
+                // Rounds of a few pages measure latency, not bandwidth: keep the better estimate.
+                rate = sent >= 256 || rate == 0 ? roundRate : max(rate, roundRate)
+                pending = try vm.dirtyTracker.collect()
+                let expectedMs = Double(pending.count) * 4096 / max(rate, 1) * 1000
+                let elapsed = (monotonicMs() - t0) / 1000
+                update {
+                    $0.round = round
+                    $0.dirtyPagesLeft = pending.count
+                    $0.rateBytesPerSecond = rate
+                    $0.expectedDowntimeMs = expectedMs
+                    $0.elapsedSeconds = elapsed
+                }
+                round += 1
+                if expectedMs <= settings.maxDowntimeMs { report.converged = true; break }
+                if elapsed >= settings.timeoutSeconds { throw MigrationError.notConverged(seconds: settings.timeoutSeconds) }
+                try checkCancelled()
+                if settings.autoConverge && round >= 2 {
+                    let next = min(99, progress.throttlePercent == 0 ? 20 : progress.throttlePercent + 10)
+                    if next != progress.throttlePercent {
+                        vm.setThrottle(percent: next)
+                        update { $0.throttlePercent = next }
+                    }
+                }
+            }
+
+            // Stop and copy.
+            vm.setThrottle(percent: 0)
+            update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
+            try checkCancelled()
+            guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
+            paused = true
+            pauseTime = monotonicMs()
+            pending.formUnion(try vm.dirtyTracker.collect())
+            let last = try sendPages(pending, writer: &writer, rearm: false, report: &report, t0: t0)
+            report.pagesPerRound.append(last)
+            let (vcpu, devices) = try vm.statePayloads()
+            try writer.writeSection(.vcpu, payload: vcpu)
+            try writer.writeSection(.devices, payload: devices)
+            try writer.finish()
+            report.bytesSent = writer.bytesWritten
+            update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
+            try expect(.ready, from: &reader)
+
+            // From the first byte of GO on, the source never resumes on its own.
+            let cancelled: String? = state.withLock { s in
+                if s.cancelled == nil { s.goSent = true }
+                return s.cancelled
+            }
+            if let cancelled { throw MigrationError.aborted(cancelled) }
+            goSent = true
+            var commit = try StreamWriter(sink: TransportSink(transport))
+            try commit.writeSection(.control, payload: ControlMessage(kind: .go).encoded())
+            try commit.finish()
+            report.bytesSent += commit.bytesWritten
+            let running = try expect(.running, from: &reader)
+            if let resumed = running.resumedAt { report.downtimeMs = resumed - pauseTime }
+            report.rounds = report.pagesPerRound.count
+            report.outcome = "completed"
+            try? vm.dirtyTracker.disable()
+            update { $0.phase = .completed }
+        } catch {
+            report.error = "\(error)"
+            report.rounds = report.pagesPerRound.count
+            vm.setThrottle(percent: 0)
+            if goSent {
+                report.outcome = "in-doubt"
+                let reason = MigrationError.inDoubt("\(error)").description
+                report.error = reason
+                update { $0.phase = .inDoubt; $0.error = reason }
+            } else {
+                if tracking { try? vm.dirtyTracker.disable() }
+                if paused { vm.resumeAfterMigration() }
+                report.outcome = "failed"
+                update { $0.phase = .failed; $0.error = "\(error)"; $0.throttlePercent = 0 }
+            }
+        }
+        report.totalMs = monotonicMs() - t0
+        report.throughputBytesPerSecond = report.totalMs > 0 ? Double(report.bytesSent) / (report.totalMs / 1000) : 0
+        state.withLock { $0.transport = nil }
+        return report
+    }
+
+    /// Reads the next control message and requires `kind`; a refusal or anything else is an error.
+    @discardableResult
+    func expect<S: ByteSource>(_ kind: ControlMessage.Kind, from reader: inout StreamReader<S>) throws -> ControlMessage {
+        guard let section = try reader.nextSection() else {
+            throw MigrationError.protocolViolation("the destination ended its stream while \(kind) was expected")
+        }
+        guard section.type == .control else {
+            throw MigrationError.protocolViolation("expected a control message (\(kind)), got a \(section.type) section")
+        }
+        let message = try ControlMessage.decode(section.payload)
+        if message.kind == .refuse { throw MigrationError.refused(message.reason ?? "no reason given") }
+        guard message.kind == kind else {
+            throw MigrationError.protocolViolation("expected \(kind), got \(message.kind)")
+        }
+        return message
+    }
+
+    /// Sends the pages set in `bitmap`, re-protecting each 64-page chunk just before it is read.
+    func sendPages<S: ByteSink>(_ bitmap: DirtyBitmap, writer: inout StreamWriter<S>, rearm: Bool,
+                                report: inout MigrationReport, t0: Double) throws -> Int {
+        var batch: [UInt64] = []
+        batch.reserveCapacity(Self.batchPages)
+        var sent = 0
+        let start = monotonicMs()
+        let startBytes = writer.bytesWritten
+        func flush() throws {
+            guard !batch.isEmpty else { return }
+            let stats = try writer.writeMemoryPages(batch, from: vm.memory)
+            report.pagesSent += stats.pages
+            report.zeroPages += stats.zeroPages
+            sent += batch.count
+            batch.removeAll(keepingCapacity: true)
+            let bytes = writer.bytesWritten
+            update { $0.pagesSent = report.pagesSent; $0.bytesSent = bytes; $0.elapsedSeconds = (monotonicMs() - t0) / 1000 }
+            try checkCancelled()
+            if settings.maxBandwidth > 0 {
+                // Hold the average rate of this round to the limit.
+                let due = Double(writer.bytesWritten - startBytes) / Double(settings.maxBandwidth) * 1000
+                let spent = monotonicMs() - start
+                if due > spent { usleep(UInt32(min((due - spent) * 1000, 1_000_000))) }
+            }
+        }
+        for (index, word) in bitmap.words.enumerated() where word != 0 {
+            let firstPage = UInt64(index) * 64
+            if rearm { try vm.dirtyTracker.rearm(firstPage: firstPage, mask: word) }
+            var w = word
+            while w != 0 {
+                batch.append(firstPage + UInt64(w.trailingZeroBitCount))
+                w &= w - 1
+            }
+            if batch.count >= Self.batchPages - 64 { try flush() }
+        }
+        try flush()
+        return sent
+    }
+}
+
+func monotonicMs() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1_000_000
+}

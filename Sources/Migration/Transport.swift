@@ -1,0 +1,196 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Snapshot
+
+/// A bidirectional byte stream between two VMMs. TCP today; the secure channel
+/// (mutually authenticated, encrypted) implements the same interface, so nothing
+/// above it changes.
+public protocol MigrationTransport: AnyObject, Sendable {
+    /// Writes all of `bytes` or throws.
+    func send(_ bytes: UnsafeRawBufferPointer) throws
+    /// Fills `buffer` completely or throws (end of stream is an error).
+    func receive(into buffer: UnsafeMutableRawBufferPointer) throws
+    /// Closes both directions; a blocked peer sees end of stream.
+    func close()
+    /// A readable name of the peer, for messages.
+    var peer: String { get }
+}
+
+/// The stream writer's view of a transport.
+public struct TransportSink: ByteSink {
+    public let transport: any MigrationTransport
+    public init(_ transport: any MigrationTransport) { self.transport = transport }
+    public mutating func write(_ bytes: UnsafeRawBufferPointer) throws { try transport.send(bytes) }
+}
+
+/// The stream reader's view of a transport.
+public struct TransportSource: ByteSource {
+    public let transport: any MigrationTransport
+    public init(_ transport: any MigrationTransport) { self.transport = transport }
+    public mutating func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws { try transport.receive(into: buffer) }
+}
+
+/// Parses "HOST:PORT" (IPv4 or a name; "[v6]:PORT" for IPv6).
+public func parseHostPort(_ text: String) throws -> (host: String, port: UInt16) {
+    var host = text, portText = ""
+    if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
+        host = String(text[text.index(after: text.startIndex)..<close])
+        portText = String(text[text.index(after: close)...].dropFirst())
+    } else if let colon = text.lastIndex(of: ":") {
+        host = String(text[..<colon])
+        portText = String(text[text.index(after: colon)...])
+    }
+    guard !host.isEmpty, let port = UInt16(portText), port > 0 else {
+        throw MigrationError.connection("'\(text)' is not HOST:PORT (e.g. 127.0.0.1:7000)")
+    }
+    return (host, port)
+}
+
+/// Plain TCP with send/receive timeouts, so a dead peer cannot hang a migration.
+public final class TCPTransport: MigrationTransport {
+    private let fd: Int32
+    public let peer: String
+    private let closed = NSLock()
+    nonisolated(unsafe) private var isClosed = false // guarded by `closed`
+
+    init(fd: Int32, peer: String, timeoutSeconds: Int) {
+        self.fd = fd
+        self.peer = peer
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { close() }
+
+    /// Connects to `destination` ("HOST:PORT").
+    public static func connect(to destination: String, timeoutSeconds: Int = 30) throws -> TCPTransport {
+        let (host, port) = try parseHostPort(destination)
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, String(port), &hints, &list)
+        guard rc == 0, let first = list else {
+            throw MigrationError.connection("cannot resolve '\(host)': \(String(cString: gai_strerror(rc)))")
+        }
+        defer { freeaddrinfo(list) }
+        var lastError: Int32 = 0
+        var cursor: UnsafeMutablePointer<addrinfo>? = first
+        while let ai = cursor {
+            let fd = socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            if fd >= 0 {
+                if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
+                    return TCPTransport(fd: fd, peer: destination, timeoutSeconds: timeoutSeconds)
+                }
+                lastError = errno
+                Glibc.close(fd)
+            }
+            cursor = ai.pointee.ai_next
+        }
+        throw MigrationError.connection("cannot connect to \(destination): \(String(cString: strerror(lastError))); is `vmm receive --listen \(destination)` running?")
+    }
+
+    public func send(_ bytes: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = Glibc.send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
+            if n < 0 {
+                if errno == EINTR { continue }
+                let e = errno
+                throw MigrationError.connection(e == EAGAIN ? "sending to \(peer) timed out" : "sending to \(peer) failed: \(String(cString: strerror(e)))")
+            }
+            done += n
+        }
+    }
+
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = recv(fd, buffer.baseAddress! + done, buffer.count - done, 0)
+            if n == 0 { throw MigrationError.connection("\(peer) closed the connection") }
+            if n < 0 {
+                if errno == EINTR { continue }
+                let e = errno
+                throw MigrationError.connection(e == EAGAIN ? "no data from \(peer) within the timeout" : "receiving from \(peer) failed: \(String(cString: strerror(e)))")
+            }
+            done += n
+        }
+    }
+
+    public func close() {
+        closed.lock(); defer { closed.unlock() }
+        guard !isClosed else { return }
+        isClosed = true
+        shutdown(fd, Int32(SHUT_RDWR))
+        Glibc.close(fd)
+    }
+}
+
+/// A listening TCP socket for `vmm receive`.
+public final class TCPListener: Sendable {
+    private let fd: Int32
+    public let address: String
+    public let port: UInt16
+
+    public init(listen: String) throws {
+        let (host, port) = try parseHostPort(listen)
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_PASSIVE
+        var list: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, String(port), &hints, &list)
+        guard rc == 0, let ai = list else {
+            throw MigrationError.connection("cannot resolve '\(host)': \(String(cString: gai_strerror(rc)))")
+        }
+        defer { freeaddrinfo(list) }
+        let fd = socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        guard bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else {
+            let e = errno
+            Glibc.close(fd)
+            throw MigrationError.connection("cannot listen on \(listen): \(String(cString: strerror(e)))")
+        }
+        guard Glibc.listen(fd, 4) == 0 else {
+            let e = errno
+            Glibc.close(fd)
+            throw MigrationError.connection("cannot listen on \(listen): \(String(cString: strerror(e)))")
+        }
+        var addr = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { _ = getsockname(fd, $0, &len) } }
+        let boundPort = withUnsafePointer(to: &addr) { p -> UInt16 in
+            p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
+        }
+        self.fd = fd
+        self.address = host
+        self.port = boundPort
+    }
+
+    deinit { Glibc.close(fd) }
+
+    /// Waits for one connection.
+    public func accept(timeoutSeconds: Int = 30) throws -> TCPTransport {
+        while true {
+            var addr = sockaddr_storage()
+            var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let c = withUnsafeMutablePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.accept(fd, $0, &len) }
+            }
+            if c < 0 {
+                if errno == EINTR { continue }
+                throw MigrationError.connection("accept failed: \(String(cString: strerror(errno)))")
+            }
+            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+            return TCPTransport(fd: c, peer: "source", timeoutSeconds: timeoutSeconds)
+        }
+    }
+
+    /// Unblocks a pending `accept` (used on shutdown).
+    public func shutdownListening() { shutdown(fd, Int32(SHUT_RDWR)) }
+}
