@@ -109,7 +109,8 @@ public enum MemorySection {
         let page = Int(SnapshotFormat.pageSize)
         for (entry, address) in zip(parsed.entries, addresses) {
             if entry.isZero {
-                try memory.zero(at: address, length: SnapshotFormat.pageSize)
+                // Reading an untouched page maps the shared zero page; writing would allocate one.
+                if try !memory.isZeroPage(address) { try memory.zero(at: address, length: SnapshotFormat.pageSize) }
                 zeroPages += 1
             } else {
                 try memory.write(payload[dataOffset..<dataOffset + page], at: address)
