@@ -20,9 +20,12 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var mode: BootMode?
     public var commandLine: String?
     public var dirtyTracker: DirtyTrackerKind
+    /// Size of each KVM memory slot (guest RAM is split into slots of this size).
+    public var slotSize: UInt64
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, mode: BootMode? = nil, commandLine: String? = nil,
-                dirtyTracker: DirtyTrackerKind = .bitmap) {
+                dirtyTracker: DirtyTrackerKind = .bitmap, slotSize: UInt64 = GuestMemory.maxRegionSize) {
+        self.slotSize = slotSize
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount
         self.mode = mode
@@ -131,7 +134,7 @@ public final class Machine: @unchecked Sendable {
         }
         self.configuration = configuration
         self.kvm = try kvm ?? KVMSystem()
-        self.memory = try GuestMemory(size: configuration.memorySize)
+        self.memory = try GuestMemory(size: configuration.memorySize, regionSize: configuration.slotSize)
         self.vm = try self.kvm.createVM()
         try vm.register(memory)
         let cpuid = try cpuid ?? self.kvm.supportedCPUID()
@@ -277,6 +280,7 @@ public final class Machine: @unchecked Sendable {
     }
 
     private func vcpuLoop(index: Int, vcpu: VCPU) {
+        KickSignal.unblockInThisThread()
         control.lock()
         threads[index] = pthread_self()
         alive[index] = true

@@ -19,6 +19,15 @@ enum KickSignal {
 
     /// Installs the empty handler once per process.
     static func install() { _ = installed }
+
+    /// Unblocks the kick in the calling (vCPU) thread: a parent process or library
+    /// may have left it blocked, and a blocked kick never interrupts `KVM_RUN`.
+    static func unblockInThisThread() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, number)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
+    }
 }
 
 /// Starts `body` on a dedicated OS thread (never a Swift Task: a blocked `KVM_RUN`
