@@ -33,7 +33,7 @@ public struct TransportSource: ByteSource {
 }
 
 /// Parses "HOST:PORT" (IPv4 or a name; "[v6]:PORT" for IPv6).
-public func parseHostPort(_ text: String) throws -> (host: String, port: UInt16) {
+public func parseHostPort(_ text: String, allowAnyPort: Bool = false) throws -> (host: String, port: UInt16) {
     var host = text, portText = ""
     if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
         host = String(text[text.index(after: text.startIndex)..<close])
@@ -42,7 +42,7 @@ public func parseHostPort(_ text: String) throws -> (host: String, port: UInt16)
         host = String(text[..<colon])
         portText = String(text[text.index(after: colon)...])
     }
-    guard !host.isEmpty, let port = UInt16(portText), port > 0 else {
+    guard !host.isEmpty, let port = UInt16(portText), port > 0 || allowAnyPort else {
         throw MigrationError.connection("'\(text)' is not HOST:PORT (e.g. 127.0.0.1:7000)")
     }
     return (host, port)
@@ -137,7 +137,7 @@ public final class TCPListener: Sendable {
     public let port: UInt16
 
     public init(listen: String) throws {
-        let (host, port) = try parseHostPort(listen)
+        let (host, port) = try parseHostPort(listen, allowAnyPort: true)
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
         hints.ai_flags = AI_PASSIVE

