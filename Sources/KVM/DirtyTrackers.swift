@@ -193,7 +193,9 @@ public final class DirtyRingTracker: DirtyTracker, @unchecked Sendable {
             }
             rings[i].next = next
         }
-        if any { try vm.resetDirtyRings() }
+        if any {
+            try vm.resetDirtyRings()
+        }
     }
 
     /// Called by a vCPU thread on `KVM_EXIT_DIRTY_RING_FULL`.

@@ -11,6 +11,8 @@ enum KVMAvailability {
         if fd >= 0 { close(fd); return true }
         return false
     }()
+    /// Whether /dev/kvm is the PVM flavour (kvm_pvm), whose dirty ring misbehaves.
+    static let isPVM: Bool = FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")
     static let skipMessage: Comment = "/dev/kvm is missing or not accessible: KVM tests are skipped"
 }
 
