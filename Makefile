@@ -14,6 +14,7 @@ deps:
 
 guests: deps
 	$(MAKE) -C GuestImages
+	@bash scripts/fetch-tboot.sh
 
 build: guests
 	$(SWIFT) build

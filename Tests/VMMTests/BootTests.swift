@@ -105,3 +105,51 @@ struct BootTests {
         #expect(exit == .exitPort(status: 2))
     }
 }
+
+@Suite("A Multiboot kernel nobody here wrote", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+struct ForeignKernelTests {
+    @Test("Intel's tboot (Debian's package) boots, prints through COM1 and halts")
+    func tbootBoots() throws {
+        let path = Fixtures.root.appendingPathComponent("GuestImages/build/third-party/tboot.elf").path
+        try #require(FileManager.default.fileExists(atPath: path),
+                     "tboot is missing: run `bash scripts/fetch-tboot.sh` (make test does it)")
+        let capture = SerialCapture()
+        let machine = try Machine(image: [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))),
+                                  configuration: MachineConfiguration(memorySize: 128 << 20, commandLine: "logging=serial"),
+                                  serialOutput: capture.append)
+        machine.start()
+        let exit = machine.waitForExit(timeout: 120)
+        #expect(exit == .halted)
+        #expect(capture.text.contains("TBOOT: command line: logging=serial"))
+        #expect(capture.text.contains("shutdown_system() called"))
+    }
+}
+
+@Suite("The benchmark guest under QEMU", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+struct QEMUCompatibilityTests {
+    static let qemu = "/usr/bin/qemu-system-x86_64"
+
+    @Test("dirtier.elf boots unchanged under qemu-system-x86_64 -enable-kvm -kernel and ends through port 0xf4",
+          .enabled(if: FileManager.default.isExecutableFile(atPath: qemu), "qemu-system-x86_64 is not installed (make test installs it)"))
+    func dirtierUnderQEMU() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.qemu)
+        process.arguments = ["-enable-kvm", "-m", "64", "-nodefaults", "-display", "none", "-no-reboot",
+                             "-serial", "stdio", "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
+                             "-kernel", try Fixtures.guest("dirtier.elf"), "-append", "pages=128 passes=2 mark_us=0"]
+        let out = Pipe()
+        process.standardOutput = out
+        process.standardError = Pipe()
+        try process.run()
+        let watchdog = DispatchWorkItem { process.terminate() }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 120, execute: watchdog)
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        watchdog.cancel()
+        let text = String(decoding: data, as: UTF8.self)
+        #expect(text.contains("dirtier pages=128"))
+        #expect(text.contains("dirtier done passes=2"))
+        // isa-debug-exit: QEMU exits with (status << 1) | 1.
+        #expect(process.terminationStatus == 1)
+    }
+}
