@@ -56,6 +56,7 @@ public final class MigrationReceiver: Sendable {
         var replies = try StreamWriter(sink: TransportSink(transport))
         func refuse(_ reason: String) {
             try? replies.writeSection(.control, payload: ControlMessage(kind: .refuse, reason: reason).encoded())
+            try? replies.sink.flush()
         }
 
         guard let first = try reader.nextSection(), first.type == .control else {
@@ -80,6 +81,7 @@ public final class MigrationReceiver: Sendable {
         var committed = false
         defer { if !committed { vm.discard() } }
         try replies.writeSection(.control, payload: ControlMessage(kind: .accept).encoded())
+        try replies.sink.flush()
         if fault == .closeAfterHello { transport.close(); throw MigrationError.aborted("injected fault: \(InjectedFault.closeAfterHello.rawValue)") }
 
         var pages = 0, zeroPages = 0, memorySections = 0
@@ -123,9 +125,11 @@ public final class MigrationReceiver: Sendable {
             throw MigrationError.aborted("injected fault: refuse-ready")
         case .malformedReady:
             try replies.writeSection(.control, payload: Array("{not json".utf8))
+            try replies.sink.flush()
             throw MigrationError.aborted("injected fault: malformed-ready")
         default:
             try replies.writeSection(.control, payload: ControlMessage(kind: .ready).encoded())
+            try replies.sink.flush()
         }
 
         var commit = try StreamReader(source: TransportSource(transport))
@@ -145,6 +149,7 @@ public final class MigrationReceiver: Sendable {
             // The guest runs here now, whatever happens to this reply.
             try? replies.writeSection(.control, payload: ControlMessage(kind: .running, resumedAt: resumedAt).encoded())
             try? replies.finish()
+            try? replies.sink.flush()
         }
         return (vm, Result(pages: pages, zeroPages: zeroPages, bytes: 0, resumedAt: resumedAt))
     }

@@ -86,6 +86,7 @@ public final class PreCopySender: Sendable {
             let hello = ControlMessage(kind: .hello, version: migrationProtocolVersion,
                                        machine: Data(try vm.machineDescriptionPayload()), identity: vm.migrationIdentity)
             try writer.writeSection(.control, payload: hello.encoded())
+            try writer.sink.flush()
             var reader = try StreamReader(source: TransportSource(transport))
             try expect(.accept, from: &reader)
             report.setupMs = monotonicMs() - t0
@@ -142,6 +143,7 @@ public final class PreCopySender: Sendable {
             try writer.writeSection(.vcpu, payload: vcpu)
             try writer.writeSection(.devices, payload: devices)
             try writer.finish()
+            try writer.sink.flush()
             report.bytesSent = writer.bytesWritten
             update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
             try expect(.ready, from: &reader)
@@ -156,6 +158,7 @@ public final class PreCopySender: Sendable {
             var commit = try StreamWriter(sink: TransportSink(transport))
             try commit.writeSection(.control, payload: ControlMessage(kind: .go).encoded())
             try commit.finish()
+            try commit.sink.flush()
             report.bytesSent += commit.bytesWritten
             let running = try expect(.running, from: &reader)
             if let resumed = running.resumedAt { report.downtimeMs = resumed - pauseTime }
@@ -166,6 +169,7 @@ public final class PreCopySender: Sendable {
         } catch {
             report.error = "\(error)"
             report.rounds = report.pagesPerRound.count
+            report.bytesSent = max(report.bytesSent, progress.bytesSent)
             vm.setThrottle(percent: 0)
             if goSent {
                 report.outcome = "in-doubt"

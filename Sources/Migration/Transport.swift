@@ -18,11 +18,47 @@ public protocol MigrationTransport: AnyObject, Sendable {
     var peer: String { get }
 }
 
-/// The stream writer's view of a transport.
+/// The stream writer's view of a transport. Small writes (headers, page table
+/// entries, single pages) are gathered into one buffer and sent in large pieces;
+/// `flush()` must be called before waiting for the peer.
 public struct TransportSink: ByteSink {
     public let transport: any MigrationTransport
-    public init(_ transport: any MigrationTransport) { self.transport = transport }
-    public mutating func write(_ bytes: UnsafeRawBufferPointer) throws { try transport.send(bytes) }
+    private var buffer: UnsafeMutableRawBufferPointer
+    private var used = 0
+    private let owner: BufferOwner
+    public static let bufferSize = 1 << 20
+
+    /// Frees the buffer when the last copy of the sink goes away.
+    private final class BufferOwner: @unchecked Sendable {
+        let memory: UnsafeMutableRawBufferPointer
+        init(_ size: Int) { memory = .allocate(byteCount: size, alignment: 64) }
+        deinit { memory.deallocate() }
+    }
+
+    public init(_ transport: any MigrationTransport) {
+        self.transport = transport
+        self.owner = BufferOwner(Self.bufferSize)
+        self.buffer = owner.memory
+    }
+
+    public mutating func write(_ bytes: UnsafeRawBufferPointer) throws {
+        if used + bytes.count > buffer.count { try flush() }
+        if bytes.count >= buffer.count {
+            try transport.send(bytes)
+            return
+        }
+        // SAFETY: bounds checked above; the buffer lives as long as `owner`.
+        (buffer.baseAddress! + used).copyMemory(from: bytes.baseAddress!, byteCount: bytes.count)
+        used += bytes.count
+    }
+
+    /// Sends whatever is buffered.
+    public mutating func flush() throws {
+        guard used > 0 else { return }
+        let pending = UnsafeRawBufferPointer(start: buffer.baseAddress, count: used)
+        used = 0
+        try transport.send(pending)
+    }
 }
 
 /// The stream reader's view of a transport.
