@@ -12,7 +12,6 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
-        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
@@ -30,14 +29,9 @@ let package = Package(
         .target(name: "Snapshot", dependencies: ["GuestMemory", .product(name: "Crypto", package: "swift-crypto")]),
         // Pre-copy protocol, sender and receiver, transport behind one interface.
         .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory"]),
-        // Signed guest registry, leases, beacons, scans, audit.
-        .target(name: "Billboard", dependencies: [
-            .product(name: "Crypto", package: "swift-crypto"),
-            .product(name: "GRDB", package: "GRDB.swift"),
-        ]),
         // The machine: VM + vCPU threads + exit dispatch + state capture.
         .target(name: "VMM", dependencies: [
-            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard",
+            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.
