@@ -5,7 +5,7 @@ SWIFT   ?= swift
 RELEASE := .build/release/vmm
 DEBUG   := .build/debug/vmm
 
-.PHONY: all deps guests build release test demo bench clean
+.PHONY: all deps guests build release test demo bench bench-migration fuzz clean
 
 all: build
 
@@ -31,6 +31,17 @@ demo: release
 
 bench: release
 	$(RELEASE) bench boot --runs 30 --output bench-results/boot.json
+	$(RELEASE) bench snapshot --runs 3 --output bench-results/snapshot.json
+	$(RELEASE) bench dirty-log --output bench-results/dirty-log.json
+
+# Live migration against QEMU on the same guest, one system at a time (about 15 minutes).
+bench-migration: release
+	python3 bench/migration_bench.py --vmm $(RELEASE) --out-dir bench-results
+
+# The snapshot decoder's mutation fuzzer, for FUZZ_SECONDS (default 60).
+FUZZ_SECONDS ?= 60
+fuzz: build
+	SNAPSHOT_FUZZ_SECONDS=$(FUZZ_SECONDS) $(SWIFT) test --filter mutationFuzz
 
 clean:
 	$(MAKE) -C GuestImages clean

@@ -13,6 +13,7 @@ let package = Package(
         .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
     ],
     targets: [
         // <linux/kvm.h>, ioctl request numbers as constants, non-variadic shims. No logic.
@@ -29,6 +30,11 @@ let package = Package(
         .target(name: "Snapshot", dependencies: ["GuestMemory", .product(name: "Crypto", package: "swift-crypto")]),
         // Pre-copy protocol, sender and receiver, transport behind one interface.
         .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory"]),
+        // Signed guest registry, keys, leases, audit (SQLite through GRDB).
+        .target(name: "Billboard", dependencies: [
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "GRDB", package: "GRDB.swift"),
+        ]),
         // The machine: VM + vCPU threads + exit dispatch + state capture.
         .target(name: "VMM", dependencies: [
             "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration",
@@ -46,13 +52,14 @@ let package = Package(
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "VMM", "ControlAPI", "Migration",
+                "VMM", "ControlAPI", "Migration", "KVM", "GuestMemory",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),
             ]
         ),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "Loader", "Devices"]),
+        .testTarget(name: "BillboardTests", dependencies: ["Billboard"]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM"]),
     ]

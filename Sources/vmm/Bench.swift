@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import GuestMemory
 import KVM
 import Loader
 import VMM
@@ -7,7 +8,7 @@ import VMM
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print figures and write JSON.",
-        subcommands: [BootBench.self])
+        subcommands: [BootBench.self, SnapshotBench.self, DirtyLogBench.self])
 }
 
 /// Summary statistics of a series of timings, in milliseconds.
@@ -164,4 +165,149 @@ func hostDescription() -> [String: String] {
     let model = cpuinfo.split(separator: "\n").first { $0.hasPrefix("model name") }?
         .split(separator: ":", maxSplits: 1).last?.trimmingCharacters(in: .whitespaces) ?? "unknown"
     return ["kernel": release, "cpu": model, "cores": String(ProcessInfo.processInfo.activeProcessorCount)]
+}
+
+/// Writes `bench-results/NAME.json` and says so.
+func writeBenchJSON(_ report: [String: Any], to output: String) throws {
+    let url = URL(fileURLWithPath: output)
+    try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+    try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys]).write(to: url)
+    print("  JSON written to \(output)")
+}
+
+struct SnapshotBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "snapshot",
+        abstract: "Snapshot and restore time and file size for 64 MiB, 512 MiB and 2 GiB guests, mostly zero and fully written.")
+
+    @Option(help: "The guest (a Multiboot kernel that runs until stopped).")
+    var image: String = "GuestImages/build/counter.elf"
+    @Option(help: "Directory for the snapshot files (deleted afterwards).")
+    var directory: String = "bench-results/tmp"
+    @Option(help: "Runs per case.")
+    var runs: Int = 3
+    @Option(help: "Comma-separated sizes.")
+    var sizes: String = "64M,512M,2G"
+    @Option(help: "Where to write the JSON results.")
+    var output: String = "bench-results/snapshot.json"
+
+    func run() throws {
+        let status = try CommandRunner.fail {
+            let bytes = try ImageFile.read(image, limit: 64 << 20)
+            let kvm = try KVMSystem()
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+            var rows: [[String: Any]] = []
+            print("snapshot and restore (\(runs) runs each; file written, fsynced, renamed; restore verifies every checksum)")
+            for sizeText in sizes.split(separator: ",") {
+                let size = try MemorySize.parse(String(sizeText))
+                for filled in [false, true] {
+                    var save: [Double] = [], load: [Double] = [], fileBytes: UInt64 = 0
+                    for _ in 0..<runs {
+                        let machine = try Machine(image: bytes, configuration: MachineConfiguration(
+                            memorySize: size, commandLine: "count=0 ticks=100000000"), kvm: kvm, serialOutput: { _ in })
+                        if filled { try fillMemory(machine.memory, from: 16 << 20) }
+                        machine.startPaused()
+                        let path = directory + "/bench-\(getpid()).snap"
+                        let s = try SnapshotFile.write(machine, to: path)
+                        machine.requestStop()
+                        _ = machine.waitForExit()
+                        let (restored, _, r) = try SnapshotFile.read(path, kvm: kvm, serialOutput: { _ in })
+                        restored.end(with: .shutdown)
+                        save.append(s.milliseconds)
+                        load.append(r.milliseconds)
+                        fileBytes = s.bytes
+                        unlink(path)
+                    }
+                    let a = Stats(save), b = Stats(load)
+                    let label = "\(sizeText) \(filled ? "fully written" : "mostly zero ")"
+                    print(String(format: "  %@  snapshot %8.1f ms (min %.1f max %.1f)  restore %8.1f ms (min %.1f max %.1f)  file %8.1f MiB",
+                                 label, a.median, a.min, a.max, b.median, b.min, b.max, Double(fileBytes) / 1048576))
+                    rows.append(["memory": String(sizeText), "memory_bytes": size, "content": filled ? "fully-written" : "mostly-zero",
+                                 "snapshot_ms": toJSONObject(a), "restore_ms": toJSONObject(b), "file_bytes": fileBytes])
+                }
+            }
+            try writeBenchJSON(["benchmark": "snapshot-restore", "date": ISO8601DateFormatter().string(from: Date()),
+                                "host": hostDescription(), "runs": runs, "cases": rows], to: output)
+            return 0
+        }
+        throw ExitCode(status)
+    }
+
+    /// Writes pseudo-random bytes to all memory from `start` (the guest's kernel lies below).
+    func fillMemory(_ memory: GuestMemory, from start: UInt64) throws {
+        var x: UInt64 = 0x9E37_79B9_7F4A_7C15
+        var chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var address = start
+        while address < memory.size {
+            chunk.withUnsafeMutableBytes { raw in
+                let words = raw.bindMemory(to: UInt64.self)
+                for i in words.indices { x ^= x << 13; x ^= x >> 7; x ^= x << 17; words[i] = x }
+            }
+            let n = Int(min(UInt64(chunk.count), memory.size - address))
+            try memory.write(chunk.prefix(n), at: GuestAddress(address))
+            address += UInt64(n)
+        }
+    }
+}
+
+func toJSONObject(_ s: Stats) -> Any {
+    (try? JSONSerialization.jsonObject(with: JSONEncoder().encode(s))) ?? [:]
+}
+
+struct DirtyLogBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dirty-log",
+        abstract: "Cost of collecting the dirty log once per round, for 512 MiB and 2 GiB guests, with each tracker.")
+
+    @Option(help: "The dirtier guest.")
+    var image: String = "GuestImages/build/dirtier.elf"
+    @Option(help: "Collections per case.")
+    var rounds: Int = 30
+    @Option(help: "Milliseconds of guest writing between collections.")
+    var intervalMs: Int = 50
+    @Option(help: "Where to write the JSON results.")
+    var output: String = "bench-results/dirty-log.json"
+
+    func run() throws {
+        let status = try CommandRunner.fail {
+            let bytes = try ImageFile.read(image, limit: 64 << 20)
+            let kvm = try KVMSystem()
+            var rows: [[String: Any]] = []
+            print("dirty-log collection cost (\(rounds) rounds, \(intervalMs) ms of unpaced writes over a 256 MiB working set between rounds)")
+            for size: UInt64 in [512 << 20, 2 << 30] {
+                for tracker in DirtyTrackerKind.allCases {
+                    let machine = try Machine(image: bytes, configuration: MachineConfiguration(
+                        memorySize: size, commandLine: "pages=65536 rate=0 mark_us=0", dirtyTracker: tracker),
+                        kvm: kvm, serialOutput: { _ in })
+                    machine.start()
+                    try machine.dirtyTracker.enable()
+                    _ = try machine.dirtyTracker.collect()
+                    var costs: [Double] = [], pages: [Double] = []
+                    for _ in 0..<rounds {
+                        usleep(UInt32(intervalMs * 1000))
+                        let t0 = monotonicMilliseconds()
+                        let dirty = try machine.dirtyTracker.collect()
+                        // What the sender does next for each dirty chunk: rearm before reading.
+                        for (i, w) in dirty.words.enumerated() where w != 0 {
+                            try machine.dirtyTracker.rearm(firstPage: UInt64(i) * 64, mask: w)
+                        }
+                        costs.append(monotonicMilliseconds() - t0)
+                        pages.append(Double(dirty.count))
+                    }
+                    try machine.dirtyTracker.disable()
+                    machine.requestStop()
+                    _ = machine.waitForExit()
+                    let c = Stats(costs), p = Stats(pages)
+                    print(String(format: "  %4d MiB  %@  collect+rearm %7.3f ms (min %.3f max %.3f)  dirty pages/round %.0f",
+                                 Int(size >> 20), tracker.rawValue.padding(toLength: 6, withPad: " ", startingAt: 0), c.median, c.min, c.max, p.median))
+                    rows.append(["memory_bytes": size, "tracker": tracker.rawValue, "collect_ms": toJSONObject(c),
+                                 "dirty_pages_per_round": toJSONObject(p)])
+                }
+            }
+            try writeBenchJSON(["benchmark": "dirty-log-collection", "date": ISO8601DateFormatter().string(from: Date()),
+                                "host": hostDescription(), "rounds": rounds, "interval_ms": intervalMs, "cases": rows], to: output)
+            return 0
+        }
+        throw ExitCode(status)
+    }
 }

@@ -1,0 +1,1 @@
+// Billboard: see helper
