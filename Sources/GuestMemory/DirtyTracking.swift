@@ -121,3 +121,42 @@ extension GuestMemory {
     /// Number of 4 KiB pages.
     public var pageCount: UInt64 { size / Self.pageSize }
 }
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension GuestMemory {
+    /// Pages that may hold data: those resident in the host (`mincore`). A page of
+    /// an anonymous mapping that was never touched reads as zero, so it need not
+    /// be read, hashed or sent. Returns nil (every page may hold data) when swap
+    /// is active, because a swapped-out page is not resident yet not zero.
+    public func possiblyNonZeroPages() -> DirtyBitmap? {
+        guard !Self.swapActive() else { return nil }
+        var bitmap = DirtyBitmap(pageCount: pageCount)
+        let hostPage = UInt64(sysconf(Int32(_SC_PAGESIZE)))
+        guard hostPage == Self.pageSize else { return nil }
+        for region in regions {
+            let pages = Int(region.size / Self.pageSize)
+            var vector = [UInt8](repeating: 0, count: pages)
+            // SAFETY: the region's mapping is `region.size` bytes long for this object's life.
+            let rc = vector.withUnsafeMutableBufferPointer {
+                mincore(UnsafeMutableRawPointer(bitPattern: region.hostAddress), Int(region.size), $0.baseAddress)
+            }
+            guard rc == 0 else { return nil }
+            let base = region.guestBase.raw / Self.pageSize
+            for i in 0..<pages where vector[i] & 1 != 0 { bitmap.set(base + UInt64(i)) }
+        }
+        return bitmap
+    }
+
+    /// Whether any swap area is in use (`/proc/swaps` lists more than its header).
+    static func swapActive() -> Bool {
+        guard let f = fopen("/proc/swaps", "r") else { return true }
+        defer { fclose(f) }
+        var lines = 0
+        var buffer = [CChar](repeating: 0, count: 512)
+        while fgets(&buffer, Int32(buffer.count), f) != nil { lines += 1 }
+        return lines > 1
+    }
+}

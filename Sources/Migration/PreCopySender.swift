@@ -94,7 +94,9 @@ public final class PreCopySender: Sendable {
             try vm.dirtyTracker.enable()
             tracking = true
             update { $0.phase = .precopy }
-            var pending = DirtyBitmap.all(pageCount: vm.memory.pageCount)
+            // Round 0: every page that may hold data. Logging is already on, so a page
+            // first written after this check is caught by the next round.
+            var pending = vm.memory.possiblyNonZeroPages() ?? DirtyBitmap.all(pageCount: vm.memory.pageCount)
             var round = 0
             var rate = 0.0
             while true {

@@ -28,7 +28,8 @@ public enum MachineStream {
                                                   description: MachineDescription? = nil) throws -> (pages: Int, zeroPages: Int) {
         let (vcpus, devices) = try machine.captureState()
         try writer.writeSection(.machine, payload: Array(try encoder.encode(description ?? machine.machineDescription)))
-        let pages = (0..<(machine.memory.size / GuestMemory.pageSize)).map { $0 }
+        // Untouched pages read as zero: they need no entry at all (restore starts from zeroed memory).
+        let pages = machine.memory.possiblyNonZeroPages()?.pageFrames ?? Array(0..<machine.memory.pageCount)
         let stats = try writer.writeMemoryPages(pages, from: machine.memory)
         try writer.writeSection(.vcpu, payload: Array(try encoder.encode(vcpus)))
         try writer.writeSection(.devices, payload: Array(try encoder.encode(devices)))
