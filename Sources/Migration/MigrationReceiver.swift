@@ -17,7 +17,7 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
 public enum InjectedFault: String, Sendable, CaseIterable {
     /// Close the connection right after the hello.
     case closeAfterHello = "close-after-hello"
-    /// Close the connection after some memory arrived, during pre-copy.
+    /// Close the connection once the first memory section arrived, during pre-copy.
     case closeDuringPrecopy = "close-during-precopy"
     /// Refuse the final state instead of answering READY.
     case refuseReady = "refuse-ready"
@@ -95,7 +95,7 @@ public final class MigrationReceiver: Sendable {
                 pages += r.pages
                 zeroPages += r.zeroPages
                 memorySections += 1
-                if fault == .closeDuringPrecopy && memorySections == 8 {
+                if fault == .closeDuringPrecopy && memorySections == 1 {
                     transport.close()
                     throw MigrationError.aborted("injected fault: \(InjectedFault.closeDuringPrecopy.rawValue)")
                 }

@@ -139,7 +139,7 @@ public final class PreCopySender: Sendable {
             paused = true
             pauseTime = monotonicMs()
             pending.formUnion(try vm.dirtyTracker.collect())
-            let last = try sendPages(pending, writer: &writer, rearm: false, report: &report, t0: t0)
+            let last = try sendPages(pending, writer: &writer, rearm: false, report: &report, t0: t0, stopAndCopy: true)
             report.pagesPerRound.append(last)
             let (vcpu, devices) = try vm.statePayloads()
             try writer.writeSection(.vcpu, payload: vcpu)
@@ -210,7 +210,7 @@ public final class PreCopySender: Sendable {
 
     /// Sends the pages set in `bitmap`, re-protecting each 64-page chunk just before it is read.
     func sendPages<S: ByteSink>(_ bitmap: DirtyBitmap, writer: inout StreamWriter<S>, rearm: Bool,
-                                report: inout MigrationReport, t0: Double) throws -> Int {
+                                report: inout MigrationReport, t0: Double, stopAndCopy: Bool = false) throws -> Int {
         var batch: [UInt64] = []
         batch.reserveCapacity(Self.batchPages)
         var sent = 0
@@ -226,6 +226,10 @@ public final class PreCopySender: Sendable {
             let bytes = writer.bytesWritten
             update { $0.pagesSent = report.pagesSent; $0.bytesSent = bytes; $0.elapsedSeconds = (monotonicMs() - t0) / 1000 }
             try checkCancelled()
+            // The time limit holds within a round too (a slow link, a bandwidth cap).
+            if !stopAndCopy && (monotonicMs() - t0) / 1000 >= settings.timeoutSeconds {
+                throw MigrationError.notConverged(seconds: settings.timeoutSeconds)
+            }
             if settings.maxBandwidth > 0 {
                 // Hold the average rate of this round to the limit.
                 let due = Double(writer.bytesWritten - startBytes) / Double(settings.maxBandwidth) * 1000

@@ -63,8 +63,8 @@ func bootCounter(count: Int = 0, ticks: Int = 400_000, tracker: DirtyTrackerKind
 }
 
 func migrate(_ vm: any MigrationSourceVM, to destination: String, maxDowntimeMs: Double = 300,
-             timeout: Double = 60, autoConverge: Bool = false) -> MigrationReport {
-    let settings = MigrationSettings(destination: destination, maxDowntimeMs: maxDowntimeMs,
+             timeout: Double = 60, autoConverge: Bool = false, maxBandwidth: UInt64 = 0) -> MigrationReport {
+    let settings = MigrationSettings(destination: destination, maxDowntimeMs: maxDowntimeMs, maxBandwidth: maxBandwidth,
                                      autoConverge: autoConverge, timeoutSeconds: timeout)
     return PreCopySender(vm: vm, settings: settings).run { try TCPTransport.connect(to: destination) }
 }
@@ -233,6 +233,8 @@ struct MigrationTests {
         machine.end(with: .migrated)
     }
 
+    // A guest on this nested KVM may stall for a whole round (and so "converge"); a
+    // bandwidth cap makes non-convergence certain.
     @Test("a migration that cannot converge is abandoned at its timeout with the guest still running")
     func notConverged() throws {
         let capture = SerialCapture()
@@ -243,7 +245,7 @@ struct MigrationTests {
         machine.start()
         usleep(200_000)
         let destination = try Destination()
-        let report = migrate(machine, to: destination.address, maxDowntimeMs: 0.001, timeout: 2)
+        let report = migrate(machine, to: destination.address, maxDowntimeMs: 0.001, timeout: 2, maxBandwidth: 1_000_000)
         #expect(report.outcome == "failed")
         #expect(!report.converged)
         #expect(report.error?.contains("did not converge") == true)
@@ -261,9 +263,11 @@ struct MigrationTests {
                                                                       commandLine: "pages=16384 rate=0 mark_us=0"),
                                   serialOutput: capture.append)
         machine.start()
+        usleep(300_000) // let the guest touch enough memory for round 0 to outlast the cancel
         let destination = try Destination()
         let sender = PreCopySender(vm: machine, settings: MigrationSettings(destination: destination.address,
-                                                                            maxDowntimeMs: 0.001, timeoutSeconds: 30))
+                                                                            maxDowntimeMs: 0.001, maxBandwidth: 1_000_000,
+                                                                            timeoutSeconds: 30))
         Thread.detachNewThread { usleep(500_000); sender.cancel(reason: "signal 15") }
         let report = sender.run { try TCPTransport.connect(to: destination.address) }
         #expect(report.outcome == "failed")
@@ -300,4 +304,49 @@ final class DigestingDestination: MigrationDestinationVM, @unchecked Sendable {
     }
     func startGuest() { machine.startGuest() }
     func discard() { machine.discard() }
+}
+
+@Suite("Migration between two vmm processes", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+struct MigrationProcessTests {
+    @Test("SIGTERM to the source during a migration aborts it: the destination discards and exits 1, no copy runs there")
+    func sigtermDuringMigration() throws {
+        let socket = temporaryPath("src") + ".sock"
+        let port = try freePort()
+        let source = try VMMProcess(["run", try Fixtures.guest("dirtier.elf"), "--memory", "256M",
+                                     "--cmdline", "pages=32768 rate=0 mark_us=0", "--api-socket", socket,
+                                     "--report-dir", temporaryPath("reports")], socket: socket)
+        try source.waitForSocket()
+        let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)"], socket: "")
+        usleep(300_000)
+        let start = try source.call(.PUT, "/vm/migrate",
+                                    "{\"destination\": \"127.0.0.1:\(port)\", \"max_downtime_ms\": 0.001, \"max_bandwidth\": 1000000, \"timeout_s\": 30}")
+        #expect(start.status == 202)
+        usleep(800_000)
+        let phase = try source.call(.GET, "/vm/migration").json?["phase"] as? String
+        #expect(phase == "precopy")
+        kill(source.process.processIdentifier, SIGTERM)
+        #expect(source.wait() == 128 + SIGTERM)
+        #expect(destination.wait() == 1)
+        #expect(destination.errorText.contains("error"))
+        #expect(destination.output.isEmpty, "the destination ran the guest")
+    }
+
+    @Test("vmm receive refuses a stream that is not a migration, and exits 1")
+    func garbageRefused() throws {
+        let port = try freePort()
+        let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)"], socket: "")
+        usleep(300_000)
+        let t = try TCPTransport.connect(to: "127.0.0.1:\(port)")
+        let junk = [UInt8]("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8) + [UInt8](repeating: 0x41, count: 64)
+        try junk.withUnsafeBytes { try t.send($0) }
+        #expect(destination.wait() == 1)
+        #expect(destination.errorText.contains("magic") || destination.errorText.contains("snapshot"), "\(destination.errorText)")
+        t.close()
+    }
+}
+
+/// A TCP port nobody listens on right now.
+func freePort() throws -> UInt16 {
+    let l = try TCPListener(listen: "127.0.0.1:0")
+    return l.port
 }
