@@ -59,7 +59,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "Loader", "Devices"]),
-        .testTarget(name: "BillboardTests", dependencies: ["Billboard"]),
+        .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM"]),
     ]

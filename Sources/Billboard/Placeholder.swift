@@ -1,1 +1,0 @@
-// Billboard: see helper

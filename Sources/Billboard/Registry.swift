@@ -1,0 +1,213 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Crypto
+import Foundation
+import GRDB
+
+/// A registration row as stored: the decoded registration plus who signed it and the signature.
+struct StoredRegistration {
+    var registration: GuestRegistration
+    var signerName: String
+    var signerKey: Data
+    var signature: Data
+}
+
+extension BillboardStore {
+    // MARK: - Registering
+
+    /// Stores a registration signed by an enrolled administrator. mac, ip, os and the command line
+    /// are sealed with the at-rest key (ChaChaPoly, guest id as associated data).
+    @discardableResult
+    public func register(_ registration: GuestRegistration, signedBy signer: AdminKey) throws -> GuestRegistration {
+        var r = registration
+        r.revoked = false
+        try r.validate()
+        let payload = r.signingPayload
+        return try decide(actor: "admin:\(signer.name)", event: "guest.register", guest: r.name,
+                          details: ["id": .string(r.id.uuidString.lowercased())]) { db in
+            let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: r.name)
+            let live = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM guests WHERE name = ? AND revoked = 0)",
+                                         arguments: [r.name]) ?? false
+            guard !live else { throw BillboardRefusal.alreadyRegistered(guest: r.name) }
+            let secrets = SealedFields(mac: r.mac, ip: r.ip, os: r.os, commandLine: r.commandLine)
+            let sealed = try ChaChaPoly.seal(try JSONEncoder().encode(secrets), using: keys.sealKey,
+                                             authenticating: Self.sealAAD(r.id)).combined
+            let hosts = String(decoding: try JSONEncoder().encode(r.allowedHosts), as: UTF8.self)
+            try db.execute(sql: """
+                INSERT INTO guests(id, name, image_sha256, memory_bytes, vcpus, mode, allowed_hosts, beacons,
+                                   created_at, sealed, signer_name, signer_key, signature, revoked, state_mac)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)
+                """, arguments: [
+                    Self.idText(r.id), r.name, r.imageSHA256, Int64(bitPattern: r.memoryBytes), r.vcpus, r.mode,
+                    hosts, r.beacons.rawValue, r.createdAt.milliseconds, sealed, admin,
+                    signer.publicKey.rawRepresentation, signature, rowMAC(Self.guestState(r.id, revoked: false)),
+                ])
+            try appendAudit(db, actor: "admin:\(admin)", event: "guest.register", guest: r.name, details: [
+                "id": .string(Self.idText(r.id)), "imageSHA256": .string(r.imageSHA256),
+                "memoryBytes": .uint(r.memoryBytes), "vcpus": .int(Int64(r.vcpus)), "mode": .optional(r.mode),
+                "allowedHosts": .array(r.allowedHosts.map(CanonicalJSON.string)), "signature": .string(signature.hex),
+            ])
+            return r
+        }
+    }
+
+    /// Marks the live registration of `name` revoked (signed, audited). It stays in the store for the record.
+    public func revoke(name: String, signedBy signer: AdminKey) throws {
+        try decide(actor: "admin:\(signer.name)", event: "guest.revoke", guest: name) { db in
+            guard let id = try String.fetchOne(db, sql: "SELECT id FROM guests WHERE name = ? AND revoked = 0",
+                                               arguments: [name]) else {
+                throw BillboardRefusal.notRegistered(guest: name)
+            }
+            let payload = request("revoke", ["id": .string(id), "name": .string(name)])
+            let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: name)
+            guard let uuid = UUID(uuidString: id) else { throw BillboardRefusal.recordTampered(what: "guest '\(name)'") }
+            try db.execute(sql: "UPDATE guests SET revoked = 1, state_mac = ? WHERE id = ?",
+                           arguments: [rowMAC(Self.guestState(uuid, revoked: true)), id])
+            try appendAudit(db, actor: "admin:\(admin)", event: "guest.revoke", guest: name, details: [
+                "id": .string(id), "signature": .string(signature.hex),
+            ])
+        }
+    }
+
+    // MARK: - Reading
+
+    /// All registrations (live and revoked), decrypted. Throws if any row's sealed fields or
+    /// revocation state fail authentication.
+    public func list() throws -> [GuestRegistration] {
+        try db.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM guests ORDER BY name, created_at").map { try decode($0).registration }
+        }
+    }
+
+    /// The live registration named `name`, else its latest revoked one, else nil.
+    public func show(name: String) throws -> GuestRegistration? {
+        try db.read { db in try findByName(db, name)?.registration }
+    }
+
+    func findByName(_ db: Database, _ name: String) throws -> StoredRegistration? {
+        try Row.fetchOne(db, sql: "SELECT * FROM guests WHERE name = ? ORDER BY revoked ASC, created_at DESC LIMIT 1",
+                         arguments: [name]).map(decode)
+    }
+
+    static func idText(_ id: UUID) -> String { id.uuidString.lowercased() }
+
+    static func sealAAD(_ id: UUID) -> Data { Data("swift-vmm.billboard.guest.v1:\(idText(id))".utf8) }
+
+    static func guestState(_ id: UUID, revoked: Bool) -> CanonicalJSON {
+        .object(["kind": .string("swift-vmm.billboard.guest-state.v1"), "id": .string(idText(id)), "revoked": .bool(revoked)])
+    }
+
+    /// Decrypts and checks the row's own integrity (sealed fields, revocation state);
+    /// the administrator's signature is checked separately, by `verifySignature`.
+    func decode(_ row: Row) throws -> StoredRegistration {
+        let name: String = row["name"]
+        let idText: String = row["id"]
+        guard let id = UUID(uuidString: idText) else { throw BillboardRefusal.recordTampered(what: "guest '\(name)'") }
+        let revoked: Bool = row["revoked"]
+        guard checkRowMAC(Self.guestState(id, revoked: revoked), row["state_mac"]) else {
+            throw BillboardRefusal.recordTampered(what: "revocation state of guest '\(name)'")
+        }
+        let sealed: Data = row["sealed"]
+        guard let box = try? ChaChaPoly.SealedBox(combined: sealed),
+              let plain = try? ChaChaPoly.open(box, using: keys.sealKey, authenticating: Self.sealAAD(id)),
+              let secrets = try? JSONDecoder().decode(SealedFields.self, from: plain)
+        else { throw BillboardRefusal.sealedFieldsTampered(guest: name) }
+        let hostsText: String = row["allowed_hosts"]
+        let beaconsText: String = row["beacons"]
+        guard let hosts = try? JSONDecoder().decode([String].self, from: Data(hostsText.utf8)),
+              let beacons = BeaconPolicy(rawValue: beaconsText)
+        else { throw BillboardRefusal.badSignature(guest: name) }
+        let memory: Int64 = row["memory_bytes"]
+        let createdAt: Int64 = row["created_at"]
+        // Built field by field (not through init) so nothing is normalised: the signature must see the stored bytes.
+        var r = GuestRegistration(id: id, name: name, imageSHA256: "", memoryBytes: UInt64(bitPattern: memory),
+                                  vcpus: row["vcpus"], createdAt: Date(milliseconds: createdAt), revoked: revoked)
+        r.imageSHA256 = row["image_sha256"]
+        r.mode = row["mode"]
+        r.commandLine = secrets.commandLine
+        r.mac = secrets.mac
+        r.ip = secrets.ip
+        r.os = secrets.os
+        r.allowedHosts = hosts
+        r.beacons = beacons
+        return StoredRegistration(registration: r, signerName: row["signer_name"], signerKey: row["signer_key"],
+                                  signature: row["signature"])
+    }
+
+    /// Re-verifies a stored registration against the enrolled (non-removed) key that signed it.
+    func verifySignature(_ db: Database, _ stored: StoredRegistration) throws {
+        let name = stored.registration.name
+        guard let admin = try activeAdmin(db, publicKey: stored.signerKey) else {
+            throw BillboardRefusal.signerNotAdministrator(guest: name, signer: stored.signerName)
+        }
+        guard !admin.removed else { throw BillboardRefusal.signerRemoved(guest: name, signer: admin.name) }
+        guard let key = try? Curve25519.Signing.PublicKey(rawRepresentation: stored.signerKey),
+              key.isValidSignature(stored.signature, for: stored.registration.signingPayload)
+        else { throw BillboardRefusal.badSignature(guest: name) }
+    }
+
+    // MARK: - Admission
+
+    /// Decides whether a guest may start here, before any VM exists. Finds the registration (by name,
+    /// or by image digest when `name` is nil and exactly one live registration has it), re-verifies
+    /// the administrator's signature, then compares everything the VMM is about to run with what was
+    /// signed. Throws `BillboardRefusal` on any difference; audits accept and refuse alike.
+    @discardableResult
+    public func admit(name: String?, imageSHA256: String, memoryBytes: UInt64, vcpus: Int,
+                      mode: String?, commandLine: String?, host: String) throws -> GuestRegistration {
+        let digest = imageSHA256.lowercased()
+        let mode = mode.flatMap { $0.isEmpty ? nil : $0 }
+        let commandLine = commandLine.flatMap { $0.isEmpty ? nil : $0 }
+        let request: [String: CanonicalJSON] = [
+            "imageSHA256": .string(digest), "memoryBytes": .uint(memoryBytes), "vcpus": .int(Int64(vcpus)),
+            "mode": .optional(mode), "host": .string(host), "pid": .int(Int64(getpid())),
+        ]
+        return try decide(actor: processActor, event: "admit", guest: name, details: request) { db in
+            let stored = try find(db, name: name, digest: digest)
+            let r = stored.registration
+            try verifySignature(db, stored)
+            guard !r.revoked else { throw BillboardRefusal.revoked(guest: r.name) }
+            guard digest == r.imageSHA256 else {
+                throw BillboardRefusal.imageChanged(guest: r.name, actual: digest, registered: r.imageSHA256)
+            }
+            func changed(_ field: String, _ actual: String, _ registered: String) -> BillboardRefusal {
+                .configurationChanged(guest: r.name, field: field, actual: actual, registered: registered)
+            }
+            guard memoryBytes == r.memoryBytes else {
+                throw changed("memory", formatMemory(memoryBytes), formatMemory(r.memoryBytes))
+            }
+            guard vcpus == r.vcpus else { throw changed("vcpus", "\(vcpus)", "\(r.vcpus)") }
+            guard mode == r.mode else { throw changed("mode", quoted(mode), quoted(r.mode)) }
+            guard commandLine == r.commandLine else {
+                throw changed("command line", quoted(commandLine), quoted(r.commandLine))
+            }
+            let allowed = r.allowedHosts.isEmpty ? [hostName] : r.allowedHosts
+            guard allowed.contains(host) else {
+                throw BillboardRefusal.hostNotAllowed(guest: r.name, host: host, allowed: allowed)
+            }
+            var details = request
+            details["id"] = .string(Self.idText(r.id))
+            try appendAudit(db, actor: processActor, event: "admit.accepted", guest: r.name, details: details)
+            return r
+        }
+    }
+
+    private func find(_ db: Database, name: String?, digest: String) throws -> StoredRegistration {
+        if let name {
+            guard let found = try findByName(db, name) else { throw BillboardRefusal.notRegistered(guest: name) }
+            return found
+        }
+        let rows = try Row.fetchAll(db, sql: "SELECT * FROM guests WHERE image_sha256 = ? ORDER BY created_at DESC",
+                                    arguments: [digest])
+        guard !rows.isEmpty else { throw BillboardRefusal.imageNotRegistered(sha256: digest) }
+        let live = rows.filter { ($0["revoked"] as Bool) == false }
+        if live.count == 1 { return try decode(live[0]) }
+        if live.isEmpty { return try decode(rows[0]) }  // only revoked ones: refused below as revoked
+        throw BillboardRefusal.ambiguousImage(sha256: digest, guests: live.map { $0["name"] as String })
+    }
+}
+
+private func quoted(_ s: String?) -> String { s.map { "'\($0)'" } ?? "(none)" }
