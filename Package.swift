@@ -52,7 +52,8 @@ let package = Package(
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "VMM", "ControlAPI", "Migration", "KVM", "GuestMemory",
+                "VMM", "ControlAPI", "Migration", "KVM", "GuestMemory", "Billboard",
+                .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),

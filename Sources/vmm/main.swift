@@ -12,7 +12,7 @@ struct VMMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vmm",
         abstract: "A small KVM hypervisor: boot tiny guests on /dev/kvm, snapshot and migrate them.",
-        subcommands: [Run.self, Restore.self, Receive.self, Ctl.self, Bench.self]
+        subcommands: [Run.self, Restore.self, Receive.self, Ctl.self, BillboardCommand.self, Bench.self]
     )
 }
 

@@ -115,3 +115,40 @@ struct CLITests {
         #expect(process.terminationStatus == 128 + SIGTERM)
     }
 }
+
+@Suite("vmm billboard on the command line")
+struct BillboardCLITests {
+    @Test("init, register, an admitted check, refused checks (changed memory, unknown image, non-admin signer), audit verifies")
+    func registerAndCheck() throws {
+        let dir = temporaryPath("billboard")
+        let store = dir + "/store"
+        let admin = dir + "/admin.key"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let counter = try Fixtures.guest("counter.elf")
+        #expect(try runVMM(["billboard", "init", "--billboard", store, "--host", "hostA", "--admin-key", admin]).status == 0)
+        let reg = try runVMM(["billboard", "register", "--billboard", store, "--signed-by", admin, "--name", "c1",
+                              "--image", counter, "--memory", "64M", "--cmdline", "count=5"])
+        #expect(reg.status == 0, "\(reg.stderr)")
+        let ok = try runVMM(["billboard", "check", "--billboard", store, "--image", counter, "--cmdline", "count=5"])
+        #expect(ok.status == 0)
+        #expect(ok.stdout.contains("admitted"))
+        let bigger = try runVMM(["billboard", "check", "--billboard", store, "--image", counter, "--memory", "128M", "--cmdline", "count=5"])
+        #expect(bigger.status == 1)
+        #expect(bigger.stderr.contains("memory 128 MiB, registered 64 MiB"))
+        let other = try runVMM(["billboard", "check", "--billboard", store, "--image", try Fixtures.guest("dirtier.elf")])
+        #expect(other.status == 1)
+        #expect(other.stderr.contains("register it"))
+        let mallory = dir + "/mallory.key"
+        #expect(try runVMM(["billboard", "admin-key", "create", "--name", "mallory", "--out", mallory]).status == 0)
+        let forged = try runVMM(["billboard", "register", "--billboard", store, "--signed-by", mallory, "--name", "evil",
+                                 "--image", counter])
+        #expect(forged.status == 1)
+        #expect(forged.stderr.contains("not an administrator"))
+        let audit = try runVMM(["billboard", "audit", "--verify", "--billboard", store])
+        #expect(audit.status == 0)
+        #expect(audit.stdout.contains("intact"))
+        let missing = try runVMM(["billboard", "list", "--billboard", dir + "/nowhere"])
+        #expect(missing.status == 1)
+        #expect(missing.stderr.contains("init"))
+    }
+}

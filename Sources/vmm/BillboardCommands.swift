@@ -1,0 +1,247 @@
+import ArgumentParser
+import Billboard
+import Crypto
+import Foundation
+import VMM
+
+/// `vmm billboard ...`: the per-host registry of guests, administrators and peer hosts.
+struct BillboardCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "billboard",
+        abstract: "The Billboard: a signed registry of the guests this host may run, with an audit log.",
+        discussion: "The store lives in --billboard DIR (default \(BillboardStore.defaultDirectory)). Registrations are signed by an enrolled administrator key.",
+        subcommands: [Init.self, AdminKeyCommand.self, AdminCommand.self, HostCommand.self, Register.self,
+                      List.self, Show.self, Revoke.self, Check.self, Audit.self])
+
+    struct Store: ParsableArguments {
+        @Option(help: "The billboard directory.")
+        var billboard: String = BillboardStore.defaultDirectory
+        func open() throws -> BillboardStore { try BillboardStore(directory: billboard) }
+    }
+
+    struct Signer: ParsableArguments {
+        @Option(help: "The administrator key file that signs this request.")
+        var signedBy: String
+        func load() throws -> AdminKey { try AdminKey.load(path: signedBy) }
+    }
+
+    /// Runs a body, printing errors in one line and exiting 1.
+    static func run(_ body: () throws -> Void) throws {
+        _ = try CommandRunner.fail { try body(); return 0 }
+    }
+
+    static func base64(_ d: Data) -> String { d.base64EncodedString() }
+
+    struct Init: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create the store and this host's keys (Ed25519, X25519, at-rest key).")
+        @OptionGroup var store: Store
+        @Option(help: "This host's name.") var host: String = ProcessInfo.processInfo.hostName
+        @Option(help: "Also create the first administrator key at this path and enroll it.") var adminKey: String?
+        @Option(help: "Name of that first administrator.") var adminName: String = "admin"
+        func run() throws {
+            try BillboardCommand.run {
+                let first = try adminKey.map { try BillboardStore.createAdminKey(name: adminName, path: $0) }
+                let s = try BillboardStore.initialize(directory: store.billboard, hostName: host, firstAdmin: first)
+                print("billboard created in \(s.directory) for host '\(s.hostName)'")
+                print("host signing key:   \(base64(s.hostSigningKey.rawRepresentation))")
+                print("host agreement key: \(base64(s.hostAgreementKey.rawRepresentation))")
+                if let adminKey { print("administrator '\(adminName)' enrolled; its key is in \(adminKey) (keep it secret)") }
+            }
+        }
+    }
+
+    struct AdminKeyCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "admin-key", abstract: "Administrator key files.",
+                                                        subcommands: [Create.self])
+        struct Create: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Create an administrator key file (owner-only) and print its public key.")
+            @Option(help: "The administrator's name.") var name: String
+            @Option(help: "Where to write the key file.") var out: String
+            func run() throws {
+                try BillboardCommand.run {
+                    let key = try BillboardStore.createAdminKey(name: name, path: out)
+                    print("public key: \(base64(key.publicKey.rawRepresentation))")
+                }
+            }
+        }
+    }
+
+    struct AdminCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "admin", abstract: "Enroll or list administrators.",
+                                                        subcommands: [Enroll.self, ListAdmins.self])
+        struct Enroll: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Enroll another administrator (signed by an enrolled one).")
+            @OptionGroup var store: Store
+            @OptionGroup var signer: Signer
+            @Option(help: "The new administrator's name.") var name: String
+            @Option(help: "The new administrator's public key (base64, from admin-key create).") var publicKey: String
+            func run() throws {
+                try BillboardCommand.run {
+                    guard let raw = Data(base64Encoded: publicKey) else { throw CLIError("--public-key is not base64") }
+                    let key = try Curve25519.Signing.PublicKey(rawRepresentation: raw)
+                    try store.open().enrollAdmin(publicKey: key, name: name, signedBy: signer.load())
+                    print("administrator '\(name)' enrolled")
+                }
+            }
+        }
+        struct ListAdmins: ParsableCommand {
+            static let configuration = CommandConfiguration(commandName: "list", abstract: "List administrators.")
+            @OptionGroup var store: Store
+            func run() throws {
+                try BillboardCommand.run {
+                    for a in try store.open().administrators() {
+                        print("\(a.name)\t\(a.removed ? "removed" : "active")\tenrolled by \(a.enrolledBy)\t\(base64(a.publicKey))")
+                    }
+                }
+            }
+        }
+    }
+
+    struct HostCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "host", abstract: "Peer hosts.", subcommands: [Add.self, ListHosts.self])
+        struct Add: ParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Add a peer host (signed by an administrator).")
+            @OptionGroup var store: Store
+            @OptionGroup var signer: Signer
+            @Argument(help: "The host's name.") var name: String
+            @Argument(help: "Its signing public key (base64).") var signingKey: String
+            @Argument(help: "Its key-agreement public key (base64).") var agreementKey: String
+            func run() throws {
+                try BillboardCommand.run {
+                    guard let s = Data(base64Encoded: signingKey), let a = Data(base64Encoded: agreementKey) else {
+                        throw CLIError("the keys must be base64, as `vmm billboard init` prints them")
+                    }
+                    try store.open().addHost(name: name, signingKey: .init(rawRepresentation: s),
+                                             agreementKey: .init(rawRepresentation: a), signedBy: signer.load())
+                    print("host '\(name)' added")
+                }
+            }
+        }
+        struct ListHosts: ParsableCommand {
+            static let configuration = CommandConfiguration(commandName: "list", abstract: "List peer hosts.")
+            @OptionGroup var store: Store
+            func run() throws {
+                try BillboardCommand.run { for h in try store.open().hosts() { print("\(h.name)\tadded by \(h.addedBy)") } }
+            }
+        }
+    }
+
+    struct Register: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Register a guest: its image digest, configuration and identity, signed by an administrator.")
+        @OptionGroup var store: Store
+        @OptionGroup var signer: Signer
+        @Option(help: "The guest's name.") var name: String
+        @Option(help: "The guest image; its SHA-256 is recorded.") var image: String
+        @Option(help: "Guest memory, as for vmm run.") var memory: String = "64M"
+        @Option(help: "vCPUs.") var vcpus: Int = 1
+        @Option(help: "Boot mode, as for vmm run (omit for Multiboot autodetection).") var mode: String?
+        @Option(help: "The command line the guest boots with.") var cmdline: String?
+        @Option(help: "MAC address.") var mac: String?
+        @Option(help: "IP address.") var ip: String?
+        @Option(help: "Operating system.") var os: String?
+        @Option(parsing: .singleValue, help: "A host the guest may run on (repeatable; default this host).") var allowedHost: [String] = []
+        @Option(help: "Whether the guest must send beacons: required or none.") var beacons: String = "none"
+        func run() throws {
+            try BillboardCommand.run {
+                let bytes = try MemorySize.parse(memory)
+                guard let policy = BeaconPolicy(rawValue: beacons) else { throw CLIError("--beacons must be required or none") }
+                let digest = try ImageDigest.sha256(path: image)
+                let r = try store.open().register(GuestRegistration(
+                    name: name, imageSHA256: digest, memoryBytes: bytes, vcpus: vcpus, mode: mode, commandLine: cmdline,
+                    mac: mac, ip: ip, os: os, allowedHosts: allowedHost, beacons: policy), signedBy: signer.load())
+                print("registered '\(r.name)' as \(r.id) (image sha256 \(r.imageSHA256))")
+            }
+        }
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List registered guests.")
+        @OptionGroup var store: Store
+        func run() throws {
+            try BillboardCommand.run {
+                for r in try store.open().list() {
+                    print("\(r.name)\t\(r.id)\t\(r.memoryBytes >> 20) MiB\t\(r.vcpus) vCPU\t\(r.revoked ? "revoked" : "active")\t\(r.imageSHA256.prefix(16))…")
+                }
+            }
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show one registration, decrypted.")
+        @OptionGroup var store: Store
+        @Argument(help: "The guest's name.") var name: String
+        func run() throws {
+            try BillboardCommand.run {
+                guard let r = try store.open().show(name: name) else { throw CLIError("no guest named '\(name)' is registered") }
+                print("""
+                name:          \(r.name)
+                id:            \(r.id)
+                image sha256:  \(r.imageSHA256)
+                memory:        \(r.memoryBytes >> 20) MiB, vCPUs: \(r.vcpus), mode: \(r.mode ?? "multiboot (autodetected)")
+                command line:  \(r.commandLine ?? "")
+                mac / ip / os: \(r.mac ?? "-") / \(r.ip ?? "-") / \(r.os ?? "-")
+                allowed hosts: \(r.allowedHosts.isEmpty ? "this host" : r.allowedHosts.joined(separator: ", "))
+                beacons:       \(r.beacons.rawValue)
+                state:         \(r.revoked ? "revoked" : "active")
+                """)
+            }
+        }
+    }
+
+    struct Revoke: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Revoke a guest (signed by an administrator).")
+        @OptionGroup var store: Store
+        @OptionGroup var signer: Signer
+        @Argument(help: "The guest's name.") var name: String
+        func run() throws {
+            try BillboardCommand.run {
+                try store.open().revoke(name: name, signedBy: signer.load())
+                print("'\(name)' revoked")
+            }
+        }
+    }
+
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Ask whether this host may run an image with a configuration (the admission check, audited); exits 1 if refused.")
+        @OptionGroup var store: Store
+        @Option(help: "The guest's name (default: found by the image digest).") var name: String?
+        @Option(help: "The image.") var image: String
+        @Option(help: "Guest memory.") var memory: String = "64M"
+        @Option(help: "vCPUs.") var vcpus: Int = 1
+        @Option(help: "Boot mode.") var mode: String?
+        @Option(help: "Command line.") var cmdline: String?
+        func run() throws {
+            try BillboardCommand.run {
+                let s = try store.open()
+                let r = try s.admit(name: name, imageSHA256: try ImageDigest.sha256(path: image),
+                                    memoryBytes: try MemorySize.parse(memory), vcpus: vcpus, mode: mode,
+                                    commandLine: cmdline, host: s.hostName)
+                print("admitted: '\(r.name)' (\(r.id)) may run on '\(s.hostName)'")
+            }
+        }
+    }
+
+    struct Audit: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the audit log; with --verify, check its hash chain and signed head.")
+        @OptionGroup var store: Store
+        @Flag(help: "Verify the chain; exits 1 if an entry was edited, deleted, inserted or the tail cut.") var verify = false
+        @Option(help: "Show only the last N entries.") var last: Int = 50
+        func run() throws {
+            try BillboardCommand.run {
+                let s = try store.open()
+                if verify {
+                    let result = try s.verifyAudit()
+                    print(result.description)
+                    guard result.isIntact else { throw CLIError("the audit log has been tampered with: \(result)") }
+                    return
+                }
+                let entries = try s.auditEntries()
+                let f = ISO8601DateFormatter()
+                for e in entries.suffix(last) {
+                    print("\(e.seq)\t\(f.string(from: e.time))\t\(e.actor)\t\(e.event)\t\(e.guest ?? "-")\t\(e.details)")
+                }
+            }
+        }
+    }
+}
