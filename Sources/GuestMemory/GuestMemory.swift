@@ -128,6 +128,15 @@ public final class GuestMemory: @unchecked Sendable {
         }
     }
 
+    /// Copies raw bytes into guest RAM at `address`, without an intermediate array.
+    public func write(bytes source: UnsafeRawBufferPointer, at address: GuestAddress) throws(GuestMemoryError) {
+        try checkRange(address, UInt64(source.count))
+        vmmWrites.mark(address.raw, UInt64(source.count))
+        forEachPiece(address, UInt64(source.count)) { dst, n, done in
+            dst.copyMemory(from: source.baseAddress! + done, byteCount: n)
+        }
+    }
+
     /// Reads `count` bytes of guest RAM at `address`.
     public func read(at address: GuestAddress, count: Int) throws(GuestMemoryError) -> [UInt8] {
         try checkRange(address, UInt64(count))

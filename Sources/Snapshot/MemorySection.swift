@@ -113,7 +113,10 @@ public enum MemorySection {
                 if try !memory.isZeroPage(address) { try memory.zero(at: address, length: SnapshotFormat.pageSize) }
                 zeroPages += 1
             } else {
-                try memory.write(payload[dataOffset..<dataOffset + page], at: address)
+                let offset = dataOffset
+                try payload.withUnsafeBytes { raw in
+                    try memory.write(bytes: UnsafeRawBufferPointer(rebasing: raw[offset..<offset + page]), at: address)
+                }
                 dataOffset += page
             }
         }
