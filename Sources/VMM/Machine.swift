@@ -113,8 +113,11 @@ public final class Machine: @unchecked Sendable {
     let throttle = Throttle()
     /// Tells which pages changed, for live migration.
     public let dirtyTracker: any DirtyTracker
-    /// The MSRs saved with each vCPU: KVM's saveable list, less those this vCPU cannot read.
-    public let savedMSRIndices: [UInt32]
+    /// The MSRs saved with each vCPU: KVM's saveable list, less those this host cannot
+    /// save and restore. Probed on first use (a snapshot or migration), not at boot.
+    public func savedMSRIndices() throws -> [UInt32] {
+        try MSRProbe.saveable(kvm: kvm, vcpu: vcpus[0])
+    }
     /// Guest TSC frequency in kHz.
     public let tscKHz: UInt32
     /// When `start()` ran (monotonic milliseconds), for uptime.
@@ -150,7 +153,6 @@ public final class Machine: @unchecked Sendable {
         case .bitmap: self.dirtyTracker = DirtyBitmapTracker(vm: vm, memory: memory)
         case .ring: self.dirtyTracker = try DirtyRingTracker(vm: vm, vcpus: vcpus, memory: memory)
         }
-        self.savedMSRIndices = try MSRProbe.saveable(kvm: self.kvm, vcpu: vcpus[0])
         self.tscKHz = try vcpus[0].tscKHz()
         self.serial = Serial16550(output: serialOutput)
         self.threads = Array(repeating: nil, count: vcpus.count)

@@ -113,7 +113,8 @@ extension Machine {
         case .finished: throw SnapshotError.finished
         default: throw SnapshotError.notPaused
         }
-        let states = try vcpus.map { try $0.saveState(msrIndices: savedMSRIndices) }
+        let indices = try savedMSRIndices()
+        let states = try vcpus.map { try $0.saveState(msrIndices: indices) }
         return (states, DeviceState(serial: serialState))
     }
 

@@ -78,7 +78,7 @@ public final class MigrationService: Sendable {
 /// The destination: listens, admits, receives, and returns the running machine.
 public enum IncomingMigration {
     public static func receive(listener: TCPListener, kvm: KVMSystem? = nil, dirtyTracker: DirtyTrackerKind = .bitmap,
-                               fault: InjectedFault? = nil, acceptTimeoutSeconds: Int = 3600,
+                               fault: InjectedFault? = nil,
                                admit: @escaping @Sendable (MachineDescription, String?) throws -> Void = { _, _ in },
                                serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> (Machine, MigrationReceiver.Result) {
         let transport = try listener.accept(timeoutSeconds: 30)
