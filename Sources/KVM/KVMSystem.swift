@@ -67,32 +67,37 @@ public final class KVMSystem: Sendable {
 
     /// `KVM_GET_SUPPORTED_CPUID`: every leaf KVM can offer a guest on this host.
     public func supportedCPUID() throws(KVMError) -> [CPUIDEntry] {
-        var capacity = 128
-        while true {
-            let bytes = MemoryLayout<kvm_cpuid2>.size + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-            defer { buffer.deallocate() }
-            buffer.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-            let header = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
-            header.pointee.nent = UInt32(capacity)
-            do throws(KVMError) {
-                _ = try kvmIoctl(fd.raw, "KVM_GET_SUPPORTED_CPUID", CKVM_GET_SUPPORTED_CPUID, buffer)
-            } catch where error.errno == E2BIG && capacity < 4096 {
-                capacity *= 2
-                continue
-            }
-            let entries = (buffer + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-            return (0..<Int(header.pointee.nent)).map { i in
-                let e = entries[i]
-                return CPUIDEntry(function: e.function, index: e.index, flags: e.flags,
-                                  eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx)
-            }
-        }
+        try readCPUID(fd: fd.raw, name: "KVM_GET_SUPPORTED_CPUID", request: CKVM_GET_SUPPORTED_CPUID)
     }
 
     /// `KVM_CREATE_VM` with the default machine type.
     public func createVM() throws(KVMError) -> VirtualMachine {
         let raw = try kvmIoctl(fd.raw, "KVM_CREATE_VM", CKVM_CREATE_VM, 0)
         return try VirtualMachine(system: self, fd: OwnedDescriptor(raw))
+    }
+}
+
+/// Runs a `kvm_cpuid2`-filling ioctl, growing the buffer while KVM answers E2BIG.
+func readCPUID(fd: Int32, name: String, request: UInt) throws(KVMError) -> [CPUIDEntry] {
+    var capacity = 128
+    while true {
+        let bytes = MemoryLayout<kvm_cpuid2>.size + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+        let header = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
+        header.pointee.nent = UInt32(capacity)
+        do throws(KVMError) {
+            _ = try kvmIoctl(fd, name, request, buffer)
+        } catch where error.errno == E2BIG && capacity < 4096 {
+            capacity *= 2
+            continue
+        }
+        let entries = (buffer + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
+        return (0..<Int(header.pointee.nent)).map { i in
+            let e = entries[i]
+            return CPUIDEntry(function: e.function, index: e.index, flags: e.flags,
+                              eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx)
+        }
     }
 }

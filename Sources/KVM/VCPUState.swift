@@ -176,26 +176,7 @@ extension VCPU {
 
     /// `KVM_GET_CPUID2`: the CPUID this vCPU was given.
     public func cpuid() throws(KVMError) -> [CPUIDEntry] {
-        var capacity = 256
-        while true {
-            let bytes = MemoryLayout<kvm_cpuid2>.size + capacity * MemoryLayout<kvm_cpuid_entry2>.stride
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-            defer { buffer.deallocate() }
-            buffer.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-            let header = buffer.assumingMemoryBound(to: kvm_cpuid2.self)
-            header.pointee.nent = UInt32(capacity)
-            do throws(KVMError) {
-                _ = try kvmIoctl(fd.raw, "KVM_GET_CPUID2", CKVM_GET_CPUID2, buffer)
-            } catch where error.errno == E2BIG && capacity < 4096 {
-                capacity *= 2
-                continue
-            }
-            let entries = (buffer + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-            return (0..<Int(header.pointee.nent)).map { i in
-                let e = entries[i]
-                return CPUIDEntry(function: e.function, index: e.index, flags: e.flags, eax: e.eax, ebx: e.ebx, ecx: e.ecx, edx: e.edx)
-            }
-        }
+        try readCPUID(fd: fd.raw, name: "KVM_GET_CPUID2", request: CKVM_GET_CPUID2)
     }
 
     /// Saves the whole vCPU. Call only while the vCPU is paused (not inside `KVM_RUN`).

@@ -138,12 +138,20 @@ struct Receive: ParsableCommand {
             let output = try SerialOutput(path: serialLog)
             let listener = try TCPListener(listen: listen)
             FileHandle.standardError.write(Data("vmm: listening on \(listener.address):\(listener.port)\n".utf8))
+            // Before the guest arrives a signal just ends the process; once it runs here,
+            // a signal stops its vCPUs and the VMM cleans up as `vmm run` does.
+            let running = RunningMachine()
             TerminationSignals.handle { signal in
-                listener.shutdownListening()
-                Foundation.exit(128 + signal)
+                if let machine = running.machine {
+                    machine.requestStop(signal: signal)
+                } else {
+                    listener.shutdownListening()
+                    Foundation.exit(128 + signal)
+                }
             }
             let (machine, _) = try IncomingMigration.receive(listener: listener, dirtyTracker: dirtyTracker,
                                                              fault: injectFault, serialOutput: output.write)
+            running.machine = machine
             return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
         }
         throw ExitCode(status)
@@ -209,6 +217,16 @@ enum Host {
 func warnAboutRing(_ tracker: DirtyTrackerKind) {
     if tracker == .ring && FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm") {
         FileHandle.standardError.write(Data("vmm: warning: this host's KVM is kvm_pvm, whose dirty ring was seen to stop logging after its first reset; a migration may miss pages. Prefer --dirty-tracker bitmap here.\n".utf8))
+    }
+}
+
+/// The machine a signal handler should stop, once there is one.
+final class RunningMachine: @unchecked Sendable {
+    private let lock = NSLock()
+    private var current: Machine?
+    var machine: Machine? {
+        get { lock.lock(); defer { lock.unlock() }; return current }
+        set { lock.lock(); current = newValue; lock.unlock() }
     }
 }
 
