@@ -119,13 +119,11 @@ public final class GuestMemory: @unchecked Sendable {
     /// Copies `bytes` into guest RAM at `address`.
     public func write(_ bytes: some Collection<UInt8>, at address: GuestAddress) throws(GuestMemoryError) {
         let array = Array(bytes)
-        try checkRange(address, UInt64(array.count))
-        vmmWrites.mark(address.raw, UInt64(array.count))
-        array.withUnsafeBytes { src in
-            forEachPiece(address, UInt64(array.count)) { dst, n, done in
-                dst.copyMemory(from: src.baseAddress! + done, byteCount: n)
-            }
+        // withUnsafeBytes forgets the error type, so carry it out in a Result.
+        let result = array.withUnsafeBytes { src in
+            Result { () throws(GuestMemoryError) in try write(bytes: src, at: address) }
         }
+        try result.get()
     }
 
     /// Copies raw bytes into guest RAM at `address`, without an intermediate array.

@@ -52,6 +52,7 @@ public enum LoaderError: Error, Equatable, CustomStringConvertible {
     case addressOutOfMemory(what: String, start: UInt64, end: UInt64, memory: UInt64)
     case commandLineTooLong(Int)
     case memorySize(UInt64)
+    case internalError(String)
 
     public var description: String {
         func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
@@ -77,6 +78,8 @@ public enum LoaderError: Error, Equatable, CustomStringConvertible {
             return "\(what) at \(hex(s))..<\(hex(e)) lies outside guest memory (\(hex(m)) bytes); raise --memory"
         case let .commandLineTooLong(n):
             return "the command line is \(n) bytes; at most \(BootLayout.maxCommandLine) are supported"
+        case let .internalError(what):
+            return "the loader failed unexpectedly (\(what)); please report it with the image"
         case let .memorySize(m):
             return "guest memory of \(m) bytes is not supported: use \(BootLayout.minMemory >> 20) MiB to \(BootLayout.maxMemory >> 30) GiB"
         }
@@ -116,8 +119,8 @@ public enum ImageLoader {
         } catch let error as LoaderError {
             throw error
         } catch {
-            // Guest memory bounds were checked above; reaching here is a bug, reported plainly.
-            throw .addressOutOfMemory(what: "boot data", start: 0, end: 0, memory: memory.size)
+            // Sizes were checked above, so this is a bug in the loader; say what failed.
+            throw .internalError("\(error)")
         }
     }
 

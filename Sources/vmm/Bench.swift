@@ -99,8 +99,8 @@ struct BootBench: ParsableCommand {
                 "host": hostDescription(),
                 "image": image,
                 "mode": mode.rawValue,
-                "process_start_to_first_byte_ms": toJSON(a),
-                "vm_create_to_first_byte_ms": toJSON(b),
+                "process_start_to_first_byte_ms": toJSONObject(a),
+                "vm_create_to_first_byte_ms": toJSONObject(b),
                 "samples": ["process_start_ms": processStart, "in_process_ms": inProcess],
                 "goals_ms": ["process_start": 20, "in_process": 2],
             ]
@@ -113,9 +113,6 @@ struct BootBench: ParsableCommand {
         throw ExitCode(status)
     }
 
-    func toJSON(_ s: Stats) -> Any {
-        (try? JSONSerialization.jsonObject(with: JSONEncoder().encode(s))) ?? [:]
-    }
 
     /// Spawns the command with its stdout on a pipe; milliseconds until the first byte arrives.
     func timeProcess(_ path: String, _ args: [String]) throws -> Double {

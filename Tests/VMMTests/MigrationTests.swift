@@ -62,6 +62,15 @@ func bootCounter(count: Int = 0, ticks: Int = 400_000, tracker: DirtyTrackerKind
     return m
 }
 
+/// Boots the dirtier and starts it.
+func bootDirtier(memory: UInt64, commandLine: String, tracker: DirtyTrackerKind = .bitmap) throws -> Machine {
+    let m = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
+                        configuration: MachineConfiguration(memorySize: memory, commandLine: commandLine, dirtyTracker: tracker),
+                        serialOutput: { _ in })
+    m.start()
+    return m
+}
+
 func migrate(_ vm: any MigrationSourceVM, to destination: String, maxDowntimeMs: Double = 300,
              timeout: Double = 60, autoConverge: Bool = false, maxBandwidth: UInt64 = 0) -> MigrationReport {
     let settings = MigrationSettings(destination: destination, maxDowntimeMs: maxDowntimeMs, maxBandwidth: maxBandwidth,
@@ -80,23 +89,19 @@ func isSequence(_ n: [Int]) -> Bool { n.enumerated().allSatisfy { $0.offset + 1 
 
 @Suite("Live migration between two VMMs", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
 struct MigrationTests {
-    @Test("the counter migrated live continues with no gap and no repeat, and memory digests match",
+    @Test("the counter migrated live continues with no gap and no repeat, on the destination",
           arguments: DirtyTrackerKind.allCases)
     func counterMigrates(_ tracker: DirtyTrackerKind) throws {
         let source = SerialCapture()
         let machine = try bootCounter(tracker: tracker, capture: source)
         usleep(200_000)
         let destination = try Destination(tracker: tracker)
-        let vm = DigestingSource(machine)
-        let report = migrate(vm, to: destination.address)
+        let report = migrate(machine, to: destination.address)
         #expect(report.outcome == "completed", "\(report.error ?? "")")
         #expect(report.tracker == tracker.rawValue)
-        #expect(machine.waitForExit(timeout: 5) == nil || machine.state == .paused)
+        #expect(machine.state == .paused, "the source ran on after the hand-over")
         #expect(destination.wait())
         let dest = try #require(destination.machine)
-        // Pause the destination right away and compare its memory with the source's at pause.
-        // The guest has run on since, so compare the digest computed when the state was applied.
-        #expect(vm.digestAtPause != nil)
         usleep(200_000)
         dest.requestStop()
         _ = dest.waitForExit()
@@ -109,12 +114,7 @@ struct MigrationTests {
 
     @Test("memory at the source's pause equals memory at the destination before resume")
     func digestsMatch() throws {
-        let capture = SerialCapture()
-        let machine = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
-                                  configuration: MachineConfiguration(memorySize: 128 << 20,
-                                                                      commandLine: "pages=4096 rate=0 passes=0 mark_us=0 pattern=random"),
-                                  serialOutput: capture.append)
-        machine.start()
+        let machine = try bootDirtier(memory: 128 << 20, commandLine: "pages=4096 rate=0 passes=0 mark_us=0 pattern=random")
         usleep(200_000)
         let listener = try TCPListener(listen: "127.0.0.1:0")
         let destDigest = DigestBox()
@@ -163,14 +163,8 @@ struct MigrationTests {
 
     @Test("a dirtier under load converges with each tracker", arguments: DirtyTrackerKind.allCases)
     func dirtierConverges(_ tracker: DirtyTrackerKind) throws {
-        let capture = SerialCapture()
         let probe = try Machine(configuration: MachineConfiguration(), serialOutput: { _ in })
-        let machine = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
-                                  configuration: MachineConfiguration(memorySize: 256 << 20,
-                                                                      commandLine: "pages=8192 rate=20000 tsc_khz=\(probe.tscKHz) mark_us=1000",
-                                                                      dirtyTracker: tracker),
-                                  serialOutput: capture.append)
-        machine.start()
+        let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=8192 rate=20000 tsc_khz=\(probe.tscKHz) mark_us=1000", tracker: tracker)
         usleep(500_000)
         let destination = try Destination(tracker: tracker)
         let report = migrate(machine, to: destination.address, maxDowntimeMs: 300, timeout: 60, autoConverge: true)
@@ -237,12 +231,7 @@ struct MigrationTests {
     // bandwidth cap makes non-convergence certain.
     @Test("a migration that cannot converge is abandoned at its timeout with the guest still running")
     func notConverged() throws {
-        let capture = SerialCapture()
-        let machine = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
-                                  configuration: MachineConfiguration(memorySize: 256 << 20,
-                                                                      commandLine: "pages=16384 rate=0 mark_us=0"),
-                                  serialOutput: capture.append)
-        machine.start()
+        let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=16384 rate=0 mark_us=0")
         usleep(200_000)
         let destination = try Destination()
         let report = migrate(machine, to: destination.address, maxDowntimeMs: 0.001, timeout: 2, maxBandwidth: 1_000_000)
@@ -257,12 +246,7 @@ struct MigrationTests {
 
     @Test("cancelling (as SIGTERM does) before GO aborts the migration and the guest keeps running")
     func cancelAborts() throws {
-        let capture = SerialCapture()
-        let machine = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
-                                  configuration: MachineConfiguration(memorySize: 256 << 20,
-                                                                      commandLine: "pages=16384 rate=0 mark_us=0"),
-                                  serialOutput: capture.append)
-        machine.start()
+        let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=16384 rate=0 mark_us=0")
         usleep(300_000) // let the guest touch enough memory for round 0 to outlast the cancel
         let destination = try Destination()
         let sender = PreCopySender(vm: machine, settings: MigrationSettings(destination: destination.address,
