@@ -65,6 +65,8 @@ public final class BillboardStore: Sendable {
                     "host_agreement_key", keys.agreement.publicKey.rawRepresentation,
                     "canary", canary,
                 ])
+                try db.execute(sql: "INSERT INTO meta(key, value) VALUES ('origin', ?)",
+                               arguments: [store.rowMAC(Self.originState(dir))])
                 try store.appendAudit(db, actor: "host:\(hostName)", event: "store.init", guest: nil, details: [
                     "host": .string(hostName),
                     "signingKey": .string(keys.signing.publicKey.rawRepresentation.hex),
@@ -196,6 +198,22 @@ public final class BillboardStore: Sendable {
                 CREATE TABLE leases (
                     guest_id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER,
                     epoch INTEGER NOT NULL, renewed_at INTEGER NOT NULL, mac BLOB NOT NULL);
+                """)
+        }
+        m.registerMigration("v2") { db in
+            try db.execute(sql: """
+                -- One row per VMM process that holds (or is receiving) a guest on this host.
+                CREATE TABLE instances (
+                    host TEXT NOT NULL, pid INTEGER NOT NULL, guest_id TEXT NOT NULL, guest_name TEXT NOT NULL,
+                    token_mac BLOB NOT NULL, state TEXT NOT NULL, beacons_required INTEGER NOT NULL,
+                    started_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
+                    last_beacon_at INTEGER, beacon_count INTEGER NOT NULL DEFAULT 0, beacon_counter INTEGER,
+                    false_beacon TEXT, stale_since INTEGER, mac BLOB NOT NULL,
+                    PRIMARY KEY (host, pid));
+                CREATE TABLE restore_authorizations (
+                    id INTEGER PRIMARY KEY, guest_id TEXT NOT NULL, snapshot_sha256 TEXT NOT NULL,
+                    signer_name TEXT NOT NULL, request BLOB NOT NULL, signature BLOB NOT NULL,
+                    created_at INTEGER NOT NULL, used_at INTEGER, mac BLOB NOT NULL);
                 """)
         }
         return m

@@ -19,6 +19,8 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
     case leaseHeld(guestID: UUID, host: String, pid: Int32, epoch: Int64)
     case leaseNotHeld(guestID: UUID, pid: Int32)
     case staleEpoch(guestID: UUID, epoch: Int64, current: Int64)
+    case copiedStore(directory: String)
+    case badSnapshotSignature(reason: String)
 
     public var description: String {
         switch self {
@@ -55,8 +57,12 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
             return "guest \(id) is already running (host '\(h)', pid \(p), epoch \(e)): stop that copy, or wait for its lease to expire"
         case .leaseNotHeld(let id, let p):
             return "pid \(p) does not hold the lease of guest \(id): it was taken over or released; stop this copy"
+        case .copiedStore(let d):
+            return "the billboard in \(d) is a copy (or was moved): it was created elsewhere, and a copy would let a second VMM run a guest the original already runs (a ghost). Use the original store, or create a new one with `vmm billboard init`"
+        case .badSnapshotSignature(let r):
+            return "the snapshot's signature does not verify: \(r). It was edited after it was written, or written by a host this billboard does not know; refusing it"
         case .staleEpoch(let id, let e, let c):
-            return "state of guest \(id) is from epoch \(e) but the current epoch is \(c): refusing to roll back to an old snapshot"
+            return "state of guest \(id) is from epoch \(e) but the current epoch is \(c): refusing to roll back to an old snapshot (a second copy of the guest). If this rollback is intended, an administrator can allow this one restore: vmm billboard authorize-restore --name GUEST --snapshot FILE --signed-by KEY"
         }
     }
 }

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import Crypto
 import Foundation
 import GRDB
 
@@ -57,7 +58,8 @@ extension BillboardStore {
     /// here, or it renewed within `takeoverAfter` seconds); a dead or expired owner is taken over
     /// (audited as `lease.takeover`). Every new owner gets epoch + 1; the same owner re-acquiring keeps it.
     @discardableResult
-    public func acquireLease(guestID: UUID, host: String, pid: Int32, takeoverAfter: TimeInterval) throws -> Lease {
+    public func acquireLease(guestID: UUID, host: String, pid: Int32, takeoverAfter: TimeInterval,
+                             minimumEpoch: Int64 = 0) throws -> Lease {
         let actor = "vmm pid \(pid)@\(host)"
         let guestText = Self.idText(guestID)
         return try decide(actor: actor, event: "lease.acquire", guest: guestText) { db in
@@ -65,7 +67,7 @@ extension BillboardStore {
             let current = try leaseRow(db, guestID)
             var event = "lease.acquire"
             var details: [String: CanonicalJSON] = ["guestID": .string(guestText), "host": .string(host), "pid": .int(Int64(pid))]
-            let epoch: Int64
+            var epoch: Int64
             if let current, let holder = current.pid {
                 if holder == pid && current.host == host {
                     try writeLease(db, guestID, host: host, pid: pid, epoch: current.epoch, now: now)
@@ -83,6 +85,8 @@ extension BillboardStore {
             } else {
                 epoch = (current?.epoch ?? 0) + 1
             }
+            // A guest arriving from another store brings its epoch: ours moves past it.
+            epoch = max(epoch, minimumEpoch)
             details["epoch"] = .int(epoch)
             try writeLease(db, guestID, host: host, pid: pid, epoch: epoch, now: now)
             try appendAudit(db, actor: actor, event: event, guest: guestText, details: details)
@@ -133,6 +137,16 @@ extension BillboardStore {
             }
             let epoch = current.epoch + 1
             try writeLease(db, guestID, host: toHost, pid: toPid, epoch: epoch, now: Date().milliseconds)
+            // In the same transaction the source's record says it no longer owns the guest.
+            if let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ?",
+                                          arguments: [hostName, fromPid]) {
+                let mac: Data = row["token_mac"]
+                try db.execute(sql: "UPDATE instances SET state = 'migrated', updated_at = ?, mac = ? WHERE host = ? AND pid = ?",
+                               arguments: [Date().milliseconds,
+                                           rowMAC(Self.instanceState(host: hostName, pid: fromPid, guestID: guestText,
+                                                                     tokenMAC: mac, state: InstanceState.migrated.rawValue)),
+                                           hostName, fromPid])
+            }
             try appendAudit(db, actor: actor, event: "lease.handover", guest: guestText, details: [
                 "guestID": .string(guestText), "toHost": .string(toHost), "toPid": .int(Int64(toPid)),
                 "epoch": .int(epoch),
@@ -157,14 +171,86 @@ extension BillboardStore {
 
     /// Refuses state (a snapshot, a migration stream) from an epoch older than the current one:
     /// resuming it would fork the guest's history. Refusals are audited.
-    public func checkEpoch(guestID: UUID, epoch: Int64) throws {
+    /// An older epoch passes only with an administrator's one-time authorisation for exactly this
+    /// snapshot (`authorizeRestore`); `snapshotSHA256` is asked for only then (hashing a file costs).
+    public func checkEpoch(guestID: UUID, epoch: Int64, snapshotSHA256: (() throws -> String)? = nil) throws {
         let guestText = Self.idText(guestID)
         try decide(actor: processActor, event: "epoch.check", guest: guestText,
                    details: ["guestID": .string(guestText), "epoch": .int(epoch)]) { db in
             let current = try leaseRow(db, guestID)?.epoch ?? 0
-            guard epoch >= current else {
-                throw BillboardRefusal.staleEpoch(guestID: guestID, epoch: epoch, current: current)
+            guard epoch < current else { return }
+            if let snapshotSHA256, let used = try consumeRestoreAuthorization(db, guestID: guestText, digest: snapshotSHA256) {
+                try appendAudit(db, actor: processActor, event: "epoch.authorized-rollback", guest: guestText, details: [
+                    "guestID": .string(guestText), "epoch": .int(epoch), "current": .int(current),
+                    "authorizedBy": .string(used.signer), "snapshotSHA256": .string(used.digest),
+                ])
+                return
             }
+            throw BillboardRefusal.staleEpoch(guestID: guestID, epoch: epoch, current: current)
+        }
+    }
+
+    static func restoreAuthorizationState(id: Int64, guestID: String, digest: String, used: Bool) -> CanonicalJSON {
+        .object(["kind": .string("swift-vmm.billboard.restore-authorization.v1"), "id": .int(id),
+                 "guestID": .string(guestID), "snapshotSHA256": .string(digest), "used": .bool(used)])
+    }
+
+    /// An administrator allows one restore of one snapshot file (by its SHA-256) of `guestName`,
+    /// even though its epoch is older than the guest's latest. Signed and audited; used once.
+    public func authorizeRestore(guestName: String, snapshotSHA256: String, signedBy signer: AdminKey) throws {
+        let digest = snapshotSHA256.lowercased()
+        try decide(actor: "admin:\(signer.name)", event: "restore.authorize", guest: guestName,
+                   details: ["snapshotSHA256": .string(digest)]) { db in
+            guard let stored = try findByName(db, guestName) else { throw BillboardRefusal.notRegistered(guest: guestName) }
+            let guestText = Self.idText(stored.registration.id)
+            let payload = request("restore-authorization", ["guestID": .string(guestText), "snapshotSHA256": .string(digest)])
+            let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: guestName)
+            try db.execute(sql: """
+                INSERT INTO restore_authorizations(guest_id, snapshot_sha256, signer_name, request, signature, created_at, mac)
+                VALUES (?, ?, ?, ?, ?, ?, x'')
+                """, arguments: [guestText, digest, admin, payload, signature, Date().milliseconds])
+            let id = db.lastInsertedRowID
+            try db.execute(sql: "UPDATE restore_authorizations SET mac = ? WHERE id = ?", arguments: [
+                rowMAC(Self.restoreAuthorizationState(id: id, guestID: guestText, digest: digest, used: false)), id])
+            try appendAudit(db, actor: "admin:\(signer.name)", event: "restore.authorize", guest: guestName, details: [
+                "guestID": .string(guestText), "snapshotSHA256": .string(digest)])
+        }
+    }
+
+    private func consumeRestoreAuthorization(_ db: Database, guestID: String, digest: () throws -> String) throws -> (signer: String, digest: String)? {
+        let rows = try Row.fetchAll(db, sql: "SELECT * FROM restore_authorizations WHERE guest_id = ? AND used_at IS NULL",
+                                    arguments: [guestID])
+        guard !rows.isEmpty else { return nil }
+        let actual = try digest().lowercased()
+        for row in rows where (row["snapshot_sha256"] as String) == actual {
+            let id: Int64 = row["id"]
+            guard checkRowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: false), row["mac"]),
+                  let admin = try activeAdmin(db, publicKey: try signerKey(db, name: row["signer_name"])), !admin.removed,
+                  let key = try? Curve25519.Signing.PublicKey(rawRepresentation: try signerKey(db, name: row["signer_name"])),
+                  key.isValidSignature(row["signature"] as Data, for: row["request"] as Data)
+            else { throw BillboardRefusal.recordTampered(what: "restore authorisation \(id)") }
+            try db.execute(sql: "UPDATE restore_authorizations SET used_at = ?, mac = ? WHERE id = ?", arguments: [
+                Date().milliseconds, rowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: true)), id])
+            return (row["signer_name"], actual)
+        }
+        return nil
+    }
+
+    private func signerKey(_ db: Database, name: String) throws -> Data {
+        try Data.fetchOne(db, sql: "SELECT public_key FROM admins WHERE name = ?", arguments: [name]) ?? Data()
+    }
+
+    /// Whether a migration destination may take this guest: nobody live holds its lease, or the
+    /// holder is the source that is migrating it (a guest in flight is not a duplicate).
+    public func checkIncoming(guestID: UUID, sourceHost: String?, sourcePid: Int32?) throws {
+        let guestText = Self.idText(guestID)
+        try decide(actor: processActor, event: "incoming.check", guest: guestText,
+                   details: ["guestID": .string(guestText)]) { db in
+            guard let current = try leaseRow(db, guestID), let holder = current.pid else { return }
+            if current.host == sourceHost && holder == sourcePid { return }
+            if current.host == hostName && !processExists(host: current.host, pid: holder) { return }
+            if current.host != hostName { return }  // another host's claim is that host's store's business
+            throw BillboardRefusal.leaseHeld(guestID: guestID, host: current.host, pid: holder, epoch: current.epoch)
         }
     }
 }

@@ -1,0 +1,166 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Crypto
+import Foundation
+import GRDB
+
+/// What a VMM process is doing with its guest, as the scan sees it.
+public enum InstanceState: String, Sendable, Codable, Equatable {
+    /// A migration destination that reserved the VM but has not received GO: not yet an owner.
+    case incoming
+    /// The guest runs (or may run) here; this process must hold the lease.
+    case running
+    /// The guest is paused here; it is not stale, but it still must hold the lease.
+    case paused
+    /// The lease was handed to a migration destination; this copy must never run again.
+    case migrated
+}
+
+/// One VMM process holding a guest on this host, with what its beacons said.
+public struct GuestInstance: Sendable, Equatable {
+    public let host: String
+    public let pid: Int32
+    public let guestID: UUID
+    public let guestName: String
+    public let state: InstanceState
+    public let beaconsRequired: Bool
+    public let startedAt: Date
+    public let lastBeaconAt: Date?
+    public let beaconCount: Int64
+    /// Evidence of a beacon whose token was not this instance's (a false VM), if one arrived.
+    public let falseBeacon: String?
+}
+
+extension BillboardStore {
+    static func originState(_ directory: String) -> CanonicalJSON {
+        .object(["kind": .string("swift-vmm.billboard.origin.v1"), "directory": .string(directory)])
+    }
+
+    /// A store is bound to the directory it was created in. A copy elsewhere (with its host.key)
+    /// would let a second VMM admit and lease a guest the original already runs: a ghost. Every
+    /// command that runs a guest calls this first. A store from before this check is bound now.
+    public func ensureOriginal() throws {
+        let stored = try db.read { db in try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'origin'") }
+        guard let stored else {
+            try db.write { db in
+                try db.execute(sql: "INSERT OR IGNORE INTO meta(key, value) VALUES ('origin', ?)",
+                               arguments: [rowMAC(Self.originState(directory))])
+            }
+            return
+        }
+        guard checkRowMAC(Self.originState(directory), stored) else {
+            throw BillboardRefusal.copiedStore(directory: directory)
+        }
+    }
+
+    /// HMAC of a per-boot beacon token: enough to check a beacon, useless to forge one.
+    func tokenMAC(_ token: UInt64) -> Data {
+        withUnsafeBytes(of: token.littleEndian) { raw in
+            Data(HMAC<SHA256>.authenticationCode(for: Data(raw) + Data("swift-vmm beacon token".utf8), using: keys.macKey))
+        }
+    }
+
+    static func instanceState(host: String, pid: Int32, guestID: String, tokenMAC: Data, state: String) -> CanonicalJSON {
+        .object(["kind": .string("swift-vmm.billboard.instance.v1"), "host": .string(host), "pid": .int(Int64(pid)),
+                 "guestID": .string(guestID), "token": .string(tokenMAC.hex), "state": .string(state)])
+    }
+
+    private func writeInstanceMAC(_ db: Database, pid: Int32, guestID: String, tokenMAC: Data, state: InstanceState) throws {
+        try db.execute(sql: "UPDATE instances SET mac = ? WHERE host = ? AND pid = ?", arguments: [
+            rowMAC(Self.instanceState(host: hostName, pid: pid, guestID: guestID, tokenMAC: tokenMAC, state: state.rawValue)),
+            hostName, pid])
+    }
+
+    /// Records that this process (`pid`) now holds `registration`'s guest in `state`, with the
+    /// beacon token it gave the guest. Called before the VM is created, so a process with a VM
+    /// and this store open but no row is never a legitimate VMM.
+    public func recordInstance(_ registration: GuestRegistration, pid: Int32 = getpid(), token: UInt64, state: InstanceState) throws {
+        let id = Self.idText(registration.id)
+        let mac = tokenMAC(token)
+        try decide(actor: processActor, event: "instance.start", guest: registration.name) { db in
+            let now = Date().milliseconds
+            try db.execute(sql: """
+                INSERT OR REPLACE INTO instances(host, pid, guest_id, guest_name, token_mac, state, beacons_required,
+                    started_at, updated_at, beacon_count, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, x'')
+                """, arguments: [hostName, pid, id, registration.name, mac, state.rawValue,
+                                 registration.beacons == .required, now, now])
+            try writeInstanceMAC(db, pid: pid, guestID: id, tokenMAC: mac, state: state)
+            try appendAudit(db, actor: processActor, event: "instance.start", guest: registration.name, details: [
+                "guestID": .string(id), "pid": .int(Int64(pid)), "state": .string(state.rawValue),
+            ])
+        }
+    }
+
+    /// Changes this process's instance state (and, when given, its token: rotated on restore and
+    /// migration, so a copy of the old memory cannot beacon as the new guest).
+    public func updateInstance(pid: Int32 = getpid(), state: InstanceState, token: UInt64? = nil) throws {
+        try db.write { db in
+            guard let row = try Row.fetchOne(db, sql: "SELECT guest_id, token_mac FROM instances WHERE host = ? AND pid = ?",
+                                             arguments: [hostName, pid]) else { return }
+            let id: String = row["guest_id"]
+            let mac = token.map(tokenMAC) ?? row["token_mac"]
+            var sql = "UPDATE instances SET state = ?, token_mac = ?, updated_at = ?"
+            // A new token starts a new beacon history: the guest's first beacon with it is due within the grace period.
+            if token != nil { sql += ", last_beacon_at = NULL, beacon_counter = NULL, stale_since = NULL, started_at = ?" }
+            sql += " WHERE host = ? AND pid = ?"
+            let now = Date().milliseconds
+            var args: StatementArguments = [state.rawValue, mac, now]
+            if token != nil { args += [now] }
+            args += [hostName, pid]
+            try db.execute(sql: sql, arguments: args)
+            try writeInstanceMAC(db, pid: pid, guestID: id, tokenMAC: mac, state: state)
+        }
+    }
+
+    /// Removes this process's instance row (a clean end).
+    public func removeInstance(pid: Int32 = getpid()) throws {
+        try db.write { db in
+            try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ?", arguments: [hostName, pid])
+        }
+    }
+
+    /// Stores the latest beacon a guest sent through this process. A beacon whose token is not the
+    /// one this process issued is kept as evidence of a false VM (the scan stops it).
+    public func recordBeacon(pid: Int32 = getpid(), token: UInt64, counter: UInt64, at time: Date = Date()) throws {
+        try db.write { db in
+            guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ?",
+                                             arguments: [hostName, pid]) else { return }
+            let expected: Data = row["token_mac"]
+            if tokenMAC(token) == expected {
+                try db.execute(sql: """
+                    UPDATE instances SET last_beacon_at = ?, beacon_count = beacon_count + 1, beacon_counter = ?, stale_since = NULL
+                    WHERE host = ? AND pid = ?
+                    """, arguments: [time.milliseconds, Int64(bitPattern: counter), hostName, pid])
+            } else {
+                let evidence = "beacon #\(counter) at \(ISO8601DateFormatter().string(from: time)) carried token \(String(token, radix: 16)), not the token this VMM issued"
+                try db.execute(sql: "UPDATE instances SET false_beacon = COALESCE(false_beacon, ?) WHERE host = ? AND pid = ?",
+                               arguments: [evidence, hostName, pid])
+            }
+        }
+    }
+
+    /// Every instance row of this host.
+    public func instances() throws -> [GuestInstance] {
+        try db.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ? ORDER BY started_at", arguments: [hostName]).map { row in
+                let id: String = row["guest_id"]
+                return GuestInstance(host: row["host"], pid: row["pid"], guestID: UUID(uuidString: id) ?? UUID(),
+                                     guestName: row["guest_name"], state: InstanceState(rawValue: row["state"]) ?? .running,
+                                     beaconsRequired: row["beacons_required"], startedAt: Date(milliseconds: row["started_at"]),
+                                     lastBeaconAt: (row["last_beacon_at"] as Int64?).map(Date.init(milliseconds:)),
+                                     beaconCount: row["beacon_count"], falseBeacon: row["false_beacon"])
+            }
+        }
+    }
+
+    /// Whether the instance row of (host, pid) carries a valid integrity code (a row planted
+    /// by someone without host.key does not).
+    func instanceIsAuthentic(_ db: Database, _ row: Row) -> Bool {
+        let mac: Data = row["mac"]
+        return checkRowMAC(Self.instanceState(host: row["host"], pid: row["pid"], guestID: row["guest_id"],
+                                              tokenMAC: row["token_mac"], state: row["state"]), mac)
+    }
+}

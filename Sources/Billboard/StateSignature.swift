@@ -1,0 +1,47 @@
+import Crypto
+import Foundation
+import GRDB
+
+/// A host's signature over a saved guest state (a snapshot file's stream digest), so that a
+/// snapshot edited after it was written (even with every checksum recomputed) is refused.
+public struct StateSignature: Sendable, Codable, Equatable {
+    /// The signing host's name.
+    public var host: String
+    /// Its Ed25519 public key, base64.
+    public var publicKey: String
+    /// Ed25519 over `payload(digest)`, base64.
+    public var signature: String
+
+    static func payload(_ digest: [UInt8]) -> Data {
+        Data("swift-vmm.snapshot-signature.v1:".utf8) + Data(digest)
+    }
+}
+
+extension BillboardStore {
+    /// Signs the digest of a state stream with this host's key.
+    public func signState(digest: [UInt8]) throws -> StateSignature {
+        let signature = try keys.signing.signature(for: StateSignature.payload(digest))
+        return StateSignature(host: hostName, publicKey: keys.signing.publicKey.rawRepresentation.base64EncodedString(),
+                              signature: signature.base64EncodedString())
+    }
+
+    /// Accepts a signature by this host or by a peer host an administrator added; refuses anything else.
+    public func verifyState(_ signature: StateSignature, digest: [UInt8]) throws {
+        guard let key = Data(base64Encoded: signature.publicKey), let sig = Data(base64Encoded: signature.signature) else {
+            throw BillboardRefusal.badSnapshotSignature(reason: "the signature is not base64")
+        }
+        let trusted: Bool
+        if key == keys.signing.publicKey.rawRepresentation {
+            trusted = true
+        } else {
+            trusted = try hosts().contains { $0.signingKey == key }
+        }
+        guard trusted else {
+            throw BillboardRefusal.badSnapshotSignature(reason: "it was signed by '\(signature.host)', whose key is neither this host's nor a peer host's (vmm billboard host add)")
+        }
+        guard let publicKey = try? Curve25519.Signing.PublicKey(rawRepresentation: key),
+              publicKey.isValidSignature(sig, for: StateSignature.payload(digest)) else {
+            throw BillboardRefusal.badSnapshotSignature(reason: "the signature does not match the snapshot's contents")
+        }
+    }
+}
