@@ -37,7 +37,7 @@ let package = Package(
         ]),
         // The machine: VM + vCPU threads + exit dispatch + state capture.
         .target(name: "VMM", dependencies: [
-            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration",
+            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.
@@ -62,6 +62,6 @@ let package = Package(
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "Loader", "Devices"]),
         .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM"]),
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices"]),
     ]
 )

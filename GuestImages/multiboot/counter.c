@@ -1,5 +1,6 @@
 /* counter.elf: prints 1, 2, 3, ... one number per TSC-paced step.
- * Command line: count=N (0 = forever, default 0), ticks=T (default 2000000).
+ * Command line: count=N (0 = forever, default 0), ticks=T (default 2000000),
+ * beacon_token=N and beacon_count=N (see README.md).
  * Used to prove that snapshot/migration neither loses nor repeats a step. */
 #include "lib.h"
 
@@ -34,18 +35,25 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
         } else if (key_is(&t, "ticks")) {
             if (!parse_dec(&t, &ticks))
                 return bad(&t, "bad value");
-        }
+        } else if (beacon_param(&t) < 0)
+            return bad(&t, "bad value");
         /* anything else (e.g. tsc_khz=) is not ours: ignore it */
     }
 
     puts("counter start\n");
+    beacon_start();
     deadline = rdtsc();
     for (;;) {
         /* Deadlines advance by exactly T, so the pace does not drift; if the
          * TSC jumps we catch up, still one number per iteration. */
         deadline += ticks;
-        while (rdtsc() < deadline)
-            ;
+        for (;;) {
+            uint64_t now = rdtsc();
+
+            beacon_poll(now);
+            if (now >= deadline)
+                break;
+        }
         counter = counter + 1;
         putdec(counter);
         putc('\n');

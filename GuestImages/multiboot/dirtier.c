@@ -46,7 +46,7 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
     uint64_t pages = 1024, rate = 0, tsc_khz = 0, mark_us = 1000, passes = 0;
     uint64_t v, pass, deadline, ticks_per_page = 0, top;
     uint32_t rng = 0x2545F491u, npages, i, page;
-    int random = 0, have_khz = 0;
+    int random = 0, have_khz = 0, r;
     const char *p;
     struct token t;
 
@@ -68,7 +68,11 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
             dst = &mark_us;
         else if (key_is(&t, "passes"))
             dst = &passes;
-        else if (key_is(&t, "pattern")) {
+        else if ((r = beacon_param(&t)) != 0) {
+            if (r < 0)
+                return fail("bad value", &t);
+            continue;
+        } else if (key_is(&t, "pattern")) {
             if (val_is(&t, "seq"))
                 random = 0;
             else if (val_is(&t, "random"))
@@ -108,6 +112,7 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
     putdec(mark_us);
     puts("\n");
 
+    beacon_start();
     deadline = rdtsc();
     next_mark = deadline + mark_ticks;
     for (pass = 0; !passes || pass < passes; pass++) {
@@ -124,11 +129,16 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
                     uint64_t now = rdtsc();
                     if (mark_ticks)
                         mark(now);
+                    beacon_poll(now);
                     if (now >= deadline)
                         break;
                 }
-            } else if (mark_ticks)
-                mark(rdtsc());
+            } else if (mark_ticks) {
+                uint64_t now = rdtsc();
+                mark(now);
+                beacon_poll(now);
+            } else if (!(i & 63))
+                beacon_poll(rdtsc());   /* no TSC read otherwise: every 64 writes */
             *(volatile uint64_t *)(uintptr_t)(WS_BASE + page * PAGE_SIZE + slot) = hi | page;
         }
     }

@@ -146,3 +146,92 @@ int parse_dec(const struct token *t, uint64_t *out)
     *out = v;
     return 1;
 }
+
+_Static_assert(offsetof(struct beacon_block, token) == 0x08, "beacon layout");
+_Static_assert(offsetof(struct beacon_block, interval_ms) == 0x10, "beacon layout");
+_Static_assert(offsetof(struct beacon_block, msg_token) == 0x18, "beacon layout");
+_Static_assert(offsetof(struct beacon_block, msg_counter) == 0x20, "beacon layout");
+
+/* Beacon state lives in .bss/.data, so a snapshot carries it along. */
+uint64_t beacon_deadline = UINT64_MAX;
+static uint64_t beacon_ticks;           /* interval in TSC ticks */
+static uint64_t beacon_sent;            /* last counter sent: 1, 2, 3, ... */
+static uint64_t beacon_limit;           /* beacon_count=; 0 = no limit */
+static uint64_t beacon_fake_token;      /* beacon_token= */
+static int beacon_fake;
+static uint16_t beacon_port;
+
+int beacon_param(const struct token *t)
+{
+    uint64_t *dst;
+
+    if (key_is(t, "beacon_token"))
+        dst = &beacon_fake_token, beacon_fake = 1;
+    else if (key_is(t, "beacon_count"))
+        dst = &beacon_limit;
+    else
+        return 0;
+    return parse_dec(t, dst) ? 1 : -1;
+}
+
+/* GCC treats a constant pointer below 4 KiB as null plus an offset and warns
+ * (-Warray-bounds); hiding the value from it in a register avoids that. */
+static volatile struct beacon_block *beacon_block(void)
+{
+    uintptr_t a = BEACON_ADDR;
+
+    __asm__("" : "+r"(a));
+    return (volatile struct beacon_block *)a;
+}
+
+static uint64_t add_sat(uint64_t a, uint64_t b)
+{
+    return a + b < a ? UINT64_MAX : a + b;
+}
+
+static void beacon_send(void)
+{
+    volatile struct beacon_block *b = beacon_block();
+    uint64_t tok = beacon_fake_token, again;
+
+    if (!beacon_fake) {
+        /* Two 32-bit loads: read until two reads agree, in case the VMM
+         * rewrites the token between the halves. */
+        tok = b->token;
+        while ((again = b->token) != tok)
+            tok = again;
+    }
+    b->msg_token = tok;
+    b->msg_counter = ++beacon_sent;
+    /* The stores above must land before the VMM sees the out. */
+    __asm__ volatile("outb %%al, %%dx" : : "a"(0), "d"(beacon_port) : "memory");
+    if (beacon_limit && beacon_sent >= beacon_limit)
+        beacon_deadline = UINT64_MAX;
+}
+
+void beacon_start(void)
+{
+    volatile struct beacon_block *b = beacon_block();
+    uint32_t ms = b->interval_ms, khz = b->tsc_khz;
+
+    if (b->magic != BEACON_MAGIC || b->version != BEACON_VERSION || !ms || !khz)
+        return;                         /* no VMM block (e.g. QEMU): no beacons */
+    beacon_port = b->port;
+    beacon_ticks = (uint64_t)ms * khz;  /* kHz * ms = ticks; 32x32 multiply */
+    beacon_deadline = add_sat(rdtsc(), beacon_ticks);
+    beacon_send();
+}
+
+/* Deadline-based like the counter: the next deadline is one interval after
+ * the previous one, so the period does not drift. After a stall longer than
+ * an interval we send one beacon and restart the period from now instead
+ * of a burst of stale ones. */
+void beacon_due(uint64_t now)
+{
+    beacon_send();
+    if (beacon_deadline == UINT64_MAX)
+        return;                         /* beacon_count= reached */
+    beacon_deadline = add_sat(beacon_deadline, beacon_ticks);
+    if (beacon_deadline <= now)
+        beacon_deadline = add_sat(now, beacon_ticks);
+}

@@ -78,4 +78,38 @@ int key_is(const struct token *t, const char *key);
 int val_is(const struct token *t, const char *s);
 int parse_dec(const struct token *t, uint64_t *out);
 
+/* Beacons (see README.md): the VMM writes a block at 0x0F00; the guest
+ * answers with a token and a counter written back into it, then an outb. */
+#define BEACON_ADDR    0x0F00u
+#define BEACON_MAGIC   0x314E4342u     /* "BCN1" */
+#define BEACON_VERSION 1u
+
+struct beacon_block {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t port;
+    uint64_t token;                     /* VMM: may change at any time */
+    uint32_t interval_ms;
+    uint32_t tsc_khz;
+    uint64_t msg_token;                 /* guest */
+    uint64_t msg_counter;               /* guest */
+};
+
+/* TSC deadline of the next beacon; UINT64_MAX when none is due (disabled,
+ * or beacon_count= reached). Polling costs one compare. */
+extern uint64_t beacon_deadline;
+
+/* beacon_token= and beacon_count=: 1 if taken, -1 on a bad value, 0 if the
+ * token is not a beacon key. */
+int beacon_param(const struct token *t);
+/* Reads the block, and if it is valid sends the first beacon now. */
+void beacon_start(void);
+void beacon_due(uint64_t now);
+
+static inline void beacon_poll(uint64_t now)
+{
+    if (now >= beacon_deadline)
+        beacon_due(now);
+}
+
 #endif

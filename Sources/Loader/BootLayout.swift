@@ -5,6 +5,8 @@ import GuestMemory
 public enum BootLayout {
     /// Global descriptor table (four 8-byte entries).
     public static let gdt: UInt64 = 0x0800
+    /// The beacon block (see `Devices.BeaconBlock`): in the free space after the GDT, below the page tables.
+    public static let beaconBlock: UInt64 = 0x0F00
     /// Long-mode page tables: PML4, PDPT, then one page directory per GiB.
     public static let pml4: UInt64 = 0x1000
     public static let pdpt: UInt64 = 0x2000

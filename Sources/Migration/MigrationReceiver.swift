@@ -11,6 +11,8 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     func startGuest()
     /// Throws away the reserved VM (a failure before GO).
     func discard()
+    /// The host and process that will own the guest (sent in the accept), if it has an owner record.
+    var owner: (host: String, pid: Int32)? { get }
 }
 
 /// Faults a test can ask the destination to commit, to prove the source's side.
@@ -80,7 +82,7 @@ public final class MigrationReceiver: Sendable {
         }
         var committed = false
         defer { if !committed { vm.discard() } }
-        try replies.writeSection(.control, payload: ControlMessage(kind: .accept).encoded())
+        try replies.writeSection(.control, payload: ControlMessage(kind: .accept, host: vm.owner?.host, pid: vm.owner?.pid).encoded())
         try replies.sink.flush()
         if fault == .closeAfterHello { transport.close(); throw MigrationError.aborted("injected fault: \(InjectedFault.closeAfterHello.rawValue)") }
 

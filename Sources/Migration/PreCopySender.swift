@@ -9,8 +9,11 @@ public protocol MigrationSourceVM: AnyObject, Sendable {
     var dirtyTracker: any DirtyTracker { get }
     /// The machine section (JSON), sent in the hello so the destination can check it first.
     func machineDescriptionPayload() throws -> [UInt8]
-    /// The guest's identity for the destination's admission check, if it has one.
+    /// The guest's name, for the destination's logs.
     var migrationIdentity: String? { get }
+    /// The commit point: hands ownership (the Billboard lease) to the destination process named
+    /// in the accept, just before GO. Throwing here cancels the migration; the guest resumes here.
+    func commitHandover(toHost host: String?, toPid pid: Int32?) throws
     /// Pauses every vCPU; false if the guest has already stopped.
     func pauseForMigration() -> Bool
     /// Resumes after a failed migration.
@@ -90,7 +93,7 @@ public final class PreCopySender: Sendable {
             try writer.writeSection(.control, payload: hello.encoded())
             try writer.sink.flush()
             var reader = try StreamReader(source: TransportSource(transport))
-            try expect(.accept, from: &reader)
+            let accept = try expect(.accept, from: &reader)
             report.setupMs = monotonicMs() - t0
 
             try vm.dirtyTracker.enable()
@@ -167,6 +170,10 @@ public final class PreCopySender: Sendable {
                 return s.cancelled
             }
             if let cancelled { throw MigrationError.aborted(cancelled) }
+            do { try vm.commitHandover(toHost: accept.host, toPid: accept.pid) } catch {
+                state.withLock { $0.goSent = false }
+                throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
+            }
             goSent = true
             var commit = try StreamWriter(sink: TransportSink(transport))
             try commit.writeSection(.control, payload: ControlMessage(kind: .go).encoded())

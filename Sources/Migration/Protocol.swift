@@ -5,15 +5,16 @@ import Foundation
 // so one codec, with its limits and checksums, guards files and the wire.
 //
 //   source -> destination, stream 1 (state):
-//     header, control{hello: version, machine description, identity}
+//     header, control{hello: version, machine description (with the guest's identity)}
 //   destination -> source, reply stream:
-//     header, control{accept} (VM reserved: memory, vCPUs) or control{refuse: reason}
+//     header, control{accept: host, pid} (admitted, VM reserved: memory, vCPUs) or control{refuse: reason}
 //   source -> destination, stream 1 continues:
 //     memory sections, round by round (pre-copy, guest running);
 //     then, guest paused: the last dirty pages, vcpu, devices, end (stream digest)
 //   destination -> source:
 //     control{ready} once every section and the digest are verified and the state
 //     applied to the paused VM; or control{refuse: reason}
+//   source: hands the guest's lease to (host, pid) of the accept; if that fails, no GO
 //   source -> destination, stream 2 (commit): header, control{go}, end
 //     (from here the source never resumes on its own)
 //   destination -> source: control{running: resumed_at}, end
@@ -34,15 +35,20 @@ public struct ControlMessage: Codable, Sendable, Equatable {
     public var version: Int?
     /// hello: the machine description (JSON defined by the VMM).
     public var machine: Data?
-    /// hello: who the guest is, for the destination's admission check.
+    /// hello: who the guest is, for logs (the admission reads the machine description).
     public var identity: String?
+    /// accept: the host and process that will own the guest after GO (the source hands its lease to them).
+    public var host: String?
+    public var pid: Int32?
     /// refuse: why.
     public var reason: String?
     /// running: when the destination resumed the guest (CLOCK_MONOTONIC ms; same host only).
     public var resumedAt: Double?
 
     public init(kind: Kind, version: Int? = nil, machine: Data? = nil, identity: String? = nil,
-                reason: String? = nil, resumedAt: Double? = nil) {
+                reason: String? = nil, resumedAt: Double? = nil, host: String? = nil, pid: Int32? = nil) {
+        self.host = host
+        self.pid = pid
         self.kind = kind
         self.version = version
         self.machine = machine

@@ -34,6 +34,9 @@ public enum SectionType: UInt32, Sendable, CaseIterable, CustomStringConvertible
     case memory = 4
     /// Migration protocol messages, opaque here.
     case control = 5
+    /// The producer's signature over the stream digest of everything before it (opaque here);
+    /// when present, the last section before `end`.
+    case signature = 6
     /// The running SHA-256 of everything before it; always last.
     case end = 0xFFFF
 
@@ -43,6 +46,7 @@ public enum SectionType: UInt32, Sendable, CaseIterable, CustomStringConvertible
         case .machine, .devices: return 1 << 20
         case .vcpu: return 4 << 20
         case .control: return 64 << 10
+        case .signature: return 4 << 10
         case .memory:
             let n = UInt64(SnapshotFormat.maxPagesPerSection)
             return 8 + n * 8 + n * SnapshotFormat.pageSize
@@ -57,6 +61,7 @@ public enum SectionType: UInt32, Sendable, CaseIterable, CustomStringConvertible
         case .devices: return "devices"
         case .memory: return "memory"
         case .control: return "control"
+        case .signature: return "signature"
         case .end: return "end"
         }
     }

@@ -11,6 +11,8 @@ public struct StreamReader<Source: ByteSource> {
     public private(set) var offset: UInt64 = 0
 
     private var streamHasher = SHA256()
+    /// SHA-256 of every stream byte before the section last returned (what its signature covers).
+    public private(set) var digestBeforeLastSection: [UInt8] = []
     private var endReturned = false
     private var exhausted = false
     private var failure: (any Error)?
@@ -68,6 +70,7 @@ public struct StreamReader<Source: ByteSource> {
         }
 
         let sectionOffset = offset
+        let digestBefore = streamHasher.finalize().withUnsafeBytes { Array($0) }
         var header = [UInt8](repeating: 0, count: SnapshotFormat.sectionHeaderSize)
         do {
             try fill(&header, hashStream: false)
@@ -132,6 +135,7 @@ public struct StreamReader<Source: ByteSource> {
         default:
             break
         }
+        digestBeforeLastSection = digestBefore
         return Section(type: type, payload: payload, offset: sectionOffset)
     }
 

@@ -44,6 +44,9 @@ public struct StreamWriter<Sink: ByteSink> {
         try header.withUnsafeBytes { try emit($0) }
     }
 
+    /// SHA-256 of every stream byte written so far (what a signature section signs).
+    public var digestSoFar: [UInt8] { streamHasher.finalize().withUnsafeBytes { Array($0) } }
+
     /// Writes one section with `payload`. The end section is written by `finish()`;
     /// memory payloads are validated so the writer never produces a stream the reader refuses.
     public mutating func writeSection(_ type: SectionType, payload: [UInt8]) throws {

@@ -50,6 +50,8 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
     case shutdown
     /// Handed over to a migration destination; this copy must never run again.
     case migrated
+    /// Stopped by the Billboard: this copy lost its lease or was found to be a false VM.
+    case evicted(reason: String)
 
     /// The process exit status for `vmm run`.
     public var exitStatus: Int32 {
@@ -59,6 +61,7 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         case .hang, .fatal: 2
         case let .stopped(sig): 128 + sig
         case .shutdown, .migrated: 0
+        case .evicted: 3
         }
     }
 
@@ -71,6 +74,7 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         case let .stopped(sig): "stopped by signal \(sig)"
         case .shutdown: "shut down through the control API"
         case .migrated: "migrated to another VMM"
+        case let .evicted(r): "stopped by the billboard: \(r)"
         }
     }
 }
@@ -108,8 +112,32 @@ public final class Machine: @unchecked Sendable {
     private var result: MachineExit?
     private var runningThreads = 0
 
-    /// The guest's registered identity, when the Billboard knows it.
-    public var identity: String? { nil }
+    /// The Billboard session that admitted this guest and holds its lease (nil for a machine
+    /// built directly by library code, which no `vmm` command does).
+    public var session: GuestSession? {
+        get { deviceLock.lock(); defer { deviceLock.unlock() }; return attachedSession }
+        set { deviceLock.lock(); attachedSession = newValue; deviceLock.unlock() }
+    }
+    private var attachedSession: GuestSession?  // guarded by deviceLock
+    private var beaconHandler: (@Sendable (BeaconMessage) -> Void)?  // guarded by deviceLock
+
+    /// Called (on the vCPU thread) for every beacon the guest sends through `BeaconBlock.port`.
+    public func onBeacon(_ handler: @escaping @Sendable (BeaconMessage) -> Void) {
+        deviceLock.lock(); beaconHandler = handler; deviceLock.unlock()
+    }
+
+    /// Writes the beacon block the guest reads its token, period and TSC rate from.
+    public func writeBeaconBlock(_ block: BeaconBlock) throws {
+        try memory.write(block.bytes, at: GuestAddress(BootLayout.beaconBlock))
+    }
+
+    /// Replaces the token in an existing beacon block (after restore or migration); does nothing
+    /// if the guest's memory holds no block (a guest booted without one).
+    public func rotateBeaconToken(_ token: UInt64) throws {
+        let header = try memory.read(at: GuestAddress(BootLayout.beaconBlock), count: 8)
+        guard BeaconBlock.isBlock(header) else { return }
+        try memory.writeInteger(token, at: GuestAddress(BootLayout.beaconBlock + BeaconBlock.tokenOffset))
+    }
     let throttle = Throttle()
     /// Tells which pages changed, for live migration.
     public let dirtyTracker: any DirtyTracker
@@ -335,6 +363,14 @@ public final class Machine: @unchecked Sendable {
         case let .io(port, isWrite, size, count, data):
             if port == DebugExitPort.port && isWrite {
                 return .exitPort(status: data.first ?? 0)
+            }
+            if port == BeaconBlock.port && isWrite {
+                let slot = GuestAddress(BootLayout.beaconBlock + BeaconBlock.messageOffset)
+                if let bytes = try? memory.read(at: slot, count: BeaconBlock.messageSize), let message = BeaconMessage(bytes) {
+                    deviceLock.lock(); let handler = beaconHandler; deviceLock.unlock()
+                    handler?(message)
+                }
+                return nil
             }
             let com1 = Serial16550.com1Base
             if port >= com1 && port < com1 + 8 {

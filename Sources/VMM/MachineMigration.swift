@@ -13,7 +13,17 @@ extension Machine: MigrationSourceVM, MigrationDestinationVM {
         Array(try MachineStream.encoder.encode(machineDescription))
     }
 
-    public var migrationIdentity: String? { identity }
+    public var migrationIdentity: String? { session?.registration.name }
+
+    public func commitHandover(toHost host: String?, toPid pid: Int32?) throws {
+        guard let session else { return }
+        guard let host, let pid else {
+            throw MigrationError.refused("the destination did not say which host and process take the guest (it runs without a billboard), so the lease cannot be handed over")
+        }
+        try session.handOver(toHost: host, toPid: pid)
+    }
+
+    public var owner: (host: String, pid: Int32)? { session.map { ($0.store.hostName, getpid()) } }
 
     public func pauseForMigration() -> Bool { pause() }
 
@@ -36,9 +46,18 @@ extension Machine: MigrationSourceVM, MigrationDestinationVM {
         try restoreState(vcpus: states, devices: device, description: machineDescription)
     }
 
-    public func startGuest() { start() }
+    public func startGuest() {
+        if let session {
+            // After GO the guest must run here whatever happens; a lease problem is reported, and the scan sorts it out.
+            do { try session.commitIncoming() } catch { session.log("billboard: taking the lease on GO failed: \(error)") }
+        }
+        start()
+    }
 
-    public func discard() { end(with: .stopped(signal: 0)) }
+    public func discard() {
+        end(with: .stopped(signal: 0))
+        session?.end()
+    }
 
     /// Holds the vCPUs paused for `percent` of every 20 ms (auto-converge).
     public func setThrottle(percent: Int) {

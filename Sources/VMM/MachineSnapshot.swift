@@ -14,9 +14,8 @@ public struct MachineDescription: Sendable, Equatable, Codable {
     public var tscKHz: UInt32
     /// Whether the VM had KVM's in-kernel interrupt controller (never, for now).
     public var inKernelIRQChip: Bool
-    /// Optional identity of the guest, for the Billboard.
-    public var guestName: String?
-    public var imageSHA256: String?
+    /// Who the guest is, for the Billboard's admission on restore or at a migration destination.
+    public var identity: GuestIdentity?
 
     public var configuration: MachineConfiguration {
         MachineConfiguration(memorySize: memorySize, vcpuCount: vcpuCount,
@@ -102,7 +101,7 @@ extension Machine {
     public var machineDescription: MachineDescription {
         MachineDescription(memorySize: configuration.memorySize, vcpuCount: vcpus.count,
                            mode: configuration.mode?.rawValue, commandLine: configuration.commandLine,
-                           tscKHz: tscKHz, inKernelIRQChip: false, guestName: nil, imageSHA256: nil)
+                           tscKHz: tscKHz, inKernelIRQChip: false, identity: session?.identity)
     }
 
     /// Saves every vCPU and device. The machine must be paused, so that no vCPU is

@@ -79,21 +79,28 @@ public final class MigrationService: Sendable {
 public enum IncomingMigration {
     public static func receive(listener: TCPListener, kvm: KVMSystem? = nil, dirtyTracker: DirtyTrackerKind = .bitmap,
                                fault: InjectedFault? = nil,
-                               admit: @escaping @Sendable (MachineDescription, String?) throws -> Void = { _, _ in },
+                               admit: @escaping @Sendable (MachineDescription) throws -> GuestSession? = { _ in nil },
                                serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> (Machine, MigrationReceiver.Result) {
         let transport = try listener.accept(timeoutSeconds: 30)
         defer { transport.close() }
-        let receiver = MigrationReceiver(fault: fault) { payload, identity in
+        let receiver = MigrationReceiver(fault: fault) { payload, _ in
             let description: MachineDescription
             do { description = try JSONDecoder().decode(MachineDescription.self, from: Data(payload)) } catch {
                 throw SnapshotError.malformed("the machine description in the hello: \(error)")
             }
             guard !description.inKernelIRQChip else { throw SnapshotError.inKernelIRQChip }
             // The Billboard's admission runs here, before any memory is reserved.
-            try admit(description, identity)
+            let session = try admit(description)
             var configuration = description.configuration
             configuration.dirtyTracker = dirtyTracker
-            return try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+            do {
+                let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+                session?.attachIncoming(machine)
+                return machine
+            } catch {
+                session?.end()
+                throw error
+            }
         }
         let (vm, result) = try receiver.run(transport: transport)
         guard let machine = vm as? Machine else { throw MigrationError.protocolViolation("internal: unexpected VM type") }

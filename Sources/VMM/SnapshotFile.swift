@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import GuestMemory
+import Billboard
 import KVM
 import Snapshot
 
@@ -42,6 +43,7 @@ public enum MachineStream {
     public static func readMachine<S: ByteSource>(from reader: inout StreamReader<S>, kvm: KVMSystem? = nil,
                                                   requestedMemory: UInt64? = nil,
                                                   admit: (MachineDescription) throws -> Void = { _ in },
+                                                  verifySignature: ((StateSignature?, [UInt8]) throws -> Void)? = nil,
                                                   serialOutput: @escaping (UInt8) -> Void) throws -> (Machine, MachineDescription, pages: Int, zeroPages: Int) {
         guard let first = try reader.nextSection() else { throw SnapshotError.sectionOrder("the stream is empty") }
         guard first.type == .machine else {
@@ -61,8 +63,19 @@ public enum MachineStream {
         var devices: DeviceState?
         var pages = 0, zeroPages = 0
         var ended = false
+        var signed = false
         while let section = try reader.nextSection() {
+            if signed && section.type != .end {
+                throw SnapshotError.sectionOrder("a \(section.type) section follows the signature, which must be last")
+            }
             switch section.type {
+            case .signature:
+                let signature: StateSignature
+                do { signature = try JSONDecoder().decode(StateSignature.self, from: Data(section.payload)) } catch {
+                    throw SnapshotError.malformed("signature section: \(error)")
+                }
+                try verifySignature?(signature, reader.digestBeforeLastSection)
+                signed = true
             case .memory:
                 let r = try MemorySection.apply(section.payload, to: machine.memory)
                 pages += r.pages
@@ -84,6 +97,7 @@ public enum MachineStream {
             }
         }
         guard ended else { throw SnapshotError.sectionOrder("the stream has no end section") }
+        if let verifySignature, !signed { try verifySignature(nil, []) }
         guard let vcpus else { throw SnapshotError.sectionOrder("no vCPU section") }
         guard let devices else { throw SnapshotError.sectionOrder("no device section") }
         try machine.restoreState(vcpus: vcpus, devices: devices, description: description)
@@ -105,6 +119,11 @@ public enum SnapshotFile {
         defer { if !closed { close(fd); unlink(temporary) } }
         var writer = try StreamWriter(sink: FileDescriptorSink(fd: fd))
         let (pages, zeroPages) = try MachineStream.writeFullState(machine, to: &writer)
+        if let session = machine.session {
+            // Signed by the host key: an edited snapshot, even with recomputed checksums, is refused.
+            let signature = try session.store.signState(digest: writer.digestSoFar)
+            try writer.writeSection(.signature, payload: Array(try MachineStream.encoder.encode(signature)))
+        }
         try writer.finish()
         guard fsync(fd) == 0 else { throw MachineError.io("fsync of '\(temporary)' failed: \(String(cString: strerror(errno)))") }
         close(fd)
@@ -118,7 +137,11 @@ public enum SnapshotFile {
     }
 
     /// Builds a paused, fully restored machine from the file at `path`.
+    /// `admit` sees the machine description (and the guest identity) before memory is reserved;
+    /// `verifySignature`, when given, must accept the signature section (nil: none was found).
     public static func read(_ path: String, kvm: KVMSystem? = nil, requestedMemory: UInt64? = nil,
+                            admit: (MachineDescription) throws -> Void = { _ in },
+                            verifySignature: ((StateSignature?, [UInt8]) throws -> Void)? = nil,
                             serialOutput: @escaping (UInt8) -> Void) throws -> (Machine, MachineDescription, SnapshotStats) {
         let t0 = monotonicMilliseconds()
         let fd = open(path, O_RDONLY | O_CLOEXEC)
@@ -130,7 +153,8 @@ public enum SnapshotFile {
         fstat(fd, &st)
         var reader = try StreamReader(source: FileDescriptorSource(fd: fd))
         let (machine, description, pages, zeroPages) = try MachineStream.readMachine(
-            from: &reader, kvm: kvm, requestedMemory: requestedMemory, serialOutput: serialOutput)
+            from: &reader, kvm: kvm, requestedMemory: requestedMemory, admit: admit, verifySignature: verifySignature,
+            serialOutput: serialOutput)
         return (machine, description, SnapshotStats(bytes: UInt64(st.st_size), pages: pages, zeroPages: zeroPages,
                                                     milliseconds: monotonicMilliseconds() - t0))
     }

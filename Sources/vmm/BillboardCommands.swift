@@ -11,7 +11,8 @@ struct BillboardCommand: ParsableCommand {
         abstract: "The Billboard: a signed registry of the guests this host may run, with an audit log.",
         discussion: "The store lives in --billboard DIR (default \(BillboardStore.defaultDirectory)). Registrations are signed by an enrolled administrator key.",
         subcommands: [Init.self, AdminKeyCommand.self, AdminCommand.self, HostCommand.self, Register.self,
-                      List.self, Show.self, Revoke.self, Check.self, Audit.self])
+                      List.self, Show.self, Revoke.self, Check.self, Audit.self, Scan.self, Instances.self,
+                      AuthorizeRestore.self])
 
     struct Store: ParsableArguments {
         @Option(help: "The billboard directory.")
@@ -140,7 +141,7 @@ struct BillboardCommand: ParsableCommand {
         @Option(help: "IP address.") var ip: String?
         @Option(help: "Operating system.") var os: String?
         @Option(parsing: .singleValue, help: "A host the guest may run on (repeatable; default this host).") var allowedHost: [String] = []
-        @Option(help: "Whether the guest must send beacons: required or none.") var beacons: String = "none"
+        @Option(help: "Whether the guest must send beacons: required (our guests) or none (a foreign image that cannot; then only its lease and VMM vouch for it).") var beacons: String = "required"
         func run() throws {
             try BillboardCommand.run {
                 let bytes = try MemorySize.parse(memory)
@@ -241,6 +242,66 @@ struct BillboardCommand: ParsableCommand {
                 for e in entries.suffix(last) {
                     print("\(e.seq)\t\(f.string(from: e.time))\t\(e.actor)\t\(e.event)\t\(e.guest ?? "-")\t\(e.details)")
                 }
+            }
+        }
+    }
+
+    struct Scan: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run the active scan now: find stale, false and duplicate (ghost) VMs on this host and stop the false ones.",
+            discussion: "Every running VMM also scans every --scan-interval. Findings are audited with their evidence. Exits 0; prints one line per finding.")
+        @OptionGroup var store: Store
+        @Option(help: "Seconds without a beacon before a running guest that must beacon is reported stale.") var staleAfter: Double = 10
+        @Flag(help: "Report only; stop nothing.") var reportOnly = false
+        func run() throws {
+            try BillboardCommand.run {
+                let s = try store.open()
+                try s.ensureOriginal()
+                let findings = try s.scan(staleAfter: staleAfter, actor: "vmm billboard scan (pid \(getpid()))")
+                if findings.isEmpty { print("scan: nothing wrong") }
+                for f in findings {
+                    print("scan: \(f)")
+                    if f.mustStop && !reportOnly {
+                        try s.stopFalseVM(f, actor: "vmm billboard scan (pid \(getpid()))")
+                        print("scan: stopped pid \(f.pid)")
+                    }
+                }
+            }
+        }
+    }
+
+    struct Instances: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the guests VMM processes on this host hold, with their leases and beacons.")
+        @OptionGroup var store: Store
+        func run() throws {
+            try BillboardCommand.run {
+                let s = try store.open()
+                let f = ISO8601DateFormatter()
+                f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+                for i in try s.instances() {
+                    let lease = try s.lease(guestID: i.guestID)
+                    let holds = lease?.pid == i.pid && lease?.host == i.host
+                    print([i.guestName, "pid \(i.pid)", i.state.rawValue, holds ? "lease epoch \(lease!.epoch)" : "no lease",
+                           "beacons \(i.beaconCount)", i.lastBeaconAt.map { "last \(f.string(from: $0))" } ?? "last -",
+                           i.falseBeacon.map { "FALSE: \($0)" } ?? ""].joined(separator: "\t"))
+                }
+            }
+        }
+    }
+
+    struct AuthorizeRestore: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "authorize-restore",
+            abstract: "Allow one restore of a snapshot older than its guest's latest epoch (a deliberate rollback); signed and audited.")
+        @OptionGroup var store: Store
+        @OptionGroup var signer: Signer
+        @Option(help: "The registered guest.") var name: String
+        @Option(help: "The snapshot file that may be restored once.") var snapshot: String
+        func run() throws {
+            try BillboardCommand.run {
+                let digest = try ImageDigest.sha256(path: snapshot)
+                try store.open().authorizeRestore(guestName: name, snapshotSHA256: digest, signedBy: signer.load())
+                print("one restore of \(snapshot) (sha256 \(digest.prefix(16))…) authorised for '\(name)'")
             }
         }
     }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Billboard
 import ControlAPI
 import Foundation
 import Hummingbird
@@ -53,8 +54,14 @@ struct Run: ParsableCommand {
     @Option(help: "Directory for migration reports (JSON).")
     var reportDir: String = "migration-reports"
 
+    @Option(help: "The registered guest name (default: the one registration with this image's digest).")
+    var name: String?
+
+    @OptionGroup var billboard: BillboardOptions
+
     func validate() throws {
         do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) }
+        try billboard.validate()
     }
 
     func run() throws {
@@ -63,8 +70,18 @@ struct Run: ParsableCommand {
             let bytes = try ImageFile.read(image, limit: memorySize)
             let output = try SerialOutput(path: serialLog)
             warnAboutRing(dirtyTracker)
-            let machine = try Machine(image: bytes, configuration: MachineConfiguration(
-                memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker), serialOutput: output.write)
+            let configuration = MachineConfiguration(memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker)
+            // The Billboard decides before KVM_CREATE_VM; there is no way around it.
+            let session = try GuestSession.admitBoot(store: try billboard.open(), name: name, image: bytes,
+                                                     configuration: configuration, settings: billboard.settings, log: logLine)
+            let machine: Machine
+            do {
+                machine = try Machine(image: bytes, configuration: configuration, serialOutput: output.write)
+                try session.attachBooted(machine)
+            } catch {
+                session.end()
+                throw error
+            }
             return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir)
         }
         throw ExitCode(status)
@@ -92,17 +109,44 @@ struct Restore: ParsableCommand {
     @Flag(help: "Stay paused after restoring (resume with `vmm ctl resume`); needs --api-socket.")
     var paused = false
 
+    @Option(help: "Directory for migration reports (JSON).")
+    var reportDir: String = "migration-reports"
+
+    @OptionGroup var billboard: BillboardOptions
+
     func validate() throws {
         if let memory { do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) } }
         if paused && apiSocket == nil { throw ValidationError("--paused needs --api-socket, or nothing could resume the guest") }
+        try billboard.validate()
     }
 
     func run() throws {
         let status = try CommandRunner.fail {
             let output = try SerialOutput(path: serialLog)
             let requested = try memory.map { try MemorySize.parse($0) }
-            let (machine, _, _) = try SnapshotFile.read(file, requestedMemory: requested, serialOutput: output.write)
-            return try Host.serve(machine, apiSocket: apiSocket, startPaused: paused, reportDir: nil)
+            let store = try billboard.open()
+            let settings = billboard.settings
+            let path = file
+            var session: GuestSession?
+            let machine: Machine
+            do {
+                (machine, _, _) = try SnapshotFile.read(file, requestedMemory: requested, admit: { description in
+                    // The identity, configuration and epoch the snapshot carries, before memory is reserved.
+                    session = try GuestSession.admitRestore(store: store, description: description,
+                                                            snapshotSHA256: { try ImageDigest.sha256(path: path) },
+                                                            settings: settings, log: logLine)
+                }, verifySignature: { signature, digest in
+                    guard let signature else {
+                        throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
+                    }
+                    try store.verifyState(signature, digest: digest)
+                }, serialOutput: output.write)
+                try session!.attachRestored(machine)
+            } catch {
+                session?.end()
+                throw error
+            }
+            return try Host.serve(machine, apiSocket: apiSocket, startPaused: paused, reportDir: reportDir)
         }
         throw ExitCode(status)
     }
@@ -133,9 +177,15 @@ struct Receive: ParsableCommand {
 
     @Option(help: .hidden) var injectFault: InjectedFault?
 
+    @OptionGroup var billboard: BillboardOptions
+
+    func validate() throws { try billboard.validate() }
+
     func run() throws {
         let status = try CommandRunner.fail {
             let output = try SerialOutput(path: serialLog)
+            let store = try billboard.open()
+            let settings = billboard.settings
             let listener = try TCPListener(listen: listen)
             FileHandle.standardError.write(Data("vmm: listening on \(listener.address):\(listener.port)\n".utf8))
             // Before the guest arrives a signal just ends the process; once it runs here,
@@ -149,8 +199,10 @@ struct Receive: ParsableCommand {
                     Foundation.exit(128 + signal)
                 }
             }
-            let (machine, _) = try IncomingMigration.receive(listener: listener, dirtyTracker: dirtyTracker,
-                                                             fault: injectFault, serialOutput: output.write)
+            let (machine, _) = try IncomingMigration.receive(listener: listener, dirtyTracker: dirtyTracker, fault: injectFault,
+                admit: { description in
+                    try GuestSession.admitIncoming(store: store, description: description, settings: settings, log: logLine)
+                }, serialOutput: output.write)
             running.machine = machine
             return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
         }
@@ -172,6 +224,12 @@ enum Host {
         func beforeResume(force: Bool) throws {
             if migrations.inDoubt && !force {
                 throw APIError(.conflict, "the last migration is in doubt: the destination may be running this guest. Resume only if it is not, with {\"force\": true}")
+            }
+            if migrations.inDoubt, let session = machine.session {
+                // The lease went to the destination with GO: resuming here needs it back.
+                do { try session.reclaim() } catch {
+                    throw APIError(.conflict, "the billboard refuses to resume this copy: \(error)")
+                }
             }
         }
     }
@@ -203,6 +261,7 @@ enum Host {
             machine.start()
         }
         let exit = machine.waitForExit()
+        machine.session?.end()
         // Let the API answer the request that ended the VM before the socket goes away.
         if exit == .migrated || exit == .shutdown { usleep(300_000) }
         switch exit {
@@ -211,6 +270,39 @@ enum Host {
         }
         return exit.exitStatus
     }
+}
+
+/// The Billboard options of every command that runs a guest. There is deliberately no option
+/// to skip admission.
+struct BillboardOptions: ParsableArguments {
+    @Option(help: "The billboard directory: this host's registry of guests (vmm billboard init). The guest must be registered there.")
+    var billboard: String = BillboardStore.defaultDirectory
+
+    @Option(help: "Seconds between active scans for false, duplicate and stale guests.")
+    var scanInterval: Double = 5
+
+    @Option(help: "Seconds after a dead VMM's last lease renewal before its guest may be taken over.")
+    var leaseTimeout: Double = 10
+
+    @Option(help: "Milliseconds between the guest's beacons (written into its beacon block).")
+    var beaconInterval: UInt32 = 1000
+
+    func validate() throws {
+        guard scanInterval >= 0.1 && scanInterval <= 3600 else { throw ValidationError("--scan-interval must be 0.1 to 3600 seconds") }
+        guard leaseTimeout >= 1 && leaseTimeout <= 3600 else { throw ValidationError("--lease-timeout must be 1 to 3600 seconds") }
+        guard beaconInterval >= 10 && beaconInterval <= 600_000 else { throw ValidationError("--beacon-interval must be 10 to 600000 ms") }
+    }
+
+    func open() throws -> BillboardStore { try BillboardStore(directory: billboard) }
+
+    var settings: BillboardSettings {
+        BillboardSettings(scanInterval: scanInterval, beaconIntervalMs: beaconInterval, leaseTimeout: leaseTimeout)
+    }
+}
+
+/// One line on stderr, for the Billboard's reports.
+@Sendable func logLine(_ line: String) {
+    FileHandle.standardError.write(Data("vmm: \(line)\n".utf8))
 }
 
 /// The dirty ring is unreliable on kvm_pvm (see the README); say so where it is chosen.

@@ -44,6 +44,7 @@ final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
     var dirtyTracker: any DirtyTracker { machine.dirtyTracker }
     func machineDescriptionPayload() throws -> [UInt8] { try machine.machineDescriptionPayload() }
     var migrationIdentity: String? { nil }
+    func commitHandover(toHost host: String?, toPid pid: Int32?) throws { try machine.commitHandover(toHost: host, toPid: pid) }
     func pauseForMigration() -> Bool { machine.pauseForMigration() }
     func resumeAfterMigration() { machine.resumeAfterMigration() }
     func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) {

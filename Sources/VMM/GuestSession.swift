@@ -1,0 +1,317 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Billboard
+import Devices
+import Foundation
+import Synchronization
+
+/// Who a guest is, carried in snapshots and in the migration hello so the next VMM can admit it.
+public struct GuestIdentity: Sendable, Equatable, Codable {
+    /// The registered name.
+    public var name: String
+    /// The registration's UUID in the store that admitted it.
+    public var id: String
+    public var imageSHA256: String
+    /// The lease epoch when the state was saved or sent: older than the guest's latest means a rollback.
+    public var epoch: Int64
+    /// The host and process that held the guest (a migration destination lets this holder's lease pass).
+    public var host: String
+    public var pid: Int32
+}
+
+/// Timing of the Billboard inside a VMM.
+public struct BillboardSettings: Sendable, Equatable {
+    /// Seconds between active scans.
+    public var scanInterval: Double = 5
+    /// Milliseconds between a guest's beacons (written into the beacon block).
+    public var beaconIntervalMs: UInt32 = 1000
+    /// Seconds after its last renewal before a dead holder's lease may be taken over.
+    public var leaseTimeout: Double = 10
+    /// Seconds without a beacon before a running guest that must beacon is stale.
+    public var staleAfter: Double { max(3 * Double(beaconIntervalMs) / 1000, 2 * scanInterval) }
+
+    public init(scanInterval: Double = 5, beaconIntervalMs: UInt32 = 1000, leaseTimeout: Double = 10) {
+        self.scanInterval = scanInterval
+        self.beaconIntervalMs = beaconIntervalMs
+        self.leaseTimeout = leaseTimeout
+    }
+}
+
+/// A guest admitted by the Billboard: its registration, its lease, its beacon token and the
+/// housekeeping thread that renews the lease, records beacons and runs the active scan.
+///
+/// Every `vmm` command that creates a VM makes one of these first (`admitBoot`, `admitRestore`,
+/// `admitIncoming`); the VM is created only after admission succeeded.
+public final class GuestSession: @unchecked Sendable {
+    public let store: BillboardStore
+    public let registration: GuestRegistration
+    public let settings: BillboardSettings
+    let log: @Sendable (String) -> Void
+
+    private struct Shared {
+        var epoch: Int64 = 0
+        var token: UInt64 = 0
+        var holdsLease = false
+        var handedOver = false
+        var ended = false
+        var latestBeacon: (BeaconMessage, Date)?
+        var reportedState: InstanceState?
+        var lastScan: [ScanFinding] = []
+    }
+    private let shared = Mutex(Shared())
+    private weak var machine: Machine?
+    /// The state's epoch at admission (restore, incoming), checked again when the lease is taken.
+    let carriedEpoch: Int64
+
+    private init(store: BillboardStore, registration: GuestRegistration, settings: BillboardSettings,
+                 carriedEpoch: Int64, log: @escaping @Sendable (String) -> Void) {
+        self.store = store
+        self.registration = registration
+        self.settings = settings
+        self.carriedEpoch = carriedEpoch
+        self.log = log
+    }
+
+    static func newToken() -> UInt64 {
+        var token: UInt64 = 0
+        while token == 0 { token = UInt64.random(in: .min ... .max) }
+        return token
+    }
+
+    // MARK: - The three doors
+
+    /// `vmm run`: admits the image and configuration, takes the lease and records this process,
+    /// all before `KVM_CREATE_VM`.
+    public static func admitBoot(store: BillboardStore, name: String?, image: [UInt8], configuration: MachineConfiguration,
+                                 settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
+        try store.ensureOriginal()
+        let registration = try store.admit(name: name, imageSHA256: ImageDigest.sha256(Data(image)),
+                                           memoryBytes: configuration.memorySize, vcpus: configuration.vcpuCount,
+                                           mode: configuration.mode?.rawValue, commandLine: configuration.commandLine,
+                                           host: store.hostName)
+        let session = GuestSession(store: store, registration: registration, settings: settings, carriedEpoch: 0, log: log)
+        try session.takeLease(minimumEpoch: 0)
+        try session.record(state: .running)
+        return session
+    }
+
+    /// `vmm restore`: admits the identity the snapshot carries (registration, image, configuration,
+    /// epoch) before any memory is reserved. The lease is taken by `commit` once the whole file verified.
+    public static func admitRestore(store: BillboardStore, description: MachineDescription,
+                                    snapshotSHA256: @escaping () throws -> String,
+                                    settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
+        try store.ensureOriginal()
+        guard let identity = description.identity else { throw SessionError.noIdentity("snapshot") }
+        let registration = try admitIdentity(store: store, identity: identity, description: description)
+        try store.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256)
+        if let lease = try store.lease(guestID: registration.id), lease.pid != 0, lease.host == store.hostName,
+           kill(lease.pid, 0) == 0 || errno == EPERM {
+            throw BillboardRefusal.leaseHeld(guestID: registration.id, host: lease.host, pid: lease.pid, epoch: lease.epoch)
+        }
+        return GuestSession(store: store, registration: registration, settings: settings, carriedEpoch: identity.epoch, log: log)
+    }
+
+    /// A migration destination: admits the identity in the hello before memory is reserved; the
+    /// guest in flight may still hold its lease at the source. Takes the lease on GO (`commitIncoming`).
+    public static func admitIncoming(store: BillboardStore, description: MachineDescription,
+                                     settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
+        try store.ensureOriginal()
+        guard let identity = description.identity else { throw SessionError.noIdentity("migration hello") }
+        let registration = try admitIdentity(store: store, identity: identity, description: description)
+        try store.checkEpoch(guestID: registration.id, epoch: identity.epoch)
+        try store.checkIncoming(guestID: registration.id, sourceHost: identity.host, sourcePid: identity.pid)
+        let session = GuestSession(store: store, registration: registration, settings: settings, carriedEpoch: identity.epoch, log: log)
+        try session.record(state: .incoming)
+        return session
+    }
+
+    static func admitIdentity(store: BillboardStore, identity: GuestIdentity, description: MachineDescription) throws -> GuestRegistration {
+        try store.admit(name: identity.name, imageSHA256: identity.imageSHA256, memoryBytes: description.memorySize,
+                        vcpus: description.vcpuCount, mode: description.mode, commandLine: description.commandLine,
+                        host: store.hostName)
+    }
+
+    // MARK: - Lease and record
+
+    private func takeLease(minimumEpoch: Int64) throws {
+        let lease = try store.acquireLease(guestID: registration.id, host: store.hostName, pid: getpid(),
+                                           takeoverAfter: settings.leaseTimeout, minimumEpoch: minimumEpoch)
+        shared.withLock { $0.epoch = lease.epoch; $0.holdsLease = true; $0.handedOver = false }
+    }
+
+    private func record(state: InstanceState) throws {
+        let token = Self.newToken()
+        shared.withLock { $0.token = token; $0.reportedState = state }
+        try store.recordInstance(registration, token: token, state: state)
+    }
+
+    /// The identity to put in a snapshot or a migration hello.
+    public var identity: GuestIdentity {
+        GuestIdentity(name: registration.name, id: registration.id.uuidString.lowercased(), imageSHA256: registration.imageSHA256,
+                      epoch: shared.withLock { $0.epoch }, host: store.hostName, pid: getpid())
+    }
+
+    public var epoch: Int64 { shared.withLock { $0.epoch } }
+    public var token: UInt64 { shared.withLock { $0.token } }
+    /// Findings of the last scan this VMM ran.
+    public var lastScan: [ScanFinding] { shared.withLock { $0.lastScan } }
+
+    // MARK: - Attaching to the machine
+
+    /// Connects the session to a freshly booted machine: writes the beacon block and starts housekeeping.
+    public func attachBooted(_ machine: Machine) throws {
+        try machine.writeBeaconBlock(BeaconBlock(token: token, intervalMs: beaconInterval, tscKHz: machine.tscKHz))
+        attach(machine)
+    }
+
+    /// A restored machine (fully verified): takes the lease (epoch moves past the snapshot's),
+    /// records the process, and gives the guest a new token.
+    public func attachRestored(_ machine: Machine) throws {
+        try takeLease(minimumEpoch: carriedEpoch + 1)
+        try record(state: .paused)
+        try machine.rotateBeaconToken(token)
+        attach(machine)
+    }
+
+    /// A migration destination before its guest exists: connects beacons; the lease comes on GO.
+    public func attachIncoming(_ machine: Machine) {
+        attach(machine)
+    }
+
+    private var beaconInterval: UInt32 { settings.beaconIntervalMs }
+
+    private func attach(_ machine: Machine) {
+        self.machine = machine
+        machine.session = self
+        machine.onBeacon { [weak self] message in
+            self?.shared.withLock { $0.latestBeacon = (message, Date()) }
+        }
+        startOSThread(name: "billboard") { [self] in housekeeping() }
+    }
+
+    // MARK: - Migration
+
+    /// Destination, on GO: this process becomes the owner (next epoch), with a new beacon token.
+    public func commitIncoming() throws {
+        try takeLease(minimumEpoch: carriedEpoch + 1)
+        let token = Self.newToken()
+        shared.withLock { $0.token = token; $0.reportedState = .running }
+        try machine?.rotateBeaconToken(token)
+        try store.updateInstance(state: .running, token: token)
+    }
+
+    /// Source, just before GO: moves the lease to the destination in one transaction. If this
+    /// throws, GO is not sent and the guest resumes here.
+    public func handOver(toHost host: String, toPid pid: Int32) throws {
+        let epoch = try store.handOver(guestID: registration.id, fromPid: getpid(), toHost: host, toPid: pid)
+        shared.withLock { $0.holdsLease = false; $0.handedOver = true; $0.reportedState = .migrated }
+        log("billboard: lease of '\(registration.name)' handed to pid \(pid) on \(host) at epoch \(epoch)")
+    }
+
+    /// Source, resuming after an in-doubt migration: only if the lease can be taken back (the
+    /// destination is gone, or its claim expired). Audited as a takeover.
+    public func reclaim() throws {
+        try takeLease(minimumEpoch: 0)
+        try store.updateInstance(state: .running)
+        shared.withLock { $0.reportedState = .running }
+    }
+
+    // MARK: - Housekeeping
+
+    private func housekeeping() {
+        let tick = min(1.0, settings.leaseTimeout / 3, settings.scanInterval)
+        var nextScan = Date().addingTimeInterval(min(settings.scanInterval, 1))
+        while true {
+            usleep(UInt32(tick * 1_000_000))
+            guard let machine, !shared.withLock({ $0.ended }) else { return }
+            if machine.state == .finished { return }
+            let (holds, handedOver, beacon) = shared.withLock { s -> (Bool, Bool, (BeaconMessage, Date)?) in
+                let b = s.latestBeacon
+                s.latestBeacon = nil
+                return (s.holdsLease, s.handedOver, b)
+            }
+            if let (message, time) = beacon {
+                do { try store.recordBeacon(token: message.token, counter: message.counter, at: time) } catch {
+                    log("billboard: cannot record a beacon: \(error)")
+                }
+            }
+            if holds {
+                do { try store.renewLease(guestID: registration.id, pid: getpid()) } catch let refusal as BillboardRefusal {
+                    // Someone else owns the guest now: this copy must not run on.
+                    log("billboard: the lease of '\(registration.name)' is no longer ours (\(refusal)); stopping this copy")
+                    shared.withLock { $0.holdsLease = false }
+                    machine.pause()
+                    machine.end(with: .evicted(reason: "\(refusal)"))
+                    return
+                } catch {
+                    log("billboard: cannot renew the lease: \(error)")
+                }
+            }
+            if !handedOver {
+                let state: InstanceState = machine.state == .paused ? .paused : .running
+                let changed = shared.withLock { s -> Bool in
+                    guard s.reportedState != .incoming, s.reportedState != state else { return false }
+                    s.reportedState = state
+                    return true
+                }
+                if changed { try? store.updateInstance(state: state) }
+            }
+            if Date() >= nextScan {
+                nextScan = Date().addingTimeInterval(settings.scanInterval)
+                runScan(machine)
+            }
+        }
+    }
+
+    /// One active scan: stops false and duplicate VMs (this one too, if it is the false one).
+    @discardableResult
+    public func runScan(_ machine: Machine? = nil) -> [ScanFinding] {
+        let findings: [ScanFinding]
+        do { findings = try store.scan(staleAfter: settings.staleAfter) } catch {
+            log("billboard: scan failed: \(error)")
+            return []
+        }
+        shared.withLock { $0.lastScan = findings }
+        for finding in findings where finding.kind != .unmanaged && finding.kind != .gone {
+            log("billboard: scan: \(finding)")
+        }
+        for finding in findings where finding.mustStop {
+            if finding.pid == getpid() {
+                if let machine = machine ?? self.machine {
+                    machine.pause()
+                    machine.end(with: .evicted(reason: finding.description))
+                }
+            } else {
+                do {
+                    try store.stopFalseVM(finding)
+                    log("billboard: stopped pid \(finding.pid) (\(finding.kind.rawValue))")
+                } catch { log("billboard: cannot stop pid \(finding.pid): \(error)") }
+            }
+        }
+        return findings
+    }
+
+    /// The guest is gone from this process: give the lease back (unless it was handed over or
+    /// taken) and remove the record. Idempotent.
+    public func end() {
+        let (first, holds) = shared.withLock { s -> (Bool, Bool) in
+            defer { s.ended = true }
+            return (!s.ended, s.holdsLease)
+        }
+        guard first else { return }
+        if holds { try? store.releaseLease(guestID: registration.id, pid: getpid()) }
+        try? store.removeInstance()
+    }
+}
+
+/// Why a session cannot be made.
+public enum SessionError: Error, CustomStringConvertible {
+    case noIdentity(String)
+    public var description: String {
+        switch self {
+        case let .noIdentity(what):
+            "the \(what) carries no guest identity, so the Billboard cannot admit it; it was made by a VMM without a billboard. Boot the guest with `vmm run` on a registered image instead"
+        }
+    }
+}
