@@ -89,6 +89,15 @@ public enum LoaderError: Error, Equatable, CustomStringConvertible {
 /// Loads flat and Multiboot images into guest memory and writes the VMM's boot
 /// structures (GDT, page tables, parameter block or Multiboot information).
 public enum ImageLoader {
+    /// The checks `load` makes before it touches memory (an empty image, a command line too long,
+    /// a flat image without a mode), for callers that must refuse bad input before anything else.
+    public static func precheck(image: [UInt8], mode: BootMode?, commandLine: String?) throws(LoaderError) {
+        guard !image.isEmpty else { throw .emptyImage }
+        let length = (commandLine ?? "").utf8.count
+        guard length <= BootLayout.maxCommandLine else { throw .commandLineTooLong(length) }
+        if mode == nil, try MultibootHeader.find(in: image) == nil { throw .notMultiboot }
+    }
+
     /// Loads `image`. With `mode` nil, a Multiboot kernel is detected by its header;
     /// anything else is refused with a request for `--mode`.
     public static func load(image: [UInt8], mode: BootMode?, commandLine: String?,

@@ -109,7 +109,10 @@ public final class GuestSession: @unchecked Sendable {
            kill(lease.pid, 0) == 0 || errno == EPERM {
             throw BillboardRefusal.leaseHeld(guestID: registration.id, host: lease.host, pid: lease.pid, epoch: lease.epoch)
         }
-        return GuestSession(store: store, registration: registration, settings: settings, carriedEpoch: identity.epoch, log: log)
+        let session = GuestSession(store: store, registration: registration, settings: settings, carriedEpoch: identity.epoch, log: log)
+        // Recorded before the VM exists (as not yet owning it), so no scan mistakes this process for a ghost.
+        try session.record(state: .incoming)
+        return session
     }
 
     /// A migration destination: admits the identity in the hello before memory is reserved; the
@@ -140,8 +143,7 @@ public final class GuestSession: @unchecked Sendable {
         shared.withLock { $0.epoch = lease.epoch; $0.holdsLease = true; $0.handedOver = false }
     }
 
-    private func record(state: InstanceState) throws {
-        let token = Self.newToken()
+    private func record(state: InstanceState, token: UInt64 = newToken()) throws {
         shared.withLock { $0.token = token; $0.reportedState = state }
         try store.recordInstance(registration, token: token, state: state)
     }
@@ -165,12 +167,13 @@ public final class GuestSession: @unchecked Sendable {
         attach(machine)
     }
 
-    /// A restored machine (fully verified): takes the lease (epoch moves past the snapshot's),
-    /// records the process, and gives the guest a new token.
+    /// A restored machine (fully verified): takes the lease (the epoch moves past the snapshot's)
+    /// and records the boot token the guest's memory holds, which its beacons must carry.
     public func attachRestored(_ machine: Machine) throws {
         try takeLease(minimumEpoch: carriedEpoch + 1)
-        try record(state: .paused)
-        try machine.rotateBeaconToken(token)
+        let token = try machine.beaconToken() ?? Self.newToken()
+        shared.withLock { $0.token = token; $0.reportedState = .paused }
+        try store.updateInstance(state: .paused, token: token)
         attach(machine)
     }
 
@@ -192,12 +195,12 @@ public final class GuestSession: @unchecked Sendable {
 
     // MARK: - Migration
 
-    /// Destination, on GO: this process becomes the owner (next epoch), with a new beacon token.
+    /// Destination, on GO: this process becomes the owner (next epoch); the guest's beacons
+    /// must carry the boot token its memory holds.
     public func commitIncoming() throws {
         try takeLease(minimumEpoch: carriedEpoch + 1)
-        let token = Self.newToken()
+        let token = try machine?.beaconToken() ?? Self.newToken()
         shared.withLock { $0.token = token; $0.reportedState = .running }
-        try machine?.rotateBeaconToken(token)
         try store.updateInstance(state: .running, token: token)
     }
 

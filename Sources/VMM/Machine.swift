@@ -131,12 +131,12 @@ public final class Machine: @unchecked Sendable {
         try memory.write(block.bytes, at: GuestAddress(BootLayout.beaconBlock))
     }
 
-    /// Replaces the token in an existing beacon block (after restore or migration); does nothing
-    /// if the guest's memory holds no block (a guest booted without one).
-    public func rotateBeaconToken(_ token: UInt64) throws {
+    /// The token in the guest's beacon block, if its memory holds one (a restored or migrated
+    /// guest keeps the token of its boot: restoring or moving it is not a new boot).
+    public func beaconToken() throws -> UInt64? {
         let header = try memory.read(at: GuestAddress(BootLayout.beaconBlock), count: 8)
-        guard BeaconBlock.isBlock(header) else { return }
-        try memory.writeInteger(token, at: GuestAddress(BootLayout.beaconBlock + BeaconBlock.tokenOffset))
+        guard BeaconBlock.isBlock(header) else { return nil }
+        return try memory.readInteger(UInt64.self, at: GuestAddress(BootLayout.beaconBlock + BeaconBlock.tokenOffset))
     }
     let throttle = Throttle()
     /// Tells which pages changed, for live migration.

@@ -68,6 +68,7 @@ struct Run: ParsableCommand {
         let memorySize = try MemorySize.parse(memory)
         let status = try CommandRunner.fail {
             let bytes = try ImageFile.read(image, limit: memorySize)
+            try ImageLoader.precheck(image: bytes, mode: mode, commandLine: cmdline)
             let output = try SerialOutput(path: serialLog)
             warnAboutRing(dirtyTracker)
             let configuration = MachineConfiguration(memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker)

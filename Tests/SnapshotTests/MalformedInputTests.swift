@@ -145,7 +145,7 @@ struct MalformedInputTests {
         }
     }
 
-    @Test("an unknown section type is refused and the message mentions a newer VMM", arguments: [UInt32(0), 6, 0xFFFE, 0x1_0000, .max])
+    @Test("an unknown section type is refused and the message mentions a newer VMM", arguments: [UInt32(0), 7, 0xFFFE, 0x1_0000, .max])
     func unknownType(type: UInt32) throws {
         let bytes = rawStream([frame(type: type, payload: [1, 2, 3])])
         let error = SnapshotFormatError.unknownSectionType(type: type, offset: 16)

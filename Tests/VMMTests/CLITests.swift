@@ -75,9 +75,12 @@ struct CLITests {
 
     @Test("vmm run passes the guest's exit status through", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
     func exitStatusFromCLI() throws {
-        let r = try runVMM(["run", try Fixtures.guest("status42.bin"), "--mode", "protected"])
+        let status42 = try Fixtures.guest("status42.bin"), hello = try Fixtures.guest("hello-multiboot.elf")
+        let r = try runVMM(["run", status42, "--mode", "protected"]
+                           + billboard().register(status42, mode: "protected", beacons: "none"))
         #expect(r.status == 42)
-        let h = try runVMM(["run", try Fixtures.guest("hello-multiboot.elf"), "--cmdline", "from the cli"])
+        let h = try runVMM(["run", hello, "--cmdline", "from the cli"]
+                           + billboard().register(hello, cmdline: "from the cli", beacons: "none"))
         #expect(h.status == 0)
         #expect(h.stdout.contains("cmdline=from the cli"))
     }
@@ -85,7 +88,9 @@ struct CLITests {
     @Test("--serial-log writes the guest's output to a file", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
     func serialLog() throws {
         let log = FileManager.default.temporaryDirectory.appendingPathComponent("serial-\(getpid()).log").path
-        let r = try runVMM(["run", try Fixtures.guest("hello-protected.bin"), "--mode", "protected", "--serial-log", log])
+        let image = try Fixtures.guest("hello-protected.bin")
+        let r = try runVMM(["run", image, "--mode", "protected", "--serial-log", log]
+                           + billboard().register(image, mode: "protected", beacons: "none"))
         #expect(r.status == 0)
         #expect(r.stdout.isEmpty)
         #expect(try String(contentsOfFile: log, encoding: .utf8) == "Hello from protected mode\n")
@@ -93,7 +98,8 @@ struct CLITests {
 
     @Test("a hung guest exits with status 2 and a register dump", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
     func hangFromCLI() throws {
-        let r = try runVMM(["run", try Fixtures.guest("hang.bin"), "--mode", "protected"])
+        let image = try Fixtures.guest("hang.bin")
+        let r = try runVMM(["run", image, "--mode", "protected"] + billboard().register(image, mode: "protected", beacons: "none"))
         #expect(r.status == 2)
         #expect(r.stderr.contains("hung"))
         #expect(r.stderr.contains("rip="))
@@ -103,7 +109,9 @@ struct CLITests {
     func sigtermStops() throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try Fixtures.vmmBinary())
-        process.arguments = ["run", try Fixtures.guest("counter.elf"), "--cmdline", "count=0 ticks=100000"]
+        let image = try Fixtures.guest("counter.elf")
+        process.arguments = try ["run", image, "--cmdline", "count=0 ticks=100000"]
+            + billboard().register(image, cmdline: "count=0 ticks=100000")
         let out = Pipe()
         process.standardOutput = out
         process.standardError = Pipe()

@@ -289,6 +289,7 @@ final class DigestingDestination: MigrationDestinationVM, @unchecked Sendable {
     }
     func startGuest() { machine.startGuest() }
     func discard() { machine.discard() }
+    var owner: (host: String, pid: Int32)? { machine.owner }
 }
 
 @Suite("Migration between two vmm processes", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
@@ -297,11 +298,14 @@ struct MigrationProcessTests {
     func sigtermDuringMigration() throws {
         let socket = temporaryPath("src") + ".sock"
         let port = try freePort()
-        let source = try VMMProcess(["run", try Fixtures.guest("dirtier.elf"), "--memory", "256M",
+        let dirtier = try Fixtures.guest("dirtier.elf")
+        let source = try VMMProcess(["run", dirtier, "--memory", "256M",
                                      "--cmdline", "pages=32768 rate=0 mark_us=0", "--api-socket", socket,
-                                     "--report-dir", temporaryPath("reports")], socket: socket)
+                                     "--report-dir", temporaryPath("reports")]
+                                    + billboard().register(dirtier, memory: "256M", cmdline: "pages=32768 rate=0 mark_us=0"),
+                                    socket: socket)
         try source.waitForSocket()
-        let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)"], socket: "")
+        let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)"] + billboard().storeArguments, socket: "")
         usleep(300_000)
         let start = try source.call(.PUT, "/vm/migrate",
                                     "{\"destination\": \"127.0.0.1:\(port)\", \"max_downtime_ms\": 0.001, \"max_bandwidth\": 1000000, \"timeout_s\": 30}")
@@ -319,7 +323,7 @@ struct MigrationProcessTests {
     @Test("vmm receive refuses a stream that is not a migration, and exits 1")
     func garbageRefused() throws {
         let port = try freePort()
-        let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)"], socket: "")
+        let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)"] + billboard().storeArguments, socket: "")
         usleep(300_000)
         let t = try TCPTransport.connect(to: "127.0.0.1:\(port)")
         let junk = [UInt8]("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8) + [UInt8](repeating: 0x41, count: 64)

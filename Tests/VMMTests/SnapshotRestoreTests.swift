@@ -87,8 +87,9 @@ struct SnapshotRestoreTests {
         let socket = temporaryPath("api") + ".sock"
         let file = temporaryPath("counter.snap")
         let count = 1500
-        let source = try VMMProcess(["run", try Fixtures.guest("counter.elf"), "--cmdline", "count=\(count) ticks=600000",
-                                     "--api-socket", socket], socket: socket)
+        let counter = try Fixtures.guest("counter.elf")
+        let source = try VMMProcess(["run", counter, "--cmdline", "count=\(count) ticks=600000", "--api-socket", socket]
+                                    + billboard().register(counter, cmdline: "count=\(count) ticks=600000"), socket: socket)
         try source.waitForSocket()
         usleep(UInt32.random(in: 20_000...250_000))
         #expect(try source.call(.PUT, "/vm/pause").status == 200)
@@ -99,7 +100,7 @@ struct SnapshotRestoreTests {
         let before = source.output
         #expect(!before.isEmpty)
 
-        let restored = try runVMM(["restore", file])
+        let restored = try runVMM(["restore", file] + billboard().storeArguments)
         #expect(restored.status == 0, "\(restored.stderr)")
         let whole = String(decoding: before, as: UTF8.self) + restored.stdout
         #expect(whole == counterTranscript(count), "source printed \(before.count) bytes; the joined output is not 1...\(count)")
@@ -109,8 +110,11 @@ struct SnapshotRestoreTests {
     func digestSurvivesRestore() throws {
         let socket = temporaryPath("api") + ".sock"
         let file = temporaryPath("dirtier.snap")
-        let source = try VMMProcess(["run", try Fixtures.guest("dirtier.elf"), "--memory", "128M",
-                                     "--cmdline", "pages=4096 passes=0 mark_us=0 pattern=random", "--api-socket", socket], socket: socket)
+        let dirtier = try Fixtures.guest("dirtier.elf")
+        let source = try VMMProcess(["run", dirtier, "--memory", "128M",
+                                     "--cmdline", "pages=4096 passes=0 mark_us=0 pattern=random", "--api-socket", socket]
+                                    + billboard().register(dirtier, memory: "128M", cmdline: "pages=4096 passes=0 mark_us=0 pattern=random"),
+                                    socket: socket)
         try source.waitForSocket()
         usleep(300_000)
         #expect(try source.call(.PUT, "/vm/pause").status == 200)
@@ -120,7 +124,7 @@ struct SnapshotRestoreTests {
         _ = source.wait()
 
         let socket2 = temporaryPath("api") + ".sock"
-        let restored = try VMMProcess(["restore", file, "--paused", "--api-socket", socket2], socket: socket2)
+        let restored = try VMMProcess(["restore", file, "--paused", "--api-socket", socket2] + billboard().storeArguments, socket: socket2)
         try restored.waitForSocket()
         let info = try restored.call(.GET, "/vm").json
         #expect(info?["state"] as? String == "paused")
@@ -138,8 +142,9 @@ struct SnapshotRestoreTests {
     @Test("API errors: unknown path 404, bad JSON 400, snapshot or digest while running 409, resume while running 409")
     func apiErrors() throws {
         let socket = temporaryPath("api") + ".sock"
-        let vmm = try VMMProcess(["run", try Fixtures.guest("counter.elf"), "--cmdline", "count=0 ticks=5000000",
-                                  "--api-socket", socket], socket: socket)
+        let counter = try Fixtures.guest("counter.elf")
+        let vmm = try VMMProcess(["run", counter, "--cmdline", "count=0 ticks=5000000", "--api-socket", socket]
+                                 + billboard().register(counter, cmdline: "count=0 ticks=5000000"), socket: socket)
         try vmm.waitForSocket()
         let attrs = try FileManager.default.attributesOfItem(atPath: socket)
         #expect((attrs[.posixPermissions] as? Int).map { $0 & 0o077 } == 0, "the socket is not owner-only")
@@ -170,8 +175,9 @@ struct SnapshotRestoreTests {
     func pauseResumeUnderLoad() throws {
         let socket = temporaryPath("api") + ".sock"
         let count = 3000
-        let vmm = try VMMProcess(["run", try Fixtures.guest("counter.elf"), "--cmdline", "count=\(count) ticks=300000",
-                                  "--api-socket", socket], socket: socket)
+        let counter = try Fixtures.guest("counter.elf")
+        let vmm = try VMMProcess(["run", counter, "--cmdline", "count=\(count) ticks=300000", "--api-socket", socket]
+                                 + billboard().register(counter, cmdline: "count=\(count) ticks=300000"), socket: socket)
         try vmm.waitForSocket()
         for _ in 0..<30 {
             guard try vmm.call(.PUT, "/vm/pause").status == 200 else { break }
@@ -186,7 +192,7 @@ struct SnapshotRestoreTests {
     @Test("restore refuses a different memory size, naming both")
     func restoreRefusesOtherMemory() throws {
         let file = try makeCounterSnapshot()
-        let r = try runVMM(["restore", file, "--memory", "128M"])
+        let r = try runVMM(["restore", file, "--memory", "128M"] + billboard().storeArguments)
         #expect(r.status == 1)
         #expect(r.stderr.contains("64 MiB") && r.stderr.contains("128 MiB"))
     }
@@ -198,18 +204,18 @@ struct SnapshotRestoreTests {
         let flipped = temporaryPath("flipped.snap")
         bytes[bytes.count / 2] ^= 0x40
         try Data(bytes).write(to: URL(fileURLWithPath: flipped))
-        let r = try runVMM(["restore", flipped])
+        let r = try runVMM(["restore", flipped] + billboard().storeArguments)
         #expect(r.status == 1)
         #expect(r.stderr.contains("checksum") || r.stderr.contains("malformed"), "\(r.stderr)")
 
         bytes[bytes.count / 2] ^= 0x40
         let cut = temporaryPath("cut.snap")
         try Data(bytes.prefix(bytes.count - 100)).write(to: URL(fileURLWithPath: cut))
-        let t = try runVMM(["restore", cut])
+        let t = try runVMM(["restore", cut] + billboard().storeArguments)
         #expect(t.status == 1)
         #expect(t.stderr.contains("truncated") || t.stderr.contains("end"), "\(t.stderr)")
 
-        let missing = try runVMM(["restore", "/nonexistent.snap"])
+        let missing = try runVMM(["restore", "/nonexistent.snap"] + billboard().storeArguments)
         #expect(missing.status == 1)
         #expect(missing.stderr.contains("cannot open snapshot"))
     }
@@ -235,8 +241,9 @@ struct SnapshotRestoreTests {
     func makeCounterSnapshot() throws -> String {
         let socket = temporaryPath("api") + ".sock"
         let file = temporaryPath("counter.snap")
-        let vmm = try VMMProcess(["run", try Fixtures.guest("counter.elf"), "--cmdline", "count=0 ticks=5000000",
-                                  "--api-socket", socket], socket: socket)
+        let counter = try Fixtures.guest("counter.elf")
+        let vmm = try VMMProcess(["run", counter, "--cmdline", "count=0 ticks=5000000", "--api-socket", socket]
+                                 + billboard().register(counter, cmdline: "count=0 ticks=5000000"), socket: socket)
         try vmm.waitForSocket()
         _ = try vmm.call(.PUT, "/vm/pause")
         #expect(try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"\(file)\"}").status == 200)

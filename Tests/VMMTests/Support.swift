@@ -91,3 +91,52 @@ func runVMM(_ arguments: [String], timeout: Double = 60) throws -> (status: Int3
     process.waitUntilExit()
     return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
 }
+
+/// One billboard (this test run's "host") that every guest a test boots through `vmm` is
+/// registered in first, as the VMM requires. It is used only through the `vmm billboard` CLI:
+/// this test process holds in-process VMs, and if it also had the store open, a VMM's scan would
+/// rightly see a process with a VM and the store but no admission record.
+final class TestBillboard: @unchecked Sendable {
+    let root: String
+    let directory: String
+    let adminKey: String
+    private let lock = NSLock()
+    private var serial = 0
+
+    static let shared: Result<TestBillboard, any Error> = Result { try TestBillboard(host: "testhost") }
+
+    init(host: String) throws {
+        root = temporaryPath("billboard-\(host)")
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        directory = root + "/store"
+        adminKey = root + "/admin.key"
+        let r = try runVMM(["billboard", "init", "--billboard", directory, "--host", host, "--admin-key", adminKey])
+        try #require(r.status == 0, "vmm billboard init failed: \(r.stderr)")
+    }
+
+    /// Registers `image` with exactly this configuration under a fresh name, and returns the
+    /// arguments that make `vmm run`/`restore`/`receive` use it.
+    func register(_ image: String, memory: String = "64M", mode: String? = nil, cmdline: String? = nil,
+                  beacons: String = "required", allowedHosts: [String] = []) throws -> [String] {
+        let name = lock.withLock { serial += 1; return "guest\(serial)-\(UInt16.random(in: 0...UInt16.max))" }
+        var args = ["billboard", "register", "--billboard", directory, "--signed-by", adminKey, "--name", name,
+                    "--image", image, "--memory", memory, "--beacons", beacons]
+        if let mode { args += ["--mode", mode] }
+        if let cmdline { args += ["--cmdline", cmdline] }
+        for h in allowedHosts { args += ["--allowed-host", h] }
+        let r = try runVMM(args)
+        try #require(r.status == 0, "registering \(image) failed: \(r.stderr)")
+        return ["--billboard", directory, "--name", name]
+    }
+
+    /// Arguments that point a VMM at this billboard without naming a guest (restore, receive).
+    var storeArguments: [String] { ["--billboard", directory] }
+
+    /// `vmm billboard` with this store.
+    func cli(_ args: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+        try runVMM(["billboard"] + args + ["--billboard", directory])
+    }
+}
+
+/// The shared test billboard.
+func billboard() throws -> TestBillboard { try TestBillboard.shared.get() }
