@@ -17,6 +17,8 @@ public enum InstanceState: String, Sendable, Codable, Equatable {
     case paused
     /// The lease was handed to a migration destination; this copy must never run again.
     case migrated
+    /// The guest has stopped; the process is tearing its VM down and exiting.
+    case ended
 }
 
 /// One VMM process holding a guest on this host, with what its beacons said.
@@ -30,6 +32,8 @@ public struct GuestInstance: Sendable, Equatable {
     public let startedAt: Date
     public let lastBeaconAt: Date?
     public let beaconCount: Int64
+    /// The counter of the guest's latest beacon.
+    public let beaconCounter: Int64?
     /// Evidence of a beacon whose token was not this instance's (a false VM), if one arrived.
     public let falseBeacon: String?
 }
@@ -124,16 +128,17 @@ extension BillboardStore {
 
     /// Stores the latest beacon a guest sent through this process. A beacon whose token is not the
     /// one this process issued is kept as evidence of a false VM (the scan stops it).
-    public func recordBeacon(pid: Int32 = getpid(), token: UInt64, counter: UInt64, at time: Date = Date()) throws {
+    /// `received` is how many beacons arrived since the last call (the VMM records the latest only).
+    public func recordBeacon(pid: Int32 = getpid(), token: UInt64, counter: UInt64, received: Int = 1, at time: Date = Date()) throws {
         try db.write { db in
             guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ?",
                                              arguments: [hostName, pid]) else { return }
             let expected: Data = row["token_mac"]
             if tokenMAC(token) == expected {
                 try db.execute(sql: """
-                    UPDATE instances SET last_beacon_at = ?, beacon_count = beacon_count + 1, beacon_counter = ?, stale_since = NULL
+                    UPDATE instances SET last_beacon_at = ?, beacon_count = beacon_count + ?, beacon_counter = ?, stale_since = NULL
                     WHERE host = ? AND pid = ?
-                    """, arguments: [time.milliseconds, Int64(bitPattern: counter), hostName, pid])
+                    """, arguments: [time.milliseconds, received, Int64(bitPattern: counter), hostName, pid])
             } else {
                 let evidence = "beacon #\(counter) at \(ISO8601DateFormatter().string(from: time)) carried token \(String(token, radix: 16)), not the token this VMM issued"
                 try db.execute(sql: "UPDATE instances SET false_beacon = COALESCE(false_beacon, ?) WHERE host = ? AND pid = ?",
@@ -151,7 +156,7 @@ extension BillboardStore {
                                      guestName: row["guest_name"], state: InstanceState(rawValue: row["state"]) ?? .running,
                                      beaconsRequired: row["beacons_required"], startedAt: Date(milliseconds: row["started_at"]),
                                      lastBeaconAt: (row["last_beacon_at"] as Int64?).map(Date.init(milliseconds:)),
-                                     beaconCount: row["beacon_count"], falseBeacon: row["false_beacon"])
+                                     beaconCount: row["beacon_count"], beaconCounter: row["beacon_counter"], falseBeacon: row["false_beacon"])
             }
         }
     }

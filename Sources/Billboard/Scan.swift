@@ -96,6 +96,7 @@ extension BillboardStore {
                 let state = InstanceState(rawValue: row["state"]) ?? .running
                 guard HostProcesses.alive(pid) else {
                     try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ?", arguments: [hostName, pid])
+                    if state == .ended { continue }  // a clean exit
                     findings.append(ScanFinding(kind: .gone, pid: pid, guest: name, evidence: "process \(pid) no longer exists"))
                     try appendAudit(db, actor: actor, event: "scan.gone", guest: name, details: [
                         "pid": .int(Int64(pid)), "guestID": .string(guestID)])
@@ -110,7 +111,8 @@ extension BillboardStore {
                 }
                 recordedPids.insert(pid)
                 // In flight: a destination before GO owns nothing yet; a source after GO is ending.
-                if state == .incoming || state == .migrated { continue }
+                // An ended guest's process is only tearing its VM down.
+                if state == .incoming || state == .migrated || state == .ended { continue }
                 if let evidence: String = row["false_beacon"] {
                     findings.append(ScanFinding(kind: .falseBeacon, pid: pid, guest: name, evidence: evidence))
                 }
@@ -167,6 +169,16 @@ extension BillboardStore {
         let keyFile = (databaseFile as NSString).deletingLastPathComponent + "/" + Self.keyFileName
         guard let other = try? HostKeys.load(path: keyFile) else { return false }
         return other.signing.publicKey.rawRepresentation == keys.signing.publicKey.rawRepresentation
+    }
+
+    /// Records that this VMM found its own guest false or without a lease and is ending it.
+    public func recordSelfEviction(_ finding: ScanFinding) throws {
+        try db.write { db in
+            try appendAudit(db, actor: processActor, event: "scan.stopped", guest: finding.guest, details: [
+                "pid": .int(Int64(finding.pid)), "kind": .string(finding.kind.rawValue),
+                "evidence": .string(finding.evidence), "self": .bool(true),
+            ])
+        }
     }
 
     /// Stops a false or duplicate VM: SIGSTOP freezes its vCPUs at once, the evidence goes into

@@ -56,6 +56,7 @@ public final class GuestSession: @unchecked Sendable {
         var handedOver = false
         var ended = false
         var latestBeacon: (BeaconMessage, Date)?
+        var beaconsSinceFlush = 0
         var reportedState: InstanceState?
         var lastScan: [ScanFinding] = []
     }
@@ -188,7 +189,7 @@ public final class GuestSession: @unchecked Sendable {
         self.machine = machine
         machine.session = self
         machine.onBeacon { [weak self] message in
-            self?.shared.withLock { $0.latestBeacon = (message, Date()) }
+            self?.shared.withLock { $0.latestBeacon = (message, Date()); $0.beaconsSinceFlush += 1 }
         }
         startOSThread(name: "billboard") { [self] in housekeeping() }
     }
@@ -229,13 +230,14 @@ public final class GuestSession: @unchecked Sendable {
             usleep(UInt32(tick * 1_000_000))
             guard let machine, !shared.withLock({ $0.ended }) else { return }
             if machine.state == .finished { return }
-            let (holds, handedOver, beacon) = shared.withLock { s -> (Bool, Bool, (BeaconMessage, Date)?) in
-                let b = s.latestBeacon
+            let (holds, handedOver, beacon, received) = shared.withLock { s -> (Bool, Bool, (BeaconMessage, Date)?, Int) in
+                let b = s.latestBeacon, n = s.beaconsSinceFlush
                 s.latestBeacon = nil
-                return (s.holdsLease, s.handedOver, b)
+                s.beaconsSinceFlush = 0
+                return (s.holdsLease, s.handedOver, b, n)
             }
             if let (message, time) = beacon {
-                do { try store.recordBeacon(token: message.token, counter: message.counter, at: time) } catch {
+                do { try store.recordBeacon(token: message.token, counter: message.counter, received: received, at: time) } catch {
                     log("billboard: cannot record a beacon: \(error)")
                 }
             }
@@ -281,6 +283,7 @@ public final class GuestSession: @unchecked Sendable {
         }
         for finding in findings where finding.mustStop {
             if finding.pid == getpid() {
+                try? store.recordSelfEviction(finding)
                 if let machine = machine ?? self.machine {
                     machine.pause()
                     machine.end(with: .evicted(reason: finding.description))
@@ -304,7 +307,9 @@ public final class GuestSession: @unchecked Sendable {
         }
         guard first else { return }
         if holds { try? store.releaseLease(guestID: registration.id, pid: getpid()) }
-        try? store.removeInstance()
+        // Kept as "ended" until the process is gone: its VM exists until then, and a scan must
+        // not mistake it for an unadmitted one. The next scan removes the record.
+        try? store.updateInstance(state: .ended)
     }
 }
 

@@ -117,8 +117,8 @@ final class TestBillboard: @unchecked Sendable {
     /// Registers `image` with exactly this configuration under a fresh name, and returns the
     /// arguments that make `vmm run`/`restore`/`receive` use it.
     func register(_ image: String, memory: String = "64M", mode: String? = nil, cmdline: String? = nil,
-                  beacons: String = "required", allowedHosts: [String] = []) throws -> [String] {
-        let name = lock.withLock { serial += 1; return "guest\(serial)-\(UInt16.random(in: 0...UInt16.max))" }
+                  beacons: String = "required", allowedHosts: [String] = [], name: String? = nil) throws -> [String] {
+        let name = name ?? lock.withLock { serial += 1; return "guest\(serial)-\(UInt16.random(in: 0...UInt16.max))" }
         var args = ["billboard", "register", "--billboard", directory, "--signed-by", adminKey, "--name", name,
                     "--image", image, "--memory", memory, "--beacons", beacons]
         if let mode { args += ["--mode", mode] }
@@ -140,3 +140,13 @@ final class TestBillboard: @unchecked Sendable {
 
 /// The shared test billboard.
 func billboard() throws -> TestBillboard { try TestBillboard.shared.get() }
+
+/// Polls `condition` every 50 ms until it holds or `timeout` seconds pass; returns whether it held.
+func waitUntil(_ timeout: Double, _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while Date() < deadline {
+        if try condition() { return true }
+        usleep(50_000)
+    }
+    return try condition()
+}
