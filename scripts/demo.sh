@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The demo: boot our guests in every mode and a foreign Multiboot kernel; pause,
-# snapshot and restore the counter through the control API; migrate it live
-# between two VMM processes and print the migration report.
+# The demo: create this host's billboard and register every guest; boot our guests
+# in every mode and a foreign Multiboot kernel; show the billboard refusing an
+# unregistered image; pause, snapshot and restore the counter through the control
+# API; migrate it live between two VMM processes and print the migration report;
+# plant a ghost beside the running guest and watch the scan stop it.
 set -uo pipefail
 VMM=${1:-.build/release/vmm}
 G=GuestImages/build
@@ -11,21 +13,41 @@ trap cleanup EXIT
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$1"; }
 step() { say "$1"; shift; echo "\$ $*"; "$@"; echo "(exit status $?)"; }
+BB="--billboard $TMP/billboard"
+reg() { "$VMM" billboard register $BB --signed-by "$TMP/admin.key" "$@" >/dev/null || echo "registering $* failed"; }
 wait_socket() { for _ in $(seq 100); do "$VMM" ctl info --api-socket "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "socket $1 did not come up"; return 1; }
 
-step "real mode: a flat binary at 0x10000, CS:IP = 1000:0000" "$VMM" run $G/hello-real.bin --mode real
-step "protected mode: flat 32-bit segments, paging off" "$VMM" run $G/hello-protected.bin --mode protected
-step "long mode: 64-bit, identity-mapped, parameter block in RSI" "$VMM" run $G/hello-long.bin --mode long --memory 128M --cmdline "greeting=hi"
-step "Multiboot: detected by its header; magic, memory map and command line" "$VMM" run $G/hello-multiboot.elf --memory 256M --cmdline "console=ttyS0 demo=1"
+say "the billboard: this host's signed registry; no guest runs unless an administrator registered it"
+step "create the store, the host keys and the first administrator key" "$VMM" billboard init $BB --host demo-host --admin-key "$TMP/admin.key"
+step "register a guest: image digest, configuration, network identity, signed by the administrator" \
+  "$VMM" billboard register $BB --signed-by "$TMP/admin.key" --name hello-real --image $G/hello-real.bin --mode real \
+  --memory 64M --mac 52:54:00:00:00:01 --ip 10.0.0.1 --os "tiny real-mode guest" --beacons none
+reg --name hello-protected --image $G/hello-protected.bin --mode protected --beacons none
+reg --name hello-long --image $G/hello-long.bin --mode long --memory 128M --cmdline "greeting=hi" --beacons none
+reg --name hello-multiboot --image $G/hello-multiboot.elf --memory 256M --cmdline "console=ttyS0 demo=1" --beacons none
+[ -f $G/third-party/tboot.elf ] && reg --name tboot --image $G/third-party/tboot.elf --memory 128M --cmdline logging=serial --beacons none
+reg --name status42 --image $G/status42.bin --mode protected --beacons none
+reg --name counter --image $G/counter.elf --cmdline "count=0 ticks=200000000"
+reg --name mover --image $G/counter.elf --cmdline "count=0 ticks=100000000"
+reg --name liar --image $G/counter.elf --cmdline "count=0 ticks=200000000 beacon_token=12345"
+echo "\$ vmm billboard list"; "$VMM" billboard list $BB
+
+step "real mode: a flat binary at 0x10000, CS:IP = 1000:0000" "$VMM" run $G/hello-real.bin --mode real $BB
+step "protected mode: flat 32-bit segments, paging off" "$VMM" run $G/hello-protected.bin --mode protected $BB
+step "long mode: 64-bit, identity-mapped, parameter block in RSI" "$VMM" run $G/hello-long.bin --mode long --memory 128M --cmdline "greeting=hi" $BB
+step "Multiboot: detected by its header; magic, memory map and command line" "$VMM" run $G/hello-multiboot.elf --memory 256M --cmdline "console=ttyS0 demo=1" $BB
 say "a Multiboot kernel nobody here wrote: Intel's tboot from Debian (first and last lines)"
 echo "\$ $VMM run $G/third-party/tboot.elf --memory 128M --cmdline logging=serial"
-"$VMM" run $G/third-party/tboot.elf --memory 128M --cmdline logging=serial | sed -n '3,6p;$p'
-step "the exit port: status 42 comes back as the process status" "$VMM" run $G/status42.bin --mode protected
-step "bad input: a flat binary without --mode" "$VMM" run $G/hello-real.bin
-step "bad input: a memory size that makes no sense" "$VMM" run $G/hello-real.bin --memory 12Q
+"$VMM" run $G/third-party/tboot.elf --memory 128M --cmdline logging=serial $BB | sed -n '3,6p;$p'
+step "the exit port: status 42 comes back as the process status" "$VMM" run $G/status42.bin --mode protected $BB
+step "bad input: a flat binary without --mode" "$VMM" run $G/hello-real.bin $BB
+step "bad input: a memory size that makes no sense" "$VMM" run $G/hello-real.bin --memory 12Q $BB
+cp $G/hello-protected.bin "$TMP/tampered.bin"; printf '\x01' | dd of="$TMP/tampered.bin" bs=1 seek=40 conv=notrunc 2>/dev/null
+step "refused: an image nobody registered (hello-protected with one byte changed)" "$VMM" run "$TMP/tampered.bin" --mode protected $BB
+step "refused: a registered guest with a configuration it was not registered with" "$VMM" run $G/hello-protected.bin --mode protected --memory 128M --name hello-protected $BB
 
 say "pause, snapshot and restore the counter through the control API"
-"$VMM" run $G/counter.elf --cmdline "count=0 ticks=200000000" --api-socket "$TMP/a.sock" > "$TMP/a.out" 2>&1 &
+"$VMM" run $G/counter.elf --cmdline "count=0 ticks=200000000" --api-socket "$TMP/a.sock" --name counter $BB > "$TMP/a.out" 2>&1 &
 wait_socket "$TMP/a.sock"
 sleep 1
 echo "\$ vmm ctl pause";    "$VMM" ctl pause --api-socket "$TMP/a.sock"
@@ -34,11 +56,12 @@ echo "\$ vmm ctl shutdown"; "$VMM" ctl shutdown --api-socket "$TMP/a.sock"
 sleep 0.5
 echo "the counter printed, before the snapshot:"; tail -n 3 "$TMP/a.out" | tr '\n' ' '; echo
 echo "\$ vmm restore counter.snap   (runs 1 s, then stopped)"
-timeout -s INT 1 "$VMM" restore "$TMP/counter.snap" | head -n 3
+timeout -s INT 1 "$VMM" restore "$TMP/counter.snap" $BB | head -n 3
+step "refused: the same snapshot again (its epoch is older than the guest's; a rollback needs an administrator)" "$VMM" restore "$TMP/counter.snap" $BB
 
 say "live migration of the running counter between two VMM processes"
-"$VMM" run $G/counter.elf --cmdline "count=0 ticks=200000000" --api-socket "$TMP/src.sock" > "$TMP/src.out" 2>&1 &
-"$VMM" receive --listen 127.0.0.1:7777 --api-socket "$TMP/dst.sock" > "$TMP/dst.out" 2>&1 &
+"$VMM" run $G/counter.elf --cmdline "count=0 ticks=100000000" --api-socket "$TMP/src.sock" --name mover $BB --scan-interval 1 > "$TMP/src.out" 2>&1 &
+"$VMM" receive --listen 127.0.0.1:7777 --api-socket "$TMP/dst.sock" $BB --scan-interval 1 > "$TMP/dst.out" 2>&1 &
 wait_socket "$TMP/src.sock"
 sleep 1
 echo "\$ vmm ctl migrate 127.0.0.1:7777 --api-socket src.sock"
@@ -46,5 +69,25 @@ echo "\$ vmm ctl migrate 127.0.0.1:7777 --api-socket src.sock"
 sleep 1
 echo "last lines on the source:      $(grep -E '^[0-9]+$' "$TMP/src.out" | tail -n 2 | tr '\n' ' ')"
 echo "first lines on the destination: $(grep -E '^[0-9]*$' "$TMP/dst.out" | head -n 3 | tr '\n' ' ')"
+echo "\$ vmm billboard instances   (the lease moved with GO: the destination holds the next epoch)"
+"$VMM" billboard instances $BB | grep -v ended
+
+say "ghosts: a second copy of the running guest, and a guest that lies about who it is"
+"$VMM" ctl pause --api-socket "$TMP/dst.sock" >/dev/null
+"$VMM" ctl snapshot "$TMP/mover.snap" --api-socket "$TMP/dst.sock" >/dev/null
+"$VMM" ctl resume --api-socket "$TMP/dst.sock" >/dev/null
+cp "$TMP/mover.snap" "$TMP/stolen.snap"
+step "refused: a copied snapshot restored beside the running original" "$VMM" restore "$TMP/stolen.snap" $BB
+cp -a "$TMP/billboard" "$TMP/stolen-billboard"
+step "refused: a VMM started against a copy of the store" "$VMM" restore "$TMP/stolen.snap" --billboard "$TMP/stolen-billboard"
+echo "\$ vmm run counter.elf --cmdline '... beacon_token=12345' --name liar   (admitted, but its beacons carry a forged token)"
+"$VMM" run $G/counter.elf --cmdline "count=0 ticks=200000000 beacon_token=12345" --name liar $BB --scan-interval 3600 >/dev/null 2>&1 &
+LIAR=$!
+for _ in $(seq 50); do kill -0 $LIAR 2>/dev/null || break; sleep 0.1; done
+wait $LIAR 2>/dev/null; echo "the false VM ended with status $? (137: SIGKILL from another VMM's scan, within its 1 s interval)"
+echo "the original still counts: $(grep -E '^[0-9]+$' "$TMP/dst.out" | tail -n 2 | tr '\n' ' ')"
+echo "\$ vmm billboard audit   (the last decisions, with their evidence)"
+"$VMM" billboard audit $BB --last 40 | grep -E "scan.stopped|refused|handover" | cut -f 4-6 | cut -c 1-190 | tail -n 8
+step "the audit log is a signed hash chain" "$VMM" billboard audit --verify $BB
 "$VMM" ctl shutdown --api-socket "$TMP/dst.sock" >/dev/null
 exit 0

@@ -225,7 +225,7 @@ public final class GuestSession: @unchecked Sendable {
 
     private func housekeeping() {
         let tick = min(1.0, settings.leaseTimeout / 3, settings.scanInterval)
-        var nextScan = Date().addingTimeInterval(min(settings.scanInterval, 1))
+        var nextScan = Date().addingTimeInterval(settings.scanInterval)
         while true {
             usleep(UInt32(tick * 1_000_000))
             guard let machine, !shared.withLock({ $0.ended }) else { return }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Billboard
 import Foundation
 import GuestMemory
 import KVM
@@ -38,6 +39,81 @@ struct Stats: Codable {
     }
 }
 
+/// A throwaway billboard for a benchmark run: the guests a benchmark boots are registered and
+/// admitted like any other (the admission is part of what a boot costs, and is reported).
+final class BenchBillboard {
+    let root: String
+    let store: BillboardStore
+    let admin: AdminKey
+    private var names: [String: String] = [:]
+
+    init() throws {
+        var template = Array("/tmp/vmm-bench-billboard-XXXXXX".utf8CString)
+        guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
+            throw CLIError("cannot create a temporary billboard directory in /tmp: \(String(cString: strerror(errno)))")
+        }
+        root = String(cString: made)
+        admin = try AdminKey(name: "bench")
+        store = try BillboardStore.initialize(directory: root + "/store", hostName: "bench", firstAdmin: admin)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: root) }
+
+    var directory: String { root + "/store" }
+
+    /// The registered name for this image and configuration (registered on first use).
+    func name(for image: [UInt8], _ c: MachineConfiguration) throws -> String {
+        let digest = ImageDigest.sha256(Data(image))
+        let key = "\(digest) \(c.memorySize) \(c.vcpuCount) \(c.mode?.rawValue ?? "") \(c.commandLine ?? "")"
+        if let name = names[key] { return name }
+        let name = "bench\(names.count + 1)"
+        try store.register(GuestRegistration(name: name, imageSHA256: digest, memoryBytes: c.memorySize, vcpus: c.vcpuCount,
+                                             mode: c.mode?.rawValue, commandLine: c.commandLine, beacons: .none), signedBy: admin)
+        names[key] = name
+        return name
+    }
+
+    /// Admits, then builds and boots the machine (as `vmm run` does).
+    func boot(_ image: [UInt8], _ c: MachineConfiguration, kvm: KVMSystem, serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+        let session = try GuestSession.admitBoot(store: store, name: try name(for: image, c), image: image, configuration: c,
+                                                 settings: BillboardSettings(scanInterval: 3600), log: { _ in })
+        do {
+            let machine = try Machine(image: image, configuration: c, kvm: kvm, serialOutput: serialOutput)
+            try session.attachBooted(machine)
+            return machine
+        } catch {
+            session.end()
+            throw error
+        }
+    }
+
+    /// Admits and restores a snapshot file (as `vmm restore` does).
+    func restore(_ path: String, kvm: KVMSystem) throws -> (Machine, SnapshotStats) {
+        var session: GuestSession?
+        let store = self.store
+        do {
+            let (machine, _, stats) = try SnapshotFile.read(path, kvm: kvm, admit: { d in
+                session = try GuestSession.admitRestore(store: store, description: d, snapshotSHA256: { try ImageDigest.sha256(path: path) },
+                                                        settings: BillboardSettings(scanInterval: 3600), log: { _ in })
+            }, verifySignature: { sig, digest in
+                guard let sig else { throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature") }
+                try store.verifyState(sig, digest: digest)
+            }, serialOutput: { _ in })
+            try session!.attachRestored(machine)
+            return (machine, stats)
+        } catch {
+            session?.end()
+            throw error
+        }
+    }
+}
+
+/// Stops a benchmark machine and gives its lease back.
+func finish(_ machine: Machine) {
+    machine.requestStop()
+    _ = machine.waitForExit()
+    machine.session?.end()
+}
 
 struct BootBench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -65,34 +141,46 @@ struct BootBench: ParsableCommand {
         let status = try CommandRunner.fail {
             let bytes = try ImageFile.read(image, limit: 64 << 20)
             let kvm = try KVMSystem()
+            let billboard = try BenchBillboard()
+            let configuration = MachineConfiguration(memorySize: 64 << 20, mode: mode)
+            let name = try billboard.name(for: bytes, configuration)
 
-            // In-process: KVM_CREATE_VM, memory, load, vCPU setup, run, until the first serial byte.
-            var inProcess: [Double] = []
+            // In-process: the Billboard's admission (timed apart), then KVM_CREATE_VM, memory, load,
+            // vCPU setup, run, until the first serial byte.
+            var inProcess: [Double] = [], admission: [Double] = []
             for _ in 0..<(runs + 2) {
                 let first = FirstByteClock()
+                let a0 = monotonicMilliseconds()
+                let session = try GuestSession.admitBoot(store: billboard.store, name: name, image: bytes, configuration: configuration,
+                                                         settings: BillboardSettings(scanInterval: 3600), log: { _ in })
                 let t0 = monotonicMilliseconds()
-                let machine = try Machine(image: bytes, configuration: MachineConfiguration(memorySize: 64 << 20, mode: mode),
-                                          kvm: kvm, serialOutput: { _ in first.mark() })
+                let machine = try Machine(image: bytes, configuration: configuration, kvm: kvm, serialOutput: { _ in first.mark() })
+                try session.attachBooted(machine)
                 machine.start()
                 _ = machine.waitForExit()
+                session.end()
                 guard let t1 = first.time else { throw CLIError("the guest printed nothing; use a guest that writes to COM1") }
                 inProcess.append(t1 - t0)
+                admission.append(t0 - a0)
             }
             inProcess.removeFirst(2) // warm-up: first-touch page faults in the VMM itself
+            admission.removeFirst(2)
 
             // Process: spawn `vmm run`, until its first byte reaches our pipe.
             let me = try String(contentsOfFile: "/proc/self/cmdline", encoding: .utf8).split(separator: "\0").first.map(String.init) ?? "vmm"
             let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? me
             var processStart: [Double] = []
             for _ in 0..<(runs + 1) {
-                processStart.append(try timeProcess(exe, ["run", image, "--mode", mode.rawValue]))
+                processStart.append(try timeProcess(exe, ["run", image, "--mode", mode.rawValue,
+                                                          "--billboard", billboard.directory, "--name", name]))
             }
             processStart.removeFirst() // warm-up: page cache
 
-            let a = Stats(processStart), b = Stats(inProcess)
+            let a = Stats(processStart), b = Stats(inProcess), c = Stats(admission)
             print("boot latency of \(image) (\(mode.rawValue) mode), \(runs) runs each")
             print("  process start to first serial byte:   \(a.line)   goal < 20 ms")
             print("  VM creation to first serial byte:     \(b.line)   goal < 2 ms")
+            print("  billboard admission (before the VM):  \(c.line)")
             let report: [String: Any] = [
                 "benchmark": "boot-latency",
                 "date": ISO8601DateFormatter().string(from: Date()),
@@ -101,7 +189,8 @@ struct BootBench: ParsableCommand {
                 "mode": mode.rawValue,
                 "process_start_to_first_byte_ms": toJSONObject(a),
                 "vm_create_to_first_byte_ms": toJSONObject(b),
-                "samples": ["process_start_ms": processStart, "in_process_ms": inProcess],
+                "billboard_admission_ms": toJSONObject(c),
+                "samples": ["process_start_ms": processStart, "in_process_ms": inProcess, "admission_ms": admission],
                 "goals_ms": ["process_start": 20, "in_process": 2],
             ]
             let url = URL(fileURLWithPath: output)
@@ -192,6 +281,7 @@ struct SnapshotBench: ParsableCommand {
         let status = try CommandRunner.fail {
             let bytes = try ImageFile.read(image, limit: 64 << 20)
             let kvm = try KVMSystem()
+            let billboard = try BenchBillboard()
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
             var rows: [[String: Any]] = []
             print("snapshot and restore (\(runs) runs each; file written, fsynced, renamed; restore verifies every checksum)")
@@ -200,16 +290,16 @@ struct SnapshotBench: ParsableCommand {
                 for filled in [false, true] {
                     var save: [Double] = [], load: [Double] = [], fileBytes: UInt64 = 0
                     for _ in 0..<runs {
-                        let machine = try Machine(image: bytes, configuration: MachineConfiguration(
+                        let machine = try billboard.boot(bytes, MachineConfiguration(
                             memorySize: size, commandLine: "count=0 ticks=100000000"), kvm: kvm, serialOutput: { _ in })
                         if filled { try fillMemory(machine.memory, from: 16 << 20) }
                         machine.startPaused()
                         let path = directory + "/bench-\(getpid()).snap"
                         let s = try SnapshotFile.write(machine, to: path)
-                        machine.requestStop()
-                        _ = machine.waitForExit()
-                        let (restored, _, r) = try SnapshotFile.read(path, kvm: kvm, serialOutput: { _ in })
+                        finish(machine)
+                        let (restored, r) = try billboard.restore(path, kvm: kvm)
                         restored.end(with: .shutdown)
+                        restored.session?.end()
                         save.append(s.milliseconds)
                         load.append(r.milliseconds)
                         fileBytes = s.bytes
@@ -269,11 +359,12 @@ struct DirtyLogBench: ParsableCommand {
         let status = try CommandRunner.fail {
             let bytes = try ImageFile.read(image, limit: 64 << 20)
             let kvm = try KVMSystem()
+            let billboard = try BenchBillboard()
             var rows: [[String: Any]] = []
             print("dirty-log collection cost (\(rounds) rounds, \(intervalMs) ms of unpaced writes over a 256 MiB working set between rounds)")
             for size: UInt64 in [512 << 20, 2 << 30] {
                 for tracker in DirtyTrackerKind.allCases {
-                    let machine = try Machine(image: bytes, configuration: MachineConfiguration(
+                    let machine = try billboard.boot(bytes, MachineConfiguration(
                         memorySize: size, commandLine: "pages=65536 rate=0 mark_us=0", dirtyTracker: tracker),
                         kvm: kvm, serialOutput: { _ in })
                     machine.start()
@@ -292,8 +383,7 @@ struct DirtyLogBench: ParsableCommand {
                         pages.append(Double(dirty.count))
                     }
                     try machine.dirtyTracker.disable()
-                    machine.requestStop()
-                    _ = machine.waitForExit()
+                    finish(machine)
                     let c = Stats(costs), p = Stats(pages)
                     print(String(format: "  %4d MiB  %@  collect+rearm %7.3f ms (min %.3f max %.3f)  dirty pages/round %.0f",
                                  Int(size >> 20), tracker.rawValue.padding(toLength: 6, withPad: " ", startingAt: 0), c.median, c.min, c.max, p.median))
