@@ -1,0 +1,202 @@
+import Foundation
+import GRDB
+import Testing
+@testable import Billboard
+
+/// A live process that is not this one (a `sleep` child), for instance records of "another VMM".
+final class LiveChild {
+    let process = Process()
+    init() throws {
+        process.executableURL = URL(fileURLWithPath: "/bin/sleep")
+        process.arguments = ["60"]
+        try process.run()
+    }
+    var pid: Int32 { process.processIdentifier }
+    // SIGKILL: a child inherits the test runner's signal mask, in which SIGTERM may be blocked.
+    deinit { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
+}
+
+/// Findings about instance records only (the /proc part of a scan also sees this test process).
+func recordFindings(_ store: BillboardStore, staleAfter: TimeInterval = 60) throws -> [ScanFinding] {
+    try store.scan(staleAfter: staleAfter).filter { ![.unmanaged, .unrecorded, .copiedStore].contains($0.kind) }
+}
+
+@Suite("The active scan's judgement of instance records, beacons and leases")
+struct ScanLogicTests {
+    @Test("a beacon with the issued token is recorded; one with another token is kept as evidence and makes the instance a false VM")
+    func falseBeaconEvidence() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.recordInstance(r, token: 0xABCD, state: .running)
+        try f.store.recordBeacon(token: 0xABCD, counter: 1, received: 2)
+        var me = try #require(try f.store.instances().first { $0.pid == getpid() })
+        #expect(me.beaconCount == 2 && me.beaconCounter == 1 && me.falseBeacon == nil)
+        #expect(try recordFindings(f.store).isEmpty)
+
+        try f.store.recordBeacon(token: 0x1234, counter: 2)
+        me = try #require(try f.store.instances().first { $0.pid == getpid() })
+        #expect(me.falseBeacon?.contains("1234") == true)
+        let findings = try recordFindings(f.store)
+        #expect(findings.map(\.kind) == [.falseBeacon])
+        #expect(findings.first?.mustStop == true && findings.first?.pid == getpid())
+    }
+
+    @Test("the same guest in a second process is a duplicate; a process whose lease was released is without lease; the holder is left alone")
+    func duplicateAndNoLease() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        let ghost = try LiveChild()
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.recordInstance(r, token: 1, state: .running)
+        try f.store.recordInstance(r, pid: ghost.pid, token: 2, state: .running)
+        let findings = try recordFindings(f.store)
+        #expect(findings.count == 1)
+        #expect(findings.first?.kind == .duplicate && findings.first?.pid == ghost.pid)
+
+        try f.store.releaseLease(guestID: r.id, pid: getpid())
+        let after = try recordFindings(f.store)
+        #expect(Set(after.map(\.kind)) == [.noLease])
+        #expect(Set(after.map(\.pid)) == [getpid(), ghost.pid])
+    }
+
+    @Test("a guest in flight (incoming, migrated) or paused is neither a duplicate nor stale; a silent running one is stale")
+    func inFlightPausedAndStale() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        let destination = try LiveChild()
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.recordInstance(r, token: 1, state: .running)
+        try f.store.recordInstance(r, pid: destination.pid, token: 1, state: .incoming)
+        #expect(try recordFindings(f.store, staleAfter: 60).isEmpty)
+        // The commit: lease to the destination and the source marked migrated in one transaction.
+        try f.store.handOver(guestID: r.id, fromPid: getpid(), toHost: "host1", toPid: destination.pid)
+        #expect(try f.store.instances().first { $0.pid == getpid() }?.state == .migrated)
+        try f.store.updateInstance(pid: destination.pid, state: .running)
+        #expect(try recordFindings(f.store, staleAfter: 60).isEmpty)
+
+        // Beacons are required for web1: silent for longer than the grace period means stale.
+        usleep(300_000)
+        let stale = try recordFindings(f.store, staleAfter: 0.1)
+        #expect(stale.map(\.kind) == [.stale] && stale.first?.pid == destination.pid && stale.first?.mustStop == false)
+        #expect(try events(f.store).filter { $0 == "scan.stale" }.count == 1)
+        _ = try recordFindings(f.store, staleAfter: 0.1)
+        #expect(try events(f.store).filter { $0 == "scan.stale" }.count == 1, "a stale guest is audited once, not every scan")
+
+        try f.store.updateInstance(pid: destination.pid, state: .paused)
+        usleep(300_000)
+        #expect(try recordFindings(f.store, staleAfter: 0.1).isEmpty, "a paused guest is not stale")
+    }
+
+    @Test("records of processes that are gone are removed; a clean exit silently, a crash with an audit entry")
+    func goneProcesses() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        try f.store.recordInstance(r, pid: try deadPid(), token: 1, state: .running)
+        try f.store.recordInstance(r, pid: try deadPid(), token: 1, state: .ended)
+        let findings = try recordFindings(f.store)
+        #expect(findings.map(\.kind) == [.gone])
+        #expect(try f.store.instances().isEmpty)
+        #expect(try events(f.store).filter { $0 == "scan.gone" }.count == 1)
+    }
+
+    @Test("an instance record planted without the host key is not trusted: removed and audited")
+    func forgedRecord() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.recordInstance(r, token: 1, state: .running)
+        let other = try LiveChild()
+        // The attacker copies our row to its own pid, MAC and all.
+        try f.attacker("""
+            INSERT INTO instances SELECT host, ?, guest_id, guest_name, token_mac, state, beacons_required, started_at,
+                updated_at, last_beacon_at, beacon_count, beacon_counter, false_beacon, stale_since, mac
+            FROM instances WHERE pid = ?
+            """, [other.pid, getpid()])
+        _ = try recordFindings(f.store)
+        #expect(try f.store.instances().map(\.pid) == [getpid()])
+        #expect(try events(f.store).contains("scan.forged-record"))
+    }
+
+    @Test("a store copied to another directory is refused as a copy; the original opens")
+    func copiedStoreRefused() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        try f.store.ensureOriginal()
+        let copy = f.root + "/copy"
+        try FileManager.default.copyItem(atPath: f.storeDir, toPath: copy)
+        let copied = try BillboardStore(directory: copy)
+        #expect(refusal { try copied.ensureOriginal() } == .copiedStore(directory: copy))
+        #expect(copied.isCopyOfThisStore(databaseFile: f.databasePath))
+        let other = try Fixture(hostName: "host2")
+        defer { other.remove() }
+        #expect(!f.store.isCopyOfThisStore(databaseFile: other.databasePath))
+    }
+
+    @Test("a rollback authorisation is signed by an administrator, bound to one snapshot digest, and used once")
+    func restoreAuthorisation() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.releaseLease(guestID: r.id, pid: getpid())
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)  // epoch 2
+        let digest = String(repeating: "ab", count: 32)
+        #expect(refusal { try f.store.checkEpoch(guestID: r.id, epoch: 1, snapshotSHA256: { digest }) }
+                == .staleEpoch(guestID: r.id, epoch: 1, current: 2))
+
+        let mallory = try AdminKey(name: "mallory")
+        #expect(refusal { try f.store.authorizeRestore(guestName: "web1", snapshotSHA256: digest, signedBy: mallory) } != nil)
+        try f.store.authorizeRestore(guestName: "web1", snapshotSHA256: digest, signedBy: f.admin)
+        let other = String(repeating: "cd", count: 32)
+        #expect(refusal { try f.store.checkEpoch(guestID: r.id, epoch: 1, snapshotSHA256: { other }) } != nil,
+                "an authorisation is for one snapshot only")
+        try f.store.checkEpoch(guestID: r.id, epoch: 1, snapshotSHA256: { digest })
+        #expect(refusal { try f.store.checkEpoch(guestID: r.id, epoch: 1, snapshotSHA256: { digest }) } != nil,
+                "an authorisation is good for one restore")
+        #expect(try events(f.store).contains("epoch.authorized-rollback"))
+
+        // An unused authorisation edited to point at another snapshot fails its integrity code.
+        try f.store.authorizeRestore(guestName: "web1", snapshotSHA256: digest, signedBy: f.admin)
+        try f.attacker("UPDATE restore_authorizations SET snapshot_sha256 = ? WHERE used_at IS NULL", [other])
+        #expect(refusal { try f.store.checkEpoch(guestID: r.id, epoch: 1, snapshotSHA256: { other }) } == .recordTampered(what: "restore authorisation 2"))
+    }
+
+    @Test("a migration destination may take a guest whose lease the announcing source holds, not one another live process holds")
+    func incomingCheck() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        let holder = try LiveChild()
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: holder.pid, takeoverAfter: 10)
+        try f.store.checkIncoming(guestID: r.id, sourceHost: "host1", sourcePid: holder.pid)
+        #expect(refusal { try f.store.checkIncoming(guestID: r.id, sourceHost: "host1", sourcePid: 1) }
+                == .leaseHeld(guestID: r.id, host: "host1", pid: holder.pid, epoch: 1))
+    }
+
+    @Test("a state signature verifies for this host and for an added peer, and not for edited contents or an unknown host")
+    func stateSignatures() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let peer = try Fixture(hostName: "host2")
+        defer { peer.remove() }
+        let stranger = try Fixture(hostName: "host3")
+        defer { stranger.remove() }
+        let digest = [UInt8](repeating: 7, count: 32)
+        try f.store.verifyState(try f.store.signState(digest: digest), digest: digest)
+        var edited = digest
+        edited[0] ^= 1
+        #expect(refusal { try f.store.verifyState(try f.store.signState(digest: digest), digest: edited) } != nil)
+        let fromPeer = try peer.store.signState(digest: digest)
+        #expect(refusal { try f.store.verifyState(fromPeer, digest: digest) } != nil)
+        try f.store.addHost(name: "host2", signingKey: peer.store.hostSigningKey, agreementKey: peer.store.hostAgreementKey,
+                            signedBy: f.admin)
+        try f.store.verifyState(fromPeer, digest: digest)
+        #expect(refusal { try f.store.verifyState(try stranger.store.signState(digest: digest), digest: digest) } != nil)
+    }
+}
