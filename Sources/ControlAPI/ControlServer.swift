@@ -124,6 +124,17 @@ public final class ControlServer: Sendable {
         router.get("/vm") { _, _ in
             JSONReply.make(.ok, VMInfo.describe(controller.machine))
         }
+        router.put("/vm/scan") { _, _ in
+            // The active scan on demand: the same rules and actions as the periodic one.
+            guard let session = controller.machine.session else {
+                throw APIError(.conflict, "this VM has no billboard session")
+            }
+            let findings = try await offPool { session.runScan() }
+            return JSONReply.make(.ok, ["findings": findings.map {
+                ["kind": $0.kind.rawValue, "pid": Int($0.pid), "guest": $0.guest ?? NSNull(), "evidence": $0.evidence,
+                 "stopped": $0.mustStop] as [String: Any]
+            }])
+        }
         router.put("/vm/pause") { _, _ in
             let m = controller.machine
             guard m.state != .finished else { throw APIError(.conflict, "the VM has stopped; it cannot be paused") }
@@ -185,6 +196,15 @@ public enum VMInfo {
         if let started = m.startedAt { info["uptime_s"] = (monotonicMilliseconds() - started) / 1000 }
         if let exit = m.exitResult {
             info["exit"] = ["status": exit.exitStatus, "reason": exit.description]
+        }
+        if let session = m.session {
+            info["billboard"] = [
+                "guest": session.registration.name,
+                "id": session.registration.id.uuidString.lowercased(),
+                "host": session.store.hostName,
+                "epoch": session.epoch,
+                "beacons": session.registration.beacons.rawValue,
+            ] as [String: Any]
         }
         return info
     }

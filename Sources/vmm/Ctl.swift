@@ -6,7 +6,7 @@ import NIOHTTP1
 struct Ctl: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Control a running VMM through its API socket.",
-        subcommands: [Info.self, Pause.self, Resume.self, SnapshotCmd.self, Digest.self, Shutdown.self, Migrate.self, MigrationStatus.self])
+        subcommands: [Info.self, Pause.self, Resume.self, SnapshotCmd.self, Digest.self, Shutdown.self, Migrate.self, MigrationStatus.self, Scan.self])
 
     struct Socket: ParsableArguments {
         @Option(help: "The VMM's control socket (vmm run --api-socket PATH).")
@@ -61,6 +61,11 @@ struct Ctl: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "SHA-256 of all guest RAM of a paused VM (GET /vm/digest).")
         @OptionGroup var socket: Socket
         func run() throws { try Ctl.call(socket, .GET, "/vm/digest") }
+    }
+    struct Scan: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Run the VMM's active billboard scan now (PUT /vm/scan); false and duplicate VMs are stopped.")
+        @OptionGroup var socket: Socket
+        func run() throws { try Ctl.call(socket, .PUT, "/vm/scan") }
     }
     struct Shutdown: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Stop the VM and end its VMM (PUT /vm/shutdown).")

@@ -306,7 +306,7 @@ struct ScanTests {
         #expect(vmm.wait() == 0)
     }
 
-    @Test("a paused guest is not stale")
+    @Test("a paused guest is not stale; the scan runs on demand through PUT /vm/scan; GET /vm names the guest and its epoch")
     func pausedNotStale() throws {
         let store = try TestBillboard(host: "paused")
         let vmm = try runCounter(store, extra: ["--scan-interval", "0.5", "--beacon-interval", "200"])
@@ -316,6 +316,12 @@ struct ScanTests {
         #expect(try vmm.call(.PUT, "/vm/resume").status == 200)
         usleep(1_500_000)
         #expect(!(try auditText(store).contains("scan.stale")))
+        // The scan on demand through the API, and the guest's identity in GET /vm.
+        let scan = try vmm.call(.PUT, "/vm/scan")
+        #expect(scan.status == 200)
+        #expect((scan.json?["findings"] as? [Any]).map { $0.filter { "\($0)".contains("stale") }.isEmpty } == true, "\(scan.body)")
+        let billboardInfo = try vmm.call(.GET, "/vm").json?["billboard"] as? [String: Any]
+        #expect(billboardInfo?["epoch"] as? Int == 1 && billboardInfo?["host"] as? String == "paused")
         #expect(try vmm.call(.PUT, "/vm/shutdown").status == 200)
         #expect(vmm.wait() == 0)
     }
