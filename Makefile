@@ -33,6 +33,7 @@ bench: release
 	$(RELEASE) bench boot --runs 30 --output bench-results/boot.json
 	$(RELEASE) bench snapshot --runs 3 --output bench-results/snapshot.json
 	$(RELEASE) bench dirty-log --output bench-results/dirty-log.json
+	$(RELEASE) bench ghost --runs 10 --output bench-results/ghost.json
 
 # Live migration against QEMU on the same guest, one system at a time (about 15 minutes).
 bench-migration: release

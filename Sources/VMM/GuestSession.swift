@@ -61,6 +61,9 @@ public final class GuestSession: @unchecked Sendable {
         var lastScan: [ScanFinding] = []
     }
     private let shared = Mutex(Shared())
+    /// Wakes housekeeping early: a beacon with a foreign token is evidence to record at once.
+    private let wakeup = NSCondition()
+    private var urgent = false  // guarded by wakeup
     private weak var machine: Machine?
     /// The state's epoch at admission (restore, incoming), checked again when the lease is taken.
     let carriedEpoch: Int64
@@ -189,7 +192,15 @@ public final class GuestSession: @unchecked Sendable {
         self.machine = machine
         machine.session = self
         machine.onBeacon { [weak self] message in
-            self?.shared.withLock { $0.latestBeacon = (message, Date()); $0.beaconsSinceFlush += 1 }
+            guard let self else { return }
+            let foreign = shared.withLock { s -> Bool in
+                s.latestBeacon = (message, Date())
+                s.beaconsSinceFlush += 1
+                return message.token != s.token
+            }
+            if foreign {
+                wakeup.lock(); urgent = true; wakeup.signal(); wakeup.unlock()
+            }
         }
         startOSThread(name: "billboard") { [self] in housekeeping() }
     }
@@ -227,7 +238,10 @@ public final class GuestSession: @unchecked Sendable {
         let tick = min(1.0, settings.leaseTimeout / 3, settings.scanInterval)
         var nextScan = Date().addingTimeInterval(settings.scanInterval)
         while true {
-            usleep(UInt32(tick * 1_000_000))
+            wakeup.lock()
+            if !urgent { _ = wakeup.wait(until: Date().addingTimeInterval(tick)) }
+            urgent = false
+            wakeup.unlock()
             guard let machine, !shared.withLock({ $0.ended }) else { return }
             if machine.state == .finished { return }
             let (holds, handedOver, beacon, received) = shared.withLock { s -> (Bool, Bool, (BeaconMessage, Date)?, Int) in

@@ -9,7 +9,7 @@ import VMM
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print figures and write JSON.",
-        subcommands: [BootBench.self, SnapshotBench.self, DirtyLogBench.self])
+        subcommands: [BootBench.self, SnapshotBench.self, DirtyLogBench.self, GhostBench.self])
 }
 
 /// Summary statistics of a series of timings, in milliseconds.
@@ -393,6 +393,91 @@ struct DirtyLogBench: ParsableCommand {
             }
             try writeBenchJSON(["benchmark": "dirty-log-collection", "date": ISO8601DateFormatter().string(from: Date()),
                                 "host": hostDescription(), "rounds": rounds, "interval_ms": intervalMs, "cases": rows], to: output)
+            return 0
+        }
+        throw ExitCode(status)
+    }
+}
+
+/// How long a planted ghost survives next to a guest whose VMM scans every interval.
+struct GhostBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ghost",
+        abstract: "Detection latency of the active scan: plant false VMs beside a running guest and time until each is stopped.",
+        discussion: "The original guest runs in this process with --scan-interval. Ghosts: a `vmm run` whose guest forges its beacon token (false-beacon), and, if QEMU is installed, a QEMU VM holding the store open without admission (unrecorded). Time is measured from the moment the ghost's VM exists (/proc) to the ghost's exit.")
+
+    @Option(help: "The guest (must beacon; the counter).")
+    var image: String = "GuestImages/build/counter.elf"
+    @Option(help: "Scan interval of the original's VMM, in seconds.")
+    var scanInterval: Double = 1
+    @Option(help: "Ghosts of each kind.")
+    var runs: Int = 10
+    @Option(help: "QEMU binary for the unrecorded ghost.")
+    var qemu: String = "/usr/bin/qemu-system-x86_64"
+    @Option(help: "Where to write the JSON results.")
+    var output: String = "bench-results/ghost.json"
+
+    func run() throws {
+        let status = try CommandRunner.fail {
+            let bytes = try ImageFile.read(image, limit: 64 << 20)
+            let kvm = try KVMSystem()
+            let billboard = try BenchBillboard()
+            let settings = BillboardSettings(scanInterval: scanInterval, beaconIntervalMs: 1000, leaseTimeout: 10)
+            let original = MachineConfiguration(commandLine: "count=0 ticks=4000000000")
+            let session = try GuestSession.admitBoot(store: billboard.store, name: try billboard.name(for: bytes, original),
+                                                     image: bytes, configuration: original, settings: settings, log: { _ in })
+            let machine = try Machine(image: bytes, configuration: original, kvm: kvm, serialOutput: { _ in })
+            try session.attachBooted(machine)
+            machine.start()
+            defer { finish(machine) }
+
+            let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "vmm"
+            // Each liar is its own registration (a killed one's lease stays live until it expires);
+            // the counter ignores the extra key.
+            func liar(_ i: Int) throws -> [String] {
+                let line = "count=0 ticks=4000000000 beacon_token=12345 ghost=\(i)"
+                let name = try billboard.name(for: bytes, MachineConfiguration(commandLine: line))
+                return [me, "run", image, "--cmdline", line, "--name", name, "--billboard", billboard.directory, "--scan-interval", "3600"]
+            }
+            var kinds: [(String, (Int) throws -> [String])] = [("false-beacon", liar)]
+            if FileManager.default.isExecutableFile(atPath: qemu) {
+                let argv = [qemu, "-enable-kvm", "-m", "16", "-nodefaults", "-display", "none", "-S", "-drive",
+                            "file=\(billboard.directory)/billboard.sqlite,format=raw,if=none,id=d0,readonly=on,file.locking=off"]
+                kinds.append(("unrecorded", { _ in argv }))
+            } else {
+                print("  (QEMU not found at \(qemu): only the false-beacon ghost is measured)")
+            }
+            print("ghost detection: original scanning every \(scanInterval) s, \(runs) ghosts of each kind")
+            var rows: [String: Any] = [:]
+            for (kind, command) in kinds {
+                var samples: [Double] = []
+                for i in 0..<runs {
+                    let argv = try command(i)
+                    let p = Process()
+                    p.executableURL = URL(fileURLWithPath: argv[0])
+                    p.arguments = Array(argv.dropFirst())
+                    p.standardOutput = FileHandle.nullDevice
+                    p.standardError = FileHandle.nullDevice
+                    try p.run()
+                    let pid = p.processIdentifier
+                    var appeared: Double?
+                    let deadline = monotonicMilliseconds() + 60_000
+                    while p.isRunning && monotonicMilliseconds() < deadline {
+                        if appeared == nil && HostProcesses.withVMs().contains(where: { $0.pid == pid }) { appeared = monotonicMilliseconds() }
+                        usleep(2_000)
+                    }
+                    if p.isRunning { kill(pid, SIGKILL); throw CLIError("a \(kind) ghost survived 60 s: the scan did not stop it") }
+                    let gone = monotonicMilliseconds()
+                    p.waitUntilExit()
+                    if let appeared { samples.append(gone - appeared) }
+                    usleep(UInt32.random(in: 0...UInt32(scanInterval * 1_000_000)))  // plant at a random phase of the scan
+                }
+                let st = Stats(samples)
+                print(String(format: "  %-13@ stopped %@   (interval %.0f ms)", kind as NSString, st.line, scanInterval * 1000))
+                rows[kind] = ["survival_ms": toJSONObject(st), "samples_ms": samples]
+            }
+            try writeBenchJSON(["benchmark": "ghost-detection", "date": ISO8601DateFormatter().string(from: Date()),
+                                "host": hostDescription(), "scan_interval_s": scanInterval, "ghosts": rows], to: output)
             return 0
         }
         throw ExitCode(status)
