@@ -85,6 +85,15 @@ echo "\$ vmm run counter.elf --cmdline '... beacon_token=12345' --name liar   (a
   echo $? > "$TMP/liar.status" ) 2>/dev/null &
 for _ in $(seq 50); do [ -s "$TMP/liar.status" ] && break; sleep 0.1; done
 echo "the false VM ended with status $(cat "$TMP/liar.status" 2>/dev/null || echo '(still running!)') (137: SIGKILL from another VMM's scan, within its 1 s interval)"
+if command -v qemu-system-x86_64 >/dev/null; then
+  echo "\$ qemu-system-x86_64 -enable-kvm -S -drive file=billboard.sqlite,...   (a VM that opened the store but was never admitted)"
+  ( qemu-system-x86_64 -enable-kvm -m 16 -nodefaults -display none -S \
+    -drive "file=$TMP/billboard/billboard.sqlite,format=raw,if=none,id=d0,readonly=on,file.locking=off" >/dev/null 2>&1 ) 2>/dev/null &
+  GHOST=$!
+  for _ in $(seq 50); do kill -0 $GHOST 2>/dev/null || break; sleep 0.1; done
+  if kill -0 $GHOST 2>/dev/null; then echo "the ghost is still running!"; kill -9 $GHOST; else echo "the ghost VM was stopped by the scan"; fi
+  wait $GHOST 2>/dev/null
+fi
 echo "the original still counts: $(grep -E '^[0-9]+$' "$TMP/dst.out" | tail -n 2 | tr '\n' ' ')"
 echo "\$ vmm billboard audit   (the last decisions, with their evidence)"
 "$VMM" billboard audit $BB --last 40 | grep -E "scan.stopped|refused|handover" | cut -f 4-6 | cut -c 1-190 | tail -n 8

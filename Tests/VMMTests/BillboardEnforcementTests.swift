@@ -405,6 +405,7 @@ struct BillboardMigrationTests {
         #expect(refusing.wait() == 1)
         #expect(refusing.errorText.contains("'mover' is not registered"), "\(refusing.errorText)")
         #expect(stillRunning(source), "the source lost its guest")
+        #expect(try a.cli(["instances"]).stdout.contains("lease epoch 1"), "a failed migration must leave the lease where it was")
 
         _ = try b.register(counter, cmdline: cmdline, name: "mover")
         let port = try freePort()
@@ -450,6 +451,38 @@ struct BillboardMigrationTests {
         #expect(audit.contains("lease.handover"))
         #expect(try destination.call(.PUT, "/vm/shutdown").status == 200)
         #expect(destination.wait() == 0)
+    }
+}
+
+extension BillboardMigrationTests {
+    @Test("after GO the source has lost the right to resume: a forced resume of an in-doubt source is refused while the destination holds the lease, and allowed once that lease is dead and expired")
+    func inDoubtSourceCannotResume() throws {
+        let store = try TestBillboard(host: "doubt")
+        let source = try runCounter(store, extra: ["--lease-timeout", "2"])
+        let port = try freePort()
+        let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--inject-fault", "close-after-go",
+                                          "--lease-timeout", "2"] + store.storeArguments, socket: "")
+        usleep(300_000)
+        let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--api-socket", source.socket, "--quiet"])
+        #expect(m.status != 0)
+        #expect(try source.call(.GET, "/vm/migration").json?["phase"] as? String == "inDoubt" ||
+                (try source.call(.GET, "/vm/migration").body.contains("doubt")))
+        // The destination runs the guest and holds the lease: the source may not resume, even forced.
+        #expect(waitUntil(10) { !destination.output.isEmpty }, "the destination did not run the guest")
+        let refused = try source.call(.PUT, "/vm/resume", "{\"force\": true}")
+        #expect(refused.status == 409)
+        #expect(refused.body.contains("billboard refuses"), "\(refused.body)")
+        #expect(try source.call(.GET, "/vm").json?["state"] as? String == "paused")
+
+        kill(destination.process.processIdentifier, SIGKILL)
+        _ = destination.wait()
+        usleep(2_500_000)
+        let resumed = try source.call(.PUT, "/vm/resume", "{\"force\": true}")
+        #expect(resumed.status == 200, "\(resumed.body)")
+        #expect(stillRunning(source))
+        #expect(try auditText(store).contains("lease.takeover"))
+        #expect(try source.call(.PUT, "/vm/shutdown").status == 200)
+        #expect(source.wait() == 0)
     }
 }
 
