@@ -88,7 +88,7 @@ echo "the false VM ended with status $(cat "$TMP/liar.status" 2>/dev/null || ech
 if command -v qemu-system-x86_64 >/dev/null; then
   echo "\$ qemu-system-x86_64 -enable-kvm -S -drive file=billboard.sqlite,...   (a VM that opened the store but was never admitted)"
   ( qemu-system-x86_64 -enable-kvm -m 16 -nodefaults -display none -S \
-    -drive "file=$TMP/billboard/billboard.sqlite,format=raw,if=none,id=d0,readonly=on,file.locking=off" >/dev/null 2>&1 ) 2>/dev/null &
+    -drive "file=$TMP/billboard/billboard.sqlite,format=raw,if=none,id=d0,readonly=on,file.locking=off" >/dev/null 2>&1; true ) 2>/dev/null &
   GHOST=$!
   for _ in $(seq 50); do kill -0 $GHOST 2>/dev/null || break; sleep 0.1; done
   if kill -0 $GHOST 2>/dev/null; then echo "the ghost is still running!"; kill -9 $GHOST; else echo "the ghost VM was stopped by the scan"; fi
