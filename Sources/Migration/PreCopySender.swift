@@ -170,10 +170,12 @@ public final class PreCopySender: Sendable {
                 return s.cancelled
             }
             if let cancelled { throw MigrationError.aborted(cancelled) }
+            let handoverStart = monotonicMs()
             do { try vm.commitHandover(toHost: accept.host, toPid: accept.pid) } catch {
                 state.withLock { $0.goSent = false }
                 throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
             }
+            report.handoverMs = monotonicMs() - handoverStart
             goSent = true
             var commit = try StreamWriter(sink: TransportSink(transport))
             try commit.writeSection(.control, payload: ControlMessage(kind: .go).encoded())

@@ -176,6 +176,8 @@ public struct MigrationReport: Codable, Sendable {
     public var pagesPerRound: [Int] = []
     public var throughputBytesPerSecond: Double = 0
     public var memoryBytes: UInt64 = 0
+    /// Time spent handing ownership over (the Billboard lease) just before GO, inside the downtime.
+    public var handoverMs: Double = 0
     public var settings: MigrationSettings
     public var error: String?
 
@@ -190,5 +192,6 @@ public struct MigrationReport: Codable, Sendable {
         case pagesPerRound = "pages_per_round"
         case throughputBytesPerSecond = "throughput_bytes_per_s"
         case memoryBytes = "memory_bytes"
+        case handoverMs = "handover_ms"
     }
 }

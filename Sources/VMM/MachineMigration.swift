@@ -47,11 +47,13 @@ extension Machine: MigrationSourceVM, MigrationDestinationVM {
     }
 
     public func startGuest() {
+        // The guest runs first (the downtime ends here); the lease is taken right after. Until
+        // then this process's record says "incoming", which no scan counts as a duplicate.
+        start()
         if let session {
-            // After GO the guest must run here whatever happens; a lease problem is reported, and the scan sorts it out.
+            // After GO the guest must run here whatever happens; a lease problem is reported.
             do { try session.commitIncoming() } catch { session.log("billboard: taking the lease on GO failed: \(error)") }
         }
-        start()
     }
 
     public func discard() {
