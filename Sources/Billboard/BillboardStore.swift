@@ -66,7 +66,7 @@ public final class BillboardStore: Sendable {
                     "canary", canary,
                 ])
                 try db.execute(sql: "INSERT INTO meta(key, value) VALUES ('origin', ?)",
-                               arguments: [store.rowMAC(Self.originState(dir))])
+                               arguments: [store.rowMAC(Self.originState(Self.realPath(dir)))])
                 try store.appendAudit(db, actor: "host:\(hostName)", event: "store.init", guest: nil, details: [
                     "host": .string(hostName),
                     "signingKey": .string(keys.signing.publicKey.rawRepresentation.hex),

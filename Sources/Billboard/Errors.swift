@@ -54,7 +54,7 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
         case .bootstrapNotAllowed:
             return "an administrator already exists: further administrators must be enrolled with the signature of an existing one"
         case .leaseHeld(let id, let h, let p, let e):
-            return "guest \(id) is already running (host '\(h)', pid \(p), epoch \(e)): stop that copy, or wait for its lease to expire"
+            return "guest \(id) is already running (host '\(h)', pid \(p), epoch \(e)): stop that copy first. A lease whose VMM died here is taken over --lease-timeout seconds after its last renewal; one held by another host is freed only when that host hands the guest back, or by an administrator (vmm billboard release-lease --name GUEST --signed-by KEY)"
         case .leaseNotHeld(let id, let p):
             return "pid \(p) does not hold the lease of guest \(id): it was taken over or released; stop this copy"
         case .copiedStore(let d):

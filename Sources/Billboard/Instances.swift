@@ -43,21 +43,22 @@ extension BillboardStore {
         .object(["kind": .string("swift-vmm.billboard.origin.v1"), "directory": .string(directory)])
     }
 
-    /// A store is bound to the directory it was created in. A copy elsewhere (with its host.key)
-    /// would let a second VMM admit and lease a guest the original already runs: a ghost. Every
-    /// command that runs a guest calls this first. A store from before this check is bound now.
+    /// A store is bound to the directory it was created in (its real path). A copy elsewhere (with
+    /// its host.key) would let a second VMM admit and lease a guest the original already runs: a
+    /// ghost. Every command that runs a guest calls this first. A store without the binding is
+    /// refused too (deleting the row must not re-bind a copy).
     public func ensureOriginal() throws {
         let stored = try db.read { db in try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'origin'") }
-        guard let stored else {
-            try db.write { db in
-                try db.execute(sql: "INSERT OR IGNORE INTO meta(key, value) VALUES ('origin', ?)",
-                               arguments: [rowMAC(Self.originState(directory))])
-            }
-            return
-        }
-        guard checkRowMAC(Self.originState(directory), stored) else {
+        guard let stored, checkRowMAC(Self.originState(Self.realPath(directory)), stored) else {
             throw BillboardRefusal.copiedStore(directory: directory)
         }
+    }
+
+    /// The canonical path (symlinks and relative parts resolved), or the path itself if it cannot be resolved.
+    static func realPath(_ path: String) -> String {
+        guard let resolved = realpath(path, nil) else { return path }
+        defer { free(resolved) }
+        return String(cString: resolved)
     }
 
     /// HMAC of a per-boot beacon token: enough to check a beacon, useless to forge one.
@@ -108,7 +109,7 @@ extension BillboardStore {
             let mac = token.map(tokenMAC) ?? row["token_mac"]
             var sql = "UPDATE instances SET state = ?, token_mac = ?, updated_at = ?"
             // A new token starts a new beacon history: the guest's first beacon with it is due within the grace period.
-            if token != nil { sql += ", last_beacon_at = NULL, beacon_counter = NULL, stale_since = NULL, started_at = ?" }
+            if token != nil { sql += ", last_beacon_at = NULL, beacon_counter = NULL, stale_since = NULL, false_beacon = NULL, started_at = ?" }
             sql += " WHERE host = ? AND pid = ?"
             let now = Date().milliseconds
             var args: StatementArguments = [state.rawValue, mac, now]
@@ -117,6 +118,15 @@ extension BillboardStore {
             try db.execute(sql: sql, arguments: args)
             try writeInstanceMAC(db, pid: pid, guestID: id, tokenMAC: mac, state: state)
         }
+    }
+
+    /// Sets an instance's state (and its integrity code) inside the caller's transaction.
+    func setInstanceState(_ db: Database, pid: Int32, state: InstanceState) throws {
+        guard let row = try Row.fetchOne(db, sql: "SELECT guest_id, token_mac FROM instances WHERE host = ? AND pid = ?",
+                                         arguments: [hostName, pid]) else { return }
+        try db.execute(sql: "UPDATE instances SET state = ?, updated_at = ? WHERE host = ? AND pid = ?",
+                       arguments: [state.rawValue, Date().milliseconds, hostName, pid])
+        try writeInstanceMAC(db, pid: pid, guestID: row["guest_id"], tokenMAC: row["token_mac"], state: state)
     }
 
     /// Removes this process's instance row (a clean end).

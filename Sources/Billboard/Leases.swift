@@ -18,34 +18,36 @@ public struct Lease: Sendable, Equatable {
 }
 
 extension BillboardStore {
-    /// The epoch is the value worth protecting (lowering it would re-admit an old snapshot),
-    /// so the integrity code covers guest and epoch.
-    static func leaseState(_ id: UUID, epoch: Int64) -> CanonicalJSON {
-        .object(["kind": .string("swift-vmm.billboard.lease.v1"), "guestID": .string(idText(id)), "epoch": .int(epoch)])
+    /// The epoch is the value worth protecting (lowering it would re-admit an old snapshot), and
+    /// the holder decides whom a scan stops, so the integrity code covers guest, epoch and holder.
+    /// The renewal time is advisory (it only delays takeovers).
+    static func leaseState(_ id: UUID, epoch: Int64, host: String, pid: Int32?) -> CanonicalJSON {
+        .object(["kind": .string("swift-vmm.billboard.lease.v2"), "guestID": .string(idText(id)), "epoch": .int(epoch),
+                 "host": .string(host), "pid": pid.map { .int(Int64($0)) } ?? .null])
     }
 
-    private struct LeaseRow {
+    struct LeaseRow {
         var host: String
         var pid: Int32?
         var epoch: Int64
         var renewedAt: Int64
     }
 
-    private func leaseRow(_ db: Database, _ id: UUID) throws -> LeaseRow? {
+    func leaseRow(_ db: Database, _ id: UUID) throws -> LeaseRow? {
         guard let row = try Row.fetchOne(db, sql: "SELECT * FROM leases WHERE guest_id = ?", arguments: [Self.idText(id)]) else {
             return nil
         }
         let epoch: Int64 = row["epoch"]
-        guard checkRowMAC(Self.leaseState(id, epoch: epoch), row["mac"]) else {
+        guard checkRowMAC(Self.leaseState(id, epoch: epoch, host: row["host"], pid: row["pid"]), row["mac"]) else {
             throw BillboardRefusal.recordTampered(what: "lease of guest \(id)")
         }
         return LeaseRow(host: row["host"], pid: row["pid"], epoch: epoch, renewedAt: row["renewed_at"])
     }
 
-    private func writeLease(_ db: Database, _ id: UUID, host: String, pid: Int32?, epoch: Int64, now: Int64) throws {
+    func writeLease(_ db: Database, _ id: UUID, host: String, pid: Int32?, epoch: Int64, now: Int64) throws {
         try db.execute(sql: """
             INSERT OR REPLACE INTO leases(guest_id, host, pid, epoch, renewed_at, mac) VALUES (?, ?, ?, ?, ?, ?)
-            """, arguments: [Self.idText(id), host, pid, epoch, now, rowMAC(Self.leaseState(id, epoch: epoch))])
+            """, arguments: [Self.idText(id), host, pid, epoch, now, rowMAC(Self.leaseState(id, epoch: epoch, host: host, pid: pid))])
     }
 
     /// A pid can only be probed on this host. EPERM means it exists but belongs to someone else: alive.
@@ -56,10 +58,13 @@ extension BillboardStore {
 
     /// Takes the one-owner lease of a guest. Refused while another owner is live (its process exists
     /// here, or it renewed within `takeoverAfter` seconds); a dead or expired owner is taken over
-    /// (audited as `lease.takeover`). Every new owner gets epoch + 1; the same owner re-acquiring keeps it.
+    /// (audited as `lease.takeover`). A lease held by another host never expires here (its renewals
+    /// go to its own store): only that holder handing the guest back (`handedBy`, a migration
+    /// returning) or an administrator (`releaseLease(guestName:signedBy:)`) frees it.
+    /// Every new owner gets epoch + 1; the same owner re-acquiring keeps it.
     @discardableResult
     public func acquireLease(guestID: UUID, host: String, pid: Int32, takeoverAfter: TimeInterval,
-                             minimumEpoch: Int64 = 0) throws -> Lease {
+                             minimumEpoch: Int64 = 0, handedBy: (host: String, pid: Int32)? = nil) throws -> Lease {
         let actor = "vmm pid \(pid)@\(host)"
         let guestText = Self.idText(guestID)
         return try decide(actor: actor, event: "lease.acquire", guest: guestText) { db in
@@ -73,11 +78,13 @@ extension BillboardStore {
                     try writeLease(db, guestID, host: host, pid: pid, epoch: current.epoch, now: now)
                     return Lease(guestID: guestID, host: host, pid: pid, epoch: current.epoch, renewedAt: Date(milliseconds: now))
                 }
+                let returning = handedBy.map { $0.host == current.host && $0.pid == holder } ?? false
                 let recent = Double(now - current.renewedAt) < takeoverAfter * 1000
-                if processExists(host: current.host, pid: holder) || recent {
+                let remote = current.host != hostName
+                if !returning && (processExists(host: current.host, pid: holder) || recent || remote) {
                     throw BillboardRefusal.leaseHeld(guestID: guestID, host: current.host, pid: holder, epoch: current.epoch)
                 }
-                event = "lease.takeover"
+                event = returning ? "lease.return" : "lease.takeover"
                 details["previousHost"] = .string(current.host)
                 details["previousPid"] = .int(Int64(holder))
                 details["previousEpoch"] = .int(current.epoch)
@@ -117,8 +124,7 @@ extension BillboardStore {
             guard let current = try leaseRow(db, guestID), current.pid == pid, current.host == host else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: pid)
             }
-            try db.execute(sql: "UPDATE leases SET pid = NULL, renewed_at = ? WHERE guest_id = ?",
-                           arguments: [Date().milliseconds, guestText])
+            try writeLease(db, guestID, host: current.host, pid: nil, epoch: current.epoch, now: Date().milliseconds)
             try appendAudit(db, actor: "vmm pid \(pid)@\(host)", event: "lease.release", guest: guestText, details: [
                 "guestID": .string(guestText), "epoch": .int(current.epoch),
             ])
@@ -138,15 +144,7 @@ extension BillboardStore {
             let epoch = current.epoch + 1
             try writeLease(db, guestID, host: toHost, pid: toPid, epoch: epoch, now: Date().milliseconds)
             // In the same transaction the source's record says it no longer owns the guest.
-            if let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ?",
-                                          arguments: [hostName, fromPid]) {
-                let mac: Data = row["token_mac"]
-                try db.execute(sql: "UPDATE instances SET state = 'migrated', updated_at = ?, mac = ? WHERE host = ? AND pid = ?",
-                               arguments: [Date().milliseconds,
-                                           rowMAC(Self.instanceState(host: hostName, pid: fromPid, guestID: guestText,
-                                                                     tokenMAC: mac, state: InstanceState.migrated.rawValue)),
-                                           hostName, fromPid])
-            }
+            try setInstanceState(db, pid: fromPid, state: .migrated)
             try appendAudit(db, actor: actor, event: "lease.handover", guest: guestText, details: [
                 "guestID": .string(guestText), "toHost": .string(toHost), "toPid": .int(Int64(toPid)),
                 "epoch": .int(epoch),
@@ -173,20 +171,68 @@ extension BillboardStore {
     /// resuming it would fork the guest's history. Refusals are audited.
     /// An older epoch passes only with an administrator's one-time authorisation for exactly this
     /// snapshot (`authorizeRestore`); `snapshotSHA256` is asked for only then (hashing a file costs).
-    public func checkEpoch(guestID: UUID, epoch: Int64, snapshotSHA256: (() throws -> String)? = nil) throws {
+    /// `consume: false` only checks that an authorisation exists (admission, before the file is
+    /// verified); the restore consumes it once the state is verified and about to run.
+    /// The snapshot is hashed outside any transaction, so other VMMs are never kept waiting.
+    public func checkEpoch(guestID: UUID, epoch: Int64, snapshotSHA256: (() throws -> String)? = nil,
+                           consume: Bool = true) throws {
         let guestText = Self.idText(guestID)
+        let (current, authorisable) = try db.read { db -> (Int64, Bool) in
+            let current = try leaseRow(db, guestID)?.epoch ?? 0
+            let any = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM restore_authorizations WHERE guest_id = ? AND used_at IS NULL)",
+                                        arguments: [guestText]) ?? false
+            return (current, any)
+        }
+        guard epoch < current else { return }
+        let digest = authorisable ? try snapshotSHA256?() : nil
         try decide(actor: processActor, event: "epoch.check", guest: guestText,
                    details: ["guestID": .string(guestText), "epoch": .int(epoch)]) { db in
             let current = try leaseRow(db, guestID)?.epoch ?? 0
             guard epoch < current else { return }
-            if let snapshotSHA256, let used = try consumeRestoreAuthorization(db, guestID: guestText, digest: snapshotSHA256) {
-                try appendAudit(db, actor: processActor, event: "epoch.authorized-rollback", guest: guestText, details: [
-                    "guestID": .string(guestText), "epoch": .int(epoch), "current": .int(current),
-                    "authorizedBy": .string(used.signer), "snapshotSHA256": .string(used.digest),
-                ])
+            if let digest, let used = try useRestoreAuthorization(db, guestID: guestText, digest: digest, consume: consume) {
+                if consume {
+                    try appendAudit(db, actor: processActor, event: "epoch.authorized-rollback", guest: guestText, details: [
+                        "guestID": .string(guestText), "epoch": .int(epoch), "current": .int(current),
+                        "authorizedBy": .string(used.signer), "snapshotSHA256": .string(used.digest),
+                    ])
+                }
                 return
             }
             throw BillboardRefusal.staleEpoch(guestID: guestID, epoch: epoch, current: current)
+        }
+    }
+
+    /// An administrator frees a lease that no VMM here can free: one held by another host (after a
+    /// migration whose outcome is in doubt, or a host that is gone). Signed and audited.
+    public func releaseLease(guestName: String, signedBy signer: AdminKey) throws {
+        try decide(actor: "admin:\(signer.name)", event: "lease.admin-release", guest: guestName) { db in
+            guard let stored = try findByName(db, guestName) else { throw BillboardRefusal.notRegistered(guest: guestName) }
+            let id = stored.registration.id
+            guard let current = try leaseRow(db, id), let holder = current.pid else { return }
+            if current.host == hostName && processExists(host: current.host, pid: holder) {
+                throw BillboardRefusal.leaseHeld(guestID: id, host: current.host, pid: holder, epoch: current.epoch)
+            }
+            let payload = request("lease-release", ["guestID": .string(Self.idText(id)), "host": .string(current.host),
+                                                    "pid": .int(Int64(holder)), "epoch": .int(current.epoch)])
+            _ = try authorize(db, key: signer, payload: payload, guest: guestName)
+            try writeLease(db, id, host: current.host, pid: nil, epoch: current.epoch, now: Date().milliseconds)
+            try appendAudit(db, actor: "admin:\(signer.name)", event: "lease.admin-release", guest: guestName, details: [
+                "guestID": .string(Self.idText(id)), "previousHost": .string(current.host),
+                "previousPid": .int(Int64(holder)), "epoch": .int(current.epoch)])
+        }
+    }
+
+    /// A VMM's clean end in one transaction: the lease given back (if it holds it) and its
+    /// instance marked ended, so no scan ever sees a running record without its lease.
+    public func endInstance(guestID: UUID, pid: Int32 = getpid(), releaseLease release: Bool) throws {
+        let guestText = Self.idText(guestID)
+        try db.write { db in
+            if release, let current = try leaseRow(db, guestID), current.pid == pid, current.host == hostName {
+                try writeLease(db, guestID, host: current.host, pid: nil, epoch: current.epoch, now: Date().milliseconds)
+                try appendAudit(db, actor: "vmm pid \(pid)@\(hostName)", event: "lease.release", guest: guestText, details: [
+                    "guestID": .string(guestText), "epoch": .int(current.epoch)])
+            }
+            try setInstanceState(db, pid: pid, state: .ended)
         }
     }
 
@@ -217,11 +263,11 @@ extension BillboardStore {
         }
     }
 
-    private func consumeRestoreAuthorization(_ db: Database, guestID: String, digest: () throws -> String) throws -> (signer: String, digest: String)? {
+    private func useRestoreAuthorization(_ db: Database, guestID: String, digest: String, consume: Bool) throws -> (signer: String, digest: String)? {
         let rows = try Row.fetchAll(db, sql: "SELECT * FROM restore_authorizations WHERE guest_id = ? AND used_at IS NULL",
                                     arguments: [guestID])
         guard !rows.isEmpty else { return nil }
-        let actual = try digest().lowercased()
+        let actual = digest.lowercased()
         for row in rows where (row["snapshot_sha256"] as String) == actual {
             let id: Int64 = row["id"]
             guard checkRowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: false), row["mac"]),
@@ -229,6 +275,7 @@ extension BillboardStore {
                   let key = try? Curve25519.Signing.PublicKey(rawRepresentation: try signerKey(db, name: row["signer_name"])),
                   key.isValidSignature(row["signature"] as Data, for: row["request"] as Data)
             else { throw BillboardRefusal.recordTampered(what: "restore authorisation \(id)") }
+            guard consume else { return (row["signer_name"], actual) }
             try db.execute(sql: "UPDATE restore_authorizations SET used_at = ?, mac = ? WHERE id = ?", arguments: [
                 Date().milliseconds, rowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: true)), id])
             return (row["signer_name"], actual)

@@ -45,6 +45,18 @@ extension BillboardStore {
                     hosts, r.beacons.rawValue, r.createdAt.milliseconds, sealed, admin,
                     signer.publicKey.rawRepresentation, signature, rowMAC(Self.guestState(r.id, revoked: false)),
                 ])
+            // A name registered again inherits its predecessor's lease (holder and epoch): a new
+            // registration must neither reset the epoch (re-admitting old snapshots) nor let a
+            // second copy start beside one still running under the old registration.
+            let predecessors = try String.fetchAll(db, sql: "SELECT id FROM guests WHERE name = ? AND id != ?",
+                                                   arguments: [r.name, Self.idText(r.id)])
+            var inherited: LeaseRow?
+            for old in predecessors.compactMap(UUID.init(uuidString:)) {
+                if let lease = try leaseRow(db, old), lease.epoch > (inherited?.epoch ?? 0) { inherited = lease }
+            }
+            if let inherited {
+                try writeLease(db, r.id, host: inherited.host, pid: inherited.pid, epoch: inherited.epoch, now: inherited.renewedAt)
+            }
             try appendAudit(db, actor: "admin:\(admin)", event: "guest.register", guest: r.name, details: [
                 "id": .string(Self.idText(r.id)), "imageSHA256": .string(r.imageSHA256),
                 "memoryBytes": .uint(r.memoryBytes), "vcpus": .int(Int64(r.vcpus)), "mode": .optional(r.mode),

@@ -26,6 +26,9 @@ public struct ScanFinding: Sendable, Equatable, CustomStringConvertible {
         case gone
         /// A process with a KVM VM that has no billboard open (QEMU, another VMM): reported only.
         case unmanaged
+        /// A process with a KVM VM and some other host's billboard open (another store on this
+        /// machine, e.g. a test's): reported only; that store's own scan judges it.
+        case foreignStore = "foreign-store"
     }
     public let kind: Kind
     public let pid: Int32
@@ -86,6 +89,13 @@ extension BillboardStore {
         let actor = actor ?? processActor
         let now = Date().milliseconds
         var findings: [ScanFinding] = []
+        // /proc and other stores' key files are read before the transaction: nobody waits on them.
+        let processes = HostProcesses.withVMs().map { p in
+            (p, p.billboardFiles.map { file -> (String, Bool, Bool) in
+                let ours = HostProcesses.sameFile(file, databasePath)
+                return (file, ours, !ours && isCopyOfThisStore(databaseFile: file))
+            })
+        }
         try db.write { db in
             let rows = try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ?", arguments: [hostName])
             var recordedPids = Set<Int32>()
@@ -142,21 +152,27 @@ extension BillboardStore {
                     }
                 }
             }
-            for process in HostProcesses.withVMs() {
-                if process.billboardFiles.isEmpty {
+            for (process, files) in processes {
+                if files.isEmpty {
                     findings.append(ScanFinding(kind: .unmanaged, pid: process.pid, guest: nil,
                                                 evidence: "holds a KVM VM without any billboard open (another VMM, or a test)"))
                     continue
                 }
-                for file in process.billboardFiles {
-                    if HostProcesses.sameFile(file, databasePath) {
-                        if !recordedPids.contains(process.pid) {
+                for (file, ours, copy) in files {
+                    if ours {
+                        // Re-checked inside the transaction: a VMM records itself before it creates its VM.
+                        let recorded = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM instances WHERE host = ? AND pid = ?)",
+                                                         arguments: [hostName, process.pid]) ?? false
+                        if !recordedPids.contains(process.pid) && !recorded {
                             findings.append(ScanFinding(kind: .unrecorded, pid: process.pid, guest: nil,
                                                         evidence: "holds a KVM VM and this billboard open, but was never admitted (no instance record)"))
                         }
-                    } else if isCopyOfThisStore(databaseFile: file) {
+                    } else if copy {
                         findings.append(ScanFinding(kind: .copiedStore, pid: process.pid, guest: nil,
                                                     evidence: "runs a VM against \(file), a copy of this host's billboard (same host key)"))
+                    } else {
+                        findings.append(ScanFinding(kind: .foreignStore, pid: process.pid, guest: nil,
+                                                    evidence: "runs a VM with another billboard open (\(file))"))
                     }
                 }
             }
@@ -186,14 +202,13 @@ extension BillboardStore {
     public func stopFalseVM(_ finding: ScanFinding, actor: String? = nil) throws {
         let actor = actor ?? processActor
         let frozen = kill(finding.pid, SIGSTOP) == 0
+        // Whatever happens to the audit write, the frozen process must not stay frozen.
+        defer { kill(finding.pid, SIGKILL) }
         try db.write { db in
             try appendAudit(db, actor: actor, event: "scan.stopped", guest: finding.guest, details: [
                 "pid": .int(Int64(finding.pid)), "kind": .string(finding.kind.rawValue),
                 "evidence": .string(finding.evidence), "frozen": .bool(frozen),
             ])
-        }
-        kill(finding.pid, SIGKILL)
-        try db.write { db in
             try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ?", arguments: [hostName, finding.pid])
         }
     }

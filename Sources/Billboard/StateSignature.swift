@@ -25,23 +25,26 @@ extension BillboardStore {
                               signature: signature.base64EncodedString())
     }
 
-    /// Accepts a signature by this host or by a peer host an administrator added; refuses anything else.
-    public func verifyState(_ signature: StateSignature, digest: [UInt8]) throws {
+    /// Accepts a signature by this host or by a peer host an administrator added; refuses anything
+    /// else. Returns the signing host's name as this store knows it (the label in the signature is not trusted).
+    @discardableResult
+    public func verifyState(_ signature: StateSignature, digest: [UInt8]) throws -> String {
         guard let key = Data(base64Encoded: signature.publicKey), let sig = Data(base64Encoded: signature.signature) else {
             throw BillboardRefusal.badSnapshotSignature(reason: "the signature is not base64")
         }
-        let trusted: Bool
+        let signer: String?
         if key == keys.signing.publicKey.rawRepresentation {
-            trusted = true
+            signer = hostName
         } else {
-            trusted = try hosts().contains { $0.signingKey == key }
+            signer = try hosts().first { $0.signingKey == key }?.name
         }
-        guard trusted else {
+        guard let signer else {
             throw BillboardRefusal.badSnapshotSignature(reason: "it was signed by '\(signature.host)', whose key is neither this host's nor a peer host's (vmm billboard host add)")
         }
         guard let publicKey = try? Curve25519.Signing.PublicKey(rawRepresentation: key),
               publicKey.isValidSignature(sig, for: StateSignature.payload(digest)) else {
             throw BillboardRefusal.badSnapshotSignature(reason: "the signature does not match the snapshot's contents")
         }
+        return signer
     }
 }

@@ -7,8 +7,11 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     var memory: GuestMemory { get }
     /// Applies the vCPU and device sections to the paused, not yet started VM.
     func applyState(vcpu: [UInt8], devices: [UInt8]) throws
-    /// Starts the guest (after GO).
-    func startGuest()
+    /// Checks the source's signature over the state stream (nil: the stream had none) before
+    /// anything is applied; throws to refuse.
+    func verifyState(signature: [UInt8]?, digest: [UInt8]) throws
+    /// Starts the guest (after GO); throws if it may not run here after all (nothing started).
+    func startGuest() throws
     /// Throws away the reserved VM (a failure before GO).
     func discard()
     /// The host and process that will own the guest (sent in the accept), if it has an owner record.
@@ -88,10 +91,17 @@ public final class MigrationReceiver: Sendable {
 
         var pages = 0, zeroPages = 0, memorySections = 0
         var vcpu: [UInt8]?, devices: [UInt8]?
+        var signature: [UInt8]?, signedDigest: [UInt8] = []
         var ended = false
         // Stop at the end section: the connection stays open, so reading on would block.
         while !ended, let section = try reader.nextSection() {
+            if signature != nil && section.type != .end {
+                throw MigrationError.protocolViolation("a \(section.type) section follows the signature, which must be last")
+            }
             switch section.type {
+            case .signature:
+                signature = section.payload
+                signedDigest = reader.digestBeforeLastSection
             case .memory:
                 let r = try MemorySection.apply(section.payload, to: vm.memory)
                 pages += r.pages
@@ -116,7 +126,11 @@ public final class MigrationReceiver: Sendable {
         guard ended, let vcpu, let devices else {
             throw MigrationError.protocolViolation("the state stream ended without vCPU and device state")
         }
-        // Everything verified (checksums, stream digest); apply it to the paused VM.
+        do { try vm.verifyState(signature: signature, digest: signedDigest) } catch {
+            refuse("the state stream is not signed by a host this destination trusts: \(error)")
+            throw error
+        }
+        // Everything verified (checksums, stream digest, signature); apply it to the paused VM.
         do { try vm.applyState(vcpu: vcpu, devices: devices) } catch {
             refuse("the state does not apply here: \(error)")
             throw error
@@ -142,8 +156,8 @@ public final class MigrationReceiver: Sendable {
         guard let end = try commit.nextSection(), end.type == .end else {
             throw MigrationError.protocolViolation("GO was not followed by the end of its stream")
         }
+        try vm.startGuest()
         committed = true
-        vm.startGuest()
         let resumedAt = monotonicMs()
         if fault == .closeAfterGo {
             transport.close()

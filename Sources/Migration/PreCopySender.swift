@@ -14,6 +14,9 @@ public protocol MigrationSourceVM: AnyObject, Sendable {
     /// The commit point: hands ownership (the Billboard lease) to the destination process named
     /// in the accept, just before GO. Throwing here cancels the migration; the guest resumes here.
     func commitHandover(toHost host: String?, toPid pid: Int32?) throws
+    /// Signs the digest of the whole state stream (the destination verifies it before READY);
+    /// nil when this VM has no host key to sign with.
+    func signState(digest: [UInt8]) throws -> [UInt8]?
     /// Pauses every vCPU; false if the guest has already stopped.
     func pauseForMigration() -> Bool
     /// Resumes after a failed migration.
@@ -158,6 +161,9 @@ public final class PreCopySender: Sendable {
             let (vcpu, devices) = try vm.statePayloads()
             try writer.writeSection(.vcpu, payload: vcpu)
             try writer.writeSection(.devices, payload: devices)
+            if let signature = try vm.signState(digest: writer.digestSoFar) {
+                try writer.writeSection(.signature, payload: signature)
+            }
             try writer.finish()
             try writer.sink.flush()
             report.bytesSent = writer.bytesWritten

@@ -65,15 +65,23 @@ public final class GuestSession: @unchecked Sendable {
     private let wakeup = NSCondition()
     private var urgent = false  // guarded by wakeup
     private weak var machine: Machine?
-    /// The state's epoch at admission (restore, incoming), checked again when the lease is taken.
-    let carriedEpoch: Int64
+    /// The identity the state carried at admission (restore, incoming); nil for a boot.
+    let carried: GuestIdentity?
+    var carriedEpoch: Int64 { carried?.epoch ?? 0 }
+    /// Serialises this session's store writes (housekeeping, hand-over, end), so that a periodic
+    /// renewal or state update never interleaves with a hand-over or the end.
+    private let storeLock = NSLock()
+    /// The snapshot's SHA-256, for a restore whose rollback an administrator authorised.
+    private let snapshotSHA256: (() throws -> String)?
 
     private init(store: BillboardStore, registration: GuestRegistration, settings: BillboardSettings,
-                 carriedEpoch: Int64, log: @escaping @Sendable (String) -> Void) {
+                 carried: GuestIdentity?, snapshotSHA256: (() throws -> String)? = nil,
+                 log: @escaping @Sendable (String) -> Void) {
         self.store = store
         self.registration = registration
         self.settings = settings
-        self.carriedEpoch = carriedEpoch
+        self.carried = carried
+        self.snapshotSHA256 = snapshotSHA256
         self.log = log
     }
 
@@ -94,9 +102,12 @@ public final class GuestSession: @unchecked Sendable {
                                            memoryBytes: configuration.memorySize, vcpus: configuration.vcpuCount,
                                            mode: configuration.mode?.rawValue, commandLine: configuration.commandLine,
                                            host: store.hostName)
-        let session = GuestSession(store: store, registration: registration, settings: settings, carriedEpoch: 0, log: log)
+        let session = GuestSession(store: store, registration: registration, settings: settings, carried: nil, log: log)
         try session.takeLease(minimumEpoch: 0)
-        try session.record(state: .running)
+        do { try session.record(state: .running) } catch {
+            try? store.releaseLease(guestID: registration.id, pid: getpid())
+            throw error
+        }
         return session
     }
 
@@ -108,12 +119,14 @@ public final class GuestSession: @unchecked Sendable {
         try store.ensureOriginal()
         guard let identity = description.identity else { throw SessionError.noIdentity("snapshot") }
         let registration = try admitIdentity(store: store, identity: identity, description: description)
-        try store.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256)
+        // An authorisation for a rollback is only looked at here; it is used once the file verified.
+        try store.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256, consume: false)
         if let lease = try store.lease(guestID: registration.id), lease.pid != 0, lease.host == store.hostName,
            kill(lease.pid, 0) == 0 || errno == EPERM {
             throw BillboardRefusal.leaseHeld(guestID: registration.id, host: lease.host, pid: lease.pid, epoch: lease.epoch)
         }
-        let session = GuestSession(store: store, registration: registration, settings: settings, carriedEpoch: identity.epoch, log: log)
+        let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity,
+                                   snapshotSHA256: snapshotSHA256, log: log)
         // Recorded before the VM exists (as not yet owning it), so no scan mistakes this process for a ghost.
         try session.record(state: .incoming)
         return session
@@ -128,7 +141,7 @@ public final class GuestSession: @unchecked Sendable {
         let registration = try admitIdentity(store: store, identity: identity, description: description)
         try store.checkEpoch(guestID: registration.id, epoch: identity.epoch)
         try store.checkIncoming(guestID: registration.id, sourceHost: identity.host, sourcePid: identity.pid)
-        let session = GuestSession(store: store, registration: registration, settings: settings, carriedEpoch: identity.epoch, log: log)
+        let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity, log: log)
         try session.record(state: .incoming)
         return session
     }
@@ -141,9 +154,9 @@ public final class GuestSession: @unchecked Sendable {
 
     // MARK: - Lease and record
 
-    private func takeLease(minimumEpoch: Int64) throws {
+    private func takeLease(minimumEpoch: Int64, handedBy: (host: String, pid: Int32)? = nil) throws {
         let lease = try store.acquireLease(guestID: registration.id, host: store.hostName, pid: getpid(),
-                                           takeoverAfter: settings.leaseTimeout, minimumEpoch: minimumEpoch)
+                                           takeoverAfter: settings.leaseTimeout, minimumEpoch: minimumEpoch, handedBy: handedBy)
         shared.withLock { $0.epoch = lease.epoch; $0.holdsLease = true; $0.handedOver = false }
     }
 
@@ -174,7 +187,10 @@ public final class GuestSession: @unchecked Sendable {
     /// A restored machine (fully verified): takes the lease (the epoch moves past the snapshot's)
     /// and records the boot token the guest's memory holds, which its beacons must carry.
     public func attachRestored(_ machine: Machine) throws {
-        try takeLease(minimumEpoch: carriedEpoch + 1)
+        try storeLock.withLock {
+            try store.checkEpoch(guestID: registration.id, epoch: carriedEpoch, snapshotSHA256: snapshotSHA256, consume: true)
+            try takeLease(minimumEpoch: carriedEpoch + 1)
+        }
         let token = try machine.beaconToken() ?? Self.newToken()
         shared.withLock { $0.token = token; $0.reportedState = .paused }
         try store.updateInstance(state: .paused, token: token)
@@ -210,26 +226,42 @@ public final class GuestSession: @unchecked Sendable {
     /// Destination, on GO: this process becomes the owner (next epoch); the guest's beacons
     /// must carry the boot token its memory holds.
     public func commitIncoming() throws {
-        try takeLease(minimumEpoch: carriedEpoch + 1)
-        let token = try machine?.beaconToken() ?? Self.newToken()
-        shared.withLock { $0.token = token; $0.reportedState = .running }
-        try store.updateInstance(state: .running, token: token)
+        try storeLock.withLock {
+            try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: carried.map { ($0.host, $0.pid) })
+            let token = try machine?.beaconToken() ?? Self.newToken()
+            shared.withLock { $0.token = token; $0.reportedState = .running }
+            try store.updateInstance(state: .running, token: token)
+        }
+    }
+
+    /// Destination: the state stream must be signed by the host the hello named as its source
+    /// (this host, or a peer an administrator added).
+    func verifyIncomingSignature(_ signature: StateSignature, digest: [UInt8]) throws {
+        let signer = try store.verifyState(signature, digest: digest)
+        guard let claimed = carried?.host, signer == claimed else {
+            throw BillboardRefusal.badSnapshotSignature(reason: "the stream is signed by host '\(signer)' but claims to come from '\(carried?.host ?? "?")'")
+        }
     }
 
     /// Source, just before GO: moves the lease to the destination in one transaction. If this
     /// throws, GO is not sent and the guest resumes here.
     public func handOver(toHost host: String, toPid pid: Int32) throws {
-        let epoch = try store.handOver(guestID: registration.id, fromPid: getpid(), toHost: host, toPid: pid)
-        shared.withLock { $0.holdsLease = false; $0.handedOver = true; $0.reportedState = .migrated }
+        let epoch = try storeLock.withLock {
+            let epoch = try store.handOver(guestID: registration.id, fromPid: getpid(), toHost: host, toPid: pid)
+            shared.withLock { $0.holdsLease = false; $0.handedOver = true; $0.reportedState = .migrated }
+            return epoch
+        }
         log("billboard: lease of '\(registration.name)' handed to pid \(pid) on \(host) at epoch \(epoch)")
     }
 
     /// Source, resuming after an in-doubt migration: only if the lease can be taken back (the
     /// destination is gone, or its claim expired). Audited as a takeover.
     public func reclaim() throws {
-        try takeLease(minimumEpoch: 0)
-        try store.updateInstance(state: .running)
-        shared.withLock { $0.reportedState = .running }
+        try storeLock.withLock {
+            try takeLease(minimumEpoch: 0)
+            try store.updateInstance(state: .running)
+            shared.withLock { $0.reportedState = .running; $0.handedOver = false }
+        }
     }
 
     // MARK: - Housekeeping
@@ -244,6 +276,10 @@ public final class GuestSession: @unchecked Sendable {
             wakeup.unlock()
             guard let machine, !shared.withLock({ $0.ended }) else { return }
             if machine.state == .finished { return }
+            // Under the store lock, a hand-over or the end cannot happen between reading the
+            // flags and acting on them.
+            storeLock.lock()
+            if shared.withLock({ $0.ended }) { storeLock.unlock(); return }
             let (holds, handedOver, beacon, received) = shared.withLock { s -> (Bool, Bool, (BeaconMessage, Date)?, Int) in
                 let b = s.latestBeacon, n = s.beaconsSinceFlush
                 s.latestBeacon = nil
@@ -260,6 +296,7 @@ public final class GuestSession: @unchecked Sendable {
                     // Someone else owns the guest now: this copy must not run on.
                     log("billboard: the lease of '\(registration.name)' is no longer ours (\(refusal)); stopping this copy")
                     shared.withLock { $0.holdsLease = false }
+                    storeLock.unlock()
                     machine.pause()
                     machine.end(with: .evicted(reason: "\(refusal)"))
                     return
@@ -276,6 +313,7 @@ public final class GuestSession: @unchecked Sendable {
                 }
                 if changed { try? store.updateInstance(state: state) }
             }
+            storeLock.unlock()
             if Date() >= nextScan {
                 nextScan = Date().addingTimeInterval(settings.scanInterval)
                 runScan(machine)
@@ -292,7 +330,7 @@ public final class GuestSession: @unchecked Sendable {
             return []
         }
         shared.withLock { $0.lastScan = findings }
-        for finding in findings where finding.kind != .unmanaged && finding.kind != .gone {
+        for finding in findings where ![.unmanaged, .gone, .foreignStore].contains(finding.kind) {
             log("billboard: scan: \(finding)")
         }
         for finding in findings where finding.mustStop {
@@ -315,15 +353,17 @@ public final class GuestSession: @unchecked Sendable {
     /// The guest is gone from this process: give the lease back (unless it was handed over or
     /// taken) and remove the record. Idempotent.
     public func end() {
+        storeLock.lock(); defer { storeLock.unlock() }
         let (first, holds) = shared.withLock { s -> (Bool, Bool) in
-            defer { s.ended = true }
+            defer { s.ended = true; s.holdsLease = false }
             return (!s.ended, s.holdsLease)
         }
         guard first else { return }
-        if holds { try? store.releaseLease(guestID: registration.id, pid: getpid()) }
-        // Kept as "ended" until the process is gone: its VM exists until then, and a scan must
-        // not mistake it for an unadmitted one. The next scan removes the record.
-        try? store.updateInstance(state: .ended)
+        // One transaction: lease back and record "ended" (kept until the process is gone, since
+        // its VM exists until then; the next scan removes it).
+        do { try store.endInstance(guestID: registration.id, releaseLease: holds) } catch {
+            log("billboard: could not record the end of '\(registration.name)': \(error)")
+        }
     }
 }
 

@@ -5,6 +5,7 @@ import Foundation
 import GuestMemory
 import KVM
 import Migration
+import Billboard
 import Snapshot
 
 /// The machine as a migration source and destination.
@@ -46,14 +47,28 @@ extension Machine: MigrationSourceVM, MigrationDestinationVM {
         try restoreState(vcpus: states, devices: device, description: machineDescription)
     }
 
-    public func startGuest() {
-        // The guest runs first (the downtime ends here); the lease is taken right after. Until
-        // then this process's record says "incoming", which no scan counts as a duplicate.
+    public func startGuest() throws {
+        // The lease first: a guest that may not own itself here must not run (the source stays
+        // paused and in doubt, and can take its lease back). About half a millisecond of downtime.
+        try session?.commitIncoming()
         start()
-        if let session {
-            // After GO the guest must run here whatever happens; a lease problem is reported.
-            do { try session.commitIncoming() } catch { session.log("billboard: taking the lease on GO failed: \(error)") }
+    }
+
+    public func signState(digest: [UInt8]) throws -> [UInt8]? {
+        guard let session else { return nil }
+        return Array(try MachineStream.encoder.encode(try session.store.signState(digest: digest)))
+    }
+
+    public func verifyState(signature: [UInt8]?, digest: [UInt8]) throws {
+        guard let session else { return }
+        guard let signature else {
+            throw BillboardRefusal.badSnapshotSignature(reason: "the migration stream carries no signature")
         }
+        let decoded: StateSignature
+        do { decoded = try JSONDecoder().decode(StateSignature.self, from: Data(signature)) } catch {
+            throw SnapshotError.malformed("signature section: \(error)")
+        }
+        try session.verifyIncomingSignature(decoded, digest: digest)
     }
 
     public func discard() {

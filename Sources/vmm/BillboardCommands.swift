@@ -12,7 +12,7 @@ struct BillboardCommand: ParsableCommand {
         discussion: "The store lives in --billboard DIR (default \(BillboardStore.defaultDirectory)). Registrations are signed by an enrolled administrator key.",
         subcommands: [Init.self, AdminKeyCommand.self, AdminCommand.self, HostCommand.self, Register.self,
                       List.self, Show.self, Revoke.self, Check.self, Audit.self, Scan.self, Instances.self,
-                      AuthorizeRestore.self])
+                      AuthorizeRestore.self, ReleaseLease.self])
 
     struct Store: ParsableArguments {
         @Option(help: "The billboard directory.")
@@ -252,7 +252,7 @@ struct BillboardCommand: ParsableCommand {
             discussion: "Every running VMM also scans every --scan-interval. Findings are audited with their evidence. Exits 0; prints one line per finding.")
         @OptionGroup var store: Store
         @Option(help: "Seconds without a beacon before a running guest that must beacon is reported stale.") var staleAfter: Double = 10
-        @Flag(help: "Report only; stop nothing.") var reportOnly = false
+        @Flag(help: "Report only; stop nothing (records of processes that are gone are still removed and audited).") var reportOnly = false
         func run() throws {
             try BillboardCommand.run {
                 let s = try store.open()
@@ -262,8 +262,12 @@ struct BillboardCommand: ParsableCommand {
                 for f in findings {
                     print("scan: \(f)")
                     if f.mustStop && !reportOnly {
-                        try s.stopFalseVM(f, actor: "vmm billboard scan (pid \(getpid()))")
-                        print("scan: stopped pid \(f.pid)")
+                        do {
+                            try s.stopFalseVM(f, actor: "vmm billboard scan (pid \(getpid()))")
+                            print("scan: stopped pid \(f.pid)")
+                        } catch {
+                            print("scan: could not record stopping pid \(f.pid) (it was killed): \(error)")
+                        }
                     }
                 }
             }
@@ -302,6 +306,22 @@ struct BillboardCommand: ParsableCommand {
                 let digest = try ImageDigest.sha256(path: snapshot)
                 try store.open().authorizeRestore(guestName: name, snapshotSHA256: digest, signedBy: signer.load())
                 print("one restore of \(snapshot) (sha256 \(digest.prefix(16))…) authorised for '\(name)'")
+            }
+        }
+    }
+
+    struct ReleaseLease: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "release-lease",
+            abstract: "Free a guest's lease that no VMM here can free (held by another host after an in-doubt migration, or by a host that is gone); signed and audited.",
+            discussion: "Refused while the holder is a live process on this host. Only do this when you know the holder does not run the guest: afterwards this host may start it.")
+        @OptionGroup var store: Store
+        @OptionGroup var signer: Signer
+        @Option(help: "The registered guest.") var name: String
+        func run() throws {
+            try BillboardCommand.run {
+                try store.open().releaseLease(guestName: name, signedBy: signer.load())
+                print("the lease of '\(name)' is released")
             }
         }
     }

@@ -142,12 +142,14 @@ struct Restore: ParsableCommand {
                     }
                     try store.verifyState(signature, digest: digest)
                 }, serialOutput: output.write)
-                try session!.attachRestored(machine)
             } catch {
                 session?.end()
                 throw error
             }
-            return try Host.serve(machine, apiSocket: apiSocket, startPaused: paused, reportDir: reportDir)
+            // The lease is taken (and an authorised rollback used) only once nothing else can fail
+            // before the guest runs: after the control API is up.
+            return try Host.serve(machine, apiSocket: apiSocket, startPaused: paused, reportDir: reportDir,
+                                  beforeStart: { try session!.attachRestored(machine) })
         }
         throw ExitCode(status)
     }
@@ -236,7 +238,9 @@ enum Host {
     }
 
     static func serve(_ machine: Machine, apiSocket: String?, startPaused: Bool, reportDir: String?,
-                      alreadyStarted: Bool = false) throws -> Int32 {
+                      alreadyStarted: Bool = false, beforeStart: () throws -> Void = {}) throws -> Int32 {
+        // However this ends (an error included), the lease goes back and the record says so.
+        defer { machine.session?.end() }
         let migrations = MigrationService(machine: machine, reportDirectory: reportDir)
         if !alreadyStarted {
             TerminationSignals.handle { signal in
@@ -251,9 +255,15 @@ enum Host {
         }
         var server: ControlServer?
         if let apiSocket {
-            server = try ControlServer.start(socketPath: apiSocket, controller: Controller(machine: machine, migrations: migrations))
+            do {
+                server = try ControlServer.start(socketPath: apiSocket, controller: Controller(machine: machine, migrations: migrations))
+            } catch where alreadyStarted {
+                // A guest that arrived by migration already runs here and is the only copy: keep it.
+                FileHandle.standardError.write(Data("vmm: warning: the control API could not start (\(error)); the guest keeps running without it\n".utf8))
+            }
         }
         defer { server?.stop() }
+        try beforeStart()
         if alreadyStarted {
             // Started by the migration receiver on GO.
         } else if startPaused {
@@ -262,7 +272,6 @@ enum Host {
             machine.start()
         }
         let exit = machine.waitForExit()
-        machine.session?.end()
         // Let the API answer the request that ended the VM before the socket goes away.
         if exit == .migrated || exit == .shutdown { usleep(300_000) }
         switch exit {

@@ -18,7 +18,7 @@ final class LiveChild {
 
 /// Findings about instance records only (the /proc part of a scan also sees this test process).
 func recordFindings(_ store: BillboardStore, staleAfter: TimeInterval = 60) throws -> [ScanFinding] {
-    try store.scan(staleAfter: staleAfter).filter { ![.unmanaged, .unrecorded, .copiedStore].contains($0.kind) }
+    try store.scan(staleAfter: staleAfter).filter { ![.unmanaged, .unrecorded, .copiedStore, .foreignStore].contains($0.kind) }
 }
 
 @Suite("The active scan's judgement of instance records, beacons and leases")
@@ -153,6 +153,9 @@ struct ScanLogicTests {
         let mallory = try AdminKey(name: "mallory")
         #expect(refusal { try f.store.authorizeRestore(guestName: "web1", snapshotSHA256: digest, signedBy: mallory) } != nil)
         try f.store.authorizeRestore(guestName: "web1", snapshotSHA256: digest, signedBy: f.admin)
+        // Admission only looks (a restore that then fails verification must not burn it).
+        try f.store.checkEpoch(guestID: r.id, epoch: 1, snapshotSHA256: { digest }, consume: false)
+        try f.store.checkEpoch(guestID: r.id, epoch: 1, snapshotSHA256: { digest }, consume: false)
         let other = String(repeating: "cd", count: 32)
         #expect(refusal { try f.store.checkEpoch(guestID: r.id, epoch: 1, snapshotSHA256: { other }) } != nil,
                 "an authorisation is for one snapshot only")
@@ -198,5 +201,70 @@ struct ScanLogicTests {
                             signedBy: f.admin)
         try f.store.verifyState(fromPeer, digest: digest)
         #expect(refusal { try f.store.verifyState(try stranger.store.signState(digest: digest), digest: digest) } != nil)
+    }
+
+    @Test("a lease handed to another host never expires here: only that host handing the guest back, or an administrator, frees it")
+    func remoteLeases() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 0)
+        let epoch = try f.store.handOver(guestID: r.id, fromPid: getpid(), toHost: "hostB", toPid: 4242)
+        #expect(epoch == 2)
+        usleep(50_000)
+        // takeoverAfter 0: a local dead holder would be taken over at once; a remote one is not.
+        #expect(refusal { try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 0) }
+                == .leaseHeld(guestID: r.id, host: "hostB", pid: 4242, epoch: 2))
+        // The guest migrating back from hostB's pid 4242 takes it at the next epoch.
+        let back = try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 0,
+                                            minimumEpoch: 3, handedBy: ("hostB", 4242))
+        #expect(back.epoch == 3)
+        #expect(try events(f.store).contains("lease.return"))
+
+        try f.store.handOver(guestID: r.id, fromPid: getpid(), toHost: "hostC", toPid: 7)
+        let mallory = try AdminKey(name: "mallory")
+        #expect(refusal { try f.store.releaseLease(guestName: "web1", signedBy: mallory) } != nil)
+        try f.store.releaseLease(guestName: "web1", signedBy: f.admin)
+        #expect(try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 0).epoch == 5)
+        #expect(try events(f.store).contains("lease.admin-release"))
+    }
+
+    @Test("a name registered again inherits its lease: the epoch does not reset and a running copy still holds it")
+    func reRegistrationInheritsLease() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let first = try f.store.register(web1(), signedBy: f.admin)
+        let holder = try LiveChild()
+        try f.store.acquireLease(guestID: first.id, host: "host1", pid: holder.pid, takeoverAfter: 10)
+        try f.store.revoke(name: "web1", signedBy: f.admin)
+        let second = try f.store.register(web1(), signedBy: f.admin)
+        #expect(second.id != first.id)
+        #expect(try f.store.currentEpoch(guestID: second.id) == 1)
+        #expect(refusal { try f.store.acquireLease(guestID: second.id, host: "host1", pid: getpid(), takeoverAfter: 10) }
+                == .leaseHeld(guestID: second.id, host: "host1", pid: holder.pid, epoch: 1))
+        #expect(refusal { try f.store.checkEpoch(guestID: second.id, epoch: 0) } != nil, "an older snapshot is still refused")
+    }
+
+    @Test("a lease pointed at another process by someone without the host key is detected as tampered")
+    func leaseHolderTampered() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.attacker("UPDATE leases SET pid = 1")
+        #expect(refusal { try f.store.renewLease(guestID: r.id, pid: getpid()) } == .recordTampered(what: "lease of guest \(r.id)"))
+    }
+
+    @Test("a clean end gives the lease back and marks the record ended in one step")
+    func cleanEnd() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.recordInstance(r, token: 1, state: .running)
+        try f.store.endInstance(guestID: r.id, releaseLease: true)
+        #expect(try f.store.lease(guestID: r.id)?.pid == 0)
+        #expect(try f.store.instances().first?.state == .ended)
+        #expect(try recordFindings(f.store).isEmpty)
     }
 }

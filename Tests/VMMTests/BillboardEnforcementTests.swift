@@ -389,7 +389,7 @@ struct ScanTests {
 
 @Suite("Live migration with the Billboard", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .serialized)
 struct BillboardMigrationTests {
-    @Test("between two hosts' stores: refused before reservation where the guest is not registered (the source keeps it); where it is, the lease moves with GO to the next epoch")
+    @Test("between two hosts' stores: refused before reservation where the guest is not registered, refused before READY where the source is not a trusted peer (the source keeps the guest both times); between peers the lease moves with GO to the next epoch")
     func twoStores() throws {
         let a = try TestBillboard(host: "hostA"), b = try TestBillboard(host: "hostB")
         let counter = try Fixtures.guest("counter.elf")
@@ -407,7 +407,20 @@ struct BillboardMigrationTests {
         #expect(stillRunning(source), "the source lost its guest")
         #expect(try a.cli(["instances"]).stdout.contains("lease epoch 1"), "a failed migration must leave the lease where it was")
 
+        // Registered at B, but A is not a host B trusts: the signed stream is refused before READY.
         _ = try b.register(counter, cmdline: cmdline, name: "mover")
+        let untrustedPort = try freePort()
+        let untrusting = try VMMProcess(["receive", "--listen", "127.0.0.1:\(untrustedPort)"] + b.storeArguments, socket: "")
+        usleep(300_000)
+        let u = try runVMM(["ctl", "migrate", "127.0.0.1:\(untrustedPort)", "--api-socket", source.socket, "--quiet"])
+        #expect(u.status != 0)
+        #expect(untrusting.wait() == 1)
+        #expect(untrusting.errorText.contains("neither this host's nor a peer host's"), "\(untrusting.errorText)")
+        #expect(untrusting.output.isEmpty, "the destination ran an untrusted guest")
+        #expect(stillRunning(source), "the source lost its guest")
+
+        try b.addPeer(a)
+        try a.addPeer(b)
         let port = try freePort()
         let socketB = temporaryPath("dst") + ".sock"
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--api-socket", socketB] + b.storeArguments,

@@ -45,6 +45,7 @@ final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
     func machineDescriptionPayload() throws -> [UInt8] { try machine.machineDescriptionPayload() }
     var migrationIdentity: String? { nil }
     func commitHandover(toHost host: String?, toPid pid: Int32?) throws { try machine.commitHandover(toHost: host, toPid: pid) }
+    func signState(digest: [UInt8]) throws -> [UInt8]? { try machine.signState(digest: digest) }
     func pauseForMigration() -> Bool { machine.pauseForMigration() }
     func resumeAfterMigration() { machine.resumeAfterMigration() }
     func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) {
@@ -287,9 +288,10 @@ final class DigestingDestination: MigrationDestinationVM, @unchecked Sendable {
         try machine.applyState(vcpu: vcpu, devices: devices)
         box.set(try machine.memoryDigest())
     }
-    func startGuest() { machine.startGuest() }
+    func startGuest() throws { try machine.startGuest() }
     func discard() { machine.discard() }
     var owner: (host: String, pid: Int32)? { machine.owner }
+    func verifyState(signature: [UInt8]?, digest: [UInt8]) throws { try machine.verifyState(signature: signature, digest: digest) }
 }
 
 @Suite("Migration between two vmm processes", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))

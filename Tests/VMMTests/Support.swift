@@ -100,6 +100,10 @@ final class TestBillboard: @unchecked Sendable {
     let root: String
     let directory: String
     let adminKey: String
+    let host: String
+    /// This host's public keys (base64), as `vmm billboard init` printed them.
+    let signingKey: String
+    let agreementKey: String
     private let lock = NSLock()
     private var serial = 0
 
@@ -112,6 +116,18 @@ final class TestBillboard: @unchecked Sendable {
         adminKey = root + "/admin.key"
         let r = try runVMM(["billboard", "init", "--billboard", directory, "--host", host, "--admin-key", adminKey])
         try #require(r.status == 0, "vmm billboard init failed: \(r.stderr)")
+        self.host = host
+        func key(_ label: String) -> String {
+            r.stdout.split(separator: "\n").first { $0.hasPrefix(label) }.map { String($0.dropFirst(label.count)).trimmingCharacters(in: .whitespaces) } ?? ""
+        }
+        signingKey = key("host signing key:")
+        agreementKey = key("host agreement key:")
+    }
+
+    /// Makes `peer` a host this billboard trusts (signed by this billboard's administrator).
+    func addPeer(_ peer: TestBillboard) throws {
+        let r = try cli(["host", "add", peer.host, peer.signingKey, peer.agreementKey, "--signed-by", adminKey])
+        try #require(r.status == 0, "vmm billboard host add failed: \(r.stderr)")
     }
 
     /// Registers `image` with exactly this configuration under a fresh name, and returns the
