@@ -25,6 +25,13 @@ extension BillboardStore {
                               signature: signature.base64EncodedString())
     }
 
+    /// Records a refused state (an unsigned or badly signed snapshot or migration stream) in the audit log.
+    public func auditRefusedState(guest: String?, reason: String) {
+        try? db.write { db in
+            try appendAudit(db, actor: processActor, event: "state.signature.refused", guest: guest, details: ["reason": .string(reason)])
+        }
+    }
+
     /// Accepts a signature by this host or by a peer host an administrator added; refuses anything
     /// else. Returns the signing host's name as this store knows it (the label in the signature is not trusted).
     @discardableResult

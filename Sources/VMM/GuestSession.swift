@@ -236,10 +236,16 @@ public final class GuestSession: @unchecked Sendable {
 
     /// Destination: the state stream must be signed by the host the hello named as its source
     /// (this host, or a peer an administrator added).
-    func verifyIncomingSignature(_ signature: StateSignature, digest: [UInt8]) throws {
-        let signer = try store.verifyState(signature, digest: digest)
-        guard let claimed = carried?.host, signer == claimed else {
-            throw BillboardRefusal.badSnapshotSignature(reason: "the stream is signed by host '\(signer)' but claims to come from '\(carried?.host ?? "?")'")
+    func verifyIncomingSignature(_ signature: StateSignature?, digest: [UInt8]) throws {
+        do {
+            guard let signature else { throw BillboardRefusal.badSnapshotSignature(reason: "the migration stream carries no signature") }
+            let signer = try store.verifyState(signature, digest: digest)
+            guard let claimed = carried?.host, signer == claimed else {
+                throw BillboardRefusal.badSnapshotSignature(reason: "the stream is signed by host '\(signer)' but claims to come from '\(carried?.host ?? "?")'")
+            }
+        } catch {
+            store.auditRefusedState(guest: registration.name, reason: "incoming migration: \(error)")
+            throw error
         }
     }
 

@@ -61,12 +61,11 @@ extension Machine: MigrationSourceVM, MigrationDestinationVM {
 
     public func verifyState(signature: [UInt8]?, digest: [UInt8]) throws {
         guard let session else { return }
-        guard let signature else {
-            throw BillboardRefusal.badSnapshotSignature(reason: "the migration stream carries no signature")
-        }
-        let decoded: StateSignature
-        do { decoded = try JSONDecoder().decode(StateSignature.self, from: Data(signature)) } catch {
-            throw SnapshotError.malformed("signature section: \(error)")
+        var decoded: StateSignature?
+        if let signature {
+            do { decoded = try JSONDecoder().decode(StateSignature.self, from: Data(signature)) } catch {
+                throw SnapshotError.malformed("signature section: \(error)")
+            }
         }
         try session.verifyIncomingSignature(decoded, digest: digest)
     }

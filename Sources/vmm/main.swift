@@ -137,10 +137,15 @@ struct Restore: ParsableCommand {
                                                             snapshotSHA256: { try ImageDigest.sha256(path: path) },
                                                             settings: settings, log: logLine)
                 }, verifySignature: { signature, digest in
-                    guard let signature else {
-                        throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
+                    do {
+                        guard let signature else {
+                            throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
+                        }
+                        try store.verifyState(signature, digest: digest)
+                    } catch {
+                        store.auditRefusedState(guest: session?.registration.name, reason: "\(path): \(error)")
+                        throw error
                     }
-                    try store.verifyState(signature, digest: digest)
                 }, serialOutput: output.write)
             } catch {
                 session?.end()
