@@ -75,36 +75,17 @@ final class BenchBillboard {
 
     /// Admits, then builds and boots the machine (as `vmm run` does).
     func boot(_ image: [UInt8], _ c: MachineConfiguration, kvm: KVMSystem, serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
-        let session = try GuestSession.admitBoot(store: store, name: try name(for: image, c), image: image, configuration: c,
-                                                 settings: BillboardSettings(scanInterval: 3600), log: { _ in })
-        do {
-            let machine = try Machine(image: image, configuration: c, kvm: kvm, serialOutput: serialOutput)
-            try session.attachBooted(machine)
-            return machine
-        } catch {
-            session.end()
-            throw error
-        }
+        try GuestDoors.boot(image: image, name: try name(for: image, c), configuration: c, store: store,
+                            settings: BillboardSettings(scanInterval: 3600), kvm: kvm, log: { _ in }, serialOutput: serialOutput)
     }
 
     /// Admits and restores a snapshot file (as `vmm restore` does).
     func restore(_ path: String, kvm: KVMSystem) throws -> (Machine, SnapshotStats) {
-        var session: GuestSession?
-        let store = self.store
-        do {
-            let (machine, _, stats) = try SnapshotFile.read(path, kvm: kvm, admit: { d in
-                session = try GuestSession.admitRestore(store: store, description: d, snapshotSHA256: { try ImageDigest.sha256(path: path) },
-                                                        settings: BillboardSettings(scanInterval: 3600), log: { _ in })
-            }, verifySignature: { sig, digest in
-                guard let sig else { throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature") }
-                try store.verifyState(sig, digest: digest)
-            }, serialOutput: { _ in })
-            try session!.attachRestored(machine)
-            return (machine, stats)
-        } catch {
-            session?.end()
-            throw error
-        }
+        let (machine, session, stats) = try GuestDoors.restore(path: path, requestedMemory: nil, store: store,
+                                                               settings: BillboardSettings(scanInterval: 3600), kvm: kvm,
+                                                               log: { _ in }, serialOutput: { _ in })
+        do { try session.attachRestored(machine) } catch { session.end(); throw error }
+        return (machine, stats)
     }
 }
 

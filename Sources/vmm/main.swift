@@ -73,16 +73,8 @@ struct Run: ParsableCommand {
             warnAboutRing(dirtyTracker)
             let configuration = MachineConfiguration(memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker)
             // The Billboard decides before KVM_CREATE_VM; there is no way around it.
-            let session = try GuestSession.admitBoot(store: try billboard.open(), name: name, image: bytes,
-                                                     configuration: configuration, settings: billboard.settings, log: logLine)
-            let machine: Machine
-            do {
-                machine = try Machine(image: bytes, configuration: configuration, serialOutput: output.write)
-                try session.attachBooted(machine)
-            } catch {
-                session.end()
-                throw error
-            }
+            let machine = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, store: try billboard.open(),
+                                              settings: billboard.settings, log: logLine, serialOutput: output.write)
             return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir)
         }
         throw ExitCode(status)
@@ -125,36 +117,12 @@ struct Restore: ParsableCommand {
         let status = try CommandRunner.fail {
             let output = try SerialOutput(path: serialLog)
             let requested = try memory.map { try MemorySize.parse($0) }
-            let store = try billboard.open()
-            let settings = billboard.settings
-            let path = file
-            var session: GuestSession?
-            let machine: Machine
-            do {
-                (machine, _, _) = try SnapshotFile.read(file, requestedMemory: requested, admit: { description in
-                    // The identity, configuration and epoch the snapshot carries, before memory is reserved.
-                    session = try GuestSession.admitRestore(store: store, description: description,
-                                                            snapshotSHA256: { try ImageDigest.sha256(path: path) },
-                                                            settings: settings, log: logLine)
-                }, verifySignature: { signature, digest in
-                    do {
-                        guard let signature else {
-                            throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
-                        }
-                        try store.verifyState(signature, digest: digest)
-                    } catch {
-                        store.auditRefusedState(guest: session?.registration.name, reason: "\(path): \(error)")
-                        throw error
-                    }
-                }, serialOutput: output.write)
-            } catch {
-                session?.end()
-                throw error
-            }
+            let (machine, session, _) = try GuestDoors.restore(path: file, requestedMemory: requested, store: try billboard.open(),
+                                                               settings: billboard.settings, log: logLine, serialOutput: output.write)
             // The lease is taken (and an authorised rollback used) only once nothing else can fail
             // before the guest runs: after the control API is up.
             return try Host.serve(machine, apiSocket: apiSocket, startPaused: paused, reportDir: reportDir,
-                                  beforeStart: { try session!.attachRestored(machine) })
+                                  beforeStart: { try session.attachRestored(machine) })
         }
         throw ExitCode(status)
     }
@@ -207,10 +175,8 @@ struct Receive: ParsableCommand {
                     Foundation.exit(128 + signal)
                 }
             }
-            let (machine, _) = try IncomingMigration.receive(listener: listener, dirtyTracker: dirtyTracker, fault: injectFault,
-                admit: { description in
-                    try GuestSession.admitIncoming(store: store, description: description, settings: settings, log: logLine)
-                }, serialOutput: output.write)
+            let machine = try GuestDoors.receive(listener: listener, store: store, settings: settings, dirtyTracker: dirtyTracker,
+                                                 fault: injectFault, log: logLine, serialOutput: output.write)
             running.machine = machine
             return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
         }

@@ -1,0 +1,72 @@
+import Billboard
+import Foundation
+import KVM
+import Migration
+
+/// The three ways a guest comes to run in a VMM process (boot, restore, incoming migration),
+/// each admitted by the Billboard before `KVM_CREATE_VM`. The `vmm` commands and the
+/// benchmarks use these and nothing else to get a machine.
+public enum GuestDoors {
+    /// Admits `image` with `configuration`, then creates and loads the machine, with its beacon
+    /// block written and its session attached. The lease is held from admission on.
+    public static func boot(image: [UInt8], name: String?, configuration: MachineConfiguration, store: BillboardStore,
+                            settings: BillboardSettings, kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
+                            serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+        let session = try GuestSession.admitBoot(store: store, name: name, image: image, configuration: configuration,
+                                                 settings: settings, log: log)
+        do {
+            let machine = try Machine(image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+            try session.attachBooted(machine)
+            return machine
+        } catch {
+            session.end()
+            throw error
+        }
+    }
+
+    /// Reads a snapshot file: the identity it carries is admitted before memory is reserved, and
+    /// the host signature is checked (a missing or foreign one is refused and audited). The
+    /// returned session has not taken the lease yet: call `attachRestored` just before the guest
+    /// runs, so that nothing that can still fail consumes an epoch or an authorisation.
+    public static func restore(path: String, requestedMemory: UInt64?, store: BillboardStore, settings: BillboardSettings,
+                               kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
+                               serialOutput: @escaping (UInt8) -> Void) throws -> (Machine, GuestSession, SnapshotStats) {
+        var session: GuestSession?
+        do {
+            let (machine, _, stats) = try SnapshotFile.read(path, kvm: kvm, requestedMemory: requestedMemory, admit: { description in
+                session = try GuestSession.admitRestore(store: store, description: description,
+                                                        snapshotSHA256: { try ImageDigest.sha256(path: path) },
+                                                        settings: settings, log: log)
+            }, verifySignature: { signature, digest in
+                do {
+                    guard let signature else {
+                        throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
+                    }
+                    try store.verifyState(signature, digest: digest)
+                } catch {
+                    store.auditRefusedState(guest: session?.registration.name, reason: "\(path): \(error)")
+                    throw error
+                }
+            }, serialOutput: serialOutput)
+            guard let session else { throw SessionError.noIdentity("snapshot") }
+            return (machine, session, stats)
+        } catch {
+            session?.end()
+            throw error
+        }
+    }
+
+    /// Waits for one incoming migration: the hello's identity is admitted before memory is
+    /// reserved, the stream's signature checked before READY, the lease taken on GO before the
+    /// guest runs. Returns the running machine.
+    public static func receive(listener: TCPListener, store: BillboardStore, settings: BillboardSettings,
+                               dirtyTracker: DirtyTrackerKind, fault: InjectedFault? = nil, kvm: KVMSystem? = nil,
+                               log: @escaping @Sendable (String) -> Void,
+                               serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> Machine {
+        let (machine, _) = try IncomingMigration.receive(listener: listener, kvm: kvm, dirtyTracker: dirtyTracker, fault: fault,
+            admit: { description in
+                try GuestSession.admitIncoming(store: store, description: description, settings: settings, log: log)
+            }, serialOutput: serialOutput)
+        return machine
+    }
+}
