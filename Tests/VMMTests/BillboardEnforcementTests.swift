@@ -36,6 +36,17 @@ func stillRunning(_ vmm: VMMProcess) -> Bool {
     vmm.process.isRunning && ((try? vmm.call(.GET, "/vm").json?["state"] as? String) == "running")
 }
 
+/// The beacons recorded for the first running instance of `store` (0 if none).
+func beaconsRecorded(_ store: TestBillboard) -> Int {
+    guard let text = try? store.cli(["instances"]).stdout else { return 0 }
+    for line in text.split(separator: "\n") where line.contains("\trunning\t") || line.contains("\tpaused\t") {
+        if let field = line.split(separator: "\t").first(where: { $0.hasPrefix("beacons ") }), let n = Int(field.dropFirst(8)) {
+            return n
+        }
+    }
+    return 0
+}
+
 func auditText(_ store: TestBillboard) throws -> String {
     try store.cli(["audit", "--last", "100000"]).stdout
 }
@@ -309,8 +320,8 @@ struct ScanTests {
     @Test("a paused guest is not stale; the scan runs on demand through PUT /vm/scan; GET /vm names the guest and its epoch")
     func pausedNotStale() throws {
         let store = try TestBillboard(host: "paused")
-        let vmm = try runCounter(store, extra: ["--scan-interval", "0.5", "--beacon-interval", "200"])
-        #expect(waitUntil(10) { (try? store.cli(["instances"]).stdout.contains("beacons 2")) == true })
+        let vmm = try runCounter(store, extra: ["--scan-interval", "1", "--beacon-interval", "200"])
+        #expect(waitUntil(10) { beaconsRecorded(store) >= 2 })
         #expect(try vmm.call(.PUT, "/vm/pause").status == 200)
         usleep(3_000_000)
         #expect(try vmm.call(.PUT, "/vm/resume").status == 200)
