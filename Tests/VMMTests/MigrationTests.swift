@@ -239,7 +239,7 @@ struct MigrationTests {
         let report = migrate(machine, to: destination.address, maxDowntimeMs: 0.001, timeout: 2, maxBandwidth: 1_000_000)
         #expect(report.outcome == "failed")
         #expect(!report.converged)
-        #expect(report.error?.contains("did not converge") == true)
+        #expect(report.error?.contains("did not converge") == true, "\(report.error ?? "no error")")
         #expect(machine.state == .running)
         #expect(destination.wait())
         #expect(destination.machine == nil)
