@@ -129,13 +129,6 @@ extension BillboardStore {
         try writeInstanceMAC(db, pid: pid, guestID: row["guest_id"], tokenMAC: row["token_mac"], state: state)
     }
 
-    /// Removes this process's instance row (a clean end).
-    public func removeInstance(pid: Int32 = getpid()) throws {
-        try db.write { db in
-            try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ?", arguments: [hostName, pid])
-        }
-    }
-
     /// Stores the latest beacon a guest sent through this process. A beacon whose token is not the
     /// one this process issued is kept as evidence of a false VM (the scan stops it).
     /// `received` is how many beacons arrived since the last call (the VMM records the latest only).

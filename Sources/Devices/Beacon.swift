@@ -13,7 +13,6 @@ public struct BeaconBlock: Sendable, Equatable {
     public static let magic: UInt32 = 0x314E_4342  // "BCN1"
     public static let version: UInt16 = 1
     public static let port: UInt16 = 0x0BEA
-    public static let size = 0x28
     public static let tokenOffset: UInt64 = 0x08
     public static let messageOffset: UInt64 = 0x18
     public static let messageSize = 16

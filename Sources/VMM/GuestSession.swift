@@ -58,7 +58,6 @@ public final class GuestSession: @unchecked Sendable {
         var latestBeacon: (BeaconMessage, Date)?
         var beaconsSinceFlush = 0
         var reportedState: InstanceState?
-        var lastScan: [ScanFinding] = []
     }
     private let shared = Mutex(Shared())
     /// Wakes housekeeping early: a beacon with a foreign token is evidence to record at once.
@@ -173,8 +172,6 @@ public final class GuestSession: @unchecked Sendable {
 
     public var epoch: Int64 { shared.withLock { $0.epoch } }
     public var token: UInt64 { shared.withLock { $0.token } }
-    /// Findings of the last scan this VMM ran.
-    public var lastScan: [ScanFinding] { shared.withLock { $0.lastScan } }
 
     // MARK: - Attaching to the machine
 
@@ -335,7 +332,6 @@ public final class GuestSession: @unchecked Sendable {
             log("billboard: scan failed: \(error)")
             return []
         }
-        shared.withLock { $0.lastScan = findings }
         for finding in findings where ![.unmanaged, .gone, .foreignStore].contains(finding.kind) {
             log("billboard: scan: \(finding)")
         }
