@@ -202,14 +202,14 @@ public final class BillboardStore: Sendable {
         }
         m.registerMigration("v2") { db in
             try db.execute(sql: """
-                -- One row per VMM process that holds (or is receiving) a guest on this host.
+                -- One row per guest a VMM process holds (or is receiving) on this host.
                 CREATE TABLE instances (
                     host TEXT NOT NULL, pid INTEGER NOT NULL, guest_id TEXT NOT NULL, guest_name TEXT NOT NULL,
                     token_mac BLOB NOT NULL, state TEXT NOT NULL, beacons_required INTEGER NOT NULL,
                     started_at INTEGER NOT NULL, updated_at INTEGER NOT NULL,
                     last_beacon_at INTEGER, beacon_count INTEGER NOT NULL DEFAULT 0, beacon_counter INTEGER,
                     false_beacon TEXT, stale_since INTEGER, mac BLOB NOT NULL,
-                    PRIMARY KEY (host, pid));
+                    PRIMARY KEY (host, pid, guest_id));
                 CREATE TABLE restore_authorizations (
                     id INTEGER PRIMARY KEY, guest_id TEXT NOT NULL, snapshot_sha256 TEXT NOT NULL,
                     signer_name TEXT NOT NULL, request BLOB NOT NULL, signature BLOB NOT NULL,

@@ -74,9 +74,9 @@ extension BillboardStore {
     }
 
     private func writeInstanceMAC(_ db: Database, pid: Int32, guestID: String, tokenMAC: Data, state: InstanceState) throws {
-        try db.execute(sql: "UPDATE instances SET mac = ? WHERE host = ? AND pid = ?", arguments: [
+        try db.execute(sql: "UPDATE instances SET mac = ? WHERE host = ? AND pid = ? AND guest_id = ?", arguments: [
             rowMAC(Self.instanceState(host: hostName, pid: pid, guestID: guestID, tokenMAC: tokenMAC, state: state.rawValue)),
-            hostName, pid])
+            hostName, pid, guestID])
     }
 
     /// Records that this process (`pid`) now holds `registration`'s guest in `state`, with the
@@ -101,51 +101,53 @@ extension BillboardStore {
 
     /// Changes this process's instance state (and, when given, its token: rotated on restore and
     /// migration, so a copy of the old memory cannot beacon as the new guest).
-    public func updateInstance(pid: Int32 = getpid(), state: InstanceState, token: UInt64? = nil) throws {
+    public func updateInstance(guestID: UUID, pid: Int32 = getpid(), state: InstanceState, token: UInt64? = nil) throws {
+        let id = Self.idText(guestID)
         try db.write { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT guest_id, token_mac FROM instances WHERE host = ? AND pid = ?",
-                                             arguments: [hostName, pid]) else { return }
-            let id: String = row["guest_id"]
+            guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
+                                             arguments: [hostName, pid, id]) else { return }
             let mac = token.map(tokenMAC) ?? row["token_mac"]
             var sql = "UPDATE instances SET state = ?, token_mac = ?, updated_at = ?"
             // A new token starts a new beacon history: the guest's first beacon with it is due within the grace period.
             if token != nil { sql += ", last_beacon_at = NULL, beacon_counter = NULL, stale_since = NULL, false_beacon = NULL, started_at = ?" }
-            sql += " WHERE host = ? AND pid = ?"
+            sql += " WHERE host = ? AND pid = ? AND guest_id = ?"
             let now = Date().milliseconds
             var args: StatementArguments = [state.rawValue, mac, now]
             if token != nil { args += [now] }
-            args += [hostName, pid]
+            args += [hostName, pid, id]
             try db.execute(sql: sql, arguments: args)
             try writeInstanceMAC(db, pid: pid, guestID: id, tokenMAC: mac, state: state)
         }
     }
 
     /// Sets an instance's state (and its integrity code) inside the caller's transaction.
-    func setInstanceState(_ db: Database, pid: Int32, state: InstanceState) throws {
-        guard let row = try Row.fetchOne(db, sql: "SELECT guest_id, token_mac FROM instances WHERE host = ? AND pid = ?",
-                                         arguments: [hostName, pid]) else { return }
-        try db.execute(sql: "UPDATE instances SET state = ?, updated_at = ? WHERE host = ? AND pid = ?",
-                       arguments: [state.rawValue, Date().milliseconds, hostName, pid])
-        try writeInstanceMAC(db, pid: pid, guestID: row["guest_id"], tokenMAC: row["token_mac"], state: state)
+    func setInstanceState(_ db: Database, pid: Int32, guestID: String, state: InstanceState) throws {
+        guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
+                                         arguments: [hostName, pid, guestID]) else { return }
+        try db.execute(sql: "UPDATE instances SET state = ?, updated_at = ? WHERE host = ? AND pid = ? AND guest_id = ?",
+                       arguments: [state.rawValue, Date().milliseconds, hostName, pid, guestID])
+        try writeInstanceMAC(db, pid: pid, guestID: guestID, tokenMAC: row["token_mac"], state: state)
     }
 
     /// Stores the latest beacon a guest sent through this process. A beacon whose token is not the
     /// one this process issued is kept as evidence of a false VM (the scan stops it).
     /// `received` is how many beacons arrived since the last call (the VMM records the latest only).
-    public func recordBeacon(pid: Int32 = getpid(), token: UInt64, counter: UInt64, received: Int = 1, at time: Date = Date()) throws {
+    public func recordBeacon(guestID: UUID, pid: Int32 = getpid(), token: UInt64, counter: UInt64, received: Int = 1,
+                             at time: Date = Date()) throws {
+        let id = Self.idText(guestID)
         try db.write { db in
-            guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ?",
-                                             arguments: [hostName, pid]) else { return }
+            guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
+                                             arguments: [hostName, pid, id]) else { return }
             let expected: Data = row["token_mac"]
             if tokenMAC(token) == expected {
                 try db.execute(sql: """
                     UPDATE instances SET last_beacon_at = ?, beacon_count = beacon_count + ?, beacon_counter = ?, stale_since = NULL
-                    WHERE host = ? AND pid = ?
-                    """, arguments: [time.milliseconds, received, Int64(bitPattern: counter), hostName, pid])
+                    WHERE host = ? AND pid = ? AND guest_id = ?
+                    """, arguments: [time.milliseconds, received, Int64(bitPattern: counter), hostName, pid, id])
             } else {
                 let evidence = "beacon #\(counter) at \(ISO8601DateFormatter().string(from: time)) carried token \(String(token, radix: 16)), not the token this VMM issued"
-                try db.execute(sql: "UPDATE instances SET false_beacon = COALESCE(false_beacon, ?) WHERE host = ? AND pid = ?",
-                               arguments: [evidence, hostName, pid])
+                try db.execute(sql: "UPDATE instances SET false_beacon = COALESCE(false_beacon, ?) WHERE host = ? AND pid = ? AND guest_id = ?",
+                               arguments: [evidence, hostName, pid, id])
             }
         }
     }

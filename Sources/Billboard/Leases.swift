@@ -144,7 +144,7 @@ extension BillboardStore {
             let epoch = current.epoch + 1
             try writeLease(db, guestID, host: toHost, pid: toPid, epoch: epoch, now: Date().milliseconds)
             // In the same transaction the source's record says it no longer owns the guest.
-            try setInstanceState(db, pid: fromPid, state: .migrated)
+            try setInstanceState(db, pid: fromPid, guestID: guestText, state: .migrated)
             try appendAudit(db, actor: actor, event: "lease.handover", guest: guestText, details: [
                 "guestID": .string(guestText), "toHost": .string(toHost), "toPid": .int(Int64(toPid)),
                 "epoch": .int(epoch),
@@ -232,7 +232,7 @@ extension BillboardStore {
                 try appendAudit(db, actor: "vmm pid \(pid)@\(hostName)", event: "lease.release", guest: guestText, details: [
                     "guestID": .string(guestText), "epoch": .int(current.epoch)])
             }
-            try setInstanceState(db, pid: pid, state: .ended)
+            try setInstanceState(db, pid: pid, guestID: guestText, state: .ended)
         }
     }
 

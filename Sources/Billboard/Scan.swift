@@ -105,7 +105,7 @@ extension BillboardStore {
                 let name: String = row["guest_name"]
                 let state = InstanceState(rawValue: row["state"]) ?? .running
                 guard HostProcesses.alive(pid) else {
-                    try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ?", arguments: [hostName, pid])
+                    try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ? AND guest_id = ?", arguments: [hostName, pid, guestID])
                     if state == .ended { continue }  // a clean exit
                     findings.append(ScanFinding(kind: .gone, pid: pid, guest: name, evidence: "process \(pid) no longer exists"))
                     try appendAudit(db, actor: actor, event: "scan.gone", guest: name, details: [
@@ -114,7 +114,7 @@ extension BillboardStore {
                 }
                 guard instanceIsAuthentic(db, row) else {
                     // Planted without host.key: not a record at all. The process check below judges the process.
-                    try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ?", arguments: [hostName, pid])
+                    try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ? AND guest_id = ?", arguments: [hostName, pid, guestID])
                     try appendAudit(db, actor: actor, event: "scan.forged-record", guest: name, details: [
                         "pid": .int(Int64(pid)), "guestID": .string(guestID)])
                     continue
@@ -144,8 +144,8 @@ extension BillboardStore {
                         findings.append(ScanFinding(kind: .stale, pid: pid, guest: name,
                                                     evidence: "\(last); beacons are required (grace \(Int(staleAfter * 1000)) ms)"))
                         if (row["stale_since"] as Int64?) == nil {
-                            try db.execute(sql: "UPDATE instances SET stale_since = ? WHERE host = ? AND pid = ?",
-                                           arguments: [now, hostName, pid])
+                            try db.execute(sql: "UPDATE instances SET stale_since = ? WHERE host = ? AND pid = ? AND guest_id = ?",
+                                           arguments: [now, hostName, pid, guestID])
                             try appendAudit(db, actor: actor, event: "scan.stale", guest: name, details: [
                                 "pid": .int(Int64(pid)), "guestID": .string(guestID), "evidence": .string(findings.last!.evidence)])
                         }

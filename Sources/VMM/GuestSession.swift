@@ -190,7 +190,7 @@ public final class GuestSession: @unchecked Sendable {
         }
         let token = try machine.beaconToken() ?? Self.newToken()
         shared.withLock { $0.token = token; $0.reportedState = .paused }
-        try store.updateInstance(state: .paused, token: token)
+        try store.updateInstance(guestID: registration.id, state: .paused, token: token)
         attach(machine)
     }
 
@@ -227,7 +227,7 @@ public final class GuestSession: @unchecked Sendable {
             try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: carried.map { ($0.host, $0.pid) })
             let token = try machine?.beaconToken() ?? Self.newToken()
             shared.withLock { $0.token = token; $0.reportedState = .running }
-            try store.updateInstance(state: .running, token: token)
+            try store.updateInstance(guestID: registration.id, state: .running, token: token)
         }
     }
 
@@ -262,7 +262,7 @@ public final class GuestSession: @unchecked Sendable {
     public func reclaim() throws {
         try storeLock.withLock {
             try takeLease(minimumEpoch: 0)
-            try store.updateInstance(state: .running)
+            try store.updateInstance(guestID: registration.id, state: .running)
             shared.withLock { $0.reportedState = .running; $0.handedOver = false }
         }
     }
@@ -290,7 +290,7 @@ public final class GuestSession: @unchecked Sendable {
                 return (s.holdsLease, s.handedOver, b, n)
             }
             if let (message, time) = beacon {
-                do { try store.recordBeacon(token: message.token, counter: message.counter, received: received, at: time) } catch {
+                do { try store.recordBeacon(guestID: registration.id, token: message.token, counter: message.counter, received: received, at: time) } catch {
                     log("billboard: cannot record a beacon: \(error)")
                 }
             }
@@ -314,7 +314,7 @@ public final class GuestSession: @unchecked Sendable {
                     s.reportedState = state
                     return true
                 }
-                if changed { try? store.updateInstance(state: state) }
+                if changed { try? store.updateInstance(guestID: registration.id, state: state) }
             }
             storeLock.unlock()
             if Date() >= nextScan {
@@ -337,6 +337,9 @@ public final class GuestSession: @unchecked Sendable {
         }
         for finding in findings where finding.mustStop {
             if finding.pid == getpid() {
+                // This process: only a finding about this session's own guest ends it (a library
+                // process may hold several guests, each with its own session).
+                guard finding.guest == nil || finding.guest == registration.name else { continue }
                 try? store.recordSelfEviction(finding)
                 if let machine = machine ?? self.machine {
                     machine.pause()

@@ -30,12 +30,12 @@ struct ScanLogicTests {
         let r = try f.store.register(web1(), signedBy: f.admin)
         try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
         try f.store.recordInstance(r, token: 0xABCD, state: .running)
-        try f.store.recordBeacon(token: 0xABCD, counter: 1, received: 2)
+        try f.store.recordBeacon(guestID: r.id, token: 0xABCD, counter: 1, received: 2)
         var me = try #require(try f.store.instances().first { $0.pid == getpid() })
         #expect(me.beaconCount == 2 && me.beaconCounter == 1 && me.falseBeacon == nil)
         #expect(try recordFindings(f.store).isEmpty)
 
-        try f.store.recordBeacon(token: 0x1234, counter: 2)
+        try f.store.recordBeacon(guestID: r.id, token: 0x1234, counter: 2)
         me = try #require(try f.store.instances().first { $0.pid == getpid() })
         #expect(me.falseBeacon?.contains("1234") == true)
         let findings = try recordFindings(f.store)
@@ -75,7 +75,7 @@ struct ScanLogicTests {
         // The commit: lease to the destination and the source marked migrated in one transaction.
         try f.store.handOver(guestID: r.id, fromPid: getpid(), toHost: "host1", toPid: destination.pid)
         #expect(try f.store.instances().first { $0.pid == getpid() }?.state == .migrated)
-        try f.store.updateInstance(pid: destination.pid, state: .running)
+        try f.store.updateInstance(guestID: r.id, pid: destination.pid, state: .running)
         #expect(try recordFindings(f.store, staleAfter: 60).isEmpty)
 
         // Beacons are required for web1: silent for longer than the grace period means stale.
@@ -86,7 +86,7 @@ struct ScanLogicTests {
         _ = try recordFindings(f.store, staleAfter: 0.1)
         #expect(try events(f.store).filter { $0 == "scan.stale" }.count == 1, "a stale guest is audited once, not every scan")
 
-        try f.store.updateInstance(pid: destination.pid, state: .paused)
+        try f.store.updateInstance(guestID: r.id, pid: destination.pid, state: .paused)
         usleep(300_000)
         #expect(try recordFindings(f.store, staleAfter: 0.1).isEmpty, "a paused guest is not stale")
     }
