@@ -14,9 +14,30 @@ public enum GuestDoors {
                             serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
         let session = try GuestSession.admitBoot(store: store, name: name, image: image, configuration: configuration,
                                                  settings: settings, log: log)
+        return try boot(session: session, image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+    }
+
+    /// Creates and loads the machine of a guest `session` admitted (`GuestSession.admitBoot`);
+    /// for callers that time admission apart. Ends the session if the machine cannot be made.
+    public static func boot(session: GuestSession, image: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem? = nil,
+                            serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
         do {
             let machine = try Machine(image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
             try session.attachBooted(machine)
+            return machine
+        } catch {
+            session.end()
+            throw error
+        }
+    }
+
+    /// Reserves the machine (memory, vCPUs, no state) of a guest arriving by migration, which
+    /// `session` admitted (`GuestSession.admitIncoming`). Ends the session if it cannot be made.
+    public static func reserveIncoming(session: GuestSession, configuration: MachineConfiguration, kvm: KVMSystem? = nil,
+                                       serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+        do {
+            let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+            session.attachIncoming(machine)
             return machine
         } catch {
             session.end()
@@ -34,9 +55,11 @@ public enum GuestDoors {
         var session: GuestSession?
         do {
             let (machine, _, stats) = try SnapshotFile.read(path, kvm: kvm, requestedMemory: requestedMemory, admit: { description in
-                session = try GuestSession.admitRestore(store: store, description: description,
-                                                        snapshotSHA256: { try ImageDigest.sha256(path: path) },
-                                                        settings: settings, log: log)
+                let admitted = try GuestSession.admitRestore(store: store, description: description,
+                                                             snapshotSHA256: { try ImageDigest.sha256(path: path) },
+                                                             settings: settings, log: log)
+                session = admitted
+                return admitted
             }, verifySignature: { signature, digest in
                 do {
                     guard let signature else {

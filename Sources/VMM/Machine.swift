@@ -155,7 +155,9 @@ public final class Machine: @unchecked Sendable {
 
     /// Creates the VM with zeroed memory and vCPUs that have `cpuid` (default: all
     /// that KVM supports), but no boot state yet: callers load an image or restore.
-    public init(configuration: MachineConfiguration, cpuid: [CPUIDEntry]? = nil, kvm: KVMSystem? = nil,
+    /// Internal: outside this module a machine is made only through `GuestDoors`, after the
+    /// Billboard admitted its guest.
+    init(configuration: MachineConfiguration, cpuid: [CPUIDEntry]? = nil, kvm: KVMSystem? = nil,
                 serialOutput: @escaping (UInt8) -> Void) throws {
         guard configuration.vcpuCount >= 1, configuration.vcpuCount <= 64 else {
             throw MachineError.invalidConfiguration("vCPU count \(configuration.vcpuCount) must be 1 to 64")
@@ -190,8 +192,8 @@ public final class Machine: @unchecked Sendable {
     /// Builds the VM and boots `image` (KVM_CREATE_VM, guest memory, the image,
     /// vCPUs with CPUID and the initial registers). Throws `KVMError`,
     /// `GuestMemoryError` or `LoaderError`.
-    public convenience init(image bytes: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem? = nil,
-                            serialOutput: @escaping (UInt8) -> Void) throws {
+    convenience init(image bytes: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem? = nil,
+                     serialOutput: @escaping (UInt8) -> Void) throws {
         try self.init(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
         let loaded = try ImageLoader.load(image: bytes, mode: configuration.mode,
                                           commandLine: configuration.commandLine, into: memory)

@@ -79,7 +79,7 @@ public final class MigrationService: Sendable {
 public enum IncomingMigration {
     public static func receive(listener: TCPListener, kvm: KVMSystem? = nil, dirtyTracker: DirtyTrackerKind = .bitmap,
                                fault: InjectedFault? = nil,
-                               admit: @escaping @Sendable (MachineDescription) throws -> GuestSession? = { _ in nil },
+                               admit: @escaping @Sendable (MachineDescription) throws -> GuestSession,
                                serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> (Machine, MigrationReceiver.Result) {
         let transport = try listener.accept(timeoutSeconds: 30)
         defer { transport.close() }
@@ -93,14 +93,7 @@ public enum IncomingMigration {
             let session = try admit(description)
             var configuration = description.configuration
             configuration.dirtyTracker = dirtyTracker
-            do {
-                let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
-                session?.attachIncoming(machine)
-                return machine
-            } catch {
-                session?.end()
-                throw error
-            }
+            return try GuestDoors.reserveIncoming(session: session, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
         }
         let (vm, result) = try receiver.run(transport: transport)
         guard let machine = vm as? Machine else { throw MigrationError.protocolViolation("internal: unexpected VM type") }

@@ -42,8 +42,8 @@ public enum MachineStream {
     /// `admit` sees the machine description before any memory is reserved.
     public static func readMachine<S: ByteSource>(from reader: inout StreamReader<S>, kvm: KVMSystem? = nil,
                                                   requestedMemory: UInt64? = nil,
-                                                  admit: (MachineDescription) throws -> Void = { _ in },
-                                                  verifySignature: ((StateSignature?, [UInt8]) throws -> Void)? = nil,
+                                                  admit: (MachineDescription) throws -> GuestSession,
+                                                  verifySignature: @escaping (StateSignature?, [UInt8]) throws -> Void,
                                                   serialOutput: @escaping (UInt8) -> Void) throws -> (Machine, MachineDescription, pages: Int, zeroPages: Int) {
         guard let first = try reader.nextSection() else { throw SnapshotError.sectionOrder("the stream is empty") }
         guard first.type == .machine else {
@@ -57,7 +57,8 @@ public enum MachineStream {
             throw SnapshotError.memoryMismatch(snapshot: description.memorySize, requested: requestedMemory)
         }
         guard !description.inKernelIRQChip else { throw SnapshotError.inKernelIRQChip }
-        try admit(description)
+        // No admission, no machine: the session is the proof.
+        _ = try admit(description)
         let machine = try Machine(configuration: description.configuration, kvm: kvm, serialOutput: serialOutput)
         var vcpus: [VCPUState]?
         var devices: DeviceState?
@@ -74,7 +75,7 @@ public enum MachineStream {
                 do { signature = try JSONDecoder().decode(StateSignature.self, from: Data(section.payload)) } catch {
                     throw SnapshotError.malformed("signature section: \(error)")
                 }
-                try verifySignature?(signature, reader.digestBeforeLastSection)
+                try verifySignature(signature, reader.digestBeforeLastSection)
                 signed = true
             case .memory:
                 let r = try MemorySection.apply(section.payload, to: machine.memory)
@@ -97,7 +98,7 @@ public enum MachineStream {
             }
         }
         guard ended else { throw SnapshotError.sectionOrder("the stream has no end section") }
-        if let verifySignature, !signed { try verifySignature(nil, []) }
+        if !signed { try verifySignature(nil, []) }
         guard let vcpus else { throw SnapshotError.sectionOrder("no vCPU section") }
         guard let devices else { throw SnapshotError.sectionOrder("no device section") }
         try machine.restoreState(vcpus: vcpus, devices: devices, description: description)
@@ -137,11 +138,12 @@ public enum SnapshotFile {
     }
 
     /// Builds a paused, fully restored machine from the file at `path`.
-    /// `admit` sees the machine description (and the guest identity) before memory is reserved;
-    /// `verifySignature`, when given, must accept the signature section (nil: none was found).
+    /// `admit` sees the machine description (and the guest identity) before memory is reserved and
+    /// must return the Billboard session that admitted it; `verifySignature` must accept the
+    /// signature section (it is called with nil when there is none).
     public static func read(_ path: String, kvm: KVMSystem? = nil, requestedMemory: UInt64? = nil,
-                            admit: (MachineDescription) throws -> Void = { _ in },
-                            verifySignature: ((StateSignature?, [UInt8]) throws -> Void)? = nil,
+                            admit: (MachineDescription) throws -> GuestSession,
+                            verifySignature: @escaping (StateSignature?, [UInt8]) throws -> Void,
                             serialOutput: @escaping (UInt8) -> Void) throws -> (Machine, MachineDescription, SnapshotStats) {
         let t0 = monotonicMilliseconds()
         let fd = open(path, O_RDONLY | O_CLOEXEC)

@@ -135,8 +135,8 @@ struct BootBench: ParsableCommand {
                 let session = try GuestSession.admitBoot(store: billboard.store, name: name, image: bytes, configuration: configuration,
                                                          settings: BillboardSettings(scanInterval: 3600), log: { _ in })
                 let t0 = monotonicMilliseconds()
-                let machine = try Machine(image: bytes, configuration: configuration, kvm: kvm, serialOutput: { _ in first.mark() })
-                try session.attachBooted(machine)
+                let machine = try GuestDoors.boot(session: session, image: bytes, configuration: configuration, kvm: kvm,
+                                                  serialOutput: { _ in first.mark() })
                 machine.start()
                 _ = machine.waitForExit()
                 session.end()
@@ -407,8 +407,7 @@ struct GhostBench: ParsableCommand {
             let original = MachineConfiguration(commandLine: "count=0 ticks=4000000000")
             let session = try GuestSession.admitBoot(store: billboard.store, name: try billboard.name(for: bytes, original),
                                                      image: bytes, configuration: original, settings: settings, log: { _ in })
-            let machine = try Machine(image: bytes, configuration: original, kvm: kvm, serialOutput: { _ in })
-            try session.attachBooted(machine)
+            let machine = try GuestDoors.boot(session: session, image: bytes, configuration: original, kvm: kvm, serialOutput: { _ in })
             machine.start()
             defer { finish(machine) }
 

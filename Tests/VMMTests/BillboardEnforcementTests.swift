@@ -517,7 +517,4 @@ func hasVM(_ pid: Int32) -> Bool {
     return fds.contains { (try? FileManager.default.destinationOfSymbolicLink(atPath: dir + "/" + $0)) == "anon_inode:kvm-vm" }
 }
 
-/// This host's TSC rate, as the dirtier's pacing needs it.
-func hostTSCKHz() throws -> UInt32 {
-    try Machine(configuration: MachineConfiguration(), serialOutput: { _ in }).tscKHz
-}
+

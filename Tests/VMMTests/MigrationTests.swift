@@ -3,6 +3,7 @@ import Testing
 import GuestMemory
 import KVM
 import Migration
+import Billboard
 import Snapshot
 import VMM
 
@@ -14,12 +15,16 @@ final class Destination: @unchecked Sendable {
     private(set) var machine: Machine?
     private(set) var error: (any Error)?
 
-    init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil) throws {
+    /// `onSource`: receive on the source host (a guest coming back); by default on the destination host.
+    init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil, onSource: Bool = false) throws {
         listener = try TCPListener(listen: "127.0.0.1:0")
         let capture = self.capture
+        let hosts = try localHosts()
+        let store = onSource ? hosts.source : hosts.destination
         Thread.detachNewThread { [self] in
             do {
                 let (m, _) = try IncomingMigration.receive(listener: listener, dirtyTracker: tracker, fault: fault,
+                                                           admit: { try hosts.admitIncoming($0, on: store) },
                                                            serialOutput: capture.append)
                 machine = m
             } catch {
@@ -57,18 +62,15 @@ final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
 
 func bootCounter(count: Int = 0, ticks: Int = 400_000, tracker: DirtyTrackerKind = .bitmap,
                  capture: SerialCapture) throws -> Machine {
-    let m = try Machine(image: try Fixtures.guestBytes("counter.elf"),
-                        configuration: MachineConfiguration(commandLine: "count=\(count) ticks=\(ticks)", dirtyTracker: tracker),
-                        serialOutput: capture.append)
+    let m = try bootLocal("counter.elf", MachineConfiguration(commandLine: "count=\(count) ticks=\(ticks)", dirtyTracker: tracker),
+                          serialOutput: capture.append)
     m.start()
     return m
 }
 
 /// Boots the dirtier and starts it.
 func bootDirtier(memory: UInt64, commandLine: String, tracker: DirtyTrackerKind = .bitmap) throws -> Machine {
-    let m = try Machine(image: try Fixtures.guestBytes("dirtier.elf"),
-                        configuration: MachineConfiguration(memorySize: memory, commandLine: commandLine, dirtyTracker: tracker),
-                        serialOutput: { _ in })
+    let m = try bootLocal("dirtier.elf", MachineConfiguration(memorySize: memory, commandLine: commandLine, dirtyTracker: tracker))
     m.start()
     return m
 }
@@ -123,7 +125,10 @@ struct MigrationTests {
         Thread.detachNewThread {
             let receiver = MigrationReceiver { payload, _ in
                 let d = try JSONDecoder().decode(MachineDescription.self, from: Data(payload))
-                return DigestingDestination(try Machine(configuration: d.configuration, serialOutput: { _ in }), box: destDigest)
+                let hosts = try localHosts()
+                let session = try hosts.admitIncoming(d, on: hosts.destination)
+                return DigestingDestination(try GuestDoors.reserveIncoming(session: session, configuration: d.configuration,
+                                                                           serialOutput: { _ in }), box: destDigest)
             }
             do {
                 let transport = try listener.accept()
@@ -150,7 +155,7 @@ struct MigrationTests {
         #expect(b.wait())
         let onB = try #require(b.machine)
         usleep(150_000)
-        let back = try Destination()
+        let back = try Destination(onSource: true)
         #expect(migrate(onB, to: back.address).outcome == "completed")
         onB.end(with: .migrated)
         #expect(back.wait())
@@ -165,8 +170,7 @@ struct MigrationTests {
 
     @Test("a dirtier under load converges with each tracker", arguments: DirtyTrackerKind.allCases)
     func dirtierConverges(_ tracker: DirtyTrackerKind) throws {
-        let probe = try Machine(configuration: MachineConfiguration(), serialOutput: { _ in })
-        let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=8192 rate=20000 tsc_khz=\(probe.tscKHz) mark_us=1000", tracker: tracker)
+        let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=8192 rate=20000 tsc_khz=\(try hostTSCKHz()) mark_us=1000", tracker: tracker)
         usleep(500_000)
         let destination = try Destination(tracker: tracker)
         let report = migrate(machine, to: destination.address, maxDowntimeMs: 300, timeout: 60, autoConverge: true)

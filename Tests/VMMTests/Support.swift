@@ -1,3 +1,4 @@
+import Billboard
 import Foundation
 import Testing
 import KVM
@@ -60,13 +61,74 @@ final class SerialCapture: @unchecked Sendable {
     var count: Int { lock.lock(); defer { lock.unlock() }; return bytes.count }
 }
 
+/// Two in-process hosts ("src" and "dst"), each a billboard of its own, peers of each other,
+/// for the machines tests run inside this process: every one of them is registered and admitted
+/// like any other (a machine exists only through `GuestDoors`). Migrations go from `source` to
+/// `destination` and back. Scans are off (these tests are about the machine, and the CLI
+/// billboard tests cover the scan); leases and beacons work as usual.
+final class LocalHosts: @unchecked Sendable {
+    let root: String
+    let admin: AdminKey
+    let source: BillboardStore
+    let destination: BillboardStore
+    let settings = BillboardSettings(scanInterval: 3600, beaconIntervalMs: 1000, leaseTimeout: 10)
+    private let lock = NSLock()
+    private var serial = 0
+
+    static let shared: Result<LocalHosts, any Error> = Result { try LocalHosts() }
+
+    init() throws {
+        root = temporaryPath("local-hosts")
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        admin = try AdminKey(name: "tests")
+        source = try BillboardStore.initialize(directory: root + "/src", hostName: "src", firstAdmin: admin)
+        destination = try BillboardStore.initialize(directory: root + "/dst", hostName: "dst", firstAdmin: admin)
+        try source.addHost(name: "dst", signingKey: destination.hostSigningKey, agreementKey: destination.hostAgreementKey, signedBy: admin)
+        try destination.addHost(name: "src", signingKey: source.hostSigningKey, agreementKey: source.hostAgreementKey, signedBy: admin)
+    }
+
+    /// Registers `image` with `configuration` under a fresh name on both hosts (either may run it).
+    func register(_ image: [UInt8], _ c: MachineConfiguration) throws -> String {
+        let name = lock.withLock { serial += 1; return "local\(serial)" }
+        for store in [source, destination] {
+            try store.register(GuestRegistration(name: name, imageSHA256: ImageDigest.sha256(Data(image)), memoryBytes: c.memorySize,
+                                                 vcpus: c.vcpuCount, mode: c.mode?.rawValue, commandLine: c.commandLine,
+                                                 allowedHosts: ["src", "dst"], beacons: .required), signedBy: admin)
+        }
+        return name
+    }
+
+    /// Registers, admits and boots `image` on the source host (not started).
+    func boot(_ image: [UInt8], _ c: MachineConfiguration, serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+        try GuestDoors.boot(image: image, name: try register(image, c), configuration: c, store: source, settings: settings,
+                            log: { _ in }, serialOutput: serialOutput)
+    }
+
+    /// Admits an incoming guest on `store` (the migration destination's door).
+    func admitIncoming(_ description: MachineDescription, on store: BillboardStore) throws -> GuestSession {
+        try GuestSession.admitIncoming(store: store, description: description, settings: settings, log: { _ in })
+    }
+}
+
+func localHosts() throws -> LocalHosts { try LocalHosts.shared.get() }
+
+/// Boots a guest image from GuestImages/build in-process (registered and admitted), not started.
+func bootLocal(_ name: String, _ c: MachineConfiguration, serialOutput: @escaping (UInt8) -> Void = { _ in }) throws -> Machine {
+    try localHosts().boot(try Fixtures.guestBytes(name), c, serialOutput: serialOutput)
+}
+
+/// This host's guest TSC rate (KVM_GET_TSC_KHZ on a scratch vCPU), as the dirtier's pacing needs it.
+func hostTSCKHz() throws -> UInt32 {
+    try KVMSystem().createVM().createVCPU(id: 0).tscKHz()
+}
+
 /// Boots `image` in-process and runs it to its end (or `timeout`).
 func runGuest(_ name: String, mode: BootMode? = nil, commandLine: String? = nil,
               memory: UInt64 = 64 << 20, timeout: Double = 60) throws -> (exit: MachineExit, output: String) {
     let capture = SerialCapture()
-    let machine = try Machine(image: try Fixtures.guestBytes(name),
-                              configuration: MachineConfiguration(memorySize: memory, mode: mode, commandLine: commandLine),
-                              serialOutput: capture.append)
+    let machine = try bootLocal(name, MachineConfiguration(memorySize: memory, mode: mode, commandLine: commandLine),
+                                serialOutput: capture.append)
+    defer { machine.session?.end() }
     machine.start()
     guard let exit = machine.waitForExit(timeout: timeout) else {
         machine.requestStop()
