@@ -102,7 +102,7 @@ public final class GuestSession: @unchecked Sendable {
                                            mode: configuration.mode?.rawValue, commandLine: configuration.commandLine,
                                            host: store.hostName)
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: nil, log: log)
-        try session.takeLease(minimumEpoch: 0)
+        try naming(registration) { try session.takeLease(minimumEpoch: 0) }
         do { try session.record(state: .running) } catch {
             try? store.releaseLease(guestID: registration.id, pid: getpid())
             throw error
@@ -119,10 +119,13 @@ public final class GuestSession: @unchecked Sendable {
         guard let identity = description.identity else { throw SessionError.noIdentity("snapshot") }
         let registration = try admitIdentity(store: store, identity: identity, description: description)
         // An authorisation for a rollback is only looked at here; it is used once the file verified.
-        try store.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256, consume: false)
+        try naming(registration) {
+            try store.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256, consume: false)
+        }
         if let lease = try store.lease(guestID: registration.id), lease.pid != 0, lease.host == store.hostName,
            kill(lease.pid, 0) == 0 || errno == EPERM {
-            throw BillboardRefusal.leaseHeld(guestID: registration.id, host: lease.host, pid: lease.pid, epoch: lease.epoch)
+            throw GuestRefusal(guest: registration.name,
+                               refusal: .leaseHeld(guestID: registration.id, host: lease.host, pid: lease.pid, epoch: lease.epoch))
         }
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity,
                                    snapshotSHA256: snapshotSHA256, log: log)
@@ -138,8 +141,10 @@ public final class GuestSession: @unchecked Sendable {
         try store.ensureOriginal()
         guard let identity = description.identity else { throw SessionError.noIdentity("migration hello") }
         let registration = try admitIdentity(store: store, identity: identity, description: description)
-        try store.checkEpoch(guestID: registration.id, epoch: identity.epoch)
-        try store.checkIncoming(guestID: registration.id, sourceHost: identity.host, sourcePid: identity.pid)
+        try naming(registration) {
+            try store.checkEpoch(guestID: registration.id, epoch: identity.epoch)
+            try store.checkIncoming(guestID: registration.id, sourceHost: identity.host, sourcePid: identity.pid)
+        }
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity, log: log)
         try session.record(state: .incoming)
         return session
@@ -185,8 +190,10 @@ public final class GuestSession: @unchecked Sendable {
     /// and records the boot token the guest's memory holds, which its beacons must carry.
     public func attachRestored(_ machine: Machine) throws {
         try storeLock.withLock {
-            try store.checkEpoch(guestID: registration.id, epoch: carriedEpoch, snapshotSHA256: snapshotSHA256, consume: true)
-            try takeLease(minimumEpoch: carriedEpoch + 1)
+            try naming(registration) {
+                try store.checkEpoch(guestID: registration.id, epoch: carriedEpoch, snapshotSHA256: snapshotSHA256, consume: true)
+                try takeLease(minimumEpoch: carriedEpoch + 1)
+            }
         }
         let token = try machine.beaconToken() ?? Self.newToken()
         shared.withLock { $0.token = token; $0.reportedState = .paused }
@@ -224,7 +231,7 @@ public final class GuestSession: @unchecked Sendable {
     /// must carry the boot token its memory holds.
     public func commitIncoming() throws {
         try storeLock.withLock {
-            try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: carried.map { ($0.host, $0.pid) })
+            try naming(registration) { try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: carried.map { ($0.host, $0.pid) }) }
             let token = try machine?.beaconToken() ?? Self.newToken()
             shared.withLock { $0.token = token; $0.reportedState = .running }
             try store.updateInstance(guestID: registration.id, state: .running, token: token)
@@ -261,7 +268,7 @@ public final class GuestSession: @unchecked Sendable {
     /// destination is gone, or its claim expired). Audited as a takeover.
     public func reclaim() throws {
         try storeLock.withLock {
-            try takeLease(minimumEpoch: 0)
+            try naming(registration) { try takeLease(minimumEpoch: 0) }
             try store.updateInstance(guestID: registration.id, state: .running)
             shared.withLock { $0.reportedState = .running; $0.handedOver = false }
         }
@@ -369,6 +376,20 @@ public final class GuestSession: @unchecked Sendable {
         do { try store.endInstance(guestID: registration.id, releaseLease: holds) } catch {
             log("billboard: could not record the end of '\(registration.name)': \(error)")
         }
+    }
+}
+
+/// A lease or epoch refusal with the guest's registered name in front (the store speaks of ids).
+public struct GuestRefusal: Error, CustomStringConvertible {
+    public let guest: String
+    public let refusal: BillboardRefusal
+    public var description: String { "'\(guest)': \(refusal)" }
+}
+
+/// Runs `body`, naming the guest in any refusal it throws.
+func naming<T>(_ registration: GuestRegistration, _ body: () throws -> T) throws -> T {
+    do { return try body() } catch let refusal as BillboardRefusal {
+        throw GuestRefusal(guest: registration.name, refusal: refusal)
     }
 }
 
