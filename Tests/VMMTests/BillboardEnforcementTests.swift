@@ -252,7 +252,7 @@ struct LeaseEnforcementTests {
         #expect(third.status == 1, "an authorisation must be good for one restore only")
     }
 
-    @Test("a snapshot edited after it was written (checksums and digest recomputed), stripped of its signature, or signed by an unknown host is refused")
+    @Test("a snapshot edited after it was written (checksums and digest recomputed), stripped of its signature, with a malformed signature, or signed by an unknown host is refused")
     func snapshotSignature() throws {
         let store = try TestBillboard(host: "signing")
         let file = try snapshotAndStop(try runCounter(store))
@@ -272,6 +272,13 @@ struct LeaseEnforcementTests {
         let r2 = try runVMM(["restore", unsigned] + store.storeArguments)
         #expect(r2.status == 1)
         #expect(r2.stderr.contains("no signature"), "\(r2.stderr)")
+
+        // A signature section that is not a signature at all.
+        let garbage = try writeSections(edited + [Section(type: .signature, payload: Array("{not json".utf8), offset: 0)],
+                                        to: temporaryPath("garbage.snap"))
+        let r4 = try runVMM(["restore", garbage] + store.storeArguments)
+        #expect(r4.status == 1)
+        #expect(r4.stderr.contains("signature section"), "\(r4.stderr)")
 
         // Re-signed by a host this billboard does not know.
         let stranger = try TestBillboard(host: "stranger")
