@@ -68,15 +68,25 @@ extension BillboardStore {
         }
     }
 
-    static func instanceState(host: String, pid: Int32, guestID: String, tokenMAC: Data, state: String) -> CanonicalJSON {
-        .object(["kind": .string("swift-vmm.billboard.instance.v1"), "host": .string(host), "pid": .int(Int64(pid)),
-                 "guestID": .string(guestID), "token": .string(tokenMAC.hex), "state": .string(state)])
+    static func instanceState(host: String, pid: Int32, guestID: String, tokenMAC: Data, state: String,
+                              falseBeacon: String?) -> CanonicalJSON {
+        .object(["kind": .string("swift-vmm.billboard.instance.v2"), "host": .string(host), "pid": .int(Int64(pid)),
+                 "guestID": .string(guestID), "token": .string(tokenMAC.hex), "state": .string(state),
+                 "falseBeacon": .optional(falseBeacon)])
+    }
+
+    /// Re-computes a row's integrity code from what it now holds.
+    func resealInstance(_ db: Database, pid: Int32, guestID: String) throws {
+        guard let row = try Row.fetchOne(db, sql: "SELECT token_mac, state, false_beacon FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
+                                         arguments: [hostName, pid, guestID]) else { return }
+        try db.execute(sql: "UPDATE instances SET mac = ? WHERE host = ? AND pid = ? AND guest_id = ?", arguments: [
+            rowMAC(Self.instanceState(host: hostName, pid: pid, guestID: guestID, tokenMAC: row["token_mac"], state: row["state"],
+                                      falseBeacon: row["false_beacon"])),
+            hostName, pid, guestID])
     }
 
     private func writeInstanceMAC(_ db: Database, pid: Int32, guestID: String, tokenMAC: Data, state: InstanceState) throws {
-        try db.execute(sql: "UPDATE instances SET mac = ? WHERE host = ? AND pid = ? AND guest_id = ?", arguments: [
-            rowMAC(Self.instanceState(host: hostName, pid: pid, guestID: guestID, tokenMAC: tokenMAC, state: state.rawValue)),
-            hostName, pid, guestID])
+        try resealInstance(db, pid: pid, guestID: guestID)
     }
 
     /// Records that this process (`pid`) now holds `registration`'s guest in `state`, with the
@@ -86,6 +96,12 @@ extension BillboardStore {
         let id = Self.idText(registration.id)
         let mac = tokenMAC(token)
         try decide(actor: processActor, event: "instance.start", guest: registration.name) { db in
+            // One live copy of a guest per process: a second admission here is a duplicate.
+            if let state = try String.fetchOne(db, sql: "SELECT state FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
+                                               arguments: [hostName, pid, id]),
+               state == InstanceState.running.rawValue || state == InstanceState.paused.rawValue || state == InstanceState.incoming.rawValue {
+                throw BillboardRefusal.leaseHeld(guestID: registration.id, host: hostName, pid: pid, epoch: try leaseRow(db, registration.id)?.epoch ?? 0)
+            }
             let now = Date().milliseconds
             try db.execute(sql: """
                 INSERT OR REPLACE INTO instances(host, pid, guest_id, guest_name, token_mac, state, beacons_required,
@@ -148,6 +164,7 @@ extension BillboardStore {
                 let evidence = "beacon #\(counter) at \(ISO8601DateFormatter().string(from: time)) carried token \(String(token, radix: 16)), not the token this VMM issued"
                 try db.execute(sql: "UPDATE instances SET false_beacon = COALESCE(false_beacon, ?) WHERE host = ? AND pid = ? AND guest_id = ?",
                                arguments: [evidence, hostName, pid, id])
+                try resealInstance(db, pid: pid, guestID: id)
             }
         }
     }
@@ -171,6 +188,6 @@ extension BillboardStore {
     func instanceIsAuthentic(_ db: Database, _ row: Row) -> Bool {
         let mac: Data = row["mac"]
         return checkRowMAC(Self.instanceState(host: row["host"], pid: row["pid"], guestID: row["guest_id"],
-                                              tokenMAC: row["token_mac"], state: row["state"]), mac)
+                                              tokenMAC: row["token_mac"], state: row["state"], falseBeacon: row["false_beacon"]), mac)
     }
 }

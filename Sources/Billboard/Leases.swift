@@ -63,8 +63,12 @@ extension BillboardStore {
     /// returning) or an administrator (`releaseLease(guestName:signedBy:)`) frees it.
     /// Every new owner gets epoch + 1; the same owner re-acquiring keeps it.
     @discardableResult
+    ///
+    /// `stateEpoch`: the epoch of the state about to run (a restore); refused in the same
+    /// transaction if the guest has moved past it since, unless `rollbackAuthorized`.
     public func acquireLease(guestID: UUID, host: String, pid: Int32, takeoverAfter: TimeInterval,
-                             minimumEpoch: Int64 = 0, handedBy: (host: String, pid: Int32)? = nil) throws -> Lease {
+                             minimumEpoch: Int64 = 0, handedBy: (host: String, pid: Int32)? = nil,
+                             stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false) throws -> Lease {
         let actor = "vmm pid \(pid)@\(host)"
         let guestText = Self.idText(guestID)
         return try decide(actor: actor, event: "lease.acquire", guest: guestText) { db in
@@ -72,19 +76,21 @@ extension BillboardStore {
             let current = try leaseRow(db, guestID)
             var event = "lease.acquire"
             var details: [String: CanonicalJSON] = ["guestID": .string(guestText), "host": .string(host), "pid": .int(Int64(pid))]
+            if let stateEpoch, let current, current.epoch > stateEpoch, !rollbackAuthorized {
+                throw BillboardRefusal.staleEpoch(guestID: guestID, epoch: stateEpoch, current: current.epoch)
+            }
             var epoch: Int64
             if let current, let holder = current.pid {
                 if holder == pid && current.host == host {
                     try writeLease(db, guestID, host: host, pid: pid, epoch: current.epoch, now: now)
                     return Lease(guestID: guestID, host: host, pid: pid, epoch: current.epoch, renewedAt: Date(milliseconds: now))
                 }
-                let returning = handedBy.map { $0.host == current.host && $0.pid == holder } ?? false
-                let recent = Double(now - current.renewedAt) < takeoverAfter * 1000
-                let remote = current.host != hostName
-                if !returning && (processExists(host: current.host, pid: holder) || recent || remote) {
+                switch takeover(current, holder: holder, handedBy: handedBy, takeoverAfter: takeoverAfter, now: now) {
+                case .refused:
                     throw BillboardRefusal.leaseHeld(guestID: guestID, host: current.host, pid: holder, epoch: current.epoch)
+                case .returned: event = "lease.return"
+                case .takenOver: event = "lease.takeover"
                 }
-                event = returning ? "lease.return" : "lease.takeover"
                 details["previousHost"] = .string(current.host)
                 details["previousPid"] = .int(Int64(holder))
                 details["previousEpoch"] = .int(current.epoch)
@@ -98,6 +104,40 @@ extension BillboardStore {
             try writeLease(db, guestID, host: host, pid: pid, epoch: epoch, now: now)
             try appendAudit(db, actor: actor, event: event, guest: guestText, details: details)
             return Lease(guestID: guestID, host: host, pid: pid, epoch: epoch, renewedAt: Date(milliseconds: now))
+        }
+    }
+
+    enum Takeover { case refused, returned, takenOver }
+
+    /// The one rule for a lease someone else holds (used by `acquireLease` and `checkIncoming`):
+    /// - the migration source hands it over: for a holder here, the same process; for a holder
+    ///   on another host, that host (its own store decides which of its processes);
+    /// - a holder here whose process is gone and that has not renewed for `takeoverAfter` s;
+    /// - anything else is refused (a holder on another host never expires by time here).
+    func takeover(_ current: LeaseRow, holder: Int32, handedBy: (host: String, pid: Int32)?,
+                  takeoverAfter: TimeInterval, now: Int64) -> Takeover {
+        if let handedBy, handedBy.host == current.host, current.host != hostName || handedBy.pid == holder {
+            return .returned
+        }
+        guard current.host == hostName else { return .refused }
+        let recent = Double(now - current.renewedAt) < takeoverAfter * 1000
+        return processExists(host: current.host, pid: holder) || recent ? .refused : .takenOver
+    }
+
+    /// Moves the epoch of a lease this process holds one step on: the running guest has moved
+    /// past a snapshot taken of it, so that snapshot is now history (restoring it is a rollback).
+    @discardableResult
+    public func advanceEpoch(guestID: UUID, pid: Int32 = getpid()) throws -> Int64 {
+        let guestText = Self.idText(guestID)
+        return try decide(actor: processActor, event: "lease.advance", guest: guestText) { db in
+            guard let current = try leaseRow(db, guestID), current.pid == pid, current.host == hostName else {
+                throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: pid)
+            }
+            let epoch = current.epoch + 1
+            try writeLease(db, guestID, host: hostName, pid: pid, epoch: epoch, now: Date().milliseconds)
+            try appendAudit(db, actor: processActor, event: "lease.advance", guest: guestText, details: [
+                "guestID": .string(guestText), "epoch": .int(epoch)])
+            return epoch
         }
     }
 
@@ -174,8 +214,10 @@ extension BillboardStore {
     /// `consume: false` only checks that an authorisation exists (admission, before the file is
     /// verified); the restore consumes it once the state is verified and about to run.
     /// The snapshot is hashed outside any transaction, so other VMMs are never kept waiting.
+    /// Returns whether an administrator's authorisation let an older epoch pass.
+    @discardableResult
     public func checkEpoch(guestID: UUID, epoch: Int64, snapshotSHA256: (() throws -> String)? = nil,
-                           consume: Bool = true) throws {
+                           consume: Bool = true) throws -> Bool {
         let guestText = Self.idText(guestID)
         let (current, authorisable) = try db.read { db -> (Int64, Bool) in
             let current = try leaseRow(db, guestID)?.epoch ?? 0
@@ -183,12 +225,12 @@ extension BillboardStore {
                                         arguments: [guestText]) ?? false
             return (current, any)
         }
-        guard epoch < current else { return }
+        guard epoch < current else { return false }
         let digest = authorisable ? try snapshotSHA256?() : nil
-        try decide(actor: processActor, event: "epoch.check", guest: guestText,
-                   details: ["guestID": .string(guestText), "epoch": .int(epoch)]) { db in
+        return try decide(actor: processActor, event: "epoch.check", guest: guestText,
+                          details: ["guestID": .string(guestText), "epoch": .int(epoch)]) { db -> Bool in
             let current = try leaseRow(db, guestID)?.epoch ?? 0
-            guard epoch < current else { return }
+            guard epoch < current else { return false }
             if let digest, let used = try useRestoreAuthorization(db, guestID: guestText, digest: digest, consume: consume) {
                 if consume {
                     try appendAudit(db, actor: processActor, event: "epoch.authorized-rollback", guest: guestText, details: [
@@ -196,7 +238,7 @@ extension BillboardStore {
                         "authorizedBy": .string(used.signer), "snapshotSHA256": .string(used.digest),
                     ])
                 }
-                return
+                return true
             }
             throw BillboardRefusal.staleEpoch(guestID: guestID, epoch: epoch, current: current)
         }
@@ -289,15 +331,16 @@ extension BillboardStore {
 
     /// Whether a migration destination may take this guest: nobody live holds its lease, or the
     /// holder is the source that is migrating it (a guest in flight is not a duplicate).
-    public func checkIncoming(guestID: UUID, sourceHost: String?, sourcePid: Int32?) throws {
+    public func checkIncoming(guestID: UUID, sourceHost: String?, sourcePid: Int32?, takeoverAfter: TimeInterval) throws {
         let guestText = Self.idText(guestID)
         try decide(actor: processActor, event: "incoming.check", guest: guestText,
                    details: ["guestID": .string(guestText)]) { db in
             guard let current = try leaseRow(db, guestID), let holder = current.pid else { return }
-            if current.host == sourceHost && holder == sourcePid { return }
-            if current.host == hostName && !processExists(host: current.host, pid: holder) { return }
-            if current.host != hostName { return }  // another host's claim is that host's store's business
-            throw BillboardRefusal.leaseHeld(guestID: guestID, host: current.host, pid: holder, epoch: current.epoch)
+            let source = sourceHost.flatMap { h in sourcePid.map { (host: h, pid: $0) } }
+            // The same rule the lease is taken with on GO, so what passes here cannot fail there.
+            if takeover(current, holder: holder, handedBy: source, takeoverAfter: takeoverAfter, now: Date().milliseconds) == .refused {
+                throw BillboardRefusal.leaseHeld(guestID: guestID, host: current.host, pid: holder, epoch: current.epoch)
+            }
         }
     }
 }

@@ -126,9 +126,14 @@ extension BillboardStore {
                 if let evidence: String = row["false_beacon"] {
                     findings.append(ScanFinding(kind: .falseBeacon, pid: pid, guest: name, evidence: evidence))
                 }
-                let lease = try Row.fetchOne(db, sql: "SELECT host, pid FROM leases WHERE guest_id = ?", arguments: [guestID])
-                let holderHost: String? = lease?["host"]
-                let holderPid: Int32? = lease?["pid"]
+                // The lease as its integrity code vouches for it: a tampered row is evidence, never a reason to stop anyone.
+                let lease: LeaseRow?
+                do { lease = try UUID(uuidString: guestID).flatMap { try leaseRow(db, $0) } } catch {
+                    try appendAudit(db, actor: actor, event: "scan.tampered-lease", guest: name, details: ["guestID": .string(guestID)])
+                    continue
+                }
+                let holderHost: String? = lease?.host
+                let holderPid: Int32? = lease?.pid
                 if holderHost != hostName || holderPid != pid {
                     let holder = holderPid.map { "pid \($0) on \(holderHost ?? "?")" } ?? "nobody"
                     let holderRunsIt = rows.contains { ($0["pid"] as Int32) == holderPid && ($0["guest_id"] as String) == guestID }

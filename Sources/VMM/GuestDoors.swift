@@ -21,6 +21,12 @@ public enum GuestDoors {
     /// for callers that time admission apart. Ends the session if the machine cannot be made.
     public static func boot(session: GuestSession, image: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem? = nil,
                             serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+        // One admission, one machine: exactly the image and configuration that were admitted.
+        let r = session.registration
+        guard session.isFresh, session.holdsLease, ImageDigest.sha256(Data(image)) == r.imageSHA256,
+              matches(configuration, r) else {
+            throw SessionError.mismatch("this session admitted '\(r.name)' once, with its registered image and configuration; a machine must be exactly that, and only one")
+        }
         do {
             let machine = try Machine(image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
             try session.attachBooted(machine)
@@ -35,6 +41,10 @@ public enum GuestDoors {
     /// `session` admitted (`GuestSession.admitIncoming`). Ends the session if it cannot be made.
     public static func reserveIncoming(session: GuestSession, configuration: MachineConfiguration, kvm: KVMSystem? = nil,
                                        serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+        let r = session.registration
+        guard session.isFresh, session.carried != nil, matches(configuration, r) else {
+            throw SessionError.mismatch("this session admitted an incoming '\(r.name)' once, with its registered configuration; a machine must be exactly that, and only one")
+        }
         do {
             let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
             session.attachIncoming(machine)
@@ -54,9 +64,8 @@ public enum GuestDoors {
                                serialOutput: @escaping (UInt8) -> Void) throws -> (Machine, GuestSession, SnapshotStats) {
         var session: GuestSession?
         do {
-            let (machine, _, stats) = try SnapshotFile.read(path, kvm: kvm, requestedMemory: requestedMemory, admit: { description in
-                let admitted = try GuestSession.admitRestore(store: store, description: description,
-                                                             snapshotSHA256: { try ImageDigest.sha256(path: path) },
+            let (machine, _, stats) = try SnapshotFile.read(path, kvm: kvm, requestedMemory: requestedMemory, admit: { description, fileSHA256 in
+                let admitted = try GuestSession.admitRestore(store: store, description: description, snapshotSHA256: fileSHA256,
                                                              settings: settings, log: log)
                 session = admitted
                 return admitted
@@ -72,11 +81,18 @@ public enum GuestDoors {
                 }
             }, serialOutput: serialOutput)
             guard let session else { throw SessionError.noIdentity("snapshot") }
+            // Connected now, so that any failure before the lease ends the session with the machine.
+            session.attachPending(machine)
             return (machine, session, stats)
         } catch {
             session?.end()
             throw error
         }
+    }
+
+    static func matches(_ c: MachineConfiguration, _ r: GuestRegistration) -> Bool {
+        c.memorySize == r.memoryBytes && c.vcpuCount == r.vcpus && c.mode?.rawValue == r.mode
+            && (c.commandLine.flatMap { $0.isEmpty ? nil : $0 }) == r.commandLine
     }
 
     /// Waits for one incoming migration: the hello's identity is admitted before memory is

@@ -57,6 +57,8 @@ public final class GuestSession: @unchecked Sendable {
         var ended = false
         var latestBeacon: (BeaconMessage, Date)?
         var beaconsSinceFlush = 0
+        var attached = false
+        var snapshotSinceEpoch = false
         var reportedState: InstanceState?
     }
     private let shared = Mutex(Shared())
@@ -118,14 +120,18 @@ public final class GuestSession: @unchecked Sendable {
         try store.ensureOriginal()
         guard let identity = description.identity else { throw SessionError.noIdentity("snapshot") }
         let registration = try admitIdentity(store: store, identity: identity, description: description)
-        // An authorisation for a rollback is only looked at here; it is used once the file verified.
-        try naming(registration) {
-            try store.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256, consume: false)
-        }
+        // Hashed at most once, while the file being restored is open (admission), and reused when
+        // the authorisation is used: the same bytes that are restored.
+        let snapshotSHA256 = DigestOnce(snapshotSHA256).value
+        // A running copy first (the plainer refusal when both apply), then the epoch.
         if let lease = try store.lease(guestID: registration.id), lease.pid != 0, lease.host == store.hostName,
            kill(lease.pid, 0) == 0 || errno == EPERM {
             throw GuestRefusal(guest: registration.name,
                                refusal: .leaseHeld(guestID: registration.id, host: lease.host, pid: lease.pid, epoch: lease.epoch))
+        }
+        // An authorisation for a rollback is only looked at here; it is used once the file verified.
+        try naming(registration) {
+            try store.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256, consume: false)
         }
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity,
                                    snapshotSHA256: snapshotSHA256, log: log)
@@ -143,7 +149,8 @@ public final class GuestSession: @unchecked Sendable {
         let registration = try admitIdentity(store: store, identity: identity, description: description)
         try naming(registration) {
             try store.checkEpoch(guestID: registration.id, epoch: identity.epoch)
-            try store.checkIncoming(guestID: registration.id, sourceHost: identity.host, sourcePid: identity.pid)
+            try store.checkIncoming(guestID: registration.id, sourceHost: identity.host, sourcePid: identity.pid,
+                                    takeoverAfter: settings.leaseTimeout)
         }
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity, log: log)
         try session.record(state: .incoming)
@@ -158,9 +165,11 @@ public final class GuestSession: @unchecked Sendable {
 
     // MARK: - Lease and record
 
-    private func takeLease(minimumEpoch: Int64, handedBy: (host: String, pid: Int32)? = nil) throws {
+    private func takeLease(minimumEpoch: Int64, handedBy: (host: String, pid: Int32)? = nil,
+                           stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false) throws {
         let lease = try store.acquireLease(guestID: registration.id, host: store.hostName, pid: getpid(),
-                                           takeoverAfter: settings.leaseTimeout, minimumEpoch: minimumEpoch, handedBy: handedBy)
+                                           takeoverAfter: settings.leaseTimeout, minimumEpoch: minimumEpoch, handedBy: handedBy,
+                                           stateEpoch: stateEpoch, rollbackAuthorized: rollbackAuthorized)
         shared.withLock { $0.epoch = lease.epoch; $0.holdsLease = true; $0.handedOver = false }
     }
 
@@ -177,6 +186,28 @@ public final class GuestSession: @unchecked Sendable {
 
     public var epoch: Int64 { shared.withLock { $0.epoch } }
     public var token: UInt64 { shared.withLock { $0.token } }
+    /// Whether this process holds the guest's lease (only then may the guest run here).
+    public var holdsLease: Bool { shared.withLock { $0.holdsLease } }
+
+    /// Whether this session may still give a machine (admitted, not yet attached, not ended).
+    var isFresh: Bool { shared.withLock { !$0.attached && !$0.ended } }
+
+    /// A snapshot of the guest was written at the current epoch.
+    func noteSnapshot() { shared.withLock { $0.snapshotSinceEpoch = true } }
+
+    /// The guest resumes: if a snapshot was taken since the epoch last moved, the running guest
+    /// now leaves it behind, so the epoch moves on (restoring that snapshot later is a rollback).
+    func resuming() {
+        guard shared.withLock({ $0.snapshotSinceEpoch && $0.holdsLease }) else { return }
+        storeLock.withLock {
+            do {
+                let epoch = try store.advanceEpoch(guestID: registration.id)
+                shared.withLock { $0.epoch = epoch; $0.snapshotSinceEpoch = false }
+            } catch {
+                log("billboard: could not move the epoch of '\(registration.name)' past its snapshot: \(error)")
+            }
+        }
+    }
 
     // MARK: - Attaching to the machine
 
@@ -189,15 +220,23 @@ public final class GuestSession: @unchecked Sendable {
     /// A restored machine (fully verified): takes the lease (the epoch moves past the snapshot's)
     /// and records the boot token the guest's memory holds, which its beacons must carry.
     public func attachRestored(_ machine: Machine) throws {
+        if shared.withLock({ !$0.attached }) { attach(machine) }
         try storeLock.withLock {
             try naming(registration) {
-                try store.checkEpoch(guestID: registration.id, epoch: carriedEpoch, snapshotSHA256: snapshotSHA256, consume: true)
-                try takeLease(minimumEpoch: carriedEpoch + 1)
+                let authorized = try store.checkEpoch(guestID: registration.id, epoch: carriedEpoch,
+                                                      snapshotSHA256: snapshotSHA256, consume: true)
+                // The epoch is checked again inside the lease's own transaction (two restores racing).
+                try takeLease(minimumEpoch: carriedEpoch + 1, stateEpoch: carriedEpoch, rollbackAuthorized: authorized)
             }
         }
         let token = try machine.beaconToken() ?? Self.newToken()
         shared.withLock { $0.token = token; $0.reportedState = .paused }
         try store.updateInstance(guestID: registration.id, state: .paused, token: token)
+    }
+
+    /// A restored machine before its lease: connected, so that whatever fails next ends this
+    /// session (and its record) with the machine; it cannot start until `attachRestored`.
+    public func attachPending(_ machine: Machine) {
         attach(machine)
     }
 
@@ -209,6 +248,7 @@ public final class GuestSession: @unchecked Sendable {
     private var beaconInterval: UInt32 { settings.beaconIntervalMs }
 
     private func attach(_ machine: Machine) {
+        shared.withLock { $0.attached = true }
         self.machine = machine
         machine.session = self
         machine.onBeacon { [weak self] message in
@@ -379,6 +419,22 @@ public final class GuestSession: @unchecked Sendable {
     }
 }
 
+/// Computes a digest once and remembers it (or its error).
+final class DigestOnce: @unchecked Sendable {
+    private let lock = NSLock()
+    private var result: Result<String, any Error>?
+    private let compute: () throws -> String
+    init(_ compute: @escaping () throws -> String) { self.compute = compute }
+    var value: () throws -> String {
+        { [self] in
+            try lock.withLock {
+                if result == nil { result = Result { try compute() } }
+                return try result!.get()
+            }
+        }
+    }
+}
+
 /// A lease or epoch refusal with the guest's registered name in front (the store speaks of ids).
 public struct GuestRefusal: Error, CustomStringConvertible {
     public let guest: String
@@ -396,10 +452,12 @@ func naming<T>(_ registration: GuestRegistration, _ body: () throws -> T) throws
 /// Why a session cannot be made.
 public enum SessionError: Error, CustomStringConvertible {
     case noIdentity(String)
+    case mismatch(String)
     public var description: String {
         switch self {
         case let .noIdentity(what):
             "the \(what) carries no guest identity, so the Billboard cannot admit it; it was made by a VMM without a billboard. Boot the guest with `vmm run` on a registered image instead"
+        case let .mismatch(what): what
         }
     }
 }

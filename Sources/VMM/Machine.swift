@@ -101,7 +101,7 @@ public final class Machine: @unchecked Sendable {
     public let serial: Serial16550
 
     private let deviceLock = NSLock()
-    private let control = NSCondition()
+    let control = NSCondition()
     // Guarded by `control`:
     private var threads: [pthread_t?]
     private var alive: [Bool]
@@ -114,10 +114,13 @@ public final class Machine: @unchecked Sendable {
 
     /// The Billboard session that admitted this guest and holds its lease (nil for a machine
     /// built directly by library code, which no `vmm` command does).
-    public var session: GuestSession? {
+    public internal(set) var session: GuestSession? {
         get { deviceLock.lock(); defer { deviceLock.unlock() }; return attachedSession }
         set { deviceLock.lock(); attachedSession = newValue; deviceLock.unlock() }
     }
+    /// Whether the last `pauseForMigration` paused a running guest (only then may a failed
+    /// migration resume it).
+    var pausedByMigration = false  // guarded by control
     private var attachedSession: GuestSession?  // guarded by deviceLock
     private var beaconHandler: (@Sendable (BeaconMessage) -> Void)?  // guarded by deviceLock
 
@@ -209,8 +212,13 @@ public final class Machine: @unchecked Sendable {
         return pausedCount == runningThreads && pauseRequested ? .paused : .running
     }
 
-    /// Starts one OS thread per vCPU and returns once all of them run.
+    /// Starts one OS thread per vCPU and returns once all of them run. A guest whose session does
+    /// not hold its Billboard lease never runs: the machine ends at once, "evicted".
     public func start() {
+        guard session?.holdsLease == true else {
+            end(with: .evicted(reason: "this guest does not hold its billboard lease, so it may not run here"))
+            return
+        }
         KickSignal.install()
         control.lock()
         precondition(!started, "a machine starts once")
@@ -253,6 +261,8 @@ public final class Machine: @unchecked Sendable {
 
     /// Resumes a paused machine.
     public func resume() {
+        // A guest that runs on after a snapshot leaves that snapshot behind: its epoch moves on.
+        session?.resuming()
         control.lock(); defer { control.unlock() }
         pauseRequested = false
         control.broadcast()

@@ -26,9 +26,18 @@ extension Machine: MigrationSourceVM, MigrationDestinationVM {
 
     public var owner: (host: String, pid: Int32)? { session.map { ($0.store.hostName, getpid()) } }
 
-    public func pauseForMigration() -> Bool { pause() }
+    public func pauseForMigration() -> Bool {
+        let wasRunning = state == .running
+        let paused = pause()
+        control.lock(); pausedByMigration = paused && wasRunning; control.unlock()
+        return paused
+    }
 
-    public func resumeAfterMigration() { resume() }
+    /// Resumes only a guest the migration paused (a guest the user had paused stays paused).
+    public func resumeAfterMigration() {
+        control.lock(); let mine = pausedByMigration; pausedByMigration = false; control.unlock()
+        if mine { resume() }
+    }
 
     public func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) {
         let (vcpus, devices) = try captureState()

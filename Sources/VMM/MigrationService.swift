@@ -23,10 +23,11 @@ public final class MigrationService: Sendable {
     }
 
     public enum StartError: Error, CustomStringConvertible {
-        case busy, notRunning(String)
+        case busy, notRunning(String), inDoubt
         public var description: String {
             switch self {
             case .busy: "a migration is already in progress"
+            case .inDoubt: "the last migration is in doubt (the destination may run this guest): resolve it first, by resuming here with force only if the destination does not run it"
             case let .notRunning(s): "the VM is \(s); only a running or paused VM can migrate"
             }
         }
@@ -37,6 +38,7 @@ public final class MigrationService: Sendable {
                       completion: @escaping @Sendable (MigrationReport) -> Void = { _ in }) throws {
         let state = machine.state
         guard state == .running || state == .paused else { throw StartError.notRunning(state.rawValue) }
+        guard !inDoubt else { throw StartError.inDoubt }
         let sender = PreCopySender(vm: machine, settings: settings)
         try shared.withLock { s in
             if let current = s.sender, ![.completed, .failed, .inDoubt].contains(current.progress.phase) { throw StartError.busy }

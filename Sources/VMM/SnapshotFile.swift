@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Crypto
 import Foundation
 import GuestMemory
 import Billboard
@@ -40,7 +41,7 @@ public enum MachineStream {
     /// Reads a full-state stream into a new machine that is restored but not started.
     /// Nothing is applied to vCPUs until every section, and the end digest, has been verified.
     /// `admit` sees the machine description before any memory is reserved.
-    public static func readMachine<S: ByteSource>(from reader: inout StreamReader<S>, kvm: KVMSystem? = nil,
+    static func readMachine<S: ByteSource>(from reader: inout StreamReader<S>, kvm: KVMSystem? = nil,
                                                   requestedMemory: UInt64? = nil,
                                                   admit: (MachineDescription) throws -> GuestSession,
                                                   verifySignature: @escaping (StateSignature?, [UInt8]) throws -> Void,
@@ -121,6 +122,7 @@ public enum SnapshotFile {
         var writer = try StreamWriter(sink: FileDescriptorSink(fd: fd))
         let (pages, zeroPages) = try MachineStream.writeFullState(machine, to: &writer)
         if let session = machine.session {
+            session.noteSnapshot()
             // Signed by the host key: an edited snapshot, even with recomputed checksums, is refused.
             let signature = try session.store.signState(digest: writer.digestSoFar)
             try writer.writeSection(.signature, payload: Array(try MachineStream.encoder.encode(signature)))
@@ -141,8 +143,8 @@ public enum SnapshotFile {
     /// `admit` sees the machine description (and the guest identity) before memory is reserved and
     /// must return the Billboard session that admitted it; `verifySignature` must accept the
     /// signature section (it is called with nil when there is none).
-    public static func read(_ path: String, kvm: KVMSystem? = nil, requestedMemory: UInt64? = nil,
-                            admit: (MachineDescription) throws -> GuestSession,
+    static func read(_ path: String, kvm: KVMSystem? = nil, requestedMemory: UInt64? = nil,
+                            admit: (MachineDescription, _ fileSHA256: @escaping () throws -> String) throws -> GuestSession,
                             verifySignature: @escaping (StateSignature?, [UInt8]) throws -> Void,
                             serialOutput: @escaping (UInt8) -> Void) throws -> (Machine, MachineDescription, SnapshotStats) {
         let t0 = monotonicMilliseconds()
@@ -154,12 +156,31 @@ public enum SnapshotFile {
         var st = stat()
         fstat(fd, &st)
         var reader = try StreamReader(source: FileDescriptorSource(fd: fd))
+        // The file's digest (for an authorised rollback) comes from this open file, so it is of the
+        // very bytes being restored even if the path is swapped meanwhile.
+        let fileSHA256 = { try sha256(fd: fd, path: path) }
         let (machine, description, pages, zeroPages) = try MachineStream.readMachine(
-            from: &reader, kvm: kvm, requestedMemory: requestedMemory, admit: admit, verifySignature: verifySignature,
+            from: &reader, kvm: kvm, requestedMemory: requestedMemory, admit: { try admit($0, fileSHA256) },
+            verifySignature: verifySignature,
             serialOutput: serialOutput)
         return (machine, description, SnapshotStats(bytes: UInt64(st.st_size), pages: pages, zeroPages: zeroPages,
                                                     milliseconds: monotonicMilliseconds() - t0))
     }
+}
+
+/// SHA-256 of a whole open file, read with pread (the fd's offset is left alone).
+func sha256(fd: Int32, path: String) throws -> String {
+    var hasher = SHA256()
+    var buffer = [UInt8](repeating: 0, count: 1 << 20)
+    var offset: off_t = 0
+    while true {
+        let n = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, offset) }
+        guard n >= 0 else { throw MachineError.io("cannot read snapshot '\(path)': \(String(cString: strerror(errno)))") }
+        if n == 0 { break }
+        hasher.update(data: buffer[0..<n])
+        offset += off_t(n)
+    }
+    return hasher.finalize().map { String(format: "%02x", $0) }.joined()
 }
 
 /// SHA-256 of all guest RAM, for tests and the API: proves two processes hold the same memory.

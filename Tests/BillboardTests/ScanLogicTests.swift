@@ -177,9 +177,32 @@ struct ScanLogicTests {
         let r = try f.store.register(web1(), signedBy: f.admin)
         let holder = try LiveChild()
         try f.store.acquireLease(guestID: r.id, host: "host1", pid: holder.pid, takeoverAfter: 10)
-        try f.store.checkIncoming(guestID: r.id, sourceHost: "host1", sourcePid: holder.pid)
-        #expect(refusal { try f.store.checkIncoming(guestID: r.id, sourceHost: "host1", sourcePid: 1) }
+        try f.store.checkIncoming(guestID: r.id, sourceHost: "host1", sourcePid: holder.pid, takeoverAfter: 10)
+        #expect(refusal { try f.store.checkIncoming(guestID: r.id, sourceHost: "host1", sourcePid: 1, takeoverAfter: 10) }
                 == .leaseHeld(guestID: r.id, host: "host1", pid: holder.pid, epoch: 1))
+        // A claim of another host gives way to that host sending the guest (any of its processes:
+        // its own store decides which), and to nobody else; the lease is then taken by the same rule.
+        let g = try f.store.register(GuestRegistration(name: "g2", imageSHA256: imageDigest, memoryBytes: 64 << 20, vcpus: 1), signedBy: f.admin)
+        try f.store.acquireLease(guestID: g.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.handOver(guestID: g.id, fromPid: getpid(), toHost: "hostA", toPid: 111)
+        try f.store.checkIncoming(guestID: g.id, sourceHost: "hostA", sourcePid: 222, takeoverAfter: 10)
+        #expect(refusal { try f.store.checkIncoming(guestID: g.id, sourceHost: "hostB", sourcePid: 111, takeoverAfter: 10) } != nil)
+        #expect(try f.store.acquireLease(guestID: g.id, host: "host1", pid: getpid(), takeoverAfter: 10,
+                                         handedBy: ("hostA", 222)).pid == getpid())
+    }
+
+    @Test("a restore whose epoch fell behind between its check and its lease is refused in the lease's own transaction")
+    func stateEpochInsideLease() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.register(web1(), signedBy: f.admin)
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: try deadPid(), takeoverAfter: 0)   // epoch 1
+        try f.store.acquireLease(guestID: r.id, host: "host1", pid: try deadPid(), takeoverAfter: 0)   // epoch 2
+        #expect(refusal { try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 0, stateEpoch: 1) }
+                == .staleEpoch(guestID: r.id, epoch: 1, current: 2))
+        #expect(try f.store.acquireLease(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 0, stateEpoch: 1,
+                                         rollbackAuthorized: true).epoch == 3)
+        #expect(try f.store.advanceEpoch(guestID: r.id) == 4)
     }
 
     @Test("a state signature verifies for this host and for an added peer, and not for edited contents or an unknown host")

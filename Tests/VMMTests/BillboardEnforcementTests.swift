@@ -252,6 +252,23 @@ struct LeaseEnforcementTests {
         #expect(third.status == 1, "an authorisation must be good for one restore only")
     }
 
+    @Test("a guest that runs on after a snapshot leaves it behind: restoring that snapshot later is a rollback, refused")
+    func snapshotThenRunOn() throws {
+        let store = try TestBillboard(host: "runon")
+        let vmm = try runCounter(store)
+        #expect(try vmm.call(.PUT, "/vm/pause").status == 200)
+        let old = temporaryPath("runon.snap")
+        #expect(try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"\(old)\"}").status == 200)
+        #expect(try vmm.call(.PUT, "/vm/resume").status == 200)
+        #expect(try vmm.call(.GET, "/vm").json?["billboard"].flatMap { ($0 as? [String: Any])?["epoch"] as? Int } == 2)
+        #expect(try vmm.call(.PUT, "/vm/shutdown").status == 200)
+        #expect(vmm.wait() == 0)
+        let r = try runVMM(["restore", old] + store.storeArguments)
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("roll back"), "\(r.stderr)")
+        #expect(try auditText(store).contains("lease.advance"))
+    }
+
     @Test("a snapshot edited after it was written (checksums and digest recomputed), stripped of its signature, with a malformed signature, or signed by an unknown host is refused")
     func snapshotSignature() throws {
         let store = try TestBillboard(host: "signing")
@@ -504,6 +521,9 @@ extension BillboardMigrationTests {
         #expect(refused.status == 409)
         #expect(refused.body.contains("billboard refuses"), "\(refused.body)")
         #expect(try source.call(.GET, "/vm").json?["state"] as? String == "paused")
+        // Nor may it be sent anywhere else while in doubt.
+        let again = try source.call(.PUT, "/vm/migrate", "{\"destination\": \"127.0.0.1:\(try freePort())\"}")
+        #expect(again.status == 409 && again.body.contains("in doubt"), "\(again.body)")
 
         kill(destination.process.processIdentifier, SIGKILL)
         _ = destination.wait()
@@ -514,6 +534,42 @@ extension BillboardMigrationTests {
         #expect(try auditText(store).contains("lease.takeover"))
         #expect(try source.call(.PUT, "/vm/shutdown").status == 200)
         #expect(source.wait() == 0)
+    }
+}
+
+@Suite("The doors to a machine", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+struct GuestDoorTests {
+    @Test("one admission gives one machine, exactly the admitted image and configuration; a guest without its lease never runs")
+    func oneAdmissionOneMachine() throws {
+        let hosts = try localHosts()
+        let image = try Fixtures.guestBytes("hello-protected.bin")
+        let config = MachineConfiguration(mode: .protected)
+        let name = try hosts.register(image, config)
+        func admit() throws -> GuestSession {
+            try GuestSession.admitBoot(store: hosts.source, name: name, image: image, configuration: config,
+                                       settings: hosts.settings, log: { _ in })
+        }
+        let other = try Fixtures.guestBytes("status42.bin")
+        let session = try admit()
+        #expect(throws: SessionError.self) { try GuestDoors.boot(session: session, image: other, configuration: config, serialOutput: { _ in }) }
+        #expect(throws: SessionError.self) {
+            try GuestDoors.boot(session: session, image: image, configuration: MachineConfiguration(memorySize: 128 << 20, mode: .protected), serialOutput: { _ in })
+        }
+        let machine = try GuestDoors.boot(session: session, image: image, configuration: config, serialOutput: { _ in })
+        #expect(throws: SessionError.self) { try GuestDoors.boot(session: session, image: image, configuration: config, serialOutput: { _ in }) }
+        machine.start()
+        #expect(machine.waitForExit() == .exitPort(status: 0))
+        session.end()
+
+        // A guest whose lease was handed away before it started is ended, not run.
+        let second = try admit()
+        let capture = SerialCapture()
+        let handed = try GuestDoors.boot(session: second, image: image, configuration: config, serialOutput: capture.append)
+        try second.handOver(toHost: "dst", toPid: 1)
+        handed.start()
+        if case .evicted = handed.waitForExit() {} else { Issue.record("a guest without its lease ran") }
+        #expect(capture.text.isEmpty)
+        second.end()
     }
 }
 
