@@ -58,6 +58,8 @@ public final class GuestSession: @unchecked Sendable {
         var latestBeacon: (BeaconMessage, Date)?
         var beaconsSinceFlush = 0
         var attached = false
+        /// A running record that could not be written on GO; housekeeping retries it first.
+        var pendingToken: UInt64?
         var snapshotSinceEpoch = false
         var reportedState: InstanceState?
     }
@@ -269,12 +271,21 @@ public final class GuestSession: @unchecked Sendable {
 
     /// Destination, on GO: this process becomes the owner (next epoch); the guest's beacons
     /// must carry the boot token its memory holds.
-    public func commitIncoming() throws {
+    ///
+    /// Only the lease is on the downtime path: `start` runs the guest as soon as it is held, and
+    /// the record is updated after. The store lock is held across all three, so housekeeping
+    /// cannot record a beacon against the record's old token in between.
+    public func commitIncoming(start: () -> Void) throws {
         try storeLock.withLock {
             try naming(registration) { try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: carried.map { ($0.host, $0.pid) }) }
             let token = try machine?.beaconToken() ?? Self.newToken()
             shared.withLock { $0.token = token; $0.reportedState = .running }
-            try store.updateInstance(guestID: registration.id, state: .running, token: token)
+            start()
+            do { try store.updateInstance(guestID: registration.id, state: .running, token: token) } catch {
+                // The guest runs here now, whatever happens; housekeeping writes the record later.
+                shared.withLock { $0.pendingToken = token }
+                log("billboard: could not record '\(registration.name)' as running here yet: \(error)")
+            }
         }
     }
 
@@ -336,7 +347,11 @@ public final class GuestSession: @unchecked Sendable {
                 s.beaconsSinceFlush = 0
                 return (s.holdsLease, s.handedOver, b, n)
             }
-            if let (message, time) = beacon {
+            if let pending = shared.withLock({ $0.pendingToken }),
+               (try? store.updateInstance(guestID: registration.id, state: .running, token: pending)) != nil {
+                shared.withLock { $0.pendingToken = nil }
+            }
+            if let (message, time) = beacon, shared.withLock({ $0.pendingToken == nil }) {
                 do { try store.recordBeacon(guestID: registration.id, token: message.token, counter: message.counter, received: received, at: time) } catch {
                     log("billboard: cannot record a beacon: \(error)")
                 }

@@ -58,9 +58,9 @@ extension Machine: MigrationSourceVM, MigrationDestinationVM {
 
     public func startGuest() throws {
         // The lease first: a guest that may not own itself here must not run (the source stays
-        // paused and in doubt, and can take its lease back). About half a millisecond of downtime.
-        try session?.commitIncoming()
-        start()
+        // paused and in doubt, and can take its lease back). One transaction of downtime.
+        guard let session else { return start() }
+        try session.commitIncoming(start: start)
     }
 
     public func signState(digest: [UInt8]) throws -> [UInt8]? {
