@@ -52,8 +52,7 @@ extension BillboardStore {
 
     /// A pid can only be probed on this host. EPERM means it exists but belongs to someone else: alive.
     private func processExists(host: String, pid: Int32) -> Bool {
-        guard host == hostName, pid > 0 else { return false }
-        return kill(pid, 0) == 0 || errno == EPERM
+        host == hostName && HostProcesses.alive(pid)
     }
 
     /// Takes the one-owner lease of a guest. Refused while another owner is live (its process exists
@@ -109,7 +108,7 @@ extension BillboardStore {
 
     enum Takeover { case refused, returned, takenOver }
 
-    /// The one rule for a lease someone else holds (used by `acquireLease` and `checkIncoming`):
+    /// The one rule for a lease someone else holds (used by `acquireLease` and `checkLeaseAvailable`):
     /// - the migration source hands it over: for a holder here, the same process; for a holder
     ///   on another host, that host (its own store decides which of its processes);
     /// - a holder here whose process is gone and that has not renewed for `takeoverAfter` s;
@@ -329,16 +328,16 @@ extension BillboardStore {
         try Data.fetchOne(db, sql: "SELECT public_key FROM admins WHERE name = ?", arguments: [name]) ?? Data()
     }
 
-    /// Whether a migration destination may take this guest: nobody live holds its lease, or the
-    /// holder is the source that is migrating it (a guest in flight is not a duplicate).
-    public func checkIncoming(guestID: UUID, sourceHost: String?, sourcePid: Int32?, takeoverAfter: TimeInterval) throws {
+    /// Whether this process could take the guest's lease now, by the same rule `acquireLease`
+    /// applies later (so what passes admission cannot fail at GO or at the restore's start):
+    /// nobody live holds it, or the holder is `handedBy`, the migration source sending the guest
+    /// (a guest in flight is not a duplicate). Refusals are audited.
+    public func checkLeaseAvailable(guestID: UUID, handedBy: (host: String, pid: Int32)?, takeoverAfter: TimeInterval) throws {
         let guestText = Self.idText(guestID)
-        try decide(actor: processActor, event: "incoming.check", guest: guestText,
+        try decide(actor: processActor, event: "lease.check", guest: guestText,
                    details: ["guestID": .string(guestText)]) { db in
             guard let current = try leaseRow(db, guestID), let holder = current.pid else { return }
-            let source = sourceHost.flatMap { h in sourcePid.map { (host: h, pid: $0) } }
-            // The same rule the lease is taken with on GO, so what passes here cannot fail there.
-            if takeover(current, holder: holder, handedBy: source, takeoverAfter: takeoverAfter, now: Date().milliseconds) == .refused {
+            if takeover(current, holder: holder, handedBy: handedBy, takeoverAfter: takeoverAfter, now: Date().milliseconds) == .refused {
                 throw BillboardRefusal.leaseHeld(guestID: guestID, host: current.host, pid: holder, epoch: current.epoch)
             }
         }

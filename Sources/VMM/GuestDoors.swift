@@ -14,7 +14,8 @@ public enum GuestDoors {
                             serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
         let session = try GuestSession.admitBoot(store: store, name: name, image: image, configuration: configuration,
                                                  settings: settings, log: log)
-        return try boot(session: session, image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+        // Admitted just now for these very bytes: no need to check them again.
+        return try make(session: session, image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
     }
 
     /// Creates and loads the machine of a guest `session` admitted (`GuestSession.admitBoot`);
@@ -27,6 +28,11 @@ public enum GuestDoors {
               matches(configuration, r) else {
             throw SessionError.mismatch("this session admitted '\(r.name)' once, with its registered image and configuration; a machine must be exactly that, and only one")
         }
+        return try make(session: session, image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+    }
+
+    private static func make(session: GuestSession, image: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem?,
+                             serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
         do {
             let machine = try Machine(image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
             try session.attachBooted(machine)
@@ -47,7 +53,7 @@ public enum GuestDoors {
         }
         do {
             let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
-            session.attachIncoming(machine)
+            session.attachPending(machine)
             return machine
         } catch {
             session.end()

@@ -53,7 +53,6 @@ public final class GuestSession: @unchecked Sendable {
         var epoch: Int64 = 0
         var token: UInt64 = 0
         var holdsLease = false
-        var handedOver = false
         var ended = false
         var latestBeacon: (BeaconMessage, Date)?
         var beaconsSinceFlush = 0
@@ -126,10 +125,8 @@ public final class GuestSession: @unchecked Sendable {
         // the authorisation is used: the same bytes that are restored.
         let snapshotSHA256 = DigestOnce(snapshotSHA256).value
         // A running copy first (the plainer refusal when both apply), then the epoch.
-        if let lease = try store.lease(guestID: registration.id), lease.pid != 0, lease.host == store.hostName,
-           kill(lease.pid, 0) == 0 || errno == EPERM {
-            throw GuestRefusal(guest: registration.name,
-                               refusal: .leaseHeld(guestID: registration.id, host: lease.host, pid: lease.pid, epoch: lease.epoch))
+        try naming(registration) {
+            try store.checkLeaseAvailable(guestID: registration.id, handedBy: nil, takeoverAfter: settings.leaseTimeout)
         }
         // An authorisation for a rollback is only looked at here; it is used once the file verified.
         try naming(registration) {
@@ -151,8 +148,8 @@ public final class GuestSession: @unchecked Sendable {
         let registration = try admitIdentity(store: store, identity: identity, description: description)
         try naming(registration) {
             try store.checkEpoch(guestID: registration.id, epoch: identity.epoch)
-            try store.checkIncoming(guestID: registration.id, sourceHost: identity.host, sourcePid: identity.pid,
-                                    takeoverAfter: settings.leaseTimeout)
+            try store.checkLeaseAvailable(guestID: registration.id, handedBy: (identity.host, identity.pid),
+                                          takeoverAfter: settings.leaseTimeout)
         }
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity, log: log)
         try session.record(state: .incoming)
@@ -172,7 +169,7 @@ public final class GuestSession: @unchecked Sendable {
         let lease = try store.acquireLease(guestID: registration.id, host: store.hostName, pid: getpid(),
                                            takeoverAfter: settings.leaseTimeout, minimumEpoch: minimumEpoch, handedBy: handedBy,
                                            stateEpoch: stateEpoch, rollbackAuthorized: rollbackAuthorized)
-        shared.withLock { $0.epoch = lease.epoch; $0.holdsLease = true; $0.handedOver = false }
+        shared.withLock { $0.epoch = lease.epoch; $0.holdsLease = true }
     }
 
     private func record(state: InstanceState, token: UInt64 = newToken()) throws {
@@ -236,16 +233,13 @@ public final class GuestSession: @unchecked Sendable {
         try store.updateInstance(guestID: registration.id, state: .paused, token: token)
     }
 
-    /// A restored machine before its lease: connected, so that whatever fails next ends this
-    /// session (and its record) with the machine; it cannot start until `attachRestored`.
+    /// A machine before its lease (restored, or reserved for a migration): connected, so that
+    /// whatever fails next ends this session (and its record) with the machine; it cannot start
+    /// until the lease is taken (`attachRestored`, `commitIncoming`).
     public func attachPending(_ machine: Machine) {
         attach(machine)
     }
 
-    /// A migration destination before its guest exists: connects beacons; the lease comes on GO.
-    public func attachIncoming(_ machine: Machine) {
-        attach(machine)
-    }
 
     private var beaconInterval: UInt32 { settings.beaconIntervalMs }
 
@@ -309,7 +303,7 @@ public final class GuestSession: @unchecked Sendable {
     public func handOver(toHost host: String, toPid pid: Int32) throws {
         let epoch = try storeLock.withLock {
             let epoch = try store.handOver(guestID: registration.id, fromPid: getpid(), toHost: host, toPid: pid)
-            shared.withLock { $0.holdsLease = false; $0.handedOver = true; $0.reportedState = .migrated }
+            shared.withLock { $0.holdsLease = false; $0.reportedState = .migrated }
             return epoch
         }
         log("billboard: lease of '\(registration.name)' handed to pid \(pid) on \(host) at epoch \(epoch)")
@@ -321,7 +315,7 @@ public final class GuestSession: @unchecked Sendable {
         try storeLock.withLock {
             try naming(registration) { try takeLease(minimumEpoch: 0) }
             try store.updateInstance(guestID: registration.id, state: .running)
-            shared.withLock { $0.reportedState = .running; $0.handedOver = false }
+            shared.withLock { $0.reportedState = .running }
         }
     }
 
@@ -341,11 +335,11 @@ public final class GuestSession: @unchecked Sendable {
             // flags and acting on them.
             storeLock.lock()
             if shared.withLock({ $0.ended }) { storeLock.unlock(); return }
-            let (holds, handedOver, beacon, received) = shared.withLock { s -> (Bool, Bool, (BeaconMessage, Date)?, Int) in
+            let (holds, beacon, received) = shared.withLock { s -> (Bool, (BeaconMessage, Date)?, Int) in
                 let b = s.latestBeacon, n = s.beaconsSinceFlush
                 s.latestBeacon = nil
                 s.beaconsSinceFlush = 0
-                return (s.holdsLease, s.handedOver, b, n)
+                return (s.holdsLease, b, n)
             }
             if let pending = shared.withLock({ $0.pendingToken }),
                (try? store.updateInstance(guestID: registration.id, state: .running, token: pending)) != nil {
@@ -369,15 +363,14 @@ public final class GuestSession: @unchecked Sendable {
                     log("billboard: cannot renew the lease: \(error)")
                 }
             }
-            if !handedOver {
-                let state: InstanceState = machine.state == .paused ? .paused : .running
-                let changed = shared.withLock { s -> Bool in
-                    guard s.reportedState != .incoming, s.reportedState != state else { return false }
-                    s.reportedState = state
-                    return true
-                }
-                if changed { try? store.updateInstance(guestID: registration.id, state: state) }
+            // Running or paused only: an incoming guest has no say yet, a handed-over one none any more.
+            let state: InstanceState = machine.state == .paused ? .paused : .running
+            let changed = shared.withLock { s -> Bool in
+                guard s.reportedState != .incoming, s.reportedState != .migrated, s.reportedState != state else { return false }
+                s.reportedState = state
+                return true
             }
+            if changed { try? store.updateInstance(guestID: registration.id, state: state) }
             storeLock.unlock()
             if Date() >= nextScan {
                 nextScan = Date().addingTimeInterval(settings.scanInterval)

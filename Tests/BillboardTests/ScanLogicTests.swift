@@ -177,16 +177,16 @@ struct ScanLogicTests {
         let r = try f.store.register(web1(), signedBy: f.admin)
         let holder = try LiveChild()
         try f.store.acquireLease(guestID: r.id, host: "host1", pid: holder.pid, takeoverAfter: 10)
-        try f.store.checkIncoming(guestID: r.id, sourceHost: "host1", sourcePid: holder.pid, takeoverAfter: 10)
-        #expect(refusal { try f.store.checkIncoming(guestID: r.id, sourceHost: "host1", sourcePid: 1, takeoverAfter: 10) }
+        try f.store.checkLeaseAvailable(guestID: r.id, handedBy: ("host1", holder.pid), takeoverAfter: 10)
+        #expect(refusal { try f.store.checkLeaseAvailable(guestID: r.id, handedBy: ("host1", 1), takeoverAfter: 10) }
                 == .leaseHeld(guestID: r.id, host: "host1", pid: holder.pid, epoch: 1))
         // A claim of another host gives way to that host sending the guest (any of its processes:
         // its own store decides which), and to nobody else; the lease is then taken by the same rule.
         let g = try f.store.register(GuestRegistration(name: "g2", imageSHA256: imageDigest, memoryBytes: 64 << 20, vcpus: 1), signedBy: f.admin)
         try f.store.acquireLease(guestID: g.id, host: "host1", pid: getpid(), takeoverAfter: 10)
         try f.store.handOver(guestID: g.id, fromPid: getpid(), toHost: "hostA", toPid: 111)
-        try f.store.checkIncoming(guestID: g.id, sourceHost: "hostA", sourcePid: 222, takeoverAfter: 10)
-        #expect(refusal { try f.store.checkIncoming(guestID: g.id, sourceHost: "hostB", sourcePid: 111, takeoverAfter: 10) } != nil)
+        try f.store.checkLeaseAvailable(guestID: g.id, handedBy: ("hostA", 222), takeoverAfter: 10)
+        #expect(refusal { try f.store.checkLeaseAvailable(guestID: g.id, handedBy: ("hostB", 111), takeoverAfter: 10) } != nil)
         #expect(try f.store.acquireLease(guestID: g.id, host: "host1", pid: getpid(), takeoverAfter: 10,
                                          handedBy: ("hostA", 222)).pid == getpid())
     }
