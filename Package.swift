@@ -29,20 +29,26 @@ let package = Package(
         // The versioned, checksummed stream shared by snapshot files and migration.
         .target(name: "Snapshot", dependencies: ["GuestMemory", .product(name: "Crypto", package: "swift-crypto")]),
         // Pre-copy protocol, sender and receiver, transport behind one interface.
-        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory"]),
+        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory", .product(name: "Crypto", package: "swift-crypto")]),
+        // The machine: VM + vCPU runners + buses + devices + state capture. Knows nothing of the Billboard.
+        .target(name: "MachineCore", dependencies: [
+            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         // Signed guest registry, keys, leases, audit (SQLite through GRDB).
         .target(name: "Billboard", dependencies: [
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
         ]),
-        // The machine: VM + vCPU threads + exit dispatch + state capture.
+        // The admitted guest (a machine and its Billboard session), the doors that make one,
+        // snapshot files and the migration service.
         .target(name: "VMM", dependencies: [
-            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard",
+            "MachineCore", "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.
         .target(name: "ControlAPI", dependencies: [
-            "VMM", "Migration",
+            "VMM", "MachineCore", "Migration", "Billboard",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -52,7 +58,7 @@ let package = Package(
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "VMM", "ControlAPI", "Migration", "KVM", "GuestMemory", "Billboard",
+                "VMM", "MachineCore", "ControlAPI", "Migration", "KVM", "GuestMemory", "Billboard",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -62,7 +68,7 @@ let package = Package(
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "Loader", "Devices"]),
         .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
-        .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
+        .testTarget(name: "VMMTests", dependencies: ["VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
                                                .product(name: "GRDB", package: "GRDB.swift")]),
     ]
 )

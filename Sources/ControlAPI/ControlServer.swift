@@ -5,6 +5,7 @@ import Foundation
 import Hummingbird
 import Logging
 import NIOCore
+import MachineCore
 import VMM
 
 /// An error answered as JSON `{"error": message}` with an HTTP status.
@@ -15,9 +16,10 @@ public struct APIError: Error, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// What the API acts on: the machine and the process around it.
+/// What the API acts on: the admitted guest (its machine and Billboard session) and the
+/// process around it.
 public protocol VMControlling: AnyObject, Sendable {
-    var machine: Machine { get }
+    var guest: AdmittedGuest { get }
     /// Routes beyond the basic set (migration), added by the owner of the VM.
     func extraRoutes(_ router: Router<BasicRequestContext>)
     /// Refuses a resume that could make a second running copy (a migration in doubt).
@@ -122,21 +124,19 @@ public final class ControlServer: Sendable {
 
     static func addRoutes(_ router: Router<BasicRequestContext>, _ controller: any VMControlling) {
         router.get("/vm") { _, _ in
-            JSONReply.make(.ok, VMInfo.describe(controller.machine))
+            JSONReply.make(.ok, VMInfo.describe(controller.guest))
         }
         router.put("/vm/scan") { _, _ in
             // The active scan on demand: the same rules and actions as the periodic one.
-            guard let session = controller.machine.session else {
-                throw APIError(.conflict, "this VM has no billboard session")
-            }
-            let findings = try await offPool { session.runScan() }
+            let guest = controller.guest
+            let findings = try await offPool { guest.runScan() }
             return JSONReply.make(.ok, ["findings": findings.map {
                 ["kind": $0.kind.rawValue, "pid": Int($0.pid), "guest": $0.guest ?? NSNull(), "evidence": $0.evidence,
                  "stopped": $0.mustStop] as [String: Any]
             }])
         }
         router.put("/vm/pause") { _, _ in
-            let m = controller.machine
+            let m = controller.guest.machine
             guard m.state != .finished else { throw APIError(.conflict, "the VM has stopped; it cannot be paused") }
             let ok = try await offPool { m.pause() }
             guard ok else { throw APIError(.conflict, "the VM stopped before it could be paused") }
@@ -144,12 +144,12 @@ public final class ControlServer: Sendable {
         }
         router.put("/vm/resume") { request, _ in
             let body = try await JSONReply.object(request)
-            let m = controller.machine
+            let m = controller.guest.machine
             guard m.state == .paused else {
                 throw APIError(.conflict, "the VM is \(m.state.rawValue), not paused; nothing to resume")
             }
             try controller.beforeResume(force: body["force"] as? Bool ?? false)
-            m.resume()
+            controller.guest.resume()
             return JSONReply.make(.ok, ["state": m.state.rawValue])
         }
         router.put("/vm/snapshot") { request, _ in
@@ -157,16 +157,16 @@ public final class ControlServer: Sendable {
             guard let path = body["path"] as? String, !path.isEmpty else {
                 throw APIError(.badRequest, "give the snapshot file as {\"path\": \"/where/to/write\"}")
             }
-            let m = controller.machine
-            guard m.state == .paused else {
-                throw APIError(.conflict, "the VM is \(m.state.rawValue); pause it before taking a snapshot (PUT /vm/pause)")
+            let guest = controller.guest
+            guard guest.machine.state == .paused else {
+                throw APIError(.conflict, "the VM is \(guest.machine.state.rawValue); pause it before taking a snapshot (PUT /vm/pause)")
             }
-            let stats = try await offPool { try SnapshotFile.write(m, to: path) }
+            let stats = try await offPool { try guest.snapshot(to: path) }
             return JSONReply.make(.ok, ["path": path, "bytes": stats.bytes, "pages": stats.pages,
                                         "zero_pages": stats.zeroPages, "milliseconds": stats.milliseconds])
         }
         router.get("/vm/digest") { _, _ in
-            let m = controller.machine
+            let m = controller.guest.machine
             guard m.state == .paused else {
                 throw APIError(.conflict, "the VM is \(m.state.rawValue); pause it to digest its memory consistently")
             }
@@ -174,7 +174,7 @@ public final class ControlServer: Sendable {
             return JSONReply.make(.ok, ["sha256": digest, "memory_bytes": m.memory.size])
         }
         router.put("/vm/shutdown") { _, _ in
-            controller.machine.end(with: .shutdown)
+            controller.guest.machine.end(with: .shutdown)
             return JSONReply.make(.ok, ["state": "shutting down"])
         }
     }
@@ -182,7 +182,8 @@ public final class ControlServer: Sendable {
 
 /// The `GET /vm` document.
 public enum VMInfo {
-    public static func describe(_ m: Machine) -> [String: Any] {
+    public static func describe(_ guest: AdmittedGuest) -> [String: Any] {
+        let m = guest.machine
         var info: [String: Any] = [
             "state": m.state.rawValue,
             "config": [
@@ -197,7 +198,8 @@ public enum VMInfo {
         if let exit = m.exitResult {
             info["exit"] = ["status": exit.exitStatus, "reason": exit.description]
         }
-        if let session = m.session {
+        do {
+            let session = guest.session
             info["billboard"] = [
                 "guest": session.registration.name,
                 "id": session.registration.id.uuidString.lowercased(),

@@ -31,7 +31,7 @@ public enum MigrationRoutes {
             }
             if wait {
                 let report = await done.value()
-                return JSONReply.make(report.outcome == "completed" ? .ok : .conflict, try reportObject(report))
+                return JSONReply.make(report.outcome == .completed ? .ok : .conflict, try reportObject(report))
             }
             return JSONReply.make(.accepted, ["state": "migrating", "destination": settings.destination])
         }

@@ -62,3 +62,26 @@ public struct BeaconMessage: Sendable, Equatable {
         self.init(token: u64(0), counter: u64(8))
     }
 }
+
+/// The beacon's notification port: a write tells the VMM a message waits in the beacon block.
+/// The device reads the 16-byte slot through `readSlot` (guest memory, owned by the machine) and
+/// hands the message to whoever listens (`onBeacon`); what a beacon means is not its business.
+public final class BeaconPort: BusDevice {
+    private let readSlot: () -> [UInt8]?
+    private var listener: ((BeaconMessage) -> Void)?
+
+    /// `readSlot` returns the message slot's bytes, or nil if they cannot be read.
+    public init(readSlot: @escaping () -> [UInt8]?) { self.readSlot = readSlot }
+
+    /// Replaces the listener (called on the vCPU thread, under the bus lock: keep it short).
+    public func onBeacon(_ listener: @escaping (BeaconMessage) -> Void) { self.listener = listener }
+
+    public func read(offset: UInt64, into data: inout [UInt8]) {
+        for i in data.indices { data[i] = 0xFF }
+    }
+
+    public func write(offset: UInt64, data: [UInt8]) -> BusEvent? {
+        if let bytes = readSlot(), let message = BeaconMessage(bytes) { listener?(message) }
+        return nil
+    }
+}

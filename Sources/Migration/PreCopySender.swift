@@ -38,7 +38,8 @@ public final class PreCopySender: Sendable {
         var progress = MigrationProgress()
         var cancelled: String?
         var transport: (any MigrationTransport)?
-        /// Set, under the lock, at the moment GO is about to be written.
+        /// Set, under the lock, at the moment GO is about to be written: from then on a cancel
+        /// is refused and a failure leaves the migration in doubt.
         var goSent = false
     }
     private let state = Mutex<Shared>(Shared())
@@ -75,146 +76,182 @@ public final class PreCopySender: Sendable {
         if let reason = state.withLock({ $0.cancelled }) { throw MigrationError.aborted(reason) }
     }
 
+    /// The streams and figures of one run, passed from phase to phase.
+    struct Run {
+        let t0: Double
+        var writer: StreamWriter<TransportSink>
+        var reader: StreamReader<TransportSource>
+        var report: MigrationReport
+        var accept = ControlMessage(kind: .accept)
+        var pending = DirtyBitmap(pageCount: 0)
+        var pauseTime = 0.0
+        var paused = false
+        var tracking = false
+    }
+
     /// Runs the whole migration. Never throws: the outcome is in the report, and
     /// on failure before GO the guest is running again here.
     public func run(connect: () throws -> any MigrationTransport) -> MigrationReport {
         let t0 = monotonicMs()
         var report = MigrationReport(destination: settings.destination, tracker: vm.dirtyTracker.name,
-                                     converged: false, outcome: "failed", settings: settings)
+                                     converged: false, outcome: .failed, settings: settings)
         report.memoryBytes = vm.memory.size
-        var goSent = false, paused = false, tracking = false
-        var pauseTime = 0.0
         state.withLock { $0 = Shared(); $0.progress.phase = .setup }
+        var paused = false, tracking = false
         do {
             let transport = try connect()
             state.withLock { $0.transport = transport }
             defer { transport.close() }
-            try checkCancelled()
-            var writer = try StreamWriter(sink: TransportSink(transport))
-            let hello = ControlMessage(kind: .hello, version: migrationProtocolVersion,
-                                       machine: Data(try vm.machineDescriptionPayload()), identity: vm.migrationIdentity)
-            try writer.writeSection(.control, payload: hello.encoded())
-            try writer.sink.flush()
-            var reader = try StreamReader(source: TransportSource(transport))
-            let accept = try expect(.accept, from: &reader)
-            report.setupMs = monotonicMs() - t0
-
-            try vm.dirtyTracker.enable()
-            tracking = true
-            update { $0.phase = .precopy }
-            // Round 0: every page that may hold data. Logging is already on, so a page
-            // first written after this check is caught by the next round.
-            var pending = vm.memory.possiblyNonZeroPages() ?? DirtyBitmap.all(pageCount: vm.memory.pageCount)
-            var round = 0
-            var extraRounds = 0
-            var rate = 0.0
-            while true {
-                let roundStart = monotonicMs()
-                let before = writer.bytesWritten
-                let sent = try sendPages(pending, writer: &writer, rearm: round > 0, report: &report, t0: t0)
-                report.pagesPerRound.append(sent)
-                let seconds = max((monotonicMs() - roundStart) / 1000, 1e-6)
-                let roundRate = Double(writer.bytesWritten - before) / seconds
-                // Rounds of a few pages measure latency, not bandwidth: keep the better estimate.
-                rate = sent >= 256 || rate == 0 ? roundRate : max(rate, roundRate)
-                pending = try vm.dirtyTracker.collect()
-                let expectedMs = Double(pending.count) * 4096 / max(rate, 1) * 1000
-                let elapsed = (monotonicMs() - t0) / 1000
-                update {
-                    $0.round = round
-                    $0.dirtyPagesLeft = pending.count
-                    $0.rateBytesPerSecond = rate
-                    $0.expectedDowntimeMs = expectedMs
-                    $0.elapsedSeconds = elapsed
-                }
-                round += 1
-                if expectedMs <= settings.maxDowntimeMs {
-                    // The limit is a ceiling, not a target: while another round still shrinks
-                    // what is left by a quarter, it buys a shorter pause for little time.
-                    let shrinking = Double(pending.count) < Double(sent) * 0.75
-                    let worthOneMore = shrinking && expectedMs > 5 && extraRounds < Self.maxExtraRounds
-                        && elapsed < settings.timeoutSeconds / 2
-                    if !worthOneMore { report.converged = true; break }
-                    extraRounds += 1
-                }
-                if elapsed >= settings.timeoutSeconds { throw MigrationError.notConverged(seconds: settings.timeoutSeconds) }
-                try checkCancelled()
-                if settings.autoConverge && round >= 2 {
-                    let next = min(99, progress.throttlePercent == 0 ? 20 : progress.throttlePercent + 10)
-                    if next != progress.throttlePercent {
-                        vm.setThrottle(percent: next)
-                        update { $0.throttlePercent = next }
-                    }
-                }
-            }
-
-            // Stop and copy.
-            vm.setThrottle(percent: 0)
-            update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
-            try checkCancelled()
-            guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
-            paused = true
-            pauseTime = monotonicMs()
-            pending.formUnion(try vm.dirtyTracker.collect())
-            let last = try sendPages(pending, writer: &writer, rearm: false, report: &report, t0: t0, stopAndCopy: true)
-            report.pagesPerRound.append(last)
-            let (vcpu, devices) = try vm.statePayloads()
-            try writer.writeSection(.vcpu, payload: vcpu)
-            try writer.writeSection(.devices, payload: devices)
-            if let signature = try vm.signState(digest: writer.digestSoFar) {
-                try writer.writeSection(.signature, payload: signature)
-            }
-            try writer.finish()
-            try writer.sink.flush()
-            report.bytesSent = writer.bytesWritten
-            update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
-            try expect(.ready, from: &reader)
-
-            // From the first byte of GO on, the source never resumes on its own.
-            let cancelled: String? = state.withLock { s in
-                if s.cancelled == nil { s.goSent = true }
-                return s.cancelled
-            }
-            if let cancelled { throw MigrationError.aborted(cancelled) }
-            let handoverStart = monotonicMs()
-            do { try vm.commitHandover(toHost: accept.host, toPid: accept.pid) } catch {
-                state.withLock { $0.goSent = false }
-                throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
-            }
-            report.handoverMs = monotonicMs() - handoverStart
-            goSent = true
-            var commit = try StreamWriter(sink: TransportSink(transport))
-            try commit.writeSection(.control, payload: ControlMessage(kind: .go).encoded())
-            try commit.finish()
-            try commit.sink.flush()
-            report.bytesSent += commit.bytesWritten
-            let running = try expect(.running, from: &reader)
-            if let resumed = running.resumedAt { report.downtimeMs = resumed - pauseTime }
-            report.rounds = report.pagesPerRound.count
-            report.outcome = "completed"
-            try? vm.dirtyTracker.disable()
-            update { $0.phase = .completed }
+            var run = try setup(transport, t0: t0, report: report)
+            defer { report = run.report; paused = run.paused; tracking = run.tracking }
+            try precopy(&run)
+            try stopAndCopy(&run)
+            try handover(&run, transport: transport)
         } catch {
-            report.error = "\(error)"
-            report.rounds = report.pagesPerRound.count
-            report.bytesSent = max(report.bytesSent, progress.bytesSent)
-            vm.setThrottle(percent: 0)
-            if goSent {
-                report.outcome = "in-doubt"
-                let reason = MigrationError.inDoubt("\(error)").description
-                report.error = reason
-                update { $0.phase = .inDoubt; $0.error = reason }
-            } else {
-                if tracking { try? vm.dirtyTracker.disable() }
-                if paused { vm.resumeAfterMigration() }
-                report.outcome = "failed"
-                update { $0.phase = .failed; $0.error = "\(error)"; $0.throttlePercent = 0 }
-            }
+            fail(&report, error: error, paused: paused, tracking: tracking)
         }
+        report.rounds = report.pagesPerRound.count
         report.totalMs = monotonicMs() - t0
         report.throughputBytesPerSecond = report.totalMs > 0 ? Double(report.bytesSent) / (report.totalMs / 1000) : 0
         state.withLock { $0.transport = nil }
         return report
+    }
+
+    /// Setup: hello (version, machine description with the guest's identity), then the
+    /// destination's accept (admitted, VM reserved).
+    private func setup(_ transport: any MigrationTransport, t0: Double, report: MigrationReport) throws -> Run {
+        try checkCancelled()
+        var writer = try StreamWriter(sink: TransportSink(transport))
+        let hello = ControlMessage(kind: .hello, version: migrationProtocolVersion,
+                                   machine: Data(try vm.machineDescriptionPayload()), identity: vm.migrationIdentity)
+        try writer.writeSection(.control, payload: hello.encoded())
+        try writer.sink.flush()
+        var reader = try StreamReader(source: TransportSource(transport))
+        var run = Run(t0: t0, writer: writer, reader: reader, report: report)
+        run.accept = try expect(.accept, from: &reader)
+        run.reader = reader
+        run.report.setupMs = monotonicMs() - t0
+        return run
+    }
+
+    /// Pre-copy: round 0 sends every page that may hold data while the guest runs; each later
+    /// round what was dirtied since, until what is left fits the downtime limit.
+    private func precopy(_ run: inout Run) throws {
+        try vm.dirtyTracker.enable()
+        run.tracking = true
+        update { $0.phase = .precopy }
+        // Logging is already on, so a page first written after this check is caught by the next round.
+        var pending = vm.memory.possiblyNonZeroPages() ?? DirtyBitmap.all(pageCount: vm.memory.pageCount)
+        var round = 0
+        var extraRounds = 0
+        var rate = 0.0
+        while true {
+            let roundStart = monotonicMs()
+            let before = run.writer.bytesWritten
+            let sent = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report, t0: run.t0)
+            run.report.pagesPerRound.append(sent)
+            let seconds = max((monotonicMs() - roundStart) / 1000, 1e-6)
+            let roundRate = Double(run.writer.bytesWritten - before) / seconds
+            // Rounds of a few pages measure latency, not bandwidth: keep the better estimate.
+            rate = sent >= 256 || rate == 0 ? roundRate : max(rate, roundRate)
+            pending = try vm.dirtyTracker.collect()
+            let expectedMs = Double(pending.count) * 4096 / max(rate, 1) * 1000
+            let elapsed = (monotonicMs() - run.t0) / 1000
+            update {
+                $0.round = round
+                $0.dirtyPagesLeft = pending.count
+                $0.rateBytesPerSecond = rate
+                $0.expectedDowntimeMs = expectedMs
+                $0.elapsedSeconds = elapsed
+            }
+            round += 1
+            if expectedMs <= settings.maxDowntimeMs {
+                // The limit is a ceiling, not a target: while another round still shrinks
+                // what is left by a quarter, it buys a shorter pause for little time.
+                let shrinking = Double(pending.count) < Double(sent) * 0.75
+                let worthOneMore = shrinking && expectedMs > 5 && extraRounds < Self.maxExtraRounds
+                    && elapsed < settings.timeoutSeconds / 2
+                if !worthOneMore { run.report.converged = true; break }
+                extraRounds += 1
+            }
+            if elapsed >= settings.timeoutSeconds { throw MigrationError.notConverged(seconds: settings.timeoutSeconds) }
+            try checkCancelled()
+            if settings.autoConverge && round >= 2 {
+                let current = progress.throttlePercent
+                let next = min(99, current == 0 ? 20 : current + 10)
+                if next != current {
+                    vm.setThrottle(percent: next)
+                    update { $0.throttlePercent = next }
+                }
+            }
+        }
+        run.pending = pending
+    }
+
+    /// Stop-and-copy: the guest pauses; the last dirty pages, vCPU and device state, the
+    /// signature and the end of the state stream follow.
+    private func stopAndCopy(_ run: inout Run) throws {
+        vm.setThrottle(percent: 0)
+        update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
+        try checkCancelled()
+        guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
+        run.paused = true
+        run.pauseTime = monotonicMs()
+        run.pending.formUnion(try vm.dirtyTracker.collect())
+        let last = try sendPages(run.pending, writer: &run.writer, rearm: false, report: &run.report, t0: run.t0, stopAndCopy: true)
+        run.report.pagesPerRound.append(last)
+        let (vcpu, devices) = try vm.statePayloads()
+        try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { try vm.signState(digest: $0) }
+        try run.writer.sink.flush()
+        run.report.bytesSent = run.writer.bytesWritten
+        update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
+    }
+
+    /// Hand-over: READY (the destination verified and applied everything), the lease moves to
+    /// the destination, GO, RUNNING. From the first byte of GO on, the source never resumes on
+    /// its own.
+    private func handover(_ run: inout Run, transport: any MigrationTransport) throws {
+        try expect(.ready, from: &run.reader)
+        let cancelled: String? = state.withLock { s in
+            if s.cancelled == nil { s.goSent = true }
+            return s.cancelled
+        }
+        if let cancelled { throw MigrationError.aborted(cancelled) }
+        let handoverStart = monotonicMs()
+        do { try vm.commitHandover(toHost: run.accept.host, toPid: run.accept.pid) } catch {
+            // Nothing of GO was written: the guest may still resume here.
+            state.withLock { $0.goSent = false }
+            throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
+        }
+        run.report.handoverMs = monotonicMs() - handoverStart
+        var commit = try StreamWriter(sink: TransportSink(transport))
+        try commit.writeSection(.control, payload: ControlMessage(kind: .go).encoded())
+        try commit.finish()
+        try commit.sink.flush()
+        run.report.bytesSent += commit.bytesWritten
+        let running = try expect(.running, from: &run.reader)
+        if let resumed = running.resumedAt { run.report.downtimeMs = resumed - run.pauseTime }
+        run.report.outcome = .completed
+        try? vm.dirtyTracker.disable()
+        update { $0.phase = .completed }
+    }
+
+    /// A failure: before GO the guest runs here again; after GO the migration is in doubt.
+    private func fail(_ report: inout MigrationReport, error: any Error, paused: Bool, tracking: Bool) {
+        report.error = "\(error)"
+        report.bytesSent = max(report.bytesSent, progress.bytesSent)
+        vm.setThrottle(percent: 0)
+        if state.withLock({ $0.goSent }) {
+            report.outcome = .inDoubt
+            let reason = MigrationError.inDoubt("\(error)").description
+            report.error = reason
+            update { $0.phase = .inDoubt; $0.error = reason }
+        } else {
+            if tracking { try? vm.dirtyTracker.disable() }
+            if paused { vm.resumeAfterMigration() }
+            report.outcome = .failed
+            update { $0.phase = .failed; $0.error = "\(error)"; $0.throttlePercent = 0 }
+        }
     }
 
     /// Reads the next control message and requires `kind`; a refusal or anything else is an error.

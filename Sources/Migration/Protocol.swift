@@ -1,6 +1,10 @@
 import Foundation
+import Snapshot
 
-// The migration protocol, as the sequence of messages on one TCP connection.
+// The migration protocol: the wire messages, and nothing else. (What a migration is asked to
+// do and what it reports are in MigrationRecords.swift.)
+//
+// The sequence of messages on one connection:
 // Every message is a section of the snapshot stream format (Snapshot target),
 // so one codec, with its limits and checksums, guards files and the wire.
 //
@@ -22,6 +26,19 @@ import Foundation
 // A failure before GO leaves the guest running on the source and the destination
 // discards what it had. A failure after GO leaves the source paused and the
 // migration "in doubt": exactly one side may run, and it is not the source.
+//
+// The receiver's states (MigrationReceiver):
+//
+//   awaiting hello ──hello──▶ admitting ──admitted──▶ reserved ──accept──▶ receiving
+//        │                       │ refused                                  │ memory, vcpu,
+//        │                       ▼                                          │ devices, signature, end
+//        │                  refuse, done                                    ▼
+//        │                                                      verifying ──ok──▶ ready (READY sent)
+//        │                                                          │ bad signature / state
+//        ▼                                                          ▼              │ GO, end
+//   any error before GO: the reserved VM is discarded       refuse, discard        ▼
+//                                                                             committed: guest started
+//                                                                             (lease taken), RUNNING sent
 
 /// Version of this protocol; the destination refuses any other.
 public let migrationProtocolVersion = 1
@@ -57,11 +74,7 @@ public struct ControlMessage: Codable, Sendable, Equatable {
         self.resumedAt = resumedAt
     }
 
-    public func encoded() throws -> [UInt8] {
-        let e = JSONEncoder()
-        e.outputFormatting = [.sortedKeys]
-        return Array(try e.encode(self))
-    }
+    public func encoded() throws -> [UInt8] { try StateJSON.encode(self) }
 
     public static func decode(_ payload: [UInt8]) throws -> ControlMessage {
         do { return try JSONDecoder().decode(ControlMessage.self, from: Data(payload)) } catch {
@@ -93,105 +106,3 @@ public enum MigrationError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-/// Settings of one migration (the body of `PUT /vm/migrate`).
-public struct MigrationSettings: Codable, Sendable, Equatable {
-    public var destination: String
-    public var maxDowntimeMs: Double = 300
-    /// Bytes per second; 0 = unlimited.
-    public var maxBandwidth: UInt64 = 0
-    public var autoConverge: Bool = false
-    public var timeoutSeconds: Double = 60
-
-    public init(destination: String, maxDowntimeMs: Double = 300, maxBandwidth: UInt64 = 0,
-                autoConverge: Bool = false, timeoutSeconds: Double = 60) {
-        self.destination = destination
-        self.maxDowntimeMs = maxDowntimeMs
-        self.maxBandwidth = maxBandwidth
-        self.autoConverge = autoConverge
-        self.timeoutSeconds = timeoutSeconds
-    }
-
-    enum CodingKeys: String, CodingKey {
-        case destination
-        case maxDowntimeMs = "max_downtime_ms"
-        case maxBandwidth = "max_bandwidth"
-        case autoConverge = "auto_converge"
-        case timeoutSeconds = "timeout_s"
-    }
-
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        destination = try c.decode(String.self, forKey: .destination)
-        maxDowntimeMs = try c.decodeIfPresent(Double.self, forKey: .maxDowntimeMs) ?? 300
-        maxBandwidth = try c.decodeIfPresent(UInt64.self, forKey: .maxBandwidth) ?? 0
-        autoConverge = try c.decodeIfPresent(Bool.self, forKey: .autoConverge) ?? false
-        timeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .timeoutSeconds) ?? 60
-    }
-}
-
-/// Where a migration stands (`GET /vm/migration`).
-public struct MigrationProgress: Codable, Sendable, Equatable {
-    public enum Phase: String, Codable, Sendable {
-        case none, setup, precopy, stopAndCopy = "stop-and-copy", handover, completed, failed, inDoubt = "in-doubt"
-    }
-    public var phase: Phase = .none
-    public var round: Int = 0
-    public var pagesSent: Int = 0
-    public var bytesSent: UInt64 = 0
-    public var dirtyPagesLeft: Int = 0
-    public var rateBytesPerSecond: Double = 0
-    public var expectedDowntimeMs: Double = 0
-    public var throttlePercent: Int = 0
-    public var elapsedSeconds: Double = 0
-    public var error: String?
-
-    public init() {}
-
-    enum CodingKeys: String, CodingKey {
-        case phase, round, error
-        case pagesSent = "pages_sent"
-        case bytesSent = "bytes_sent"
-        case dirtyPagesLeft = "dirty_pages_left"
-        case rateBytesPerSecond = "rate_bytes_per_s"
-        case expectedDowntimeMs = "expected_downtime_ms"
-        case throttlePercent = "throttle_percent"
-        case elapsedSeconds = "elapsed_s"
-    }
-}
-
-/// The figures of one migration, written as JSON when it ends.
-public struct MigrationReport: Codable, Sendable {
-    public var destination: String
-    public var tracker: String
-    public var converged: Bool
-    public var outcome: String
-    public var setupMs: Double = 0
-    public var totalMs: Double = 0
-    /// Source pause to destination resume, on the host's monotonic clock.
-    public var downtimeMs: Double?
-    public var bytesSent: UInt64 = 0
-    public var pagesSent: Int = 0
-    public var zeroPages: Int = 0
-    public var rounds: Int = 0
-    public var pagesPerRound: [Int] = []
-    public var throughputBytesPerSecond: Double = 0
-    public var memoryBytes: UInt64 = 0
-    /// Time spent handing ownership over (the Billboard lease) just before GO, inside the downtime.
-    public var handoverMs: Double = 0
-    public var settings: MigrationSettings
-    public var error: String?
-
-    enum CodingKeys: String, CodingKey {
-        case destination, tracker, converged, outcome, rounds, settings, error
-        case setupMs = "setup_ms"
-        case totalMs = "total_ms"
-        case downtimeMs = "downtime_ms"
-        case bytesSent = "bytes_sent"
-        case pagesSent = "pages_sent"
-        case zeroPages = "zero_pages"
-        case pagesPerRound = "pages_per_round"
-        case throughputBytesPerSecond = "throughput_bytes_per_s"
-        case memoryBytes = "memory_bytes"
-        case handoverMs = "handover_ms"
-    }
-}

@@ -74,6 +74,10 @@ public enum SnapshotFormatError: Error, Equatable, Sendable, CustomStringConvert
     case dataAfterEnd(offset: UInt64)
     /// The writer was used in a way that would produce an invalid stream.
     case writerMisuse(String)
+    /// Sections in an order the state sequence does not allow (`StateSequence`).
+    case sectionOrder(String)
+    /// A JSON payload (machine description, vCPU or device state, signature) that does not decode.
+    case malformedPayload(what: String, reason: String)
 
     private static let damaged = "the file is damaged or not a snapshot"
 
@@ -112,6 +116,10 @@ public enum SnapshotFormatError: Error, Equatable, Sendable, CustomStringConvert
             return "unexpected data at offset \(offset), after the end section: \(Self.damaged)"
         case let .writerMisuse(reason):
             return "snapshot writer misuse: \(reason)"
+        case let .sectionOrder(what):
+            return "the state's sections are out of order: \(what)"
+        case let .malformedPayload(what, reason):
+            return "the \(what) is malformed: \(reason)"
         }
     }
 }

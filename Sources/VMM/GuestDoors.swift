@@ -1,17 +1,21 @@
 import Billboard
+import Devices
 import Foundation
 import KVM
+import MachineCore
 import Migration
+import Snapshot
 
 /// The three ways a guest comes to run in a VMM process (boot, restore, incoming migration),
 /// each admitted by the Billboard before `KVM_CREATE_VM`. The `vmm` commands and the
-/// benchmarks use these and nothing else to get a machine.
+/// benchmarks use these and nothing else to get a machine: each door returns an
+/// `AdmittedGuest`, which owns the machine.
 public enum GuestDoors {
     /// Admits `image` with `configuration`, then creates and loads the machine, with its beacon
-    /// block written and its session attached. The lease is held from admission on.
+    /// block written. The lease is held from admission on.
     public static func boot(image: [UInt8], name: String?, configuration: MachineConfiguration, store: BillboardStore,
                             settings: BillboardSettings, kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
-                            serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+                            serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         let session = try GuestSession.admitBoot(store: store, name: name, image: image, configuration: configuration,
                                                  settings: settings, log: log)
         // Admitted just now for these very bytes: no need to check them again.
@@ -21,7 +25,7 @@ public enum GuestDoors {
     /// Creates and loads the machine of a guest `session` admitted (`GuestSession.admitBoot`);
     /// for callers that time admission apart. Ends the session if the machine cannot be made.
     public static func boot(session: GuestSession, image: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem? = nil,
-                            serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+                            serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         // One admission, one machine: exactly the image and configuration that were admitted.
         let r = session.registration
         guard session.isFresh, session.holdsLease, ImageDigest.sha256(Data(image)) == r.imageSHA256,
@@ -32,66 +36,75 @@ public enum GuestDoors {
     }
 
     private static func make(session: GuestSession, image: [UInt8], configuration: MachineConfiguration, kvm: KVMSystem?,
-                             serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+                             serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         do {
+            guard session.claimMachine() else { throw oneMachineOnly(session) }
             let machine = try Machine(image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
-            try session.attachBooted(machine)
-            return machine
+            try machine.writeBeaconBlock(BeaconBlock(token: session.token, intervalMs: session.beaconInterval, tscKHz: machine.tscKHz))
+            return AdmittedGuest(machine: machine, session: session)
         } catch {
             session.end()
             throw error
         }
+    }
+
+    private static func oneMachineOnly(_ session: GuestSession) -> SessionError {
+        .mismatch("this session admitted '\(session.registration.name)' once; it gives one machine only")
     }
 
     /// Reserves the machine (memory, vCPUs, no state) of a guest arriving by migration, which
     /// `session` admitted (`GuestSession.admitIncoming`). Ends the session if it cannot be made.
     public static func reserveIncoming(session: GuestSession, configuration: MachineConfiguration, kvm: KVMSystem? = nil,
-                                       serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+                                       serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         let r = session.registration
         guard session.isFresh, session.carried != nil, matches(configuration, r) else {
             throw SessionError.mismatch("this session admitted an incoming '\(r.name)' once, with its registered configuration; a machine must be exactly that, and only one")
         }
         do {
+            guard session.claimMachine() else { throw oneMachineOnly(session) }
             let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
-            session.attachPending(machine)
-            return machine
+            return AdmittedGuest(machine: machine, session: session)
         } catch {
             session.end()
             throw error
         }
     }
 
-    /// Reads a snapshot file: the identity it carries is admitted before memory is reserved, and
-    /// the host signature is checked (a missing or foreign one is refused and audited). The
-    /// returned session has not taken the lease yet: call `attachRestored` just before the guest
-    /// runs, so that nothing that can still fail consumes an epoch or an authorisation.
+    /// Restores a snapshot file in steps: the header is read and the identity it carries
+    /// admitted before memory is reserved; the body is read into the reserved machine; the host
+    /// signature is checked (a missing or foreign one is refused and audited) before any state
+    /// is applied. The guest has not taken its lease yet: call `takeRestoredLease` just before
+    /// it runs, so that nothing that can still fail consumes an epoch or an authorisation.
     public static func restore(path: String, requestedMemory: UInt64?, store: BillboardStore, settings: BillboardSettings,
                                kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
-                               serialOutput: @escaping (UInt8) -> Void) throws -> (Machine, GuestSession, SnapshotStats) {
-        var session: GuestSession?
+                               serialOutput: @escaping (UInt8) -> Void) throws -> (AdmittedGuest, SnapshotStats) {
+        let file = try SnapshotFile.Opened(path: path)
+        let description = file.header.description
+        if let requestedMemory, requestedMemory != description.memorySize {
+            throw SnapshotError.memoryMismatch(snapshot: description.memorySize, requested: requestedMemory)
+        }
+        // Admission: before any memory is reserved.
+        let session = try GuestSession.admitRestore(store: store, header: file.header, snapshotSHA256: file.sha256,
+                                                    settings: settings, log: log)
         do {
-            let (machine, _, stats) = try SnapshotFile.read(path, kvm: kvm, requestedMemory: requestedMemory, admit: { description, fileSHA256 in
-                let admitted = try GuestSession.admitRestore(store: store, description: description, snapshotSHA256: fileSHA256,
-                                                             settings: settings, log: log)
-                session = admitted
-                return admitted
-            }, verifySignature: { signature, digest in
-                do {
-                    guard let signature else {
-                        throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
-                    }
-                    try store.verifyState(signature, digest: digest)
-                } catch {
-                    store.auditRefusedState(guest: session?.registration.name, reason: "\(path): \(error)")
-                    throw error
+            guard session.claimMachine() else { throw oneMachineOnly(session) }
+            let machine = try Machine(configuration: description.configuration, kvm: kvm, serialOutput: serialOutput)
+            let guest = AdmittedGuest(machine: machine, session: session)
+            let body = try file.readBody(into: machine.memory)
+            do {
+                guard let signature = body.signature else {
+                    throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
                 }
-            }, serialOutput: serialOutput)
-            guard let session else { throw SessionError.noIdentity("snapshot") }
-            // Connected now, so that any failure before the lease ends the session with the machine.
-            session.attachPending(machine)
-            return (machine, session, stats)
+                try store.verifyState(try StateJSON.decode(StateSignature.self, from: signature, what: "signature section"),
+                                      digest: body.signedDigest)
+            } catch {
+                store.auditRefusedState(guest: session.registration.name, reason: "\(path): \(error)")
+                throw error
+            }
+            try machine.restoreState(try MachineStateCodec.decode(body, description: description))
+            return (guest, file.stats(body))
         } catch {
-            session?.end()
+            session.end()
             throw error
         }
     }
@@ -103,15 +116,22 @@ public enum GuestDoors {
 
     /// Waits for one incoming migration: the hello's identity is admitted before memory is
     /// reserved, the stream's signature checked before READY, the lease taken on GO before the
-    /// guest runs. Returns the running machine.
+    /// guest runs. Returns the running guest.
     public static func receive(listener: TCPListener, store: BillboardStore, settings: BillboardSettings,
-                               dirtyTracker: DirtyTrackerKind, fault: InjectedFault? = nil, kvm: KVMSystem? = nil,
+                               dirtyTracker: DirtyTrackerKind, kvm: KVMSystem? = nil,
+                               wrapTransport: (any MigrationTransport) -> any MigrationTransport = { $0 },
                                log: @escaping @Sendable (String) -> Void,
-                               serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> Machine {
-        let (machine, _) = try IncomingMigration.receive(listener: listener, kvm: kvm, dirtyTracker: dirtyTracker, fault: fault,
-            admit: { description in
-                try GuestSession.admitIncoming(store: store, description: description, settings: settings, log: log)
-            }, serialOutput: serialOutput)
-        return machine
+                               serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> AdmittedGuest {
+        let transport = wrapTransport(try listener.accept(timeoutSeconds: 30))
+        defer { transport.close() }
+        let receiver = MigrationReceiver<AdmittedGuest> { payload, _ in
+            let header = try StateHeader.decode(payload, what: "machine description in the hello")
+            // The Billboard's admission runs here, before any memory is reserved.
+            let session = try GuestSession.admitIncoming(store: store, header: header, settings: settings, log: log)
+            var configuration = header.description.configuration
+            configuration.dirtyTracker = dirtyTracker
+            return try reserveIncoming(session: session, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+        }
+        return try receiver.run(transport: transport).vm
     }
 }

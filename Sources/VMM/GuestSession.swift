@@ -4,21 +4,8 @@ import Glibc
 import Billboard
 import Devices
 import Foundation
+import MachineCore
 import Synchronization
-
-/// Who a guest is, carried in snapshots and in the migration hello so the next VMM can admit it.
-public struct GuestIdentity: Sendable, Equatable, Codable {
-    /// The registered name.
-    public var name: String
-    /// The registration's UUID in the store that admitted it.
-    public var id: String
-    public var imageSHA256: String
-    /// The lease epoch when the state was saved or sent: older than the guest's latest means a rollback.
-    public var epoch: Int64
-    /// The host and process that held the guest (a migration destination lets this holder's lease pass).
-    public var host: String
-    public var pid: Int32
-}
 
 /// Timing of the Billboard inside a VMM.
 public struct BillboardSettings: Sendable, Equatable {
@@ -38,11 +25,14 @@ public struct BillboardSettings: Sendable, Equatable {
     }
 }
 
-/// A guest admitted by the Billboard: its registration, its lease, its beacon token and the
-/// housekeeping thread that renews the lease, records beacons and runs the active scan.
+/// The Billboard's side of one admitted guest: its registration, its lease, its beacon token, its
+/// instance record. It never sees the machine: `AdmittedGuest` owns both and tells the session
+/// what happens (a beacon, the run state, a snapshot, a resume).
 ///
 /// Every `vmm` command that creates a VM makes one of these first (`admitBoot`, `admitRestore`,
 /// `admitIncoming`); the VM is created only after admission succeeded.
+// @unchecked: the mutable fields live in `shared` (a Mutex); the store calls that must not
+// interleave are serialised by `storeLock`.
 public final class GuestSession: @unchecked Sendable {
     public let store: BillboardStore
     public let registration: GuestRegistration
@@ -63,10 +53,6 @@ public final class GuestSession: @unchecked Sendable {
         var reportedState: InstanceState?
     }
     private let shared = Mutex(Shared())
-    /// Wakes housekeeping early: a beacon with a foreign token is evidence to record at once.
-    private let wakeup = NSCondition()
-    private var urgent = false  // guarded by wakeup
-    private weak var machine: Machine?
     /// The identity the state carried at admission (restore, incoming); nil for a boot.
     let carried: GuestIdentity?
     var carriedEpoch: Int64 { carried?.epoch ?? 0 }
@@ -115,12 +101,12 @@ public final class GuestSession: @unchecked Sendable {
 
     /// `vmm restore`: admits the identity the snapshot carries (registration, image, configuration,
     /// epoch) before any memory is reserved. The lease is taken by `commit` once the whole file verified.
-    public static func admitRestore(store: BillboardStore, description: MachineDescription,
+    public static func admitRestore(store: BillboardStore, header: StateHeader,
                                     snapshotSHA256: @escaping () throws -> String,
                                     settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
         try store.ensureOriginal()
-        guard let identity = description.identity else { throw SessionError.noIdentity("snapshot") }
-        let registration = try admitIdentity(store: store, identity: identity, description: description)
+        guard let identity = header.identity else { throw SessionError.noIdentity("snapshot") }
+        let registration = try admitIdentity(store: store, identity: identity, description: header.description)
         // Hashed at most once, while the file being restored is open (admission), and reused when
         // the authorisation is used: the same bytes that are restored.
         let snapshotSHA256 = DigestOnce(snapshotSHA256).value
@@ -141,11 +127,11 @@ public final class GuestSession: @unchecked Sendable {
 
     /// A migration destination: admits the identity in the hello before memory is reserved; the
     /// guest in flight may still hold its lease at the source. Takes the lease on GO (`commitIncoming`).
-    public static func admitIncoming(store: BillboardStore, description: MachineDescription,
+    public static func admitIncoming(store: BillboardStore, header: StateHeader,
                                      settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
         try store.ensureOriginal()
-        guard let identity = description.identity else { throw SessionError.noIdentity("migration hello") }
-        let registration = try admitIdentity(store: store, identity: identity, description: description)
+        guard let identity = header.identity else { throw SessionError.noIdentity("migration hello") }
+        let registration = try admitIdentity(store: store, identity: identity, description: header.description)
         try naming(registration) {
             try store.checkEpoch(guestID: registration.id, epoch: identity.epoch)
             try store.checkLeaseAvailable(guestID: registration.id, handedBy: (identity.host, identity.pid),
@@ -191,6 +177,15 @@ public final class GuestSession: @unchecked Sendable {
     /// Whether this session may still give a machine (admitted, not yet attached, not ended).
     var isFresh: Bool { shared.withLock { !$0.attached && !$0.ended } }
 
+    /// Takes the session's one machine: true the first time, false once attached or ended.
+    func claimMachine() -> Bool {
+        shared.withLock { s in
+            guard !s.attached && !s.ended else { return false }
+            s.attached = true
+            return true
+        }
+    }
+
     /// A snapshot of the guest was written at the current epoch.
     func noteSnapshot() { shared.withLock { $0.snapshotSinceEpoch = true } }
 
@@ -208,18 +203,15 @@ public final class GuestSession: @unchecked Sendable {
         }
     }
 
-    // MARK: - Attaching to the machine
+    // MARK: - The guest's life
 
-    /// Connects the session to a freshly booted machine: writes the beacon block and starts housekeeping.
-    public func attachBooted(_ machine: Machine) throws {
-        try machine.writeBeaconBlock(BeaconBlock(token: token, intervalMs: beaconInterval, tscKHz: machine.tscKHz))
-        attach(machine)
-    }
+    /// The beacon period written into a booted guest's beacon block.
+    var beaconInterval: UInt32 { settings.beaconIntervalMs }
 
     /// A restored machine (fully verified): takes the lease (the epoch moves past the snapshot's)
-    /// and records the boot token the guest's memory holds, which its beacons must carry.
-    public func attachRestored(_ machine: Machine) throws {
-        if shared.withLock({ !$0.attached }) { attach(machine) }
+    /// and records the boot token the guest's memory holds (`beaconToken`), which its beacons
+    /// must carry.
+    func takeRestoredLease(beaconToken: UInt64?) throws {
         try storeLock.withLock {
             try naming(registration) {
                 let authorized = try store.checkEpoch(guestID: registration.id, epoch: carriedEpoch,
@@ -228,37 +220,19 @@ public final class GuestSession: @unchecked Sendable {
                 try takeLease(minimumEpoch: carriedEpoch + 1, stateEpoch: carriedEpoch, rollbackAuthorized: authorized)
             }
         }
-        let token = try machine.beaconToken() ?? Self.newToken()
+        let token = beaconToken ?? Self.newToken()
         shared.withLock { $0.token = token; $0.reportedState = .paused }
         try store.updateInstance(guestID: registration.id, state: .paused, token: token)
     }
 
-    /// A machine before its lease (restored, or reserved for a migration): connected, so that
-    /// whatever fails next ends this session (and its record) with the machine; it cannot start
-    /// until the lease is taken (`attachRestored`, `commitIncoming`).
-    public func attachPending(_ machine: Machine) {
-        attach(machine)
-    }
-
-
-    private var beaconInterval: UInt32 { settings.beaconIntervalMs }
-
-    private func attach(_ machine: Machine) {
-        shared.withLock { $0.attached = true }
-        self.machine = machine
-        machine.session = self
-        machine.onBeacon { [weak self] message in
-            guard let self else { return }
-            let foreign = shared.withLock { s -> Bool in
-                s.latestBeacon = (message, Date())
-                s.beaconsSinceFlush += 1
-                return message.token != s.token
-            }
-            if foreign {
-                wakeup.lock(); urgent = true; wakeup.signal(); wakeup.unlock()
-            }
+    /// A beacon from the guest; true if it carries a token that is not this boot's (evidence a
+    /// housekeeping round should record at once).
+    func noteBeacon(_ message: BeaconMessage) -> Bool {
+        shared.withLock { s in
+            s.latestBeacon = (message, Date())
+            s.beaconsSinceFlush += 1
+            return message.token != s.token
         }
-        startOSThread(name: "billboard") { [self] in housekeeping() }
     }
 
     // MARK: - Migration
@@ -269,10 +243,10 @@ public final class GuestSession: @unchecked Sendable {
     /// Only the lease is on the downtime path: `start` runs the guest as soon as it is held, and
     /// the record is updated after. The store lock is held across all three, so housekeeping
     /// cannot record a beacon against the record's old token in between.
-    public func commitIncoming(start: () -> Void) throws {
+    func commitIncoming(beaconToken: UInt64?, start: () -> Void) throws {
         try storeLock.withLock {
             try naming(registration) { try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: carried.map { ($0.host, $0.pid) }) }
-            let token = try machine?.beaconToken() ?? Self.newToken()
+            let token = beaconToken ?? Self.newToken()
             shared.withLock { $0.token = token; $0.reportedState = .running }
             start()
             do { try store.updateInstance(guestID: registration.id, state: .running, token: token) } catch {
@@ -321,85 +295,73 @@ public final class GuestSession: @unchecked Sendable {
 
     // MARK: - Housekeeping
 
-    private func housekeeping() {
-        let tick = min(1.0, settings.leaseTimeout / 3, settings.scanInterval)
-        var nextScan = Date().addingTimeInterval(settings.scanInterval)
-        while true {
-            wakeup.lock()
-            if !urgent { _ = wakeup.wait(until: Date().addingTimeInterval(tick)) }
-            urgent = false
-            wakeup.unlock()
-            guard let machine, !shared.withLock({ $0.ended }) else { return }
-            if machine.state == .finished { return }
-            // Under the store lock, a hand-over or the end cannot happen between reading the
-            // flags and acting on them.
-            storeLock.lock()
-            if shared.withLock({ $0.ended }) { storeLock.unlock(); return }
-            let (holds, beacon, received) = shared.withLock { s -> (Bool, (BeaconMessage, Date)?, Int) in
-                let b = s.latestBeacon, n = s.beaconsSinceFlush
-                s.latestBeacon = nil
-                s.beaconsSinceFlush = 0
-                return (s.holdsLease, b, n)
-            }
-            if let pending = shared.withLock({ $0.pendingToken }),
-               (try? store.updateInstance(guestID: registration.id, state: .running, token: pending)) != nil {
-                shared.withLock { $0.pendingToken = nil }
-            }
-            if let (message, time) = beacon, shared.withLock({ $0.pendingToken == nil }) {
-                do { try store.recordBeacon(guestID: registration.id, token: message.token, counter: message.counter, received: received, at: time) } catch {
-                    log("billboard: cannot record a beacon: \(error)")
-                }
-            }
-            if holds {
-                do { try store.renewLease(guestID: registration.id, pid: getpid()) } catch let refusal as BillboardRefusal {
-                    // Someone else owns the guest now: this copy must not run on.
-                    log("billboard: the lease of '\(registration.name)' is no longer ours (\(refusal)); stopping this copy")
-                    shared.withLock { $0.holdsLease = false }
-                    storeLock.unlock()
-                    machine.pause()
-                    machine.end(with: .evicted(reason: "\(refusal)"))
-                    return
-                } catch {
-                    log("billboard: cannot renew the lease: \(error)")
-                }
-            }
-            // Running or paused only: an incoming guest has no say yet, a handed-over one none any more.
-            let state: InstanceState = machine.state == .paused ? .paused : .running
-            let changed = shared.withLock { s -> Bool in
-                guard s.reportedState != .incoming, s.reportedState != .migrated, s.reportedState != state else { return false }
-                s.reportedState = state
-                return true
-            }
-            if changed { try? store.updateInstance(guestID: registration.id, state: state) }
-            storeLock.unlock()
-            if Date() >= nextScan {
-                nextScan = Date().addingTimeInterval(settings.scanInterval)
-                runScan(machine)
+    /// One round of housekeeping, given the machine's run state: retries a pending record,
+    /// records the latest beacon, renews the lease and reports running/paused. Returns the
+    /// refusal when the lease is no longer ours (this copy must stop), nil otherwise.
+    func housekeepingRound(machineState: RunState) -> BillboardRefusal? {
+        // Under the store lock, a hand-over or the end cannot happen between reading the
+        // flags and acting on them.
+        storeLock.lock(); defer { storeLock.unlock() }
+        if shared.withLock({ $0.ended }) { return nil }
+        let (holds, beacon, received) = shared.withLock { s -> (Bool, (BeaconMessage, Date)?, Int) in
+            let b = s.latestBeacon, n = s.beaconsSinceFlush
+            s.latestBeacon = nil
+            s.beaconsSinceFlush = 0
+            return (s.holdsLease, b, n)
+        }
+        if let pending = shared.withLock({ $0.pendingToken }),
+           (try? store.updateInstance(guestID: registration.id, state: .running, token: pending)) != nil {
+            shared.withLock { $0.pendingToken = nil }
+        }
+        if let (message, time) = beacon, shared.withLock({ $0.pendingToken == nil }) {
+            do { try store.recordBeacon(guestID: registration.id, token: message.token, counter: message.counter, received: received, at: time) } catch {
+                log("billboard: cannot record a beacon: \(error)")
             }
         }
+        if holds {
+            do { try store.renewLease(guestID: registration.id, pid: getpid()) } catch let refusal as BillboardRefusal {
+                // Someone else owns the guest now: this copy must not run on.
+                log("billboard: the lease of '\(registration.name)' is no longer ours (\(refusal)); stopping this copy")
+                shared.withLock { $0.holdsLease = false }
+                return refusal
+            } catch {
+                log("billboard: cannot renew the lease: \(error)")
+            }
+        }
+        // Running or paused only: an incoming guest has no say yet, a handed-over one none any more.
+        let state: InstanceState = machineState == .paused ? .paused : .running
+        let changed = shared.withLock { s -> Bool in
+            guard s.reportedState != .incoming, s.reportedState != .migrated, s.reportedState != state else { return false }
+            s.reportedState = state
+            return true
+        }
+        if changed { try? store.updateInstance(guestID: registration.id, state: state) }
+        return nil
     }
 
-    /// One active scan: stops false and duplicate VMs (this one too, if it is the false one).
-    @discardableResult
-    public func runScan(_ machine: Machine? = nil) -> [ScanFinding] {
+    /// Whether the session has ended (housekeeping stops).
+    var hasEnded: Bool { shared.withLock { $0.ended } }
+
+    /// One active scan: the Billboard's judgement. Findings about other processes that must stop
+    /// are acted on here; a finding about this very guest is returned as `evictSelf`, for the
+    /// owner of the machine to act on.
+    func scan() -> (findings: [ScanFinding], evictSelf: ScanFinding?) {
         let findings: [ScanFinding]
         do { findings = try store.scan(staleAfter: settings.staleAfter) } catch {
             log("billboard: scan failed: \(error)")
-            return []
+            return ([], nil)
         }
         for finding in findings where ![.unmanaged, .gone, .foreignStore].contains(finding.kind) {
             log("billboard: scan: \(finding)")
         }
+        var evictSelf: ScanFinding?
         for finding in findings where finding.mustStop {
             if finding.pid == getpid() {
                 // This process: only a finding about this session's own guest ends it (a library
                 // process may hold several guests, each with its own session).
                 guard finding.guest == nil || finding.guest == registration.name else { continue }
                 try? store.recordSelfEviction(finding)
-                if let machine = machine ?? self.machine {
-                    machine.pause()
-                    machine.end(with: .evicted(reason: finding.description))
-                }
+                evictSelf = finding
             } else {
                 do {
                     try store.stopFalseVM(finding)
@@ -407,7 +369,7 @@ public final class GuestSession: @unchecked Sendable {
                 } catch { log("billboard: cannot stop pid \(finding.pid): \(error)") }
             }
         }
-        return findings
+        return (findings, evictSelf)
     }
 
     /// The guest is gone from this process: give the lease back (unless it was handed over or
@@ -428,6 +390,7 @@ public final class GuestSession: @unchecked Sendable {
 }
 
 /// Computes a digest once and remembers it (or its error).
+// @unchecked: `result` is read and written only under `lock`.
 final class DigestOnce: @unchecked Sendable {
     private let lock = NSLock()
     private var result: Result<String, any Error>?

@@ -1,13 +1,14 @@
 import Foundation
 import KVM
+import MachineCore
 import Migration
 import Snapshot
 import Synchronization
 
-/// Runs at most one outgoing migration of a machine at a time, in the background,
+/// Runs at most one outgoing migration of a guest at a time, in the background,
 /// and remembers the last outcome for the API.
 public final class MigrationService: Sendable {
-    public let machine: Machine
+    public let guest: AdmittedGuest
     /// Where each migration's JSON report goes (nil: not written).
     public let reportDirectory: String?
     private struct Shared {
@@ -17,8 +18,8 @@ public final class MigrationService: Sendable {
     }
     private let shared = Mutex<Shared>(Shared())
 
-    public init(machine: Machine, reportDirectory: String?) {
-        self.machine = machine
+    public init(guest: AdmittedGuest, reportDirectory: String?) {
+        self.guest = guest
         self.reportDirectory = reportDirectory
     }
 
@@ -36,10 +37,10 @@ public final class MigrationService: Sendable {
     /// Starts migrating; returns at once. On success the machine ends with `.migrated`.
     public func start(_ settings: MigrationSettings, connect: @escaping @Sendable () throws -> any MigrationTransport,
                       completion: @escaping @Sendable (MigrationReport) -> Void = { _ in }) throws {
-        let state = machine.state
+        let state = guest.machine.state
         guard state == .running || state == .paused else { throw StartError.notRunning(state.rawValue) }
         guard !inDoubt else { throw StartError.inDoubt }
-        let sender = PreCopySender(vm: machine, settings: settings)
+        let sender = PreCopySender(vm: guest, settings: settings)
         try shared.withLock { s in
             if let current = s.sender, ![.completed, .failed, .inDoubt].contains(current.progress.phase) { throw StartError.busy }
             s.sender = sender
@@ -49,7 +50,7 @@ public final class MigrationService: Sendable {
             shared.withLock { $0.lastReport = report; $0.lastProgress = sender.progress }
             writeReport(report)
             completion(report)
-            if report.outcome == "completed" { machine.end(with: .migrated) }
+            if report.outcome == .completed { guest.machine.end(with: .migrated) }
         }
     }
 
@@ -74,31 +75,5 @@ public final class MigrationService: Sendable {
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let stamp = Int(Date().timeIntervalSince1970 * 1000)
         try? data.write(to: URL(fileURLWithPath: dir).appendingPathComponent("migration-\(stamp).json"))
-    }
-}
-
-/// The destination: listens, admits, receives, and returns the running machine.
-public enum IncomingMigration {
-    public static func receive(listener: TCPListener, kvm: KVMSystem? = nil, dirtyTracker: DirtyTrackerKind = .bitmap,
-                               fault: InjectedFault? = nil,
-                               admit: @escaping @Sendable (MachineDescription) throws -> GuestSession,
-                               serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> (Machine, MigrationReceiver.Result) {
-        let transport = try listener.accept(timeoutSeconds: 30)
-        defer { transport.close() }
-        let receiver = MigrationReceiver(fault: fault) { payload, _ in
-            let description: MachineDescription
-            do { description = try JSONDecoder().decode(MachineDescription.self, from: Data(payload)) } catch {
-                throw SnapshotError.malformed("the machine description in the hello: \(error)")
-            }
-            guard !description.inKernelIRQChip else { throw SnapshotError.inKernelIRQChip }
-            // The Billboard's admission runs here, before any memory is reserved.
-            let session = try admit(description)
-            var configuration = description.configuration
-            configuration.dirtyTracker = dirtyTracker
-            return try GuestDoors.reserveIncoming(session: session, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
-        }
-        let (vm, result) = try receiver.run(transport: transport)
-        guard let machine = vm as? Machine else { throw MigrationError.protocolViolation("internal: unexpected VM type") }
-        return (machine, result)
     }
 }

@@ -4,6 +4,7 @@ import Foundation
 import GuestMemory
 import KVM
 import Loader
+import MachineCore
 import VMM
 
 struct Bench: ParsableCommand {
@@ -74,26 +75,26 @@ final class BenchBillboard {
     }
 
     /// Admits, then builds and boots the machine (as `vmm run` does).
-    func boot(_ image: [UInt8], _ c: MachineConfiguration, kvm: KVMSystem, serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+    func boot(_ image: [UInt8], _ c: MachineConfiguration, kvm: KVMSystem, serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         try GuestDoors.boot(image: image, name: try name(for: image, c), configuration: c, store: store,
                             settings: BillboardSettings(scanInterval: 3600), kvm: kvm, log: { _ in }, serialOutput: serialOutput)
     }
 
     /// Admits and restores a snapshot file (as `vmm restore` does).
-    func restore(_ path: String, kvm: KVMSystem) throws -> (Machine, SnapshotStats) {
-        let (machine, session, stats) = try GuestDoors.restore(path: path, requestedMemory: nil, store: store,
-                                                               settings: BillboardSettings(scanInterval: 3600), kvm: kvm,
-                                                               log: { _ in }, serialOutput: { _ in })
-        do { try session.attachRestored(machine) } catch { session.end(); throw error }
-        return (machine, stats)
+    func restore(_ path: String, kvm: KVMSystem) throws -> (AdmittedGuest, SnapshotStats) {
+        let (guest, stats) = try GuestDoors.restore(path: path, requestedMemory: nil, store: store,
+                                                    settings: BillboardSettings(scanInterval: 3600), kvm: kvm,
+                                                    log: { _ in }, serialOutput: { _ in })
+        do { try guest.takeRestoredLease() } catch { guest.end(); throw error }
+        return (guest, stats)
     }
 }
 
-/// Stops a benchmark machine and gives its lease back.
-func finish(_ machine: Machine) {
-    machine.requestStop()
-    _ = machine.waitForExit()
-    machine.session?.end()
+/// Stops a benchmark guest and gives its lease back.
+func finish(_ guest: AdmittedGuest) {
+    guest.machine.requestStop()
+    _ = guest.machine.waitForExit()
+    guest.end()
 }
 
 struct BootBench: ParsableCommand {
@@ -135,11 +136,11 @@ struct BootBench: ParsableCommand {
                 let session = try GuestSession.admitBoot(store: billboard.store, name: name, image: bytes, configuration: configuration,
                                                          settings: BillboardSettings(scanInterval: 3600), log: { _ in })
                 let t0 = monotonicMilliseconds()
-                let machine = try GuestDoors.boot(session: session, image: bytes, configuration: configuration, kvm: kvm,
-                                                  serialOutput: { _ in first.mark() })
-                machine.start()
-                _ = machine.waitForExit()
-                session.end()
+                let guest = try GuestDoors.boot(session: session, image: bytes, configuration: configuration, kvm: kvm,
+                                                serialOutput: { _ in first.mark() })
+                guest.start()
+                _ = guest.machine.waitForExit()
+                guest.end()
                 guard let t1 = first.time else { throw CLIError("the guest printed nothing; use a guest that writes to COM1") }
                 inProcess.append(t1 - t0)
                 admission.append(t0 - a0)
@@ -271,16 +272,16 @@ struct SnapshotBench: ParsableCommand {
                 for filled in [false, true] {
                     var save: [Double] = [], load: [Double] = [], fileBytes: UInt64 = 0
                     for _ in 0..<runs {
-                        let machine = try billboard.boot(bytes, MachineConfiguration(
+                        let guest = try billboard.boot(bytes, MachineConfiguration(
                             memorySize: size, commandLine: "count=0 ticks=100000000"), kvm: kvm, serialOutput: { _ in })
-                        if filled { try fillMemory(machine.memory, from: 16 << 20) }
-                        machine.startPaused()
+                        if filled { try fillMemory(guest.machine.memory, from: 16 << 20) }
+                        guest.startPaused()
                         let path = directory + "/bench-\(getpid()).snap"
-                        let s = try SnapshotFile.write(machine, to: path)
-                        finish(machine)
+                        let s = try guest.snapshot(to: path)
+                        finish(guest)
                         let (restored, r) = try billboard.restore(path, kvm: kvm)
-                        restored.end(with: .shutdown)
-                        restored.session?.end()
+                        restored.machine.end(with: .shutdown)
+                        restored.end()
                         save.append(s.milliseconds)
                         load.append(r.milliseconds)
                         fileBytes = s.bytes
@@ -345,10 +346,11 @@ struct DirtyLogBench: ParsableCommand {
             print("dirty-log collection cost (\(rounds) rounds, \(intervalMs) ms of unpaced writes over a 256 MiB working set between rounds)")
             for size: UInt64 in [512 << 20, 2 << 30] {
                 for tracker in DirtyTrackerKind.allCases {
-                    let machine = try billboard.boot(bytes, MachineConfiguration(
+                    let guest = try billboard.boot(bytes, MachineConfiguration(
                         memorySize: size, commandLine: "pages=65536 rate=0 mark_us=0", dirtyTracker: tracker),
                         kvm: kvm, serialOutput: { _ in })
-                    machine.start()
+                    let machine = guest.machine
+                    guest.start()
                     try machine.dirtyTracker.enable()
                     _ = try machine.dirtyTracker.collect()
                     var costs: [Double] = [], pages: [Double] = []
@@ -364,7 +366,7 @@ struct DirtyLogBench: ParsableCommand {
                         pages.append(Double(dirty.count))
                     }
                     try machine.dirtyTracker.disable()
-                    finish(machine)
+                    finish(guest)
                     let c = Stats(costs), p = Stats(pages)
                     print(String(format: "  %4d MiB  %@  collect+rearm %7.3f ms (min %.3f max %.3f)  dirty pages/round %.0f",
                                  Int(size >> 20), tracker.rawValue.padding(toLength: 6, withPad: " ", startingAt: 0), c.median, c.min, c.max, p.median))
@@ -407,9 +409,9 @@ struct GhostBench: ParsableCommand {
             let original = MachineConfiguration(commandLine: "count=0 ticks=4000000000")
             let session = try GuestSession.admitBoot(store: billboard.store, name: try billboard.name(for: bytes, original),
                                                      image: bytes, configuration: original, settings: settings, log: { _ in })
-            let machine = try GuestDoors.boot(session: session, image: bytes, configuration: original, kvm: kvm, serialOutput: { _ in })
-            machine.start()
-            defer { finish(machine) }
+            let guest = try GuestDoors.boot(session: session, image: bytes, configuration: original, kvm: kvm, serialOutput: { _ in })
+            guest.start()
+            defer { finish(guest) }
 
             let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "vmm"
             // Each liar is its own registration (a killed one's lease stays live until it expires);

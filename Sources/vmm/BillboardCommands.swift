@@ -2,6 +2,7 @@ import ArgumentParser
 import Billboard
 import Crypto
 import Foundation
+import MachineCore
 import VMM
 
 /// `vmm billboard ...`: the per-host registry of guests, administrators and peer hosts.

@@ -6,6 +6,7 @@ import Hummingbird
 import Migration
 import KVM
 import Loader
+import MachineCore
 import VMM
 
 /// The `vmm` command line.
@@ -73,9 +74,9 @@ struct Run: ParsableCommand {
             warnAboutRing(dirtyTracker)
             let configuration = MachineConfiguration(memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker)
             // The Billboard decides before KVM_CREATE_VM; there is no way around it.
-            let machine = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, store: try billboard.open(),
-                                              settings: billboard.settings, log: logLine, serialOutput: output.write)
-            return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir)
+            let guest = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, store: try billboard.open(),
+                                            settings: billboard.settings, log: logLine, serialOutput: output.write)
+            return try Host.serve(guest, apiSocket: apiSocket, startPaused: false, reportDir: reportDir)
         }
         throw ExitCode(status)
     }
@@ -117,12 +118,12 @@ struct Restore: ParsableCommand {
         let status = try CommandRunner.fail {
             let output = try SerialOutput(path: serialLog)
             let requested = try memory.map { try MemorySize.parse($0) }
-            let (machine, session, _) = try GuestDoors.restore(path: file, requestedMemory: requested, store: try billboard.open(),
-                                                               settings: billboard.settings, log: logLine, serialOutput: output.write)
+            let (guest, _) = try GuestDoors.restore(path: file, requestedMemory: requested, store: try billboard.open(),
+                                                    settings: billboard.settings, log: logLine, serialOutput: output.write)
             // The lease is taken (and an authorised rollback used) only once nothing else can fail
             // before the guest runs: after the control API is up.
-            return try Host.serve(machine, apiSocket: apiSocket, startPaused: paused, reportDir: reportDir,
-                                  beforeStart: { try session.attachRestored(machine) })
+            return try Host.serve(guest, apiSocket: apiSocket, startPaused: paused, reportDir: reportDir,
+                                  beforeStart: { try guest.takeRestoredLease() })
         }
         throw ExitCode(status)
     }
@@ -151,6 +152,8 @@ struct Receive: ParsableCommand {
     @Option(help: "Directory for migration reports (JSON) of onward migrations.")
     var reportDir: String = "migration-reports"
 
+    /// Test-only: the destination commits this fault (a transport wraps the connection), so the
+    /// subprocess tests can prove what the source does about it.
     @Option(help: .hidden) var injectFault: InjectedFault?
 
     @OptionGroup var billboard: BillboardOptions
@@ -175,10 +178,12 @@ struct Receive: ParsableCommand {
                     Foundation.exit(128 + signal)
                 }
             }
-            let machine = try GuestDoors.receive(listener: listener, store: store, settings: settings, dirtyTracker: dirtyTracker,
-                                                 fault: injectFault, log: logLine, serialOutput: output.write)
-            running.machine = machine
-            return try Host.serve(machine, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
+            let fault = injectFault
+            let guest = try GuestDoors.receive(listener: listener, store: store, settings: settings, dirtyTracker: dirtyTracker,
+                                               wrapTransport: { transport in fault.map { FaultInjectingTransport(transport, fault: $0) } ?? transport },
+                                               log: logLine, serialOutput: output.write)
+            running.machine = guest.machine
+            return try Host.serve(guest, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
         }
         throw ExitCode(status)
     }
@@ -187,9 +192,9 @@ struct Receive: ParsableCommand {
 /// Runs a built machine in this process: signals, optional API, exit status.
 enum Host {
     final class Controller: VMControlling {
-        let machine: Machine
+        let guest: AdmittedGuest
         let migrations: MigrationService
-        init(machine: Machine, migrations: MigrationService) { self.machine = machine; self.migrations = migrations }
+        init(guest: AdmittedGuest, migrations: MigrationService) { self.guest = guest; self.migrations = migrations }
 
         func extraRoutes(_ router: Router<BasicRequestContext>) {
             MigrationRoutes.add(router, service: migrations)
@@ -199,20 +204,21 @@ enum Host {
             if migrations.inDoubt && !force {
                 throw APIError(.conflict, "the last migration is in doubt: the destination may be running this guest. Resume only if it is not, with {\"force\": true}")
             }
-            if migrations.inDoubt, let session = machine.session {
+            if migrations.inDoubt {
                 // The lease went to the destination with GO: resuming here needs it back.
-                do { try session.reclaim() } catch {
+                do { try guest.reclaim() } catch {
                     throw APIError(.conflict, "the billboard refuses to resume this copy: \(error)")
                 }
             }
         }
     }
 
-    static func serve(_ machine: Machine, apiSocket: String?, startPaused: Bool, reportDir: String?,
+    static func serve(_ guest: AdmittedGuest, apiSocket: String?, startPaused: Bool, reportDir: String?,
                       alreadyStarted: Bool = false, beforeStart: () throws -> Void = {}) throws -> Int32 {
         // However this ends (an error included), the lease goes back and the record says so.
-        defer { machine.session?.end() }
-        let migrations = MigrationService(machine: machine, reportDirectory: reportDir)
+        defer { guest.end() }
+        let machine = guest.machine
+        let migrations = MigrationService(guest: guest, reportDirectory: reportDir)
         if !alreadyStarted {
             TerminationSignals.handle { signal in
                 // A migration in flight is aborted first (the guest resumes here), then the VMM stops.
@@ -227,7 +233,7 @@ enum Host {
         var server: ControlServer?
         if let apiSocket {
             do {
-                server = try ControlServer.start(socketPath: apiSocket, controller: Controller(machine: machine, migrations: migrations))
+                server = try ControlServer.start(socketPath: apiSocket, controller: Controller(guest: guest, migrations: migrations))
             } catch where alreadyStarted {
                 // A guest that arrived by migration already runs here and is the only copy: keep it.
                 FileHandle.standardError.write(Data("vmm: warning: the control API could not start (\(error)); the guest keeps running without it\n".utf8))
@@ -238,9 +244,9 @@ enum Host {
         if alreadyStarted {
             // Started by the migration receiver on GO.
         } else if startPaused {
-            machine.startPaused()
+            guest.startPaused()
         } else {
-            machine.start()
+            guest.start()
         }
         let exit = machine.waitForExit()
         // Let the API answer the request that ended the VM before the socket goes away.
@@ -294,6 +300,7 @@ func warnAboutRing(_ tracker: DirtyTrackerKind) {
 }
 
 /// The machine a signal handler should stop, once there is one.
+// @unchecked: `current` is read and written only under `lock`.
 final class RunningMachine: @unchecked Sendable {
     private let lock = NSLock()
     private var current: Machine?
@@ -304,6 +311,7 @@ final class RunningMachine: @unchecked Sendable {
 }
 
 /// Where serial bytes go: stdout or a log file, one unbuffered write per byte.
+// @unchecked: `fd` is immutable after init; write(2) of one byte needs no lock.
 final class SerialOutput: @unchecked Sendable {
     let fd: Int32
     init(path: String?) throws {

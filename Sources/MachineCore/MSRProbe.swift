@@ -27,10 +27,3 @@ enum MSRProbe {
         return ok
     }
 }
-
-/// CLOCK_MONOTONIC in milliseconds.
-public func monotonicMilliseconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1_000_000
-}

@@ -32,7 +32,7 @@ enum KickSignal {
 
 /// Starts `body` on a dedicated OS thread (never a Swift Task: a blocked `KVM_RUN`
 /// would starve the cooperative pool) and returns once the thread is running.
-func startOSThread(name: String, _ body: @escaping @Sendable () -> Void) {
+public func startOSThread(name: String, _ body: @escaping @Sendable () -> Void) {
     let thread = Thread(block: body)
     thread.name = name
     thread.stackSize = 1 << 20

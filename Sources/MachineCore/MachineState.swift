@@ -4,8 +4,17 @@ import GuestMemory
 import KVM
 import Loader
 
-/// The machine section of a snapshot or migration stream: what to build before
-/// any state can be applied.
+/// Saving and restoring a part of the machine as a plain value (rust-vmm's `Persist`):
+/// `saveState()` only while the part is quiet (the machine paused), `restoreState(_:)` only
+/// before it runs.
+public protocol Persist {
+    associatedtype State: Sendable & Codable
+    func saveState() throws -> State
+    func restoreState(_ state: State) throws
+}
+
+/// What to build before any state can be applied: the machine section of a snapshot, the
+/// machine in a migration hello.
 public struct MachineDescription: Sendable, Equatable, Codable {
     public var memorySize: UInt64
     public var vcpuCount: Int
@@ -14,8 +23,15 @@ public struct MachineDescription: Sendable, Equatable, Codable {
     public var tscKHz: UInt32
     /// Whether the VM had KVM's in-kernel interrupt controller (never, for now).
     public var inKernelIRQChip: Bool
-    /// Who the guest is, for the Billboard's admission on restore or at a migration destination.
-    public var identity: GuestIdentity?
+
+    public init(memorySize: UInt64, vcpuCount: Int, mode: String?, commandLine: String?, tscKHz: UInt32, inKernelIRQChip: Bool = false) {
+        self.memorySize = memorySize
+        self.vcpuCount = vcpuCount
+        self.mode = mode
+        self.commandLine = commandLine
+        self.tscKHz = tscKHz
+        self.inKernelIRQChip = inKernelIRQChip
+    }
 
     public var configuration: MachineConfiguration {
         MachineConfiguration(memorySize: memorySize, vcpuCount: vcpuCount,
@@ -27,6 +43,22 @@ public struct MachineDescription: Sendable, Equatable, Codable {
 public struct DeviceState: Sendable, Equatable, Codable {
     public var serial: Serial16550State
 }
+
+/// Everything of a paused machine but its memory (which travels page by page in memory
+/// sections): what a snapshot file and a migration stream carry besides pages.
+public struct MachineState: Sendable, Equatable, Codable {
+    public var description: MachineDescription
+    public var vcpus: [VCPUState]
+    public var devices: DeviceState
+
+    public init(description: MachineDescription, vcpus: [VCPUState], devices: DeviceState) {
+        self.description = description
+        self.vcpus = vcpus
+        self.devices = devices
+    }
+}
+
+extension Serial16550: Persist {}
 
 /// Why a snapshot cannot be taken or applied.
 public enum SnapshotError: Error, CustomStringConvertible, Equatable {
@@ -45,7 +77,7 @@ public enum SnapshotError: Error, CustomStringConvertible, Equatable {
         case .notPaused: "the VM is running; pause it first (PUT /vm/pause or vmm ctl pause)"
         case .finished: "the VM has already stopped; there is nothing to snapshot"
         case .inKernelIRQChip: "this VM uses KVM's in-kernel interrupt controller, whose state is not saved yet; snapshots are refused"
-        case let .memoryMismatch(s, r): "the snapshot's guest has \(s >> 20) MiB of memory but \(r >> 20) MiB were asked for; omit --memory or give the same size"
+        case let .memoryMismatch(s, r): "the snapshot's guest has \(s >> 20) MiB of memory but \(r >> 20) MiB were asked for; ask for the same size or none"
         case let .vcpuMismatch(s, f): "the snapshot names \(s) vCPUs but holds state for \(f)"
         case let .missingCPUFeatures(f): "this host's CPU lacks features the guest was using: \(f.joined(separator: ", ")); restore on a compatible host"
         case let .tscFrequency(s, h, r): "the guest's TSC ran at \(s) kHz, this host's at \(h) kHz, and it cannot be scaled (\(r))"
@@ -101,12 +133,27 @@ extension Machine {
     public var machineDescription: MachineDescription {
         MachineDescription(memorySize: configuration.memorySize, vcpuCount: vcpus.count,
                            mode: configuration.mode?.rawValue, commandLine: configuration.commandLine,
-                           tscKHz: tscKHz, inKernelIRQChip: false, identity: session?.identity)
+                           tscKHz: tscKHz, inKernelIRQChip: false)
     }
+
+    /// The MSRs saved with each vCPU: KVM's saveable list, less those this host cannot
+    /// save and restore. Probed on first use (a snapshot or migration), not at boot.
+    public func savedMSRIndices() throws -> [UInt32] {
+        try MSRProbe.saveable(kvm: kvm, vcpu: vcpus[0])
+    }
+
+    /// The UART's and the other devices' state, read under the bus lock.
+    public var deviceState: DeviceState {
+        portBus.withDevice(devices.serial) { DeviceState(serial: $0.saveState()) }
+    }
+}
+
+extension Machine: Persist {
+    public typealias State = MachineState
 
     /// Saves every vCPU and device. The machine must be paused, so that no vCPU is
     /// inside `KVM_RUN` and KVM has completed any I/O in flight.
-    public func captureState() throws -> (vcpus: [VCPUState], devices: DeviceState) {
+    public func saveState() throws -> MachineState {
         switch state {
         case .paused: break
         case .finished: throw SnapshotError.finished
@@ -114,17 +161,18 @@ extension Machine {
         }
         let indices = try savedMSRIndices()
         let states = try vcpus.map { try $0.saveState(msrIndices: indices) }
-        return (states, DeviceState(serial: serialState))
+        return MachineState(description: machineDescription, vcpus: states, devices: deviceState)
     }
 
     /// Applies saved vCPU and device state to a machine that has not started yet.
     /// Refuses CPU features this host lacks and a TSC frequency it cannot match.
-    public func restoreState(vcpus states: [VCPUState], devices: DeviceState, description: MachineDescription) throws {
+    public func restoreState(_ saved: MachineState) throws {
+        let description = saved.description
         guard !description.inKernelIRQChip else { throw SnapshotError.inKernelIRQChip }
-        guard states.count == vcpus.count else { throw SnapshotError.vcpuMismatch(snapshot: vcpus.count, found: states.count) }
+        guard saved.vcpus.count == vcpus.count else { throw SnapshotError.vcpuMismatch(snapshot: vcpus.count, found: saved.vcpus.count) }
         // What this host gives a new vCPU (KVM may add bits to what it reports as supported).
         let host = try vcpus[0].cpuid()
-        for s in states {
+        for s in saved.vcpus {
             let missing = CPUCompatibility.missingFeatures(saved: s.cpuid, host: host)
             guard missing.isEmpty else { throw SnapshotError.missingCPUFeatures(missing) }
         }
@@ -135,9 +183,9 @@ extension Machine {
                 }
             }
         }
-        for (vcpu, s) in zip(vcpus, states.sorted { $0.id < $1.id }) {
+        for (vcpu, s) in zip(vcpus, saved.vcpus.sorted { $0.id < $1.id }) {
             try vcpu.restoreState(s)
         }
-        restoreSerial(devices.serial)
+        portBus.withDevice(devices.serial) { $0.restoreState(saved.devices.serial) }
     }
 }

@@ -1,0 +1,103 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import GuestMemory
+import Loader
+
+/// Which dirty tracker a machine uses; fixed when the VM is created, because
+/// KVM needs the dirty ring enabled before any vCPU exists.
+public enum DirtyTrackerKind: String, Sendable, Equatable, Codable, CaseIterable {
+    case bitmap, ring
+}
+
+/// What a machine is built from.
+public struct MachineConfiguration: Sendable, Equatable {
+    public var memorySize: UInt64
+    public var vcpuCount: Int
+    public var mode: BootMode?
+    public var commandLine: String?
+    public var dirtyTracker: DirtyTrackerKind
+    /// Size of each KVM memory slot (guest RAM is split into slots of this size).
+    public var slotSize: UInt64
+
+    public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, mode: BootMode? = nil, commandLine: String? = nil,
+                dirtyTracker: DirtyTrackerKind = .bitmap, slotSize: UInt64 = GuestMemory.maxRegionSize) {
+        self.slotSize = slotSize
+        self.memorySize = memorySize
+        self.vcpuCount = vcpuCount
+        self.mode = mode
+        self.commandLine = commandLine
+        self.dirtyTracker = dirtyTracker
+    }
+}
+
+/// How a run ended.
+public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
+    /// The guest wrote `status` to the exit port.
+    case exitPort(status: UInt8)
+    /// `HLT` with interrupts disabled: a clean stop.
+    case halted
+    /// `HLT` with interrupts enabled: with no interrupt source, the guest would wait forever.
+    case hang(details: String)
+    /// Triple fault, failed entry, internal error or an unexpected exit.
+    case fatal(reason: String, details: String)
+    /// Stopped by a signal (SIGINT, SIGTERM) through `requestStop`.
+    case stopped(signal: Int32)
+    /// Shut down through the control API.
+    case shutdown
+    /// Handed over to a migration destination; this copy must never run again.
+    case migrated
+    /// Stopped by whoever owns the machine, for the reason given (the owner knows what it means).
+    case stoppedByOwner(reason: String)
+
+    public var description: String {
+        switch self {
+        case let .exitPort(s): "guest exited with status \(s) through port 0xf4"
+        case .halted: "guest halted with interrupts disabled"
+        case let .hang(d): "guest hung: HLT with interrupts enabled, but this VM has no interrupt source\n\(d)"
+        case let .fatal(r, d): "guest stopped: \(r)\n\(d)"
+        case let .stopped(sig): "stopped by signal \(sig)"
+        case .shutdown: "shut down through the control API"
+        case .migrated: "migrated to another VMM"
+        case let .stoppedByOwner(r): "stopped: \(r)"
+        }
+    }
+}
+
+/// Run state of a machine.
+public enum RunState: String, Sendable, Codable {
+    case created, running, paused, finished
+}
+
+/// Errors of the machine itself (not KVM, memory or loader).
+public enum MachineError: Error, CustomStringConvertible {
+    case invalidConfiguration(String)
+    case io(String)
+    public var description: String {
+        switch self {
+        case let .invalidConfiguration(s): "invalid machine configuration: \(s)"
+        case let .io(s): s
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in milliseconds.
+public func monotonicMilliseconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1_000_000
+}
+
+extension MachineExit {
+    /// The process exit status for `vmm run` (README: "The command line").
+    public var exitStatus: Int32 {
+        switch self {
+        case let .exitPort(s): Int32(s)
+        case .halted: 0
+        case .hang, .fatal: 2
+        case let .stopped(sig): 128 + sig
+        case .shutdown, .migrated: 0
+        case .stoppedByOwner: 3
+        }
+    }
+}

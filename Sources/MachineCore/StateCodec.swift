@@ -1,0 +1,38 @@
+import KVM
+import Snapshot
+
+/// A machine's state in the stream format: the `StateSequence` of the Snapshot target with this
+/// machine's payloads (JSON through `StateJSON`). Snapshot files and migration both use it.
+public enum MachineStateCodec {
+    /// Writes a paused machine whole: `header` as the machine section, every page that may hold
+    /// data (untouched pages read as zero and need no entry: restore starts from zeroed memory),
+    /// then the closing sections with the signature `sign` makes (nil: unsigned).
+    public static func writeFull<S: ByteSink>(_ machine: Machine, header: [UInt8], to writer: inout StreamWriter<S>,
+                                              sign: ([UInt8]) throws -> [UInt8]?) throws -> MemoryWriteStats {
+        let state = try machine.saveState()
+        try writer.writeSection(.machine, payload: header)
+        let pages = machine.memory.possiblyNonZeroPages()?.pageFrames ?? Array(0..<machine.memory.pageCount)
+        let stats = try writer.writeMemoryPages(pages, from: machine.memory)
+        try writeClosing(state, to: &writer, sign: sign)
+        return stats
+    }
+
+    /// Writes vCPU and device state, the signature and the end section.
+    public static func writeClosing<S: ByteSink>(_ state: MachineState, to writer: inout StreamWriter<S>,
+                                                 sign: ([UInt8]) throws -> [UInt8]?) throws {
+        let payloads = try encode(state)
+        try StateSequence.writeClosing(vcpus: payloads.vcpus, devices: payloads.devices, to: &writer, sign: sign)
+    }
+
+    /// The vCPU and device payloads of `state`.
+    public static func encode(_ state: MachineState) throws -> (vcpus: [UInt8], devices: [UInt8]) {
+        (try StateJSON.encode(state.vcpus), try StateJSON.encode(state.devices))
+    }
+
+    /// The machine state a verified body carries, for the machine `description` names.
+    public static func decode(_ body: StateBody, description: MachineDescription) throws -> MachineState {
+        MachineState(description: description,
+                     vcpus: try StateJSON.decode([VCPUState].self, from: body.vcpus, what: "vCPU section"),
+                     devices: try StateJSON.decode(DeviceState.self, from: body.devices, what: "device section"))
+    }
+}

@@ -1,0 +1,130 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import KVM
+
+/// One vCPU's thread, as a small state machine (Firecracker's `vstate/vcpu.rs` is the model).
+///
+///     created ──start──▶ running ◀──resume── paused
+///                          │  └────pause────▶ │
+///                          └──finish──▶ finished ◀──finish──┘
+///
+/// The machine sends events by setting `target` and kicking the thread out of `KVM_RUN`; the
+/// thread acts on them only after `KVM_RUN` returned EINTR (or before its first run), because
+/// KVM completes an I/O exit's pending work only when the vCPU re-enters: a vCPU parked right
+/// after an I/O exit would be saved with that I/O half done.
+///
+/// Thread-safety: `state`, `target` and `thread` are guarded by the machine's `control`
+/// condition, which every runner of the machine shares; `@unchecked` for that reason.
+final class VCPURunner: @unchecked Sendable {
+    enum State: Equatable { case created, running, paused, finished }
+
+    let vcpu: VCPU
+    let index: Int
+    private let control: NSCondition
+    private(set) var state: State = .created   // guarded by control
+    /// What the machine asked for: running, paused or finished.
+    var target: State = .running               // guarded by control
+    private var thread: pthread_t?             // guarded by control
+
+    init(vcpu: VCPU, index: Int, control: NSCondition) {
+        self.vcpu = vcpu
+        self.index = index
+        self.control = control
+    }
+
+    /// Makes a blocked `KVM_RUN` return EINTR, and keeps the next one from entering the guest.
+    /// Call with `control` held.
+    func kickLocked() {
+        guard state != .finished else { return }
+        vcpu.immediateExit = true
+        if let thread { pthread_kill(thread, KickSignal.number) }
+    }
+
+    /// Starts the thread. `dispatch` handles one exit (nil: go on); `end` ends the machine.
+    func start(dispatch: @escaping @Sendable (VCPUExit, VCPU) -> MachineExit?,
+               end: @escaping @Sendable (MachineExit) -> Void) {
+        startOSThread(name: "vcpu\(index)") { [self] in loop(dispatch: dispatch, end: end) }
+    }
+
+    private func loop(dispatch: (VCPUExit, VCPU) -> MachineExit?, end: (MachineExit) -> Void) {
+        KickSignal.unblockInThisThread()
+        control.lock()
+        thread = pthread_self()
+        state = .running
+        control.broadcast()
+        control.unlock()
+        defer {
+            control.lock()
+            state = .finished
+            thread = nil
+            control.broadcast()
+            control.unlock()
+        }
+        // Nothing is pending before the first run, so the thread may park at once.
+        var mayPark = true
+        while true {
+            if mayPark, !waitUntilRunning() { return }
+            let exit: VCPUExit
+            do { exit = try vcpu.run() } catch {
+                end(.fatal(reason: "\(error)", details: vcpu.registerDump()))
+                return
+            }
+            if exit == .interrupted {
+                mayPark = true
+                continue
+            }
+            mayPark = false
+            if let ending = dispatch(exit, vcpu) {
+                end(ending)
+                return
+            }
+        }
+    }
+
+    /// Acts on the machine's events; returns false when the thread must finish.
+    private func waitUntilRunning() -> Bool {
+        control.lock(); defer { control.unlock() }
+        while true {
+            switch target {
+            case .finished, .created:
+                return false
+            case .paused:
+                if state != .paused {
+                    state = .paused
+                    control.broadcast()
+                }
+                control.wait()
+            case .running:
+                state = .running
+                // A kick from a pause that is already over: clear it under the lock the kicker
+                // takes, so a kick after this point still stops the next run.
+                vcpu.immediateExit = false
+                return true
+            }
+        }
+    }
+}
+
+extension VCPU {
+    /// A register dump for fatal exits.
+    public func registerDump() -> String {
+        guard let r = try? registers(), let s = try? specialRegisters() else {
+            return "(registers unavailable)"
+        }
+        func h(_ v: UInt64) -> String {
+            let s = String(v, radix: 16)
+            return "0x" + String(repeating: "0", count: max(0, 16 - s.count)) + s
+        }
+        return """
+        vCPU \(id) registers:
+          rip=\(h(r.rip)) rflags=\(h(r.rflags)) rsp=\(h(r.rsp)) rbp=\(h(r.rbp))
+          rax=\(h(r.rax)) rbx=\(h(r.rbx)) rcx=\(h(r.rcx)) rdx=\(h(r.rdx))
+          rsi=\(h(r.rsi)) rdi=\(h(r.rdi)) r8=\(h(r.r8)) r9=\(h(r.r9))
+          cs=\(String(s.cs.selector, radix: 16)) base=\(h(s.cs.base)) ss=\(String(s.ss.selector, radix: 16)) ds=\(String(s.ds.selector, radix: 16))
+          cr0=\(h(s.cr0)) cr2=\(h(s.cr2)) cr3=\(h(s.cr3)) cr4=\(h(s.cr4)) efer=\(h(s.efer))
+          gdt=\(h(s.gdt.base))/\(s.gdt.limit) idt=\(h(s.idt.base))/\(s.idt.limit)
+        """
+    }
+}

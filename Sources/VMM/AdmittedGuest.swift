@@ -1,0 +1,158 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Billboard
+import Devices
+import Foundation
+import GuestMemory
+import MachineCore
+import Snapshot
+import Synchronization
+
+/// A guest the Billboard admitted, with the one machine it runs in. It owns both, in one
+/// direction: the machine never learns of the session. It reacts to the machine's events
+/// (beacons, run state) and does what the Billboard asks of a running guest: renew the lease,
+/// record beacons, scan for false VMs, move the epoch past a snapshot when the guest resumes,
+/// and stop the machine from outside when this copy may no longer run (eviction).
+///
+/// Only `GuestDoors` makes one, so every `vmm` command's machine has been admitted.
+public final class AdmittedGuest: Sendable {
+    public let machine: Machine
+    public let session: GuestSession
+
+    private struct Shared {
+        /// Wakes housekeeping early: a beacon with a foreign token is evidence to record at once.
+        var urgent = false
+        /// Whether the last `pauseForMigration` paused a running guest (only then may a failed
+        /// migration resume it).
+        var pausedByMigration = false
+    }
+    private let shared = Mutex(Shared())
+    private let wakeup = NSCondition()
+
+    /// Connects `session` to its freshly made `machine` and starts housekeeping. From here on
+    /// whatever fails ends the session with the machine.
+    init(machine: Machine, session: GuestSession) {
+        self.machine = machine
+        self.session = session
+        machine.onBeacon { [weak self] message in
+            guard let self, session.noteBeacon(message) else { return }
+            wakeup.lock(); shared.withLock { $0.urgent = true }; wakeup.signal(); wakeup.unlock()
+        }
+        startOSThread(name: "billboard") { [weak self] in self?.housekeeping() }
+    }
+
+    /// The guest's registered name.
+    public var name: String { session.registration.name }
+
+    // MARK: - Running
+
+    /// Starts the guest, if it holds its lease; a guest without its lease never runs: the
+    /// machine ends at once, stopped by the Billboard.
+    public func start() {
+        guard session.holdsLease else { return refuseToRun() }
+        machine.start()
+    }
+
+    /// Starts the guest's vCPUs parked (a restored guest waiting for resume), if it holds its lease.
+    public func startPaused() {
+        guard session.holdsLease else { return refuseToRun() }
+        machine.startPaused()
+    }
+
+    private func refuseToRun() {
+        machine.end(with: .stoppedByOwner(reason: Self.evictionText("this guest does not hold its billboard lease, so it may not run here")))
+    }
+
+    /// Resumes a paused guest. A guest that runs on after a snapshot leaves that snapshot
+    /// behind: its epoch moves on first.
+    public func resume() {
+        session.resuming()
+        machine.resume()
+    }
+
+    /// Stops this copy from outside: it lost its lease or was found false.
+    public func evict(reason: String) {
+        machine.pause()
+        machine.end(with: .stoppedByOwner(reason: Self.evictionText(reason)))
+    }
+
+    static func evictionText(_ reason: String) -> String { "stopped by the billboard: \(reason)" }
+
+    /// The guest is gone from this process: the lease goes back (unless handed over) and the
+    /// record says so. Idempotent.
+    public func end() { session.end() }
+
+    // MARK: - Snapshots and restore
+
+    /// The header (machine section, migration hello) for this guest's state.
+    public var stateHeader: StateHeader {
+        StateHeader(description: machine.machineDescription, identity: session.identity)
+    }
+
+    /// Writes the paused guest to `path`, signed by this host's key: an edited snapshot, even
+    /// with recomputed checksums, is refused.
+    public func snapshot(to path: String) throws -> SnapshotStats {
+        session.noteSnapshot()
+        return try SnapshotFile.write(machine, header: stateHeader, to: path) { digest in
+            try StateJSON.encode(try session.store.signState(digest: digest))
+        }
+    }
+
+    /// A restored guest, fully verified: takes the lease (the epoch moves past the snapshot's,
+    /// an authorised rollback is used) just before it runs, so that nothing that can still fail
+    /// consumes either.
+    public func takeRestoredLease() throws {
+        try session.takeRestoredLease(beaconToken: try machine.beaconToken())
+    }
+
+    /// Source, resuming after an in-doubt migration: only if the lease can be taken back.
+    public func reclaim() throws { try session.reclaim() }
+
+    // MARK: - Housekeeping
+
+    private func housekeeping() {
+        let settings = session.settings
+        let tick = min(1.0, settings.leaseTimeout / 3, settings.scanInterval)
+        var nextScan = Date().addingTimeInterval(settings.scanInterval)
+        while true {
+            wakeup.lock()
+            if !shared.withLock({ $0.urgent }) { _ = wakeup.wait(until: Date().addingTimeInterval(tick)) }
+            shared.withLock { $0.urgent = false }
+            wakeup.unlock()
+            if session.hasEnded || machine.state == .finished { return }
+            if let refusal = session.housekeepingRound(machineState: machine.state) {
+                evict(reason: "\(refusal)")
+                return
+            }
+            if Date() >= nextScan {
+                nextScan = Date().addingTimeInterval(settings.scanInterval)
+                runScan()
+            }
+        }
+    }
+
+    /// One active scan: stops false and duplicate VMs (this one too, if it is the false one).
+    @discardableResult
+    public func runScan() -> [ScanFinding] {
+        let (findings, evictSelf) = session.scan()
+        if let evictSelf { evict(reason: evictSelf.description) }
+        return findings
+    }
+
+    // MARK: - Migration (source)
+
+    /// Pauses for the stop-and-copy phase; false if the guest has already stopped.
+    public func pauseForMigration() -> Bool {
+        let wasRunning = machine.state == .running
+        let paused = machine.pause()
+        shared.withLock { $0.pausedByMigration = paused && wasRunning }
+        return paused
+    }
+
+    /// Resumes only a guest the migration paused (a guest the user had paused stays paused).
+    public func resumeAfterMigration() {
+        let mine = shared.withLock { s in defer { s.pausedByMigration = false }; return s.pausedByMigration }
+        if mine { machine.resume() }
+    }
+}
