@@ -65,7 +65,10 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
             ]
         ),
-        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "Loader", "Devices"]),
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
+        .testTarget(name: "MachineCoreTests", dependencies: ["MachineCore", "KVM", "Loader", "GuestMemory"]),
+        .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory"]),
         .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",

@@ -71,6 +71,15 @@ public final class AdmittedGuest: Sendable {
         machine.resume()
     }
 
+    // The machine's run control, for the owner's callers (the API, the CLI, tests).
+    public var state: RunState { machine.state }
+    @discardableResult public func pause() -> Bool { machine.pause() }
+    public func requestStop(signal: Int32 = 0) { machine.requestStop(signal: signal) }
+    public func end(with exit: MachineExit) { machine.end(with: exit) }
+    public func waitForExit() -> MachineExit { machine.waitForExit() }
+    public func waitForExit(timeout: Double) -> MachineExit? { machine.waitForExit(timeout: timeout) }
+    public func memoryDigest() throws -> String { try machine.memoryDigest() }
+
     /// Stops this copy from outside: it lost its lease or was found false.
     public func evict(reason: String) {
         machine.pause()

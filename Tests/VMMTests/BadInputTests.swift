@@ -3,6 +3,7 @@ import Testing
 import GuestMemory
 import KVM
 import Loader
+import MachineCore
 import VMM
 
 /// Builds a minimal ELF32 Multiboot kernel with one PT_LOAD segment at `paddr`.

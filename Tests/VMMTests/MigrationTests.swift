@@ -5,14 +5,16 @@ import KVM
 import Migration
 import Billboard
 import Snapshot
+import MachineCore
 import VMM
 
-/// A destination running `IncomingMigration.receive` on a background thread.
+/// A destination running `GuestDoors.receive` on a background thread; a fault, if given, is
+/// committed by a `FaultInjectingTransport` around the accepted connection.
 final class Destination: @unchecked Sendable {
     let listener: TCPListener
     let capture = SerialCapture()
     private let done = DispatchSemaphore(value: 0)
-    private(set) var machine: Machine?
+    private(set) var machine: AdmittedGuest?
     private(set) var error: (any Error)?
 
     /// `onSource`: receive on the source host (a guest coming back); by default on the destination host.
@@ -23,10 +25,9 @@ final class Destination: @unchecked Sendable {
         let store = onSource ? hosts.source : hosts.destination
         Thread.detachNewThread { [self] in
             do {
-                let (m, _) = try IncomingMigration.receive(listener: listener, dirtyTracker: tracker, fault: fault,
-                                                           admit: { try hosts.admitIncoming($0, on: store) },
-                                                           serialOutput: capture.append)
-                machine = m
+                machine = try GuestDoors.receive(listener: listener, store: store, settings: hosts.settings, dirtyTracker: tracker,
+                                                 wrapTransport: { t in fault.map { FaultInjectingTransport(t, fault: $0) } ?? t },
+                                                 log: { _ in }, serialOutput: capture.append)
             } catch {
                 self.error = error
             }
@@ -42,9 +43,9 @@ final class Destination: @unchecked Sendable {
 
 /// A source VM that records the memory digest at the moment its state is captured (paused).
 final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
-    let machine: Machine
+    let machine: AdmittedGuest
     var digestAtPause: String?
-    init(_ machine: Machine) { self.machine = machine }
+    init(_ machine: AdmittedGuest) { self.machine = machine }
     var memory: GuestMemory { machine.memory }
     var dirtyTracker: any DirtyTracker { machine.dirtyTracker }
     func machineDescriptionPayload() throws -> [UInt8] { try machine.machineDescriptionPayload() }
@@ -61,7 +62,7 @@ final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
 }
 
 func bootCounter(count: Int = 0, ticks: Int = 400_000, tracker: DirtyTrackerKind = .bitmap,
-                 capture: SerialCapture) throws -> Machine {
+                 capture: SerialCapture) throws -> AdmittedGuest {
     let m = try bootLocal("counter.elf", MachineConfiguration(commandLine: "count=\(count) ticks=\(ticks)", dirtyTracker: tracker),
                           serialOutput: capture.append)
     m.start()
@@ -69,7 +70,7 @@ func bootCounter(count: Int = 0, ticks: Int = 400_000, tracker: DirtyTrackerKind
 }
 
 /// Boots the dirtier and starts it.
-func bootDirtier(memory: UInt64, commandLine: String, tracker: DirtyTrackerKind = .bitmap) throws -> Machine {
+func bootDirtier(memory: UInt64, commandLine: String, tracker: DirtyTrackerKind = .bitmap) throws -> AdmittedGuest {
     let m = try bootLocal("dirtier.elf", MachineConfiguration(memorySize: memory, commandLine: commandLine, dirtyTracker: tracker))
     m.start()
     return m
@@ -101,7 +102,7 @@ struct MigrationTests {
         usleep(200_000)
         let destination = try Destination(tracker: tracker)
         let report = migrate(machine, to: destination.address)
-        #expect(report.outcome == "completed", "\(report.error ?? "")")
+        #expect(report.outcome == .completed, "\(report.error ?? "")")
         #expect(report.tracker == tracker.rawValue)
         #expect(machine.state == .paused, "the source ran on after the hand-over")
         #expect(destination.wait())
@@ -124,21 +125,21 @@ struct MigrationTests {
         let destDigest = DigestBox()
         Thread.detachNewThread {
             let receiver = MigrationReceiver { payload, _ in
-                let d = try JSONDecoder().decode(MachineDescription.self, from: Data(payload))
+                let header = try StateHeader.decode(payload, what: "hello")
                 let hosts = try localHosts()
-                let session = try hosts.admitIncoming(d, on: hosts.destination)
-                return DigestingDestination(try GuestDoors.reserveIncoming(session: session, configuration: d.configuration,
+                let session = try hosts.admitIncoming(header, on: hosts.destination)
+                return DigestingDestination(try GuestDoors.reserveIncoming(session: session, configuration: header.description.configuration,
                                                                            serialOutput: { _ in }), box: destDigest)
             }
             do {
                 let transport = try listener.accept()
                 let (vm, _) = try receiver.run(transport: transport)
-                (vm as? DigestingDestination)?.machine.requestStop()
+                vm.machine.requestStop()
             } catch { destDigest.set("error: \(error)") }
         }
         let vm = DigestingSource(machine)
         let report = migrate(vm, to: "127.0.0.1:\(listener.port)", maxDowntimeMs: 300, timeout: 60, autoConverge: true)
-        #expect(report.outcome == "completed", "\(report.error ?? "")")
+        #expect(report.outcome == .completed, "\(report.error ?? "")")
         let d = destDigest.wait()
         #expect(d != nil && d == vm.digestAtPause)
         machine.end(with: .migrated)
@@ -150,13 +151,13 @@ struct MigrationTests {
         let first = try bootCounter(capture: a)
         usleep(150_000)
         let b = try Destination()
-        #expect(migrate(first, to: b.address).outcome == "completed")
+        #expect(migrate(first, to: b.address).outcome == .completed)
         first.end(with: .migrated)
         #expect(b.wait())
         let onB = try #require(b.machine)
         usleep(150_000)
         let back = try Destination(onSource: true)
-        #expect(migrate(onB, to: back.address).outcome == "completed")
+        #expect(migrate(onB, to: back.address).outcome == .completed)
         onB.end(with: .migrated)
         #expect(back.wait())
         let again = try #require(back.machine)
@@ -174,7 +175,7 @@ struct MigrationTests {
         usleep(500_000)
         let destination = try Destination(tracker: tracker)
         let report = migrate(machine, to: destination.address, maxDowntimeMs: 300, timeout: 60, autoConverge: true)
-        #expect(report.outcome == "completed", "\(report.error ?? "")")
+        #expect(report.outcome == .completed, "\(report.error ?? "")")
         #expect(report.converged)
         #expect(report.rounds >= 2)
         #expect(destination.wait())
@@ -190,7 +191,7 @@ struct MigrationTests {
         let port = listener.port
         listener.shutdownListening()
         let report = migrate(machine, to: "127.0.0.1:\(port)")
-        #expect(report.outcome == "failed")
+        #expect(report.outcome == .failed)
         #expect(report.error?.contains("connect") == true)
         try expectStillRunning(machine, capture)
     }
@@ -203,7 +204,7 @@ struct MigrationTests {
         usleep(100_000)
         let destination = try Destination(fault: fault)
         let report = migrate(machine, to: destination.address)
-        #expect(report.outcome == "failed")
+        #expect(report.outcome == .failed)
         #expect(destination.wait())
         #expect(destination.machine == nil)
         #expect(destination.error != nil)
@@ -220,7 +221,7 @@ struct MigrationTests {
         usleep(100_000)
         let destination = try Destination(fault: .closeAfterGo)
         let report = migrate(machine, to: destination.address)
-        #expect(report.outcome == "in-doubt")
+        #expect(report.outcome == .inDoubt)
         #expect(destination.wait())
         let dest = try #require(destination.machine)
         #expect(machine.state == .paused)
@@ -241,7 +242,7 @@ struct MigrationTests {
         usleep(200_000)
         let destination = try Destination()
         let report = migrate(machine, to: destination.address, maxDowntimeMs: 0.001, timeout: 2, maxBandwidth: 1_000_000)
-        #expect(report.outcome == "failed")
+        #expect(report.outcome == .failed)
         #expect(!report.converged)
         #expect(report.error?.contains("did not converge") == true, "\(report.error ?? "no error")")
         #expect(machine.state == .running)
@@ -260,7 +261,7 @@ struct MigrationTests {
                                                                             timeoutSeconds: 30))
         Thread.detachNewThread { usleep(500_000); sender.cancel(reason: "signal 15") }
         let report = sender.run { try TCPTransport.connect(to: destination.address) }
-        #expect(report.outcome == "failed")
+        #expect(report.outcome == .failed)
         #expect(report.error?.contains("signal 15") == true || report.error?.contains("connection") == true)
         #expect(machine.state == .running)
         #expect(destination.wait())
@@ -268,7 +269,7 @@ struct MigrationTests {
         machine.requestStop()
     }
 
-    func expectStillRunning(_ machine: Machine, _ capture: SerialCapture) throws {
+    func expectStillRunning(_ machine: AdmittedGuest, _ capture: SerialCapture) throws {
         #expect(machine.state == .running)
         let before = capture.count
         usleep(100_000)
@@ -284,9 +285,9 @@ final class DigestBox: @unchecked Sendable {
 }
 
 final class DigestingDestination: MigrationDestinationVM, @unchecked Sendable {
-    let machine: Machine
+    let machine: AdmittedGuest
     let box: DigestBox
-    init(_ machine: Machine, box: DigestBox) { self.machine = machine; self.box = box }
+    init(_ machine: AdmittedGuest, box: DigestBox) { self.machine = machine; self.box = box }
     var memory: GuestMemory { machine.memory }
     func applyState(vcpu: [UInt8], devices: [UInt8]) throws {
         try machine.applyState(vcpu: vcpu, devices: devices)

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import ControlAPI
 import KVM
+import MachineCore
 import VMM
 
 /// A `vmm` process running in the background, with its stdout collected.

@@ -3,6 +3,7 @@ import Foundation
 import Testing
 import KVM
 import Loader
+import MachineCore
 import VMM
 
 /// Whether this machine can run guests; tests that need KVM are skipped otherwise.
@@ -53,6 +54,7 @@ enum Fixtures {
 }
 
 /// Collects a guest's serial output, thread-safely.
+// @unchecked: `bytes` is read and written only under `lock`.
 final class SerialCapture: @unchecked Sendable {
     private let lock = NSLock()
     private var bytes: [UInt8] = []
@@ -66,6 +68,7 @@ final class SerialCapture: @unchecked Sendable {
 /// like any other (a machine exists only through `GuestDoors`). Migrations go from `source` to
 /// `destination` and back. Scans are off (these tests are about the machine, and the CLI
 /// billboard tests cover the scan); leases and beacons work as usual.
+// @unchecked: `serial` is read and written only under `lock`; the rest is immutable.
 final class LocalHosts: @unchecked Sendable {
     let root: String
     let admin: AdminKey
@@ -99,44 +102,27 @@ final class LocalHosts: @unchecked Sendable {
     }
 
     /// Registers, admits and boots `image` on the source host (not started).
-    func boot(_ image: [UInt8], _ c: MachineConfiguration, serialOutput: @escaping (UInt8) -> Void) throws -> Machine {
+    func boot(_ image: [UInt8], _ c: MachineConfiguration, serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         try GuestDoors.boot(image: image, name: try register(image, c), configuration: c, store: source, settings: settings,
                             log: { _ in }, serialOutput: serialOutput)
     }
 
     /// Admits an incoming guest on `store` (the migration destination's door).
-    func admitIncoming(_ description: MachineDescription, on store: BillboardStore) throws -> GuestSession {
-        try GuestSession.admitIncoming(store: store, description: description, settings: settings, log: { _ in })
+    func admitIncoming(_ header: StateHeader, on store: BillboardStore) throws -> GuestSession {
+        try GuestSession.admitIncoming(store: store, header: header, settings: settings, log: { _ in })
     }
 }
 
 func localHosts() throws -> LocalHosts { try LocalHosts.shared.get() }
 
 /// Boots a guest image from GuestImages/build in-process (registered and admitted), not started.
-func bootLocal(_ name: String, _ c: MachineConfiguration, serialOutput: @escaping (UInt8) -> Void = { _ in }) throws -> Machine {
+func bootLocal(_ name: String, _ c: MachineConfiguration, serialOutput: @escaping (UInt8) -> Void = { _ in }) throws -> AdmittedGuest {
     try localHosts().boot(try Fixtures.guestBytes(name), c, serialOutput: serialOutput)
 }
 
 /// This host's guest TSC rate (KVM_GET_TSC_KHZ on a scratch vCPU), as the dirtier's pacing needs it.
 func hostTSCKHz() throws -> UInt32 {
     try KVMSystem().createVM().createVCPU(id: 0).tscKHz()
-}
-
-/// Boots `image` in-process and runs it to its end (or `timeout`).
-func runGuest(_ name: String, mode: BootMode? = nil, commandLine: String? = nil,
-              memory: UInt64 = 64 << 20, timeout: Double = 60) throws -> (exit: MachineExit, output: String) {
-    let capture = SerialCapture()
-    let machine = try bootLocal(name, MachineConfiguration(memorySize: memory, mode: mode, commandLine: commandLine),
-                                serialOutput: capture.append)
-    defer { machine.session?.end() }
-    machine.start()
-    guard let exit = machine.waitForExit(timeout: timeout) else {
-        machine.requestStop()
-        _ = machine.waitForExit()
-        Issue.record("guest \(name) did not finish within \(timeout) s; output: \(capture.text)")
-        return (.stopped(signal: 0), capture.text)
-    }
-    return (exit, capture.text)
 }
 
 /// Runs the `vmm` binary and returns its status, stdout and stderr.
@@ -158,6 +144,7 @@ func runVMM(_ arguments: [String], timeout: Double = 60) throws -> (status: Int3
 /// registered in first, as the VMM requires. It is used only through the `vmm billboard` CLI:
 /// this test process holds in-process VMs, and if it also had the store open, a VMM's scan would
 /// rightly see a process with a VM and the store but no admission record.
+// @unchecked: `serial` is read and written only under `lock`; the rest is immutable.
 final class TestBillboard: @unchecked Sendable {
     let root: String
     let directory: String

@@ -3,7 +3,7 @@ import Testing
 import GuestMemory
 import KVM
 import Loader
-import VMM
+import MachineCore
 
 @Suite("Dirty trackers report what was written, and only that", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
 struct DirtyTrackerTests {
@@ -14,7 +14,7 @@ struct DirtyTrackerTests {
     @Test("the pages a guest writes are reported, up to the last page of the last slot; others are not",
           arguments: DirtyTrackerKind.allCases)
     func guestWrites(_ tracker: DirtyTrackerKind) throws {
-        let machine = try bootLocal("dirtier.elf", MachineConfiguration(memorySize: Self.memory,
+        let machine = try bootMachine("dirtier.elf", MachineConfiguration(memorySize: Self.memory,
                                                                         commandLine: "pages=64 passes=1 mark_us=0",
                                                                         dirtyTracker: tracker, slotSize: 1 << 20))
         #expect(machine.memory.regions.count == 5)
@@ -46,7 +46,7 @@ struct DirtyTrackerTests {
 
     @Test("a page the VMM writes through guest memory mid-round is reported", arguments: DirtyTrackerKind.allCases)
     func vmmWrites(_ tracker: DirtyTrackerKind) throws {
-        let machine = try bootLocal("counter.elf", MachineConfiguration(commandLine: "count=0 ticks=1000000", dirtyTracker: tracker))
+        let machine = try bootMachine("counter.elf", MachineConfiguration(commandLine: "count=0 ticks=1000000", dirtyTracker: tracker))
         machine.start()
         try machine.dirtyTracker.enable()
         _ = try machine.dirtyTracker.collect()
@@ -63,7 +63,7 @@ struct DirtyTrackerTests {
 
     @Test("with the bitmap tracker, a page rearmed before sending is reported again when rewritten")
     func rearmReprotects() throws {
-        let machine = try bootLocal("dirtier.elf", MachineConfiguration(memorySize: 64 << 20, commandLine: "pages=64 passes=0 mark_us=0"))
+        let machine = try bootMachine("dirtier.elf", MachineConfiguration(memorySize: 64 << 20, commandLine: "pages=64 passes=0 mark_us=0"))
         try machine.dirtyTracker.enable()
         machine.start()
         usleep(100_000)

@@ -2,7 +2,7 @@ import Foundation
 import Testing
 import KVM
 import Loader
-import VMM
+import MachineCore
 
 @Suite("Pausing vCPUs from another thread", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
 struct PauseTests {
@@ -22,7 +22,7 @@ struct PauseTests {
     @Test("a paused guest makes no progress, and resumes without losing or repeating a step")
     func pauseAndResume() throws {
         let capture = SerialCapture()
-        let machine = try bootLocal("counter.elf", MachineConfiguration(commandLine: "count=0 ticks=20000"),
+        let machine = try bootMachine("counter.elf", MachineConfiguration(commandLine: "count=0 ticks=20000"),
                                     serialOutput: capture.append)
         machine.start()
         for _ in 0..<20 {
@@ -47,7 +47,7 @@ struct PauseTests {
         // Both vCPUs start at the same entry; a guest that only spins (`jmp $`) touches
         // no memory, so two copies of it cannot corrupt each other as two counters would.
         let spin: [UInt8] = [0xEB, 0xFE]
-        let machine = try localHosts().boot(spin, MachineConfiguration(vcpuCount: 2, mode: .protected), serialOutput: { _ in })
+        let machine = try Machine(image: spin, configuration: MachineConfiguration(vcpuCount: 2, mode: .protected), serialOutput: { _ in })
         machine.start()
         usleep(20_000)
         for _ in 0..<10 {
@@ -62,7 +62,7 @@ struct PauseTests {
 
     @Test("pause on a finished machine reports false instead of waiting forever")
     func pauseAfterExit() throws {
-        let machine = try bootLocal("status42.bin", MachineConfiguration(mode: .protected))
+        let machine = try bootMachine("status42.bin", MachineConfiguration(mode: .protected))
         machine.start()
         #expect(machine.waitForExit() == .exitPort(status: 42))
         #expect(machine.pause() == false)

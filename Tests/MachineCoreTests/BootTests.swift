@@ -2,7 +2,7 @@ import Foundation
 import Testing
 import KVM
 import Loader
-import VMM
+import MachineCore
 
 @Suite("Booting guests on /dev/kvm", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
 struct BootTests {
@@ -114,9 +114,9 @@ struct ForeignKernelTests {
         try #require(FileManager.default.fileExists(atPath: path),
                      "tboot is missing: run `bash scripts/fetch-tboot.sh` (make test does it)")
         let capture = SerialCapture()
-        let machine = try localHosts().boot([UInt8](try Data(contentsOf: URL(fileURLWithPath: path))),
-                                            MachineConfiguration(memorySize: 128 << 20, commandLine: "logging=serial"),
-                                            serialOutput: capture.append)
+        let machine = try Machine(image: [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))),
+                                  configuration: MachineConfiguration(memorySize: 128 << 20, commandLine: "logging=serial"),
+                                  serialOutput: capture.append)
         machine.start()
         let exit = machine.waitForExit(timeout: 120)
         #expect(exit == .halted)
