@@ -1,0 +1,194 @@
+import Foundation
+import Testing
+import GuestMemory
+import Migration
+import Snapshot
+import Synchronization
+
+/// A dirty tracker that reports the pages a test tells it were written.
+final class ScriptedTracker: DirtyTracker {
+    let name = "scripted"
+    private let rounds: Mutex<[[UInt64]]>
+    private let pageCount: UInt64
+    init(pageCount: UInt64, rounds: [[UInt64]]) { self.pageCount = pageCount; self.rounds = Mutex(rounds) }
+    func enable() throws {}
+    func disable() throws {}
+    func collect() throws -> DirtyBitmap {
+        var bitmap = DirtyBitmap(pageCount: pageCount)
+        for page in rounds.withLock({ $0.isEmpty ? [] : $0.removeFirst() }) { bitmap.set(page) }
+        return bitmap
+    }
+    func rearm(firstPage: UInt64, mask: UInt64) throws {}
+}
+
+/// A source VM with no KVM behind it: memory, a scripted tracker and fixed state payloads.
+final class FakeSource: MigrationSourceVM {
+    let memory: GuestMemory
+    let dirtyTracker: any DirtyTracker
+    private struct Record { var paused = false; var resumed = false; var handedTo: (String?, Int32?)? }
+    private let record = Mutex(Record())
+    init(memory: GuestMemory, dirtyRounds: [[UInt64]]) {
+        self.memory = memory
+        self.dirtyTracker = ScriptedTracker(pageCount: memory.pageCount, rounds: dirtyRounds)
+    }
+    func machineDescriptionPayload() throws -> [UInt8] { Array(#"{"fake":true}"#.utf8) }
+    var migrationIdentity: String? { "fake" }
+    func commitHandover(toHost host: String?, toPid pid: Int32?) throws { record.withLock { $0.handedTo = (host, pid) } }
+    func signState(digest: [UInt8]) throws -> [UInt8]? { Array("signed:".utf8) + digest }
+    func pauseForMigration() -> Bool { record.withLock { $0.paused = true }; return true }
+    func resumeAfterMigration() { record.withLock { $0.resumed = true } }
+    func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) { (Array("vcpus".utf8), Array("devices".utf8)) }
+    func setThrottle(percent: Int) {}
+    var paused: Bool { record.withLock { $0.paused } }
+    var resumed: Bool { record.withLock { $0.resumed } }
+    var handedTo: (String?, Int32?)? { record.withLock { $0.handedTo } }
+}
+
+/// A destination VM with no KVM behind it: it records what the receiver gives it.
+final class FakeDestination: MigrationDestinationVM {
+    let memory: GuestMemory
+    private struct Record { var vcpu: [UInt8] = []; var devices: [UInt8] = []; var signature: [UInt8]?; var digest: [UInt8] = []; var started = false; var discarded = false }
+    private let record = Mutex(Record())
+    init(memory: GuestMemory) { self.memory = memory }
+    func applyState(vcpu: [UInt8], devices: [UInt8]) throws { record.withLock { $0.vcpu = vcpu; $0.devices = devices } }
+    func verifyState(signature: [UInt8]?, digest: [UInt8]) throws {
+        record.withLock { $0.signature = signature; $0.digest = digest }
+        guard signature == Array("signed:".utf8) + digest else { throw MigrationError.refused("bad signature") }
+    }
+    func startGuest() throws { record.withLock { $0.started = true } }
+    func discard() { record.withLock { $0.discarded = true } }
+    var owner: (host: String, pid: Int32)? { ("dst", 4242) }
+    var started: Bool { record.withLock { $0.started } }
+    var discarded: Bool { record.withLock { $0.discarded } }
+    var vcpu: [UInt8] { record.withLock { $0.vcpu } }
+    var devices: [UInt8] { record.withLock { $0.devices } }
+}
+
+/// Runs a receiver on a thread over the destination end; returns what it returned or threw.
+final class ReceiverRun: Sendable {
+    private let result = Mutex<Result<FakeDestination, any Error>?>(nil)
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ end: any MigrationTransport, admit: @escaping @Sendable ([UInt8]) throws -> FakeDestination) {
+        let receiver = MigrationReceiver<FakeDestination> { payload, _ in try admit(payload) }
+        Thread.detachNewThread { [self] in
+            let r = Result { try receiver.run(transport: end).vm }
+            result.withLock { $0 = r }
+            end.close()
+            done.signal()
+        }
+    }
+
+    func wait() -> Result<FakeDestination, any Error>? {
+        _ = done.wait(timeout: .now() + 30)
+        return result.withLock { $0 }
+    }
+}
+
+@Suite("The migration protocol over an in-memory transport, with fake VMs (no KVM, no TCP)")
+struct ProtocolTests {
+    static func sourceMemory() throws -> GuestMemory {
+        let memory = try GuestMemory(size: 1 << 20)
+        for page: UInt64 in [0, 3, 17, 255] { try memory.write(Array(repeating: UInt8(page + 1), count: 4096), at: GuestAddress(page * 4096)) }
+        return memory
+    }
+
+    static func settings() -> MigrationSettings { MigrationSettings(destination: "in-memory", maxDowntimeMs: 300, timeoutSeconds: 20) }
+
+    @Test("a whole migration: every page arrives, the state is verified and applied, the lease is handed to the accept's owner, GO starts the guest")
+    func completes() throws {
+        let memory = try Self.sourceMemory()
+        // The guest rewrites page 17 during round 0 and page 3 while paused.
+        let source = FakeSource(memory: memory, dirtyRounds: [[17], [3]])
+        let destinationMemory = try GuestMemory(size: 1 << 20)
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
+        let run = ReceiverRun(destinationEnd) { payload in
+            #expect(payload == Array(#"{"fake":true}"#.utf8))
+            return FakeDestination(memory: destinationMemory)
+        }
+        let report = PreCopySender(vm: source, settings: Self.settings()).run { sourceEnd }
+        #expect(report.outcome == .completed, "\(report.error ?? "")")
+        let destination = try #require(try run.wait()?.get())
+        #expect(destination.started)
+        #expect(!destination.discarded)
+        #expect(destination.vcpu == Array("vcpus".utf8) && destination.devices == Array("devices".utf8))
+        #expect(source.paused && !source.resumed)
+        #expect(source.handedTo?.0 == "dst" && source.handedTo?.1 == 4242)
+        for page: UInt64 in 0..<256 {
+            #expect(try memory.read(at: GuestAddress(page * 4096), count: 4096) == destinationMemory.read(at: GuestAddress(page * 4096), count: 4096),
+                    "page \(page) differs")
+        }
+        #expect(report.pagesPerRound.count >= 2)
+    }
+
+    @Test("a refused admission fails the migration before any page is sent, and the source never pauses")
+    func refusedAdmission() throws {
+        let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
+        let run = ReceiverRun(destinationEnd) { _ in throw MigrationError.refused("not registered here") }
+        let report = PreCopySender(vm: source, settings: Self.settings()).run { sourceEnd }
+        #expect(report.outcome == .failed)
+        #expect(report.error?.contains("not registered here") == true)
+        #expect(report.pagesSent == 0)
+        #expect(!source.paused)
+        if case .success = run.wait() { Issue.record("the receiver accepted a refused guest") }
+    }
+
+    @Test("a destination that refuses READY (fault transport): the source resumes, the destination discards",
+          arguments: [InjectedFault.refuseReady, .malformedReady, .closeAfterHello, .closeDuringPrecopy])
+    func faultBeforeGo(_ fault: InjectedFault) throws {
+        let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
+        let destination = FakeDestination(memory: try GuestMemory(size: 1 << 20))
+        let run = ReceiverRun(FaultInjectingTransport(destinationEnd, fault: fault)) { _ in destination }
+        let report = PreCopySender(vm: source, settings: Self.settings()).run { sourceEnd }
+        #expect(report.outcome == .failed, "\(fault)")
+        #expect(source.handedTo == nil, "the lease moved although GO was never sent")
+        if source.paused { #expect(source.resumed, "a source paused for the migration was not resumed") }
+        _ = run.wait()
+        #expect(!destination.started)
+    }
+
+    @Test("the link cut after GO leaves the migration in doubt: the source stays paused, the destination runs")
+    func cutAfterGo() throws {
+        let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
+        let destination = FakeDestination(memory: try GuestMemory(size: 1 << 20))
+        let run = ReceiverRun(FaultInjectingTransport(destinationEnd, fault: .closeAfterGo)) { _ in destination }
+        let report = PreCopySender(vm: source, settings: Self.settings()).run { sourceEnd }
+        #expect(report.outcome == .inDoubt)
+        #expect(source.paused && !source.resumed)
+        _ = run.wait()
+        #expect(destination.started)
+    }
+
+    @Test("a tampered state signature is refused before READY and nothing is applied")
+    func tamperedSignature() throws {
+        final class Forger: MigrationSourceVM {
+            let inner: FakeSource
+            init(_ inner: FakeSource) { self.inner = inner }
+            var memory: GuestMemory { inner.memory }
+            var dirtyTracker: any DirtyTracker { inner.dirtyTracker }
+            func machineDescriptionPayload() throws -> [UInt8] { try inner.machineDescriptionPayload() }
+            var migrationIdentity: String? { nil }
+            func commitHandover(toHost host: String?, toPid pid: Int32?) throws { try inner.commitHandover(toHost: host, toPid: pid) }
+            func signState(digest: [UInt8]) throws -> [UInt8]? { Array("signed:".utf8) + digest.map { $0 ^ 1 } }
+            func pauseForMigration() -> Bool { inner.pauseForMigration() }
+            func resumeAfterMigration() { inner.resumeAfterMigration() }
+            func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) { try inner.statePayloads() }
+            func setThrottle(percent: Int) {}
+        }
+        let inner = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
+        let destination = FakeDestination(memory: try GuestMemory(size: 1 << 20))
+        let run = ReceiverRun(destinationEnd) { _ in destination }
+        let report = PreCopySender(vm: Forger(inner), settings: Self.settings()).run { sourceEnd }
+        #expect(report.outcome == .failed)
+        #expect(report.error?.contains("signed") == true, "\(report.error ?? "")")
+        #expect(inner.handedTo == nil)
+        #expect(inner.resumed)
+        _ = run.wait()
+        #expect(destination.discarded && !destination.started)
+        #expect(destination.vcpu.isEmpty, "state was applied before the signature was checked")
+    }
+}
