@@ -14,10 +14,15 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         // <linux/kvm.h>, ioctl request numbers as constants, non-variadic shims. No logic.
         .target(name: "CKVM", path: "CKVM"),
+        // Owned file descriptors and mappings, errors that name the call and errno, EINTR retry.
+        .target(name: "SystemCalls", dependencies: ["CSystemCalls", .product(name: "SystemPackage", package: "swift-system")]),
+        // glibc's errno names, which Swift's Glibc module hides behind _GNU_SOURCE. No logic.
+        .target(name: "CSystemCalls"),
         // Guest-physical address space; bounds-checked access; dirty bitmaps and the tracker protocol.
         .target(name: "GuestMemory"),
         // One Swift method per ioctl; owning fds; typed errors; dirty trackers.
@@ -59,6 +64,7 @@ let package = Package(
                 .product(name: "Hummingbird", package: "hummingbird"),
             ]
         ),
+        .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "Loader", "Devices"]),
         .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
