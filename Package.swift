@@ -25,8 +25,10 @@ let package = Package(
         .target(name: "CSystemCalls"),
         // Guest-physical address space; bounds-checked access; dirty bitmaps and the tracker protocol.
         .target(name: "GuestMemory"),
-        // One Swift method per ioctl; owning fds; typed errors; dirty trackers.
-        .target(name: "KVM", dependencies: ["CKVM", "GuestMemory"]),
+        // One Swift method per ioctl, from one table of requests; typed errors. No policy.
+        .target(name: "KVM", dependencies: ["CKVM", "GuestMemory", "SystemCalls"]),
+        // Dirty-page tracking policy over KVM's dirty log and dirty ring.
+        .target(name: "DirtyTrackers", dependencies: ["KVM", "GuestMemory"]),
         // Pure device state machines (UART, exit port, beacon port). No KVM, no threads.
         .target(name: "Devices"),
         // Image formats (flat, Multiboot) -> guest memory + initial CPU state.
@@ -42,7 +44,7 @@ let package = Package(
         ]),
         // The machine: VM + vCPU threads + exit dispatch + state capture.
         .target(name: "VMM", dependencies: [
-            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard",
+            "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.

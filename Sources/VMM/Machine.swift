@@ -5,6 +5,7 @@ import Foundation
 import Devices
 import GuestMemory
 import KVM
+import DirtyTrackers
 import Loader
 
 /// Which dirty tracker a machine uses; fixed when the VM is created, because
