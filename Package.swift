@@ -34,9 +34,9 @@ let package = Package(
         // Image formats (flat, Multiboot) -> guest memory + initial CPU state.
         .target(name: "Loader", dependencies: ["GuestMemory"]),
         // The versioned, checksummed stream shared by snapshot files and migration.
-        .target(name: "Snapshot", dependencies: ["GuestMemory", .product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "Snapshot", dependencies: ["GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
         // Pre-copy protocol, sender and receiver, transport behind one interface.
-        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory"]),
+        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory", "SystemCalls"]),
         // Signed guest registry, keys, leases, audit (SQLite through GRDB).
         .target(name: "Billboard", dependencies: [
             .product(name: "Crypto", package: "swift-crypto"),
