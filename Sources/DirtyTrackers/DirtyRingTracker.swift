@@ -30,7 +30,7 @@ public final class DirtyRingTracker: DirtyTracker {
     public static func prepare(vm: VirtualMachine, entries: UInt32 = defaultEntries) throws(KVMError) {
         let maxBytes = vm.system.checkExtension(DirtyLogCapability.ring)
         guard maxBytes > 0 else {
-            throw KVMError("KVM_CAP_DIRTY_LOG_RING", errno: ENOTSUP, hint: "this kernel has no dirty ring; use --dirty-tracker bitmap")
+            throw KVMError("KVM_CAP_DIRTY_LOG_RING", errno: ENOTSUP, hint: "this kernel has no dirty ring; use the bitmap dirty tracker")
         }
         let bytes = min(UInt64(entries) * UInt64(DirtyRing.entrySize), UInt64(maxBytes))
         try vm.enableCapability(UInt32(DirtyLogCapability.ring), [bytes])

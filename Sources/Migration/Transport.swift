@@ -130,7 +130,7 @@ public final class TCPTransport: MigrationTransport {
             }
             cursor = ai.pointee.ai_next
         }
-        throw MigrationError.connection("cannot connect to \(destination): \(String(cString: strerror(lastError))); is `vmm receive --listen \(destination)` running?")
+        throw MigrationError.connection("cannot connect to \(destination): \(String(cString: strerror(lastError))); is a VMM waiting there to receive the migration?")
     }
 
     public func send(_ bytes: UnsafeRawBufferPointer) throws {
@@ -167,7 +167,7 @@ public final class TCPTransport: MigrationTransport {
     }
 }
 
-/// A listening TCP socket for `vmm receive`.
+/// A listening TCP socket for an incoming migration.
 public final class TCPListener: Sendable {
     private let socket: OwnedFileDescriptor
     public let address: String

@@ -331,7 +331,7 @@ enum CommandRunner {
         do {
             return try body()
         } catch {
-            FileHandle.standardError.write(Data("vmm: error: \(error)\n".utf8))
+            FileHandle.standardError.write(Data("vmm: error: \(describeWithFlagHint(error))\n".utf8))
             throw ExitCode(1)
         }
     }
