@@ -69,7 +69,7 @@ let package = Package(
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "Loader", "Devices"]),
         .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
-        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
                                                .product(name: "GRDB", package: "GRDB.swift")]),
     ]
