@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import SystemCalls
 
 /// A failed KVM operation: which ioctl (or syscall) and the `errno` it returned.

@@ -3,7 +3,6 @@ import Glibc
 #endif
 import CKVM
 import Foundation
-import SystemCalls
 
 /// One model-specific register.
 public struct MSREntry: Sendable, Equatable, Codable {
