@@ -14,25 +14,32 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
     ],
     targets: [
         // <linux/kvm.h>, ioctl request numbers as constants, non-variadic shims. No logic.
         .target(name: "CKVM", path: "CKVM"),
+        // Owned file descriptors and mappings, errors that name the call and errno, EINTR retry.
+        .target(name: "SystemCalls", dependencies: ["CSystemCalls", .product(name: "SystemPackage", package: "swift-system")]),
+        // glibc's errno names, which Swift's Glibc module hides behind _GNU_SOURCE. No logic.
+        .target(name: "CSystemCalls"),
         // Guest-physical address space; bounds-checked access; dirty bitmaps and the tracker protocol.
         .target(name: "GuestMemory"),
-        // One Swift method per ioctl; owning fds; typed errors; dirty trackers.
-        .target(name: "KVM", dependencies: ["CKVM", "GuestMemory"]),
+        // One Swift method per ioctl, from one table of requests; typed errors. No policy.
+        .target(name: "KVM", dependencies: ["CKVM", "GuestMemory", "SystemCalls"]),
+        // Dirty-page tracking policy over KVM's dirty log and dirty ring.
+        .target(name: "DirtyTrackers", dependencies: ["KVM", "GuestMemory"]),
         // Pure device state machines (UART, exit port, beacon port). No KVM, no threads.
         .target(name: "Devices"),
         // Image formats (flat, Multiboot) -> guest memory + initial CPU state.
         .target(name: "Loader", dependencies: ["GuestMemory"]),
         // The versioned, checksummed stream shared by snapshot files and migration.
-        .target(name: "Snapshot", dependencies: ["GuestMemory", .product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "Snapshot", dependencies: ["GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
         // Pre-copy protocol, sender and receiver, transport behind one interface.
-        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory", .product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
         // The machine: VM + vCPU runners + buses + devices + state capture. Knows nothing of the Billboard.
         .target(name: "MachineCore", dependencies: [
-            "KVM", "GuestMemory", "Devices", "Loader", "Snapshot",
+            "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "SystemCalls",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // Signed guest registry, keys, leases, audit (SQLite through GRDB).
@@ -43,7 +50,7 @@ let package = Package(
         // The admitted guest (a machine and its Billboard session), the doors that make one,
         // snapshot files and the migration service.
         .target(name: "VMM", dependencies: [
-            "MachineCore", "KVM", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard",
+            "MachineCore", "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard", "SystemCalls",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.
@@ -58,19 +65,20 @@ let package = Package(
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "VMM", "MachineCore", "ControlAPI", "Migration", "KVM", "GuestMemory", "Billboard",
+                "VMM", "MachineCore", "ControlAPI", "Migration", "KVM", "GuestMemory", "Loader", "Billboard", "SystemCalls",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Hummingbird", package: "hummingbird"),
             ]
         ),
+        .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
-        .testTarget(name: "MachineCoreTests", dependencies: ["MachineCore", "KVM", "Loader", "GuestMemory"]),
+        .testTarget(name: "MachineCoreTests", dependencies: ["MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory"]),
         .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
-        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls"]),
         .testTarget(name: "VMMTests", dependencies: ["VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
                                                .product(name: "GRDB", package: "GRDB.swift")]),
     ]

@@ -27,7 +27,7 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
         case let .invalidSize(s):
             return "invalid guest memory size \(s) bytes: it must be a non-zero multiple of 4096"
         case let .mapFailed(s, e):
-            return "could not map \(s) bytes of guest memory: \(String(cString: strerror(e))); try a smaller --memory"
+            return "could not map \(s) bytes of guest memory: \(String(cString: strerror(e))); give the guest less memory"
         }
     }
 }

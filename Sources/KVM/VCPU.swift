@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CKVM
+import SystemCalls
 
 /// Why `KVM_RUN` returned, decoded from `kvm_run`.
 public enum VCPUExit: Sendable, Equatable {
@@ -33,25 +34,28 @@ public enum VCPUExit: Sendable, Equatable {
 /// Thread-safety: `run()` and the register calls are made by the vCPU's own
 /// thread; other threads only touch `immediateExit`, which KVM documents as the
 /// way to kick a vCPU out of, or keep it from entering, `KVM_RUN`.
-public final class VCPU: @unchecked Sendable {
+public final class VCPU: Sendable {
     public let id: UInt32
     public let vm: VirtualMachine
-    let fd: OwnedDescriptor
-    // SAFETY: maps `mmapSize` bytes of the vCPU fd until deinit.
-    private let runArea: UnsafeMutablePointer<kvm_run>
-    private let mmapSize: Int
+    let fd: OwnedFileDescriptor
+    /// The vCPU's `kvm_run` area, shared with KVM, unmapped with the vCPU.
+    private let runMapping: MemoryMapping
+    private var mmapSize: Int { runMapping.length }
+    private var runArea: UnsafeMutablePointer<kvm_run> { runMapping.base.assumingMemoryBound(to: kvm_run.self) }
 
-    init(vm: VirtualMachine, id: UInt32, fd: OwnedDescriptor, mmapSize: Int) throws(KVMError) {
-        let p = mmap(nil, mmapSize, PROT_READ | PROT_WRITE, MAP_SHARED, fd.raw, 0)
-        guard let p, p != MAP_FAILED else { throw KVMError("mmap(kvm_run)", errno: errno) }
+    init(vm: VirtualMachine, id: UInt32, fd: OwnedFileDescriptor, mmapSize: Int) throws(KVMError) {
+        do {
+            runMapping = try MemoryMapping(length: mmapSize, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED,
+                                           descriptor: fd, call: "mmap(kvm_run)")
+        } catch {
+            throw KVMError(error)
+        }
+        // SAFETY: KVM lays a `struct kvm_run` at the start of the mapping.
+        _ = runMapping.base.bindMemory(to: kvm_run.self, capacity: 1)
         self.vm = vm
         self.id = id
         self.fd = fd
-        self.mmapSize = mmapSize
-        self.runArea = p.bindMemory(to: kvm_run.self, capacity: 1)
     }
-
-    deinit { munmap(runArea, mmapSize) }
 
     /// `kvm_run->immediate_exit`: when set, `KVM_RUN` completes pending I/O and
     /// returns EINTR without entering the guest.
@@ -62,10 +66,10 @@ public final class VCPU: @unchecked Sendable {
 
     /// `KVM_RUN`. An interruption (EINTR) is returned as `.interrupted`, not thrown.
     public func run() throws(KVMError) -> VCPUExit {
-        let r = ckvm_ioctl_pointer(fd.raw, CKVM_RUN, nil)
-        if r < 0 {
-            if -r == EINTR || -r == EAGAIN { return .interrupted }
-            throw KVMError("KVM_RUN", errno: -r)
+        do throws(KVMError) {
+            _ = try kvmIoctl(fd, .run, nil, retryOnInterrupt: false)
+        } catch where error.errno == EINTR || error.errno == EAGAIN {
+            return .interrupted
         }
         return decodeExit()
     }
@@ -127,46 +131,40 @@ public final class VCPU: @unchecked Sendable {
     /// `KVM_GET_REGS`.
     public func registers() throws(KVMError) -> Registers {
         var r = kvm_regs()
-        _ = try kvmIoctl(fd.raw, "KVM_GET_REGS", CKVM_GET_REGS, &r)
+        _ = try kvmIoctl(fd, .getRegisters, &r)
         return Registers(r)
     }
 
     /// `KVM_SET_REGS`.
     public func setRegisters(_ regs: Registers) throws(KVMError) {
         var r = regs.kvm
-        _ = try kvmIoctl(fd.raw, "KVM_SET_REGS", CKVM_SET_REGS, &r)
+        _ = try kvmIoctl(fd, .setRegisters, &r)
     }
 
     /// `KVM_GET_SREGS`.
     public func specialRegisters() throws(KVMError) -> SpecialRegisters {
         var s = kvm_sregs()
-        _ = try kvmIoctl(fd.raw, "KVM_GET_SREGS", CKVM_GET_SREGS, &s)
+        _ = try kvmIoctl(fd, .getSpecialRegisters, &s)
         return SpecialRegisters(s)
     }
 
     /// `KVM_SET_SREGS`.
     public func setSpecialRegisters(_ sregs: SpecialRegisters) throws(KVMError) {
         var s = sregs.kvm
-        _ = try kvmIoctl(fd.raw, "KVM_SET_SREGS", CKVM_SET_SREGS, &s)
+        _ = try kvmIoctl(fd, .setSpecialRegisters, &s)
     }
 
     /// `KVM_SET_CPUID2`.
     public func setCPUID(_ entries: [CPUIDEntry]) throws(KVMError) {
-        let bytes = MemoryLayout<kvm_cpuid2>.size + entries.count * MemoryLayout<kvm_cpuid_entry2>.stride
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-        defer { buffer.deallocate() }
-        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        buffer.assumingMemoryBound(to: kvm_cpuid2.self).pointee.nent = UInt32(entries.count)
-        let out = (buffer + MemoryLayout<kvm_cpuid2>.size).assumingMemoryBound(to: kvm_cpuid_entry2.self)
-        for (i, e) in entries.enumerated() {
-            out[i].function = e.function; out[i].index = e.index; out[i].flags = e.flags
-            out[i].eax = e.eax; out[i].ebx = e.ebx; out[i].ecx = e.ecx; out[i].edx = e.edx
+        let cpuid = VariableLengthStruct<kvm_cpuid2, kvm_cpuid_entry2>(count: \.nent, entries) { e, out in
+            out.function = e.function; out.index = e.index; out.flags = e.flags
+            out.eax = e.eax; out.ebx = e.ebx; out.ecx = e.ecx; out.edx = e.edx
         }
-        _ = try kvmIoctl(fd.raw, "KVM_SET_CPUID2", CKVM_SET_CPUID2, buffer)
+        _ = try kvmIoctl(fd, .setCPUID, cpuid.pointer)
     }
 
     /// `KVM_GET_TSC_KHZ`: the guest TSC frequency.
     public func tscKHz() throws(KVMError) -> UInt32 {
-        UInt32(try kvmIoctl(fd.raw, "KVM_GET_TSC_KHZ", CKVM_GET_TSC_KHZ))
+        UInt32(try kvmIoctl(fd, .getTSCKHz))
     }
 }

@@ -41,12 +41,11 @@ extension VCPU {
     /// `KVM_GET_XSAVE2` (or `KVM_GET_XSAVE` when the kernel lacks XSAVE2).
     public func xsave() throws(KVMError) -> Data {
         let size = max(Int(vm.system.checkExtension(KVM_CAP_XSAVE2)), MemoryLayout<kvm_xsave>.size)
-        let request = vm.system.checkExtension(KVM_CAP_XSAVE2) > 0 ? CKVM_GET_XSAVE2 : CKVM_GET_XSAVE
-        let name = request == CKVM_GET_XSAVE2 ? "KVM_GET_XSAVE2" : "KVM_GET_XSAVE"
+        let request: KVMRequest = vm.system.checkExtension(KVM_CAP_XSAVE2) > 0 ? .getXsave2 : .getXsave
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
         defer { buffer.deallocate() }
         buffer.initializeMemory(as: UInt8.self, repeating: 0, count: size)
-        _ = try kvmIoctl(fd.raw, name, request, buffer)
+        _ = try kvmIoctl(fd, request, buffer)
         return Data(bytes: buffer, count: size)
     }
 
@@ -54,18 +53,18 @@ extension VCPU {
     public func setXsave(_ area: Data) throws(KVMError) {
         let size = max(Int(vm.system.checkExtension(KVM_CAP_XSAVE2)), MemoryLayout<kvm_xsave>.size)
         guard area.count == size else {
-            throw KVMError("KVM_SET_XSAVE", errno: EINVAL, hint: "the saved XSAVE area is \(area.count) bytes, this host uses \(size)")
+            throw KVMError(KVMRequest.setXsave.name, errno: EINVAL, hint: "the saved XSAVE area is \(area.count) bytes, this host uses \(size)")
         }
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 64)
         defer { buffer.deallocate() }
         area.copyBytes(to: buffer.assumingMemoryBound(to: UInt8.self), count: size)
-        _ = try kvmIoctl(fd.raw, "KVM_SET_XSAVE", CKVM_SET_XSAVE, buffer)
+        _ = try kvmIoctl(fd, .setXsave, buffer)
     }
 
     /// `KVM_GET_XCRS`.
     public func xcrs() throws(KVMError) -> [XCREntry] {
         var x = kvm_xcrs()
-        _ = try kvmIoctl(fd.raw, "KVM_GET_XCRS", CKVM_GET_XCRS, &x)
+        _ = try kvmIoctl(fd, .getXCRs, &x)
         let n = Int(min(x.nr_xcrs, 16))
         return withUnsafeBytes(of: x.xcrs) { raw in
             let entries = raw.bindMemory(to: kvm_xcr.self)
@@ -75,20 +74,20 @@ extension VCPU {
 
     /// `KVM_SET_XCRS`.
     public func setXcrs(_ list: [XCREntry]) throws(KVMError) {
-        guard list.count <= 16 else { throw KVMError("KVM_SET_XCRS", errno: E2BIG, hint: "at most 16 XCRs") }
+        guard list.count <= 16 else { throw KVMError(KVMRequest.setXCRs.name, errno: E2BIG, hint: "at most 16 XCRs") }
         var x = kvm_xcrs()
         x.nr_xcrs = UInt32(list.count)
         withUnsafeMutableBytes(of: &x.xcrs) { raw in
             let entries = raw.bindMemory(to: kvm_xcr.self)
             for (i, e) in list.enumerated() { entries[i].xcr = e.index; entries[i].value = e.value }
         }
-        _ = try kvmIoctl(fd.raw, "KVM_SET_XCRS", CKVM_SET_XCRS, &x)
+        _ = try kvmIoctl(fd, .setXCRs, &x)
     }
 
     /// `KVM_GET_DEBUGREGS`, as raw bytes.
     public func debugRegisters() throws(KVMError) -> Data {
         var d = kvm_debugregs()
-        _ = try kvmIoctl(fd.raw, "KVM_GET_DEBUGREGS", CKVM_GET_DEBUGREGS, &d)
+        _ = try kvmIoctl(fd, .getDebugRegisters, &d)
         return withUnsafeBytes(of: d) { Data($0) }
     }
 
@@ -96,16 +95,16 @@ extension VCPU {
     public func setDebugRegisters(_ raw: Data) throws(KVMError) {
         var d = kvm_debugregs()
         guard raw.count == MemoryLayout<kvm_debugregs>.size else {
-            throw KVMError("KVM_SET_DEBUGREGS", errno: EINVAL, hint: "saved debug registers have the wrong size")
+            throw KVMError(KVMRequest.setDebugRegisters.name, errno: EINVAL, hint: "saved debug registers have the wrong size")
         }
         withUnsafeMutableBytes(of: &d) { _ = raw.copyBytes(to: $0) }
-        _ = try kvmIoctl(fd.raw, "KVM_SET_DEBUGREGS", CKVM_SET_DEBUGREGS, &d)
+        _ = try kvmIoctl(fd, .setDebugRegisters, &d)
     }
 
     /// `KVM_GET_VCPU_EVENTS`, as raw bytes.
     public func events() throws(KVMError) -> Data {
         var e = kvm_vcpu_events()
-        _ = try kvmIoctl(fd.raw, "KVM_GET_VCPU_EVENTS", CKVM_GET_VCPU_EVENTS, &e)
+        _ = try kvmIoctl(fd, .getVCPUEvents, &e)
         return withUnsafeBytes(of: e) { Data($0) }
     }
 
@@ -113,70 +112,60 @@ extension VCPU {
     public func setEvents(_ raw: Data) throws(KVMError) {
         var e = kvm_vcpu_events()
         guard raw.count == MemoryLayout<kvm_vcpu_events>.size else {
-            throw KVMError("KVM_SET_VCPU_EVENTS", errno: EINVAL, hint: "saved vCPU events have the wrong size")
+            throw KVMError(KVMRequest.setVCPUEvents.name, errno: EINVAL, hint: "saved vCPU events have the wrong size")
         }
         withUnsafeMutableBytes(of: &e) { _ = raw.copyBytes(to: $0) }
         e.flags |= UInt32(KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR | KVM_VCPUEVENT_VALID_SHADOW)
-        _ = try kvmIoctl(fd.raw, "KVM_SET_VCPU_EVENTS", CKVM_SET_VCPU_EVENTS, &e)
+        _ = try kvmIoctl(fd, .setVCPUEvents, &e)
     }
 
     /// `KVM_GET_MP_STATE`.
     public func mpState() throws(KVMError) -> UInt32 {
         var m = kvm_mp_state()
-        _ = try kvmIoctl(fd.raw, "KVM_GET_MP_STATE", CKVM_GET_MP_STATE, &m)
+        _ = try kvmIoctl(fd, .getMPState, &m)
         return m.mp_state
     }
 
     /// `KVM_SET_MP_STATE`.
     public func setMPState(_ state: UInt32) throws(KVMError) {
         var m = kvm_mp_state(mp_state: state)
-        _ = try kvmIoctl(fd.raw, "KVM_SET_MP_STATE", CKVM_SET_MP_STATE, &m)
+        _ = try kvmIoctl(fd, .setMPState, &m)
     }
 
     /// `KVM_GET_MSRS` for `indices`. KVM returns how many it read; fewer than asked is
     /// an error naming the first MSR it could not read, never a silent gap.
     public func msrs(_ indices: [UInt32]) throws(KVMError) -> [MSREntry] {
         if indices.isEmpty { return [] }
-        let bytes = MemoryLayout<kvm_msrs>.size + indices.count * MemoryLayout<kvm_msr_entry>.stride
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-        defer { buffer.deallocate() }
-        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        buffer.assumingMemoryBound(to: kvm_msrs.self).pointee.nmsrs = UInt32(indices.count)
-        let entries = (buffer + MemoryLayout<kvm_msrs>.size).assumingMemoryBound(to: kvm_msr_entry.self)
-        for (i, index) in indices.enumerated() { entries[i].index = index }
-        let read = Int(try kvmIoctl(fd.raw, "KVM_GET_MSRS", CKVM_GET_MSRS, buffer))
+        let msrs = VariableLengthStruct<kvm_msrs, kvm_msr_entry>(count: \.nmsrs, indices) { index, out in out.index = index }
+        let read = Int(try kvmIoctl(fd, .getMSRs, msrs.pointer))
         guard read == indices.count else {
-            throw KVMError("KVM_GET_MSRS", errno: EIO,
+            throw KVMError(KVMRequest.getMSRs.name, errno: EIO,
                            hint: "read \(read) of \(indices.count) MSRs; MSR 0x\(String(indices[read], radix: 16)) could not be read")
         }
-        return (0..<read).map { MSREntry(index: entries[$0].index, value: entries[$0].data) }
+        return msrs.entries.prefix(read).map { MSREntry(index: $0.index, value: $0.data) }
     }
 
     /// `KVM_SET_MSRS`; fewer written than given is an error naming the MSR.
     public func setMSRs(_ list: [MSREntry]) throws(KVMError) {
         if list.isEmpty { return }
-        let bytes = MemoryLayout<kvm_msrs>.size + list.count * MemoryLayout<kvm_msr_entry>.stride
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-        defer { buffer.deallocate() }
-        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-        buffer.assumingMemoryBound(to: kvm_msrs.self).pointee.nmsrs = UInt32(list.count)
-        let entries = (buffer + MemoryLayout<kvm_msrs>.size).assumingMemoryBound(to: kvm_msr_entry.self)
-        for (i, e) in list.enumerated() { entries[i].index = e.index; entries[i].data = e.value }
-        let written = Int(try kvmIoctl(fd.raw, "KVM_SET_MSRS", CKVM_SET_MSRS, buffer))
+        let msrs = VariableLengthStruct<kvm_msrs, kvm_msr_entry>(count: \.nmsrs, list) { e, out in
+            out.index = e.index; out.data = e.value
+        }
+        let written = Int(try kvmIoctl(fd, .setMSRs, msrs.pointer))
         guard written == list.count else {
-            throw KVMError("KVM_SET_MSRS", errno: EIO,
+            throw KVMError(KVMRequest.setMSRs.name, errno: EIO,
                            hint: "wrote \(written) of \(list.count) MSRs; MSR 0x\(String(list[written].index, radix: 16)) was refused")
         }
     }
 
     /// `KVM_SET_TSC_KHZ` (needs `KVM_CAP_TSC_CONTROL`).
     public func setTscKHz(_ khz: UInt32) throws(KVMError) {
-        _ = try kvmIoctl(fd.raw, "KVM_SET_TSC_KHZ", CKVM_SET_TSC_KHZ, UInt(khz))
+        _ = try kvmIoctl(fd, .setTSCKHz, UInt(khz))
     }
 
     /// `KVM_GET_CPUID2`: the CPUID this vCPU was given.
     public func cpuid() throws(KVMError) -> [CPUIDEntry] {
-        try readCPUID(fd: fd.raw, name: "KVM_GET_CPUID2", request: CKVM_GET_CPUID2)
+        try readCPUID(fd, .getCPUID)
     }
 
     /// Saves the whole vCPU. Call only while the vCPU is paused (not inside `KVM_RUN`).
@@ -204,22 +193,9 @@ extension VCPU {
 extension KVMSystem {
     /// `KVM_GET_MSR_INDEX_LIST`: the MSRs KVM says can be saved and restored.
     public func msrIndexList() throws(KVMError) -> [UInt32] {
-        var capacity = 512
-        while true {
-            let bytes = MemoryLayout<kvm_msr_list>.size + capacity * 4
-            let buffer = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 16)
-            defer { buffer.deallocate() }
-            buffer.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
-            let header = buffer.assumingMemoryBound(to: kvm_msr_list.self)
-            header.pointee.nmsrs = UInt32(capacity)
-            do throws(KVMError) {
-                _ = try kvmIoctl(fd.raw, "KVM_GET_MSR_INDEX_LIST", CKVM_GET_MSR_INDEX_LIST, buffer)
-            } catch where error.errno == E2BIG && capacity < 16384 {
-                capacity = max(capacity * 2, Int(header.pointee.nmsrs))
-                continue
-            }
-            let list = (buffer + MemoryLayout<kvm_msr_list>.size).assumingMemoryBound(to: UInt32.self)
-            return (0..<Int(header.pointee.nmsrs)).map { list[$0] }
-        }
+        try VariableLengthStruct<kvm_msr_list, UInt32>.filling(
+            count: \.nmsrs, capacity: 512, maximum: 16384,
+            { (p) throws(KVMError) in _ = try kvmIoctl(fd, .getMSRIndexList, p) },
+            convert: { $0 })
     }
 }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CKVM
 import GuestMemory
+import SystemCalls
 
 /// A KVM virtual machine (the fd from `KVM_CREATE_VM`).
 public final class VirtualMachine: Sendable {
@@ -11,9 +12,9 @@ public final class VirtualMachine: Sendable {
     public static let tssAddress: UInt = 0xFFFB_D000
 
     public let system: KVMSystem
-    let fd: OwnedDescriptor
+    let fd: OwnedFileDescriptor
 
-    init(system: KVMSystem, fd: OwnedDescriptor) throws(KVMError) {
+    init(system: KVMSystem, fd: OwnedFileDescriptor) throws(KVMError) {
         self.system = system
         self.fd = fd
         try setTSSAddress(Self.tssAddress)
@@ -21,7 +22,7 @@ public final class VirtualMachine: Sendable {
 
     /// `KVM_SET_TSS_ADDR`: needed on Intel before running real-mode code.
     public func setTSSAddress(_ address: UInt) throws(KVMError) {
-        _ = try kvmIoctl(fd.raw, "KVM_SET_TSS_ADDR", CKVM_SET_TSS_ADDR, address)
+        _ = try kvmIoctl(fd, .setTSSAddress, address)
     }
 
     /// `KVM_SET_USER_MEMORY_REGION`: maps host memory into a guest-physical slot.
@@ -30,7 +31,7 @@ public final class VirtualMachine: Sendable {
                                     size: UInt64, hostAddress: UInt) throws(KVMError) {
         var region = kvm_userspace_memory_region(slot: slot, flags: flags, guest_phys_addr: guestAddress,
                                                  memory_size: size, userspace_addr: UInt64(hostAddress))
-        _ = try kvmIoctl(fd.raw, "KVM_SET_USER_MEMORY_REGION", CKVM_SET_USER_MEMORY_REGION, &region)
+        _ = try kvmIoctl(fd, .setUserMemoryRegion, &region)
     }
 
     /// Registers every region of `memory` as a memory slot.
@@ -43,8 +44,8 @@ public final class VirtualMachine: Sendable {
 
     /// `KVM_CREATE_VCPU`, then maps its `kvm_run` area.
     public func createVCPU(id: UInt32) throws(KVMError) -> VCPU {
-        let raw = try kvmIoctl(fd.raw, "KVM_CREATE_VCPU", CKVM_CREATE_VCPU, UInt(id))
-        let descriptor = OwnedDescriptor(raw)
+        let raw = try kvmIoctl(fd, .createVCPU, UInt(id))
+        let descriptor = OwnedFileDescriptor(taking: raw)
         return try VCPU(vm: self, id: id, fd: descriptor, mmapSize: system.vcpuMmapSize())
     }
 }

@@ -60,9 +60,9 @@ public enum LoaderError: Error, Equatable, CustomStringConvertible {
         case .emptyImage:
             return "the image is empty; give a flat binary or a Multiboot kernel"
         case let .imageTooLarge(s, a):
-            return "the image (\(s) bytes) does not fit in guest memory above \(hex(BootLayout.imageBase)) (\(a) bytes free); raise --memory or use a smaller image"
+            return "the image (\(s) bytes) does not fit in guest memory above \(hex(BootLayout.imageBase)) (\(a) bytes free); give the guest more memory or use a smaller image"
         case .notMultiboot:
-            return "no Multiboot header in the image's first 8 KiB; for a flat binary pass --mode real, --mode protected or --mode long"
+            return "no Multiboot header in the image's first 8 KiB; for a flat binary, give its boot mode: real, protected or long"
         case let .badMultibootChecksum(o):
             return "the Multiboot header at offset \(o) has a bad checksum (magic + flags + checksum must be 0 mod 2^32); the kernel file is damaged"
         case let .unsupportedMultibootFlags(f):
@@ -75,7 +75,7 @@ public enum LoaderError: Error, Equatable, CustomStringConvertible {
             if s < BootLayout.imageBase {
                 return "\(what) at \(hex(s))..<\(hex(e)) overlaps the VMM's boot structures below \(hex(BootLayout.imageBase)); link the kernel at 1 MiB or above"
             }
-            return "\(what) at \(hex(s))..<\(hex(e)) lies outside guest memory (\(hex(m)) bytes); raise --memory"
+            return "\(what) at \(hex(s))..<\(hex(e)) lies outside guest memory (\(hex(m)) bytes); give the guest more memory"
         case let .commandLineTooLong(n):
             return "the command line is \(n) bytes; at most \(BootLayout.maxCommandLine) are supported"
         case let .internalError(what):

@@ -4,6 +4,7 @@ import Glibc
 import Devices
 import Foundation
 import GuestMemory
+import DirtyTrackers
 import KVM
 import Loader
 
@@ -131,7 +132,8 @@ public final class Machine: Sendable {
         let live = runners.filter { $0.state != .finished }
         if run.result != nil && live.isEmpty { return .finished }
         if !run.started { return .created }
-        if !live.isEmpty && live.allSatisfy({ $0.state == .paused }) { return .paused }
+        // Paused while every live vCPU is parked and asked to stay so (a resume counts at once).
+        if !live.isEmpty && live.allSatisfy({ $0.state == .paused && $0.target == .paused }) { return .paused }
         return .running
     }
 

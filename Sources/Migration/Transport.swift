@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import Snapshot
+import SystemCalls
 
 /// A bidirectional byte stream between two VMMs. TCP today; the secure channel
 /// (mutually authenticated, encrypted) implements the same interface, so nothing
@@ -86,14 +87,13 @@ public func parseHostPort(_ text: String, allowAnyPort: Bool = false) throws -> 
 
 /// Plain TCP with send/receive timeouts, so a dead peer cannot hang a migration.
 public final class TCPTransport: MigrationTransport {
-    private let fd: Int32
+    private let socket: OwnedFileDescriptor
     public let peer: String
-    private let closed = NSLock()
-    nonisolated(unsafe) private var isClosed = false // guarded by `closed`
 
-    init(fd: Int32, peer: String, timeoutSeconds: Int) {
-        self.fd = fd
+    init(socket: OwnedFileDescriptor, peer: String, timeoutSeconds: Int) {
+        self.socket = socket
         self.peer = peer
+        let fd = socket.raw
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         var tv = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
@@ -117,58 +117,59 @@ public final class TCPTransport: MigrationTransport {
         var lastError: Int32 = 0
         var cursor: UnsafeMutablePointer<addrinfo>? = first
         while let ai = cursor {
-            let fd = socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            let fd = Glibc.socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             if fd >= 0 {
+                // Closed by its owner unless the transport takes it.
+                let socket = OwnedFileDescriptor(taking: fd)
+                // Not retried on EINTR: an interrupted connect(2) goes on in the background
+                // and a second call would fail with EALREADY; the next address is tried instead.
                 if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
-                    return TCPTransport(fd: fd, peer: destination, timeoutSeconds: timeoutSeconds)
+                    return TCPTransport(socket: socket, peer: destination, timeoutSeconds: timeoutSeconds)
                 }
                 lastError = errno
-                Glibc.close(fd)
             }
             cursor = ai.pointee.ai_next
         }
-        throw MigrationError.connection("cannot connect to \(destination): \(String(cString: strerror(lastError))); is `vmm receive --listen \(destination)` running?")
+        throw MigrationError.connection("cannot connect to \(destination): \(String(cString: strerror(lastError))); is a VMM waiting there to receive the migration?")
     }
 
     public func send(_ bytes: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < bytes.count {
-            let n = Glibc.send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
-            if n < 0 {
-                if errno == EINTR { continue }
-                let e = errno
-                throw MigrationError.connection(e == EAGAIN ? "sending to \(peer) timed out" : "sending to \(peer) failed: \(String(cString: strerror(e)))")
+            do {
+                done += try retryingOnInterrupt("send") {
+                    Glibc.send(socket.raw, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
+                }
+            } catch {
+                throw MigrationError.connection(error.errno == EAGAIN ? "sending to \(peer) timed out" : "sending to \(peer) failed: \(error.message)")
             }
-            done += n
         }
     }
 
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
         var done = 0
         while done < buffer.count {
-            let n = recv(fd, buffer.baseAddress! + done, buffer.count - done, 0)
-            if n == 0 { throw MigrationError.connection("\(peer) closed the connection") }
-            if n < 0 {
-                if errno == EINTR { continue }
-                let e = errno
-                throw MigrationError.connection(e == EAGAIN ? "no data from \(peer) within the timeout" : "receiving from \(peer) failed: \(String(cString: strerror(e)))")
+            let n: Int
+            do {
+                n = try retryingOnInterrupt("recv") { recv(socket.raw, buffer.baseAddress! + done, buffer.count - done, 0) }
+            } catch {
+                throw MigrationError.connection(error.errno == EAGAIN ? "no data from \(peer) within the timeout" : "receiving from \(peer) failed: \(error.message)")
             }
+            if n == 0 { throw MigrationError.connection("\(peer) closed the connection") }
             done += n
         }
     }
 
+    /// Shuts both directions down, so a thread blocked on the socket and the peer
+    /// see end of stream, then closes it; only the first call does anything.
     public func close() {
-        closed.lock(); defer { closed.unlock() }
-        guard !isClosed else { return }
-        isClosed = true
-        shutdown(fd, Int32(SHUT_RDWR))
-        Glibc.close(fd)
+        socket.close(after: { shutdown($0, Int32(SHUT_RDWR)) })
     }
 }
 
-/// A listening TCP socket for `vmm receive`.
+/// A listening TCP socket for an incoming migration.
 public final class TCPListener: Sendable {
-    private let fd: Int32
+    private let socket: OwnedFileDescriptor
     public let address: String
     public let port: UInt16
 
@@ -183,19 +184,14 @@ public final class TCPListener: Sendable {
             throw MigrationError.connection("cannot resolve '\(host)': \(String(cString: gai_strerror(rc)))")
         }
         defer { freeaddrinfo(list) }
-        let fd = socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let fd = Glibc.socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw MigrationError.connection("socket: \(String(cString: strerror(errno)))") }
+        // Closed by its owner on every path out, the early throws included.
+        let socket = OwnedFileDescriptor(taking: fd)
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        guard bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else {
-            let e = errno
-            Glibc.close(fd)
-            throw MigrationError.connection("cannot listen on \(listen): \(String(cString: strerror(e)))")
-        }
-        guard Glibc.listen(fd, 4) == 0 else {
-            let e = errno
-            Glibc.close(fd)
-            throw MigrationError.connection("cannot listen on \(listen): \(String(cString: strerror(e)))")
+        guard bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0, Glibc.listen(fd, 4) == 0 else {
+            throw MigrationError.connection("cannot listen on \(listen): \(String(cString: strerror(errno)))")
         }
         var addr = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
@@ -203,30 +199,30 @@ public final class TCPListener: Sendable {
         let boundPort = withUnsafePointer(to: &addr) { p -> UInt16 in
             p.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin_port) }
         }
-        self.fd = fd
+        self.socket = socket
         self.address = host
         self.port = boundPort
     }
 
-    deinit { Glibc.close(fd) }
-
     /// Waits for one connection.
     public func accept(timeoutSeconds: Int = 30) throws -> TCPTransport {
-        while true {
-            var addr = sockaddr_storage()
-            var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            let c = withUnsafeMutablePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.accept(fd, $0, &len) }
+        var addr = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let c: Int32
+        do throws(SystemCallError) {
+            c = try retryingOnInterrupt("accept") {
+                withUnsafeMutablePointer(to: &addr) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.accept(socket.raw, $0, &len) }
+                }
             }
-            if c < 0 {
-                if errno == EINTR { continue }
-                throw MigrationError.connection("accept failed: \(String(cString: strerror(errno)))")
-            }
-            _ = fcntl(c, F_SETFD, FD_CLOEXEC)
-            return TCPTransport(fd: c, peer: "source", timeoutSeconds: timeoutSeconds)
+        } catch {
+            throw MigrationError.connection("accept failed: \(error.message)")
         }
+        let connection = OwnedFileDescriptor(taking: c)
+        _ = fcntl(c, F_SETFD, FD_CLOEXEC)
+        return TCPTransport(socket: connection, peer: "source", timeoutSeconds: timeoutSeconds)
     }
 
     /// Unblocks a pending `accept` (used on shutdown).
-    public func shutdownListening() { shutdown(fd, Int32(SHUT_RDWR)) }
+    public func shutdownListening() { shutdown(socket.raw, Int32(SHUT_RDWR)) }
 }

@@ -1,8 +1,7 @@
 #if canImport(Glibc)
 import Glibc
-#elseif canImport(Darwin)
-import Darwin
 #endif
+import SystemCalls
 
 /// Where a stream writer puts its bytes (file, socket, memory).
 public protocol ByteSink {
@@ -18,26 +17,38 @@ public protocol ByteSource {
     mutating func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws
 }
 
-/// Writes to a blocking file descriptor it does not own (the caller closes it).
+/// Writes to a blocking file descriptor.
+///
+/// Made from an `OwnedFileDescriptor`, the sink keeps that owner alive, so the fd
+/// cannot be closed under it. Made from a raw number (`init(fd:)`), it only borrows
+/// it: the caller keeps it open for as long as the sink is used and closes it.
 public final class FileDescriptorSink: ByteSink {
     public let fd: Int32
+    /// Keeps the descriptor open while the sink exists, when the sink was given its owner.
+    private let owner: OwnedFileDescriptor?
 
-    public init(fd: Int32) { self.fd = fd }
+    /// Writes to `descriptor`, keeping it open while the sink exists.
+    public init(_ descriptor: OwnedFileDescriptor) {
+        fd = descriptor.raw
+        owner = descriptor
+    }
+
+    /// Borrows `fd`; the caller closes it, after the last write.
+    public init(fd: Int32) {
+        self.fd = fd
+        owner = nil
+    }
 
     public func write(_ bytes: UnsafeRawBufferPointer) throws {
         guard var next = bytes.baseAddress else { return }
         var remaining = bytes.count
         // write(2) may take less than asked (pipes, sockets, signals): loop.
         while remaining > 0 {
-            #if canImport(Glibc)
-            let n = Glibc.write(fd, next, remaining)
-            #else
-            let n = Darwin.write(fd, next, remaining)
-            #endif
-            if n < 0 {
-                let e = errno
-                if e == EINTR { continue }
-                throw SnapshotIOError(operation: "write", errno: e)
+            let n: Int
+            do {
+                n = try retryingOnInterrupt("write") { Glibc.write(fd, next, remaining) }
+            } catch {
+                throw SnapshotIOError(operation: error.call, errno: error.errno)
             }
             // Zero progress would spin forever; no healthy fd does this.
             if n == 0 { throw SnapshotIOError(operation: "write", errno: EIO) }
@@ -47,27 +58,36 @@ public final class FileDescriptorSink: ByteSink {
     }
 }
 
-/// Reads from a blocking file descriptor it does not own (the caller closes it).
+/// Reads from a blocking file descriptor. Ownership as for `FileDescriptorSink`:
+/// given an `OwnedFileDescriptor` it keeps it open; given a raw number it borrows it.
 public final class FileDescriptorSource: ByteSource {
     public let fd: Int32
+    /// Keeps the descriptor open while the source exists, when the source was given its owner.
+    private let owner: OwnedFileDescriptor?
     /// Bytes consumed so far; the offset reported when input runs out.
     public private(set) var bytesRead: UInt64 = 0
 
-    public init(fd: Int32) { self.fd = fd }
+    /// Reads from `descriptor`, keeping it open while the source exists.
+    public init(_ descriptor: OwnedFileDescriptor) {
+        fd = descriptor.raw
+        owner = descriptor
+    }
+
+    /// Borrows `fd`; the caller closes it, after the last read.
+    public init(fd: Int32) {
+        self.fd = fd
+        owner = nil
+    }
 
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws {
         guard var next = buffer.baseAddress else { return }
         var remaining = buffer.count
         while remaining > 0 {
-            #if canImport(Glibc)
-            let n = Glibc.read(fd, next, remaining)
-            #else
-            let n = Darwin.read(fd, next, remaining)
-            #endif
-            if n < 0 {
-                let e = errno
-                if e == EINTR { continue }
-                throw SnapshotIOError(operation: "read", errno: e)
+            let n: Int
+            do {
+                n = try retryingOnInterrupt("read") { Glibc.read(fd, next, remaining) }
+            } catch {
+                throw SnapshotIOError(operation: error.call, errno: error.errno)
             }
             if n == 0 {
                 throw SnapshotFormatError.truncated(offset: bytesRead, needed: UInt64(remaining))

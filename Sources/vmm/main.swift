@@ -7,6 +7,7 @@ import Migration
 import KVM
 import Loader
 import MachineCore
+import SystemCalls
 import VMM
 
 /// The `vmm` command line.
@@ -311,22 +312,23 @@ final class RunningMachine: @unchecked Sendable {
 }
 
 /// Where serial bytes go: stdout or a log file, one unbuffered write per byte.
-// @unchecked: `fd` is immutable after init; write(2) of one byte needs no lock.
-final class SerialOutput: @unchecked Sendable {
-    let fd: Int32
+final class SerialOutput: Sendable {
+    /// The log file, closed when the output goes away; nil for stdout, which is not ours to close.
+    private let file: OwnedFileDescriptor?
     init(path: String?) throws {
         if let path {
-            fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            guard fd >= 0 else {
-                throw CLIError("cannot open the serial log '\(path)': \(String(cString: strerror(errno))); check the directory exists and is writable")
+            do {
+                file = try OwnedFileDescriptor.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o644)
+            } catch {
+                throw CLIError("cannot open the serial log '\(path)': \(error.message); check the directory exists and is writable")
             }
         } else {
-            fd = STDOUT_FILENO
+            file = nil
         }
     }
     func write(_ byte: UInt8) {
         var b = byte
-        _ = Foundation.write(fd, &b, 1)
+        _ = Foundation.write(file?.raw ?? STDOUT_FILENO, &b, 1)
     }
 }
 
@@ -336,7 +338,7 @@ enum CommandRunner {
         do {
             return try body()
         } catch {
-            FileHandle.standardError.write(Data("vmm: error: \(error)\n".utf8))
+            FileHandle.standardError.write(Data("vmm: error: \(describeWithFlagHint(error))\n".utf8))
             throw ExitCode(1)
         }
     }

@@ -6,6 +6,7 @@ import Darwin
 import Testing
 import GuestMemory
 @testable import Snapshot
+import SystemCalls
 
 @Suite("File descriptor sinks and sources")
 struct FileDescriptorTests {
@@ -36,6 +37,25 @@ struct FileDescriptorTests {
         let target = try GuestMemory(size: 1 << 20)
         _ = try MemorySection.apply(sections[1], to: target)
         #expect(try target.read(at: GuestAddress(0), count: 1 << 20) == memory.read(at: GuestAddress(0), count: 1 << 20))
+    }
+
+    @Test("a sink and a source given the descriptor's owner keep it open until they go away")
+    func ownedDescriptor() throws {
+        let path = "/tmp/snapshot-test-owned-\(getpid())"
+        defer { unlink(path) }
+        var sink: FileDescriptorSink? = FileDescriptorSink(try OwnedFileDescriptor.open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC))
+        let number = try #require(sink?.fd)
+        var writer = try StreamWriter(sink: sink!)
+        try writer.writeSection(.machine, payload: machineJSON)
+        try writer.finish()
+        sink = nil
+        // The writer holds the sink, and the sink the owner: still open.
+        #expect(fcntl(number, F_GETFD) != -1)
+        _ = consume writer
+        #expect(fcntl(number, F_GETFD) == -1)
+
+        let sections = try StreamReader.readAll(from: FileDescriptorSource(try OwnedFileDescriptor.open(path, O_RDONLY | O_CLOEXEC)))
+        #expect(sections.map(\.type) == [.machine])
     }
 
     @Test("a truncated file is refused as truncated at the offset where it ends")
