@@ -80,9 +80,9 @@ public enum GuestDoors {
                     guard let signature else {
                         throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
                     }
-                    try store.verifyState(signature, digest: digest)
+                    try store.stateSignatures.verify(signature, digest: digest)
                 } catch {
-                    store.auditRefusedState(guest: session?.registration.name, reason: "\(path): \(error)")
+                    store.stateSignatures.auditRefused(guest: session?.registration.name, reason: "\(path): \(error)")
                     throw error
                 }
             }, serialOutput: serialOutput)

@@ -65,7 +65,7 @@ extension Machine: MigrationSourceVM, MigrationDestinationVM {
 
     public func signState(digest: [UInt8]) throws -> [UInt8]? {
         guard let session else { return nil }
-        return Array(try MachineStream.encoder.encode(try session.store.signState(digest: digest)))
+        return Array(try MachineStream.encoder.encode(try session.store.stateSignatures.sign(digest: digest)))
     }
 
     public func verifyState(signature: [UInt8]?, digest: [UInt8]) throws {

@@ -124,7 +124,7 @@ public enum SnapshotFile {
         if let session = machine.session {
             session.noteSnapshot()
             // Signed by the host key: an edited snapshot, even with recomputed checksums, is refused.
-            let signature = try session.store.signState(digest: writer.digestSoFar)
+            let signature = try session.store.stateSignatures.sign(digest: writer.digestSoFar)
             try writer.writeSection(.signature, payload: Array(try MachineStream.encoder.encode(signature)))
         }
         try writer.finish()
