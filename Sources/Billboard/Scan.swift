@@ -35,7 +35,7 @@ public struct ScanFinding: Sendable, Equatable, CustomStringConvertible {
     public let guest: String?
     public let evidence: String
 
-    /// Whether the process is a false or duplicate VM that the scan stops.
+    /// Whether the process is a false or duplicate VM that must be stopped.
     public var mustStop: Bool { [.falseBeacon, .duplicate, .noLease, .unrecorded, .copiedStore].contains(kind) }
 
     public var description: String { "\(kind.rawValue): pid \(pid)\(guest.map { " guest '\($0)'" } ?? ""): \(evidence)" }
@@ -87,7 +87,8 @@ public struct Scan: Sendable {
 
     /// Looks at every guest this host runs and every process with a KVM VM, and returns what is
     /// wrong. Records the evidence of each new finding in the audit log; removes records of dead
-    /// processes. Stopping is the caller's job (see `stopFalseVM`), so that a VMM can end itself cleanly.
+    /// processes. It signals no process: the VMM stops what `mustStop` (another process through
+    /// `recordStopped`, between its SIGSTOP and SIGKILL; itself after `recordSelfEviction`).
     ///
     /// `staleAfter`: seconds without a beacon (since the last beacon, start, resume or token
     /// change) after which a running guest that must beacon is stale.
@@ -211,13 +212,11 @@ public struct Scan: Sendable {
         }
     }
 
-    /// Stops a false or duplicate VM: SIGSTOP freezes its vCPUs at once, the evidence goes into
-    /// the audit log, then SIGKILL ends the process (a ghost cannot be trusted to exit on request).
-    public func stopFalseVM(_ finding: ScanFinding, actor: String? = nil) throws {
+    /// Records that `finding`'s process was frozen (`frozen`: whether its SIGSTOP was delivered)
+    /// and is being killed, and removes its instance record. The VMM calls this between the two
+    /// signals, so the evidence is in the audit log before the process is gone.
+    public func recordStopped(_ finding: ScanFinding, frozen: Bool, actor: String? = nil) throws {
         let actor = actor ?? database.processActor
-        let frozen = kill(finding.pid, SIGSTOP) == 0
-        // Whatever happens to the audit write, the frozen process must not stay frozen.
-        defer { kill(finding.pid, SIGKILL) }
         try database.write { db in
             try database.appendAudit(db, actor: actor, event: "scan.stopped", guest: finding.guest, details: [
                 "pid": .int(Int64(finding.pid)), "kind": .string(finding.kind.rawValue),

@@ -402,7 +402,7 @@ public final class GuestSession: @unchecked Sendable {
                 }
             } else {
                 do {
-                    try store.scan.stopFalseVM(finding)
+                    try FalseVMStopper(scan: store.scan).stop(finding)
                     log("billboard: stopped pid \(finding.pid) (\(finding.kind.rawValue))")
                 } catch { log("billboard: cannot stop pid \(finding.pid): \(error)") }
             }

@@ -263,7 +263,7 @@ struct BillboardCommand: ParsableCommand {
                     print("scan: \(f)")
                     if f.mustStop && !reportOnly {
                         do {
-                            try s.scan.stopFalseVM(f, actor: "vmm billboard scan (pid \(getpid()))")
+                            try FalseVMStopper(scan: s.scan).stop(f, actor: "vmm billboard scan (pid \(getpid()))")
                             print("scan: stopped pid \(f.pid)")
                         } catch {
                             print("scan: could not record stopping pid \(f.pid) (it was killed): \(error)")
