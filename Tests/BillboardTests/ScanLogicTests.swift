@@ -16,6 +16,13 @@ final class LiveChild {
     deinit { kill(process.processIdentifier, SIGKILL); process.waitUntilExit() }
 }
 
+/// The state letter of /proc/PID/stat (S sleeping, T stopped, Z zombie, ...), nil if there is no such process.
+func processState(_ pid: Int32) -> Character? {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let nameEnd = stat.lastIndex(of: ")") else { return nil }
+    return stat[stat.index(after: nameEnd)...].first { $0 != " " }
+}
+
 /// Findings about instance records only (the /proc part of a scan also sees this test process).
 func recordFindings(_ store: BillboardStore, staleAfter: TimeInterval = 60) throws -> [ScanFinding] {
     try store.scan.run(staleAfter: staleAfter).filter { ![.unmanaged, .unrecorded, .copiedStore, .foreignStore].contains($0.kind) }
@@ -60,6 +67,31 @@ struct ScanLogicTests {
         let after = try recordFindings(f.store)
         #expect(Set(after.map(\.kind)) == [.noLease])
         #expect(Set(after.map(\.pid)) == [getpid(), ghost.pid])
+    }
+
+    @Test("the scan only judges: a planted duplicate is found and its stop recorded, but it is never signalled")
+    func scanSignalsNothing() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.registry.register(web1(), signedBy: f.admin)
+        let ghost = try LiveChild()
+        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.instances.record(r, token: 1, state: .running)
+        try f.store.instances.record(r, pid: ghost.pid, token: 2, state: .running)
+
+        let finding = try #require(try f.store.scan.run(staleAfter: 60).first { $0.pid == ghost.pid })
+        #expect(finding.kind == .duplicate && finding.mustStop)
+        // Recording the stop is the Billboard's part; the signals are the VMM's (FalseVMStopper).
+        try f.store.scan.recordStopped(finding, frozen: false)
+        let entry = try #require(try f.store.audit.entries().last)
+        #expect(entry.event == "scan.stopped" && entry.details.contains("\"pid\":\(ghost.pid)"))
+        #expect(try f.store.instances.list().map(\.pid) == [getpid()])
+
+        // A SIGSTOP or SIGKILL would show within this pause as state T or Z (a killed child stays a zombie until reaped).
+        usleep(100_000)
+        #expect(kill(ghost.pid, 0) == 0)
+        let state = processState(ghost.pid)
+        #expect(state != nil && !["T", "t", "Z", "X"].contains(state!), "the planted process is in state \(state.map(String.init) ?? "?")")
     }
 
     @Test("a guest in flight (incoming, migrated) or paused is neither a duplicate nor stale; a silent running one is stale")
