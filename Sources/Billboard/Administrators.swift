@@ -2,7 +2,11 @@ import Crypto
 import Foundation
 import GRDB
 
-extension BillboardStore {
+/// Who may sign for this store: enrolling and removing administrators, and checking that a
+/// request is signed by one who is enrolled (every signed change of the other parts goes through here).
+public struct Administrators: Sendable {
+    let database: BillboardDatabase
+
     // MARK: - Authorisation
 
     /// The enrolled, non-removed administrator whose key is `publicKey`, with its integrity code checked.
@@ -13,7 +17,7 @@ extension BillboardStore {
         }
         let name: String = row["name"]
         let removed: Bool = row["removed"]
-        guard checkRowMAC(Self.adminState(name: name, publicKey: publicKey, removed: removed), row["mac"]) else {
+        guard database.checkRowMAC(Self.adminState(name: name, publicKey: publicKey, removed: removed), row["mac"]) else {
             throw BillboardRefusal.recordTampered(what: "administrator '\(name)'")
         }
         return (name, removed)
@@ -43,38 +47,38 @@ extension BillboardStore {
     func request(_ kind: String, _ fields: [String: CanonicalJSON]) -> Data {
         var f = fields
         f["kind"] = .string("swift-vmm.billboard.\(kind).v1")
-        f["host"] = .string(hostName)
+        f["host"] = .string(database.hostName)
         f["time"] = .int(Date().milliseconds)
         return CanonicalJSON.object(f).bytes
     }
 
-    // MARK: - Administrators
+    // MARK: - Enrolling and removing
 
     /// Enrolls the first administrator, self-signed (proof that its holder has the private key).
     /// Refused once any administrator exists; audited as `admin.bootstrap`.
-    public func bootstrapAdmin(_ key: AdminKey) throws {
+    public func bootstrap(_ key: AdminKey) throws {
         let publicKey = key.publicKey.rawRepresentation
         let payload = request("enroll-admin", ["name": .string(key.name), "publicKey": .string(publicKey.hex)])
-        try decide(actor: "admin:\(key.name)", event: "admin.bootstrap", guest: nil) { db in
+        try database.decide(actor: "admin:\(key.name)", event: "admin.bootstrap", guest: nil) { db in
             let count = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM admins") ?? 0
             guard count == 0 else { throw BillboardRefusal.bootstrapNotAllowed }
             let signature = try key.sign(payload)
             try insertAdmin(db, name: key.name, publicKey: publicKey, by: key.name, payload: payload, signature: signature)
-            try appendAudit(db, actor: "admin:\(key.name)", event: "admin.bootstrap", guest: nil, details: [
+            try database.appendAudit(db, actor: "admin:\(key.name)", event: "admin.bootstrap", guest: nil, details: [
                 "name": .string(key.name), "publicKey": .string(publicKey.hex), "signature": .string(signature.hex),
             ])
         }
     }
 
     /// Enrolls another administrator; the request must be signed by an enrolled one.
-    public func enrollAdmin(publicKey: Curve25519.Signing.PublicKey, name: String, signedBy signer: AdminKey) throws {
+    public func enroll(publicKey: Curve25519.Signing.PublicKey, name: String, signedBy signer: AdminKey) throws {
         try validateName(name)
         let raw = publicKey.rawRepresentation
         let payload = request("enroll-admin", ["name": .string(name), "publicKey": .string(raw.hex)])
-        try decide(actor: "admin:\(signer.name)", event: "admin.enroll", guest: nil, details: ["name": .string(name)]) { db in
+        try database.decide(actor: "admin:\(signer.name)", event: "admin.enroll", guest: nil, details: ["name": .string(name)]) { db in
             let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: nil)
             try insertAdmin(db, name: name, publicKey: raw, by: admin, payload: payload, signature: signature)
-            try appendAudit(db, actor: "admin:\(admin)", event: "admin.enroll", guest: nil, details: [
+            try database.appendAudit(db, actor: "admin:\(admin)", event: "admin.enroll", guest: nil, details: [
                 "name": .string(name), "publicKey": .string(raw.hex), "signature": .string(signature.hex),
             ])
         }
@@ -89,13 +93,13 @@ extension BillboardStore {
             INSERT INTO admins(name, public_key, enrolled_at, enrolled_by, request, signature, removed, mac)
             VALUES (?, ?, ?, ?, ?, ?, 0, ?)
             """, arguments: [name, publicKey, Date().milliseconds, by, payload, signature,
-                             rowMAC(Self.adminState(name: name, publicKey: publicKey, removed: false))])
+                             database.rowMAC(Self.adminState(name: name, publicKey: publicKey, removed: false))])
     }
 
     /// Removes an administrator (signed by an enrolled one). Registrations it signed stop being admitted.
-    public func removeAdmin(name: String, signedBy signer: AdminKey) throws {
+    public func remove(name: String, signedBy signer: AdminKey) throws {
         let payload = request("remove-admin", ["name": .string(name)])
-        try decide(actor: "admin:\(signer.name)", event: "admin.remove", guest: nil, details: ["name": .string(name)]) { db in
+        try database.decide(actor: "admin:\(signer.name)", event: "admin.remove", guest: nil, details: ["name": .string(name)]) { db in
             let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: nil)
             guard let row = try Row.fetchOne(db, sql: "SELECT public_key FROM admins WHERE name = ? AND removed = 0",
                                              arguments: [name]) else { throw BillboardError.unknownAdministrator(name) }
@@ -103,64 +107,21 @@ extension BillboardStore {
             guard active > 1 else { throw BillboardError.lastAdministrator(name) }
             let publicKey: Data = row["public_key"]
             try db.execute(sql: "UPDATE admins SET removed = 1, mac = ? WHERE name = ?", arguments: [
-                rowMAC(Self.adminState(name: name, publicKey: publicKey, removed: true)), name,
+                database.rowMAC(Self.adminState(name: name, publicKey: publicKey, removed: true)), name,
             ])
-            try appendAudit(db, actor: "admin:\(admin)", event: "admin.remove", guest: nil, details: [
+            try database.appendAudit(db, actor: "admin:\(admin)", event: "admin.remove", guest: nil, details: [
                 "name": .string(name), "signature": .string(signature.hex),
             ])
         }
     }
 
     /// Every administrator ever enrolled, removed ones included.
-    public func administrators() throws -> [Administrator] {
-        try db.read { db in
+    public func list() throws -> [Administrator] {
+        try database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM admins ORDER BY enrolled_at, name").map { row in
                 Administrator(name: row["name"], publicKey: row["public_key"],
                               enrolledAt: Date(milliseconds: row["enrolled_at"]), enrolledBy: row["enrolled_by"],
                               removed: row["removed"])
-            }
-        }
-    }
-
-    // MARK: - Peer hosts
-
-    /// Records a peer host and its public keys; signed by an enrolled administrator.
-    public func addHost(name: String, signingKey: Curve25519.Signing.PublicKey,
-                        agreementKey: Curve25519.KeyAgreement.PublicKey, signedBy signer: AdminKey) throws {
-        try validateName(name)
-        let s = signingKey.rawRepresentation, a = agreementKey.rawRepresentation
-        let payload = request("add-host", ["name": .string(name), "signingKey": .string(s.hex), "agreementKey": .string(a.hex)])
-        try decide(actor: "admin:\(signer.name)", event: "host.add", guest: nil, details: ["name": .string(name)]) { db in
-            let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: nil)
-            let exists = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM hosts WHERE name = ?)", arguments: [name]) ?? false
-            guard !exists, name != hostName else { throw BillboardError.hostExists(name) }
-            try db.execute(sql: """
-                INSERT INTO hosts(name, signing_key, agreement_key, added_by, added_at, request, signature, mac)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [name, s, a, admin, Date().milliseconds, payload, signature,
-                                 rowMAC(Self.hostState(name: name, signingKey: s, agreementKey: a))])
-            try appendAudit(db, actor: "admin:\(admin)", event: "host.add", guest: nil, details: [
-                "name": .string(name), "signingKey": .string(s.hex), "agreementKey": .string(a.hex),
-                "signature": .string(signature.hex),
-            ])
-        }
-    }
-
-    static func hostState(name: String, signingKey: Data, agreementKey: Data) -> CanonicalJSON {
-        .object(["kind": .string("swift-vmm.billboard.host-state.v1"), "name": .string(name),
-                 "signingKey": .string(signingKey.hex), "agreementKey": .string(agreementKey.hex)])
-    }
-
-    /// Known peer hosts; a row whose integrity code fails is refused rather than returned.
-    public func hosts() throws -> [PeerHost] {
-        try db.read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM hosts ORDER BY name").map { row in
-                let name: String = row["name"], s: Data = row["signing_key"], a: Data = row["agreement_key"]
-                guard checkRowMAC(Self.hostState(name: name, signingKey: s, agreementKey: a), row["mac"]) else {
-                    throw BillboardRefusal.recordTampered(what: "peer host '\(name)'")
-                }
-                return PeerHost(name: name, signingKey: s, agreementKey: a, addedBy: row["added_by"],
-                                addedAt: Date(milliseconds: row["added_at"]))
             }
         }
     }

@@ -12,13 +12,33 @@ import GRDB
 ///
 /// Several VMM processes may open the same store at once: SQLite runs in WAL mode with a busy
 /// timeout, and every change (with its audit entry) is one IMMEDIATE transaction.
+///
+/// This type creates and opens a store and binds it to its directory; the work is done by one
+/// part per responsibility, all sharing the one database handle.
 public final class BillboardStore: Sendable {
     /// The store directory.
     public let directory: String
     /// The name of this host, fixed at `initialize`.
     public let hostName: String
-    let keys: HostKeys
-    let db: DatabaseQueue
+
+    /// Signed guest registrations, and the admission check against them.
+    public let registry: Registry
+    /// Who may run each guest now, and the epochs that order its owners.
+    public let leases: Leases
+    /// The guests VMM processes on this host hold, and their beacons.
+    public let instances: Instances
+    /// The hash-chained audit log every change writes to.
+    public let audit: AuditLog
+    /// The active scan's judgement of the VMs on this host.
+    public let scan: Scan
+    /// Who may sign for this store.
+    public let administrators: Administrators
+    /// Other hosts whose signed states this store accepts.
+    public let peerHosts: PeerHosts
+    /// This host's signatures over the guest states it writes.
+    public let stateSignatures: StateSignatures
+
+    let database: BillboardDatabase
 
     public static let databaseFileName = "billboard.sqlite"
     public static let keyFileName = "host.key"
@@ -31,8 +51,7 @@ public final class BillboardStore: Sendable {
         return home + "/.local/share/swift-vmm/billboard"
     }
 
-    var databasePath: String { directory + "/" + Self.databaseFileName }
-    var keyPath: String { directory + "/" + Self.keyFileName }
+    private var keyPath: String { directory + "/" + Self.keyFileName }
 
     // MARK: - Creating and opening
 
@@ -56,7 +75,7 @@ public final class BillboardStore: Sendable {
             // Created here with 0600 so SQLite (and its -wal/-shm, which copy the mode) never widen it.
             try SecureFile.write(Data(), to: dbPath)
             let store = try BillboardStore(directory: dir, keys: keys)
-            try store.db.write { db in
+            try store.database.write { db in
                 let canary = try ChaChaPoly.seal(Data(canaryPlaintext.utf8), using: keys.sealKey,
                                                  authenticating: Data(canaryAAD.utf8)).combined
                 try db.execute(sql: "INSERT INTO meta(key, value) VALUES (?, ?), (?, ?), (?, ?), (?, ?)", arguments: [
@@ -66,13 +85,13 @@ public final class BillboardStore: Sendable {
                     "canary", canary,
                 ])
                 try db.execute(sql: "INSERT INTO meta(key, value) VALUES ('origin', ?)",
-                               arguments: [store.rowMAC(Self.originState(Self.realPath(dir)))])
-                try store.appendAudit(db, actor: "host:\(hostName)", event: "store.init", guest: nil, details: [
+                               arguments: [store.database.rowMAC(Self.originState(Self.realPath(dir)))])
+                try store.database.appendAudit(db, actor: "host:\(hostName)", event: "store.init", guest: nil, details: [
                     "host": .string(hostName),
                     "signingKey": .string(keys.signing.publicKey.rawRepresentation.hex),
                 ])
             }
-            if let firstAdmin { try store.bootstrapAdmin(firstAdmin) }
+            if let firstAdmin { try store.administrators.bootstrap(firstAdmin) }
             return store
         } catch {
             // A half-made store would later be refused as "already initialized"; leave nothing behind.
@@ -102,19 +121,34 @@ public final class BillboardStore: Sendable {
 
     private init(directory: String, keys: HostKeys) throws {
         self.directory = directory
-        self.keys = keys
         self.hostName = keys.hostName
         var config = Configuration()
         config.journalMode = .wal
         config.busyMode = .timeout(10)
         config.foreignKeysEnabled = true
-        self.db = try DatabaseQueue(path: directory + "/" + Self.databaseFileName, configuration: config)
-        try Self.migrator.migrate(db)
+        let database = try BillboardDatabase(path: directory + "/" + Self.databaseFileName, keys: keys, configuration: config)
+        try Self.migrator.migrate(database.queue)
+        self.database = database
+        let leaseRecords = LeaseRecords(database: database)
+        let administrators = Administrators(database: database)
+        let registry = Registry(database: database, administrators: administrators, leaseRecords: leaseRecords)
+        let instances = Instances(database: database, leaseRecords: leaseRecords)
+        let peerHosts = PeerHosts(database: database, administrators: administrators)
+        self.registry = registry
+        self.leases = Leases(database: database, records: leaseRecords, administrators: administrators,
+                             registry: registry, instances: instances)
+        self.instances = instances
+        self.audit = AuditLog(database: database)
+        self.scan = Scan(database: database, instances: instances, leaseRecords: leaseRecords)
+        self.administrators = administrators
+        self.peerHosts = peerHosts
+        self.stateSignatures = StateSignatures(database: database, peerHosts: peerHosts)
     }
 
     /// The canary proves the at-rest key (hence host.key) belongs to this database.
     private func checkKeyMatchesDatabase() throws {
-        let (canary, signingKey) = try db.read { db -> (Data?, Data?) in
+        let keys = database.keys
+        let (canary, signingKey) = try database.read { db -> (Data?, Data?) in
             (try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'canary'"),
              try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'host_signing_key'"))
         }
@@ -155,10 +189,34 @@ public final class BillboardStore: Sendable {
         return key
     }
 
-    /// This host's public signing key (give it to peers' `addHost`).
-    public var hostSigningKey: Curve25519.Signing.PublicKey { keys.signing.publicKey }
-    /// This host's public key-agreement key (give it to peers' `addHost`).
-    public var hostAgreementKey: Curve25519.KeyAgreement.PublicKey { keys.agreement.publicKey }
+    /// This host's public signing key (give it to peers' `peerHosts.add`).
+    public var hostSigningKey: Curve25519.Signing.PublicKey { database.keys.signing.publicKey }
+    /// This host's public key-agreement key (give it to peers' `peerHosts.add`).
+    public var hostAgreementKey: Curve25519.KeyAgreement.PublicKey { database.keys.agreement.publicKey }
+
+    // MARK: - Binding to the directory
+
+    static func originState(_ directory: String) -> CanonicalJSON {
+        .object(["kind": .string("swift-vmm.billboard.origin.v1"), "directory": .string(directory)])
+    }
+
+    /// A store is bound to the directory it was created in (its real path). A copy elsewhere (with
+    /// its host.key) would let a second VMM admit and lease a guest the original already runs: a
+    /// ghost. Every command that runs a guest calls this first. A store without the binding is
+    /// refused too (deleting the row must not re-bind a copy).
+    public func ensureOriginal() throws {
+        let stored = try database.read { db in try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'origin'") }
+        guard let stored, database.checkRowMAC(Self.originState(Self.realPath(directory)), stored) else {
+            throw BillboardRefusal.copiedStore(directory: directory)
+        }
+    }
+
+    /// The canonical path (symlinks and relative parts resolved), or the path itself if it cannot be resolved.
+    static func realPath(_ path: String) -> String {
+        guard let resolved = realpath(path, nil) else { return path }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
 
     // MARK: - Schema
 
@@ -218,35 +276,4 @@ public final class BillboardStore: Sendable {
         }
         return m
     }
-
-    // MARK: - Integrity codes and sealing
-
-    /// HMAC over a canonical description of a row's security-relevant state. Someone who can
-    /// write the database but lacks host.key cannot forge one (e.g. to un-revoke a guest or add an admin).
-    func rowMAC(_ payload: CanonicalJSON) -> Data {
-        Data(HMAC<SHA256>.authenticationCode(for: payload.bytes, using: keys.macKey))
-    }
-
-    func checkRowMAC(_ payload: CanonicalJSON, _ mac: Data) -> Bool {
-        HMAC<SHA256>.isValidAuthenticationCode(mac, authenticating: payload.bytes, using: keys.macKey)
-    }
-
-    /// Runs `body` in one IMMEDIATE transaction. A refusal rolls back whatever `body` did, then is
-    /// itself recorded in the audit log in a second transaction, so refused attempts are never silent.
-    func decide<T>(actor: String, event: String, guest: String?, details: [String: CanonicalJSON] = [:],
-                   _ body: (Database) throws -> T) throws -> T {
-        do {
-            return try db.write { try body($0) }
-        } catch let refusal as BillboardRefusal {
-            var d = details
-            d["reason"] = .string(refusal.description)
-            try db.write { db in
-                try appendAudit(db, actor: actor, event: event + ".refused", guest: guest, details: d)
-            }
-            throw refusal
-        }
-    }
-
-    /// Who this process is, in audit entries.
-    var processActor: String { "vmm pid \(getpid())@\(hostName)" }
 }

@@ -38,33 +38,18 @@ public struct GuestInstance: Sendable, Equatable {
     public let falseBeacon: String?
 }
 
-extension BillboardStore {
-    static func originState(_ directory: String) -> CanonicalJSON {
-        .object(["kind": .string("swift-vmm.billboard.origin.v1"), "directory": .string(directory)])
-    }
-
-    /// A store is bound to the directory it was created in (its real path). A copy elsewhere (with
-    /// its host.key) would let a second VMM admit and lease a guest the original already runs: a
-    /// ghost. Every command that runs a guest calls this first. A store without the binding is
-    /// refused too (deleting the row must not re-bind a copy).
-    public func ensureOriginal() throws {
-        let stored = try db.read { db in try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE key = 'origin'") }
-        guard let stored, checkRowMAC(Self.originState(Self.realPath(directory)), stored) else {
-            throw BillboardRefusal.copiedStore(directory: directory)
-        }
-    }
-
-    /// The canonical path (symlinks and relative parts resolved), or the path itself if it cannot be resolved.
-    static func realPath(_ path: String) -> String {
-        guard let resolved = realpath(path, nil) else { return path }
-        defer { free(resolved) }
-        return String(cString: resolved)
-    }
+/// The guests VMM processes on this host hold, one record each: what state they say they are in,
+/// the beacon token they issued (as an HMAC), and what their guests' beacons said. The scan
+/// judges processes by these records.
+public struct Instances: Sendable {
+    let database: BillboardDatabase
+    let leaseRecords: LeaseRecords
 
     /// HMAC of a per-boot beacon token: enough to check a beacon, useless to forge one.
     func tokenMAC(_ token: UInt64) -> Data {
         withUnsafeBytes(of: token.littleEndian) { raw in
-            Data(HMAC<SHA256>.authenticationCode(for: Data(raw) + Data("swift-vmm beacon token".utf8), using: keys.macKey))
+            Data(HMAC<SHA256>.authenticationCode(for: Data(raw) + Data("swift-vmm beacon token".utf8),
+                                                 using: database.keys.macKey))
         }
     }
 
@@ -76,40 +61,41 @@ extension BillboardStore {
     }
 
     /// Re-computes a row's integrity code from what it now holds.
-    func resealInstance(_ db: Database, pid: Int32, guestID: String) throws {
+    func reseal(_ db: Database, pid: Int32, guestID: String) throws {
         guard let row = try Row.fetchOne(db, sql: "SELECT token_mac, state, false_beacon FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
-                                         arguments: [hostName, pid, guestID]) else { return }
+                                         arguments: [database.hostName, pid, guestID]) else { return }
         try db.execute(sql: "UPDATE instances SET mac = ? WHERE host = ? AND pid = ? AND guest_id = ?", arguments: [
-            rowMAC(Self.instanceState(host: hostName, pid: pid, guestID: guestID, tokenMAC: row["token_mac"], state: row["state"],
-                                      falseBeacon: row["false_beacon"])),
-            hostName, pid, guestID])
+            database.rowMAC(Self.instanceState(host: database.hostName, pid: pid, guestID: guestID, tokenMAC: row["token_mac"],
+                                               state: row["state"], falseBeacon: row["false_beacon"])),
+            database.hostName, pid, guestID])
     }
 
     private func writeInstanceMAC(_ db: Database, pid: Int32, guestID: String, tokenMAC: Data, state: InstanceState) throws {
-        try resealInstance(db, pid: pid, guestID: guestID)
+        try reseal(db, pid: pid, guestID: guestID)
     }
 
     /// Records that this process (`pid`) now holds `registration`'s guest in `state`, with the
     /// beacon token it gave the guest. Called before the VM is created, so a process with a VM
     /// and this store open but no row is never a legitimate VMM.
-    public func recordInstance(_ registration: GuestRegistration, pid: Int32 = getpid(), token: UInt64, state: InstanceState) throws {
-        let id = Self.idText(registration.id)
+    public func record(_ registration: GuestRegistration, pid: Int32 = getpid(), token: UInt64, state: InstanceState) throws {
+        let id = guestIDText(registration.id)
         let mac = tokenMAC(token)
-        try decide(actor: processActor, event: "instance.start", guest: registration.name) { db in
+        try database.decide(actor: database.processActor, event: "instance.start", guest: registration.name) { db in
             // One live copy of a guest per process: a second admission here is a duplicate.
             if let state = try String.fetchOne(db, sql: "SELECT state FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
-                                               arguments: [hostName, pid, id]),
+                                               arguments: [database.hostName, pid, id]),
                state == InstanceState.running.rawValue || state == InstanceState.paused.rawValue || state == InstanceState.incoming.rawValue {
-                throw BillboardRefusal.leaseHeld(guestID: registration.id, host: hostName, pid: pid, epoch: try leaseRow(db, registration.id)?.epoch ?? 0)
+                throw BillboardRefusal.leaseHeld(guestID: registration.id, host: database.hostName, pid: pid,
+                                                 epoch: try leaseRecords.row(db, registration.id)?.epoch ?? 0)
             }
             let now = Date().milliseconds
             try db.execute(sql: """
                 INSERT OR REPLACE INTO instances(host, pid, guest_id, guest_name, token_mac, state, beacons_required,
                     started_at, updated_at, beacon_count, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, x'')
-                """, arguments: [hostName, pid, id, registration.name, mac, state.rawValue,
+                """, arguments: [database.hostName, pid, id, registration.name, mac, state.rawValue,
                                  registration.beacons == .required, now, now])
             try writeInstanceMAC(db, pid: pid, guestID: id, tokenMAC: mac, state: state)
-            try appendAudit(db, actor: processActor, event: "instance.start", guest: registration.name, details: [
+            try database.appendAudit(db, actor: database.processActor, event: "instance.start", guest: registration.name, details: [
                 "guestID": .string(id), "pid": .int(Int64(pid)), "state": .string(state.rawValue),
             ])
         }
@@ -117,11 +103,11 @@ extension BillboardStore {
 
     /// Changes this process's instance state (and, when given, its token: rotated on restore and
     /// migration, so a copy of the old memory cannot beacon as the new guest).
-    public func updateInstance(guestID: UUID, pid: Int32 = getpid(), state: InstanceState, token: UInt64? = nil) throws {
-        let id = Self.idText(guestID)
-        try db.write { db in
+    public func update(guestID: UUID, pid: Int32 = getpid(), state: InstanceState, token: UInt64? = nil) throws {
+        let id = guestIDText(guestID)
+        try database.write { db in
             guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
-                                             arguments: [hostName, pid, id]) else { return }
+                                             arguments: [database.hostName, pid, id]) else { return }
             let mac = token.map(tokenMAC) ?? row["token_mac"]
             var sql = "UPDATE instances SET state = ?, token_mac = ?, updated_at = ?"
             // A new token starts a new beacon history: the guest's first beacon with it is due within the grace period.
@@ -130,19 +116,31 @@ extension BillboardStore {
             let now = Date().milliseconds
             var args: StatementArguments = [state.rawValue, mac, now]
             if token != nil { args += [now] }
-            args += [hostName, pid, id]
+            args += [database.hostName, pid, id]
             try db.execute(sql: sql, arguments: args)
             try writeInstanceMAC(db, pid: pid, guestID: id, tokenMAC: mac, state: state)
         }
     }
 
     /// Sets an instance's state (and its integrity code) inside the caller's transaction.
-    func setInstanceState(_ db: Database, pid: Int32, guestID: String, state: InstanceState) throws {
+    func setState(_ db: Database, pid: Int32, guestID: String, state: InstanceState) throws {
         guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
-                                         arguments: [hostName, pid, guestID]) else { return }
+                                         arguments: [database.hostName, pid, guestID]) else { return }
         try db.execute(sql: "UPDATE instances SET state = ?, updated_at = ? WHERE host = ? AND pid = ? AND guest_id = ?",
-                       arguments: [state.rawValue, Date().milliseconds, hostName, pid, guestID])
+                       arguments: [state.rawValue, Date().milliseconds, database.hostName, pid, guestID])
         try writeInstanceMAC(db, pid: pid, guestID: guestID, tokenMAC: row["token_mac"], state: state)
+    }
+
+    /// A VMM's clean end in one transaction: the lease given back (if it holds it) and its
+    /// instance marked ended, so no scan ever sees a running record without its lease.
+    public func end(guestID: UUID, pid: Int32 = getpid(), releaseLease release: Bool) throws {
+        let guestText = guestIDText(guestID)
+        try database.write { db in
+            if release, let current = try leaseRecords.row(db, guestID), current.pid == pid, current.host == database.hostName {
+                try leaseRecords.release(db, guestID, current, actor: "vmm pid \(pid)@\(database.hostName)")
+            }
+            try setState(db, pid: pid, guestID: guestText, state: .ended)
+        }
     }
 
     /// Stores the latest beacon a guest sent through this process. A beacon whose token is not the
@@ -150,29 +148,29 @@ extension BillboardStore {
     /// `received` is how many beacons arrived since the last call (the VMM records the latest only).
     public func recordBeacon(guestID: UUID, pid: Int32 = getpid(), token: UInt64, counter: UInt64, received: Int = 1,
                              at time: Date = Date()) throws {
-        let id = Self.idText(guestID)
-        try db.write { db in
+        let id = guestIDText(guestID)
+        try database.write { db in
             guard let row = try Row.fetchOne(db, sql: "SELECT token_mac FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
-                                             arguments: [hostName, pid, id]) else { return }
+                                             arguments: [database.hostName, pid, id]) else { return }
             let expected: Data = row["token_mac"]
             if tokenMAC(token) == expected {
                 try db.execute(sql: """
                     UPDATE instances SET last_beacon_at = ?, beacon_count = beacon_count + ?, beacon_counter = ?, stale_since = NULL
                     WHERE host = ? AND pid = ? AND guest_id = ?
-                    """, arguments: [time.milliseconds, received, Int64(bitPattern: counter), hostName, pid, id])
+                    """, arguments: [time.milliseconds, received, Int64(bitPattern: counter), database.hostName, pid, id])
             } else {
                 let evidence = "beacon #\(counter) at \(ISO8601DateFormatter().string(from: time)) carried token \(String(token, radix: 16)), not the token this VMM issued"
                 try db.execute(sql: "UPDATE instances SET false_beacon = COALESCE(false_beacon, ?) WHERE host = ? AND pid = ? AND guest_id = ?",
-                               arguments: [evidence, hostName, pid, id])
-                try resealInstance(db, pid: pid, guestID: id)
+                               arguments: [evidence, database.hostName, pid, id])
+                try reseal(db, pid: pid, guestID: id)
             }
         }
     }
 
     /// Every instance row of this host.
-    public func instances() throws -> [GuestInstance] {
-        try db.read { db in
-            try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ? ORDER BY started_at", arguments: [hostName]).map { row in
+    public func list() throws -> [GuestInstance] {
+        try database.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ? ORDER BY started_at", arguments: [database.hostName]).map { row in
                 let id: String = row["guest_id"]
                 return GuestInstance(host: row["host"], pid: row["pid"], guestID: UUID(uuidString: id) ?? UUID(),
                                      guestName: row["guest_name"], state: InstanceState(rawValue: row["state"]) ?? .running,
@@ -185,9 +183,10 @@ extension BillboardStore {
 
     /// Whether the instance row of (host, pid) carries a valid integrity code (a row planted
     /// by someone without host.key does not).
-    func instanceIsAuthentic(_ db: Database, _ row: Row) -> Bool {
+    func isAuthentic(_ db: Database, _ row: Row) -> Bool {
         let mac: Data = row["mac"]
-        return checkRowMAC(Self.instanceState(host: row["host"], pid: row["pid"], guestID: row["guest_id"],
-                                              tokenMAC: row["token_mac"], state: row["state"], falseBeacon: row["false_beacon"]), mac)
+        return database.checkRowMAC(Self.instanceState(host: row["host"], pid: row["pid"], guestID: row["guest_id"],
+                                                       tokenMAC: row["token_mac"], state: row["state"],
+                                                       falseBeacon: row["false_beacon"]), mac)
     }
 }

@@ -17,62 +17,39 @@ public struct Lease: Sendable, Equatable {
     public let renewedAt: Date
 }
 
-extension BillboardStore {
-    /// The epoch is the value worth protecting (lowering it would re-admit an old snapshot), and
-    /// the holder decides whom a scan stops, so the integrity code covers guest, epoch and holder.
-    /// The renewal time is advisory (it only delays takeovers).
-    static func leaseState(_ id: UUID, epoch: Int64, host: String, pid: Int32?) -> CanonicalJSON {
-        .object(["kind": .string("swift-vmm.billboard.lease.v2"), "guestID": .string(idText(id)), "epoch": .int(epoch),
-                 "host": .string(host), "pid": pid.map { .int(Int64($0)) } ?? .null])
-    }
-
-    struct LeaseRow {
-        var host: String
-        var pid: Int32?
-        var epoch: Int64
-        var renewedAt: Int64
-    }
-
-    func leaseRow(_ db: Database, _ id: UUID) throws -> LeaseRow? {
-        guard let row = try Row.fetchOne(db, sql: "SELECT * FROM leases WHERE guest_id = ?", arguments: [Self.idText(id)]) else {
-            return nil
-        }
-        let epoch: Int64 = row["epoch"]
-        guard checkRowMAC(Self.leaseState(id, epoch: epoch, host: row["host"], pid: row["pid"]), row["mac"]) else {
-            throw BillboardRefusal.recordTampered(what: "lease of guest \(id)")
-        }
-        return LeaseRow(host: row["host"], pid: row["pid"], epoch: epoch, renewedAt: row["renewed_at"])
-    }
-
-    func writeLease(_ db: Database, _ id: UUID, host: String, pid: Int32?, epoch: Int64, now: Int64) throws {
-        try db.execute(sql: """
-            INSERT OR REPLACE INTO leases(guest_id, host, pid, epoch, renewed_at, mac) VALUES (?, ?, ?, ?, ?, ?)
-            """, arguments: [Self.idText(id), host, pid, epoch, now, rowMAC(Self.leaseState(id, epoch: epoch, host: host, pid: pid))])
-    }
+/// Who may run a guest now: the one-owner lease of each guest, its epoch (which orders the
+/// guest's successive owners, so old state is refused), its hand-over at migration, and the
+/// administrators' one-time authorisations to restore an older state.
+public struct Leases: Sendable {
+    let database: BillboardDatabase
+    let records: LeaseRecords
+    let administrators: Administrators
+    let registry: Registry
+    let instances: Instances
 
     /// A pid can only be probed on this host. EPERM means it exists but belongs to someone else: alive.
     private func processExists(host: String, pid: Int32) -> Bool {
-        host == hostName && HostProcesses.alive(pid)
+        host == database.hostName && HostProcesses.alive(pid)
     }
 
     /// Takes the one-owner lease of a guest. Refused while another owner is live (its process exists
     /// here, or it renewed within `takeoverAfter` seconds); a dead or expired owner is taken over
     /// (audited as `lease.takeover`). A lease held by another host never expires here (its renewals
     /// go to its own store): only that holder handing the guest back (`handedBy`, a migration
-    /// returning) or an administrator (`releaseLease(guestName:signedBy:)`) frees it.
+    /// returning) or an administrator (`release(guestName:signedBy:)`) frees it.
     /// Every new owner gets epoch + 1; the same owner re-acquiring keeps it.
-    @discardableResult
     ///
     /// `stateEpoch`: the epoch of the state about to run (a restore); refused in the same
     /// transaction if the guest has moved past it since, unless `rollbackAuthorized`.
-    public func acquireLease(guestID: UUID, host: String, pid: Int32, takeoverAfter: TimeInterval,
-                             minimumEpoch: Int64 = 0, handedBy: (host: String, pid: Int32)? = nil,
-                             stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false) throws -> Lease {
+    @discardableResult
+    public func acquire(guestID: UUID, host: String, pid: Int32, takeoverAfter: TimeInterval,
+                        minimumEpoch: Int64 = 0, handedBy: (host: String, pid: Int32)? = nil,
+                        stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false) throws -> Lease {
         let actor = "vmm pid \(pid)@\(host)"
-        let guestText = Self.idText(guestID)
-        return try decide(actor: actor, event: "lease.acquire", guest: guestText) { db in
+        let guestText = guestIDText(guestID)
+        return try database.decide(actor: actor, event: "lease.acquire", guest: guestText) { db in
             let now = Date().milliseconds
-            let current = try leaseRow(db, guestID)
+            let current = try records.row(db, guestID)
             var event = "lease.acquire"
             var details: [String: CanonicalJSON] = ["guestID": .string(guestText), "host": .string(host), "pid": .int(Int64(pid))]
             if let stateEpoch, let current, current.epoch > stateEpoch, !rollbackAuthorized {
@@ -81,7 +58,7 @@ extension BillboardStore {
             var epoch: Int64
             if let current, let holder = current.pid {
                 if holder == pid && current.host == host {
-                    try writeLease(db, guestID, host: host, pid: pid, epoch: current.epoch, now: now)
+                    try records.write(db, guestID, host: host, pid: pid, epoch: current.epoch, now: now)
                     return Lease(guestID: guestID, host: host, pid: pid, epoch: current.epoch, renewedAt: Date(milliseconds: now))
                 }
                 switch takeover(current, holder: holder, handedBy: handedBy, takeoverAfter: takeoverAfter, now: now) {
@@ -100,25 +77,25 @@ extension BillboardStore {
             // A guest arriving from another store brings its epoch: ours moves past it.
             epoch = max(epoch, minimumEpoch)
             details["epoch"] = .int(epoch)
-            try writeLease(db, guestID, host: host, pid: pid, epoch: epoch, now: now)
-            try appendAudit(db, actor: actor, event: event, guest: guestText, details: details)
+            try records.write(db, guestID, host: host, pid: pid, epoch: epoch, now: now)
+            try database.appendAudit(db, actor: actor, event: event, guest: guestText, details: details)
             return Lease(guestID: guestID, host: host, pid: pid, epoch: epoch, renewedAt: Date(milliseconds: now))
         }
     }
 
-    enum Takeover { case refused, returned, takenOver }
+    private enum Takeover { case refused, returned, takenOver }
 
-    /// The one rule for a lease someone else holds (used by `acquireLease` and `checkLeaseAvailable`):
+    /// The one rule for a lease someone else holds (used by `acquire` and `checkAvailable`):
     /// - the migration source hands it over: for a holder here, the same process; for a holder
     ///   on another host, that host (its own store decides which of its processes);
     /// - a holder here whose process is gone and that has not renewed for `takeoverAfter` s;
     /// - anything else is refused (a holder on another host never expires by time here).
-    func takeover(_ current: LeaseRow, holder: Int32, handedBy: (host: String, pid: Int32)?,
+    private func takeover(_ current: LeaseRow, holder: Int32, handedBy: (host: String, pid: Int32)?,
                   takeoverAfter: TimeInterval, now: Int64) -> Takeover {
-        if let handedBy, handedBy.host == current.host, current.host != hostName || handedBy.pid == holder {
+        if let handedBy, handedBy.host == current.host, current.host != database.hostName || handedBy.pid == holder {
             return .returned
         }
-        guard current.host == hostName else { return .refused }
+        guard current.host == database.hostName else { return .refused }
         let recent = Double(now - current.renewedAt) < takeoverAfter * 1000
         return processExists(host: current.host, pid: holder) || recent ? .refused : .takenOver
     }
@@ -127,14 +104,14 @@ extension BillboardStore {
     /// past a snapshot taken of it, so that snapshot is now history (restoring it is a rollback).
     @discardableResult
     public func advanceEpoch(guestID: UUID, pid: Int32 = getpid()) throws -> Int64 {
-        let guestText = Self.idText(guestID)
-        return try decide(actor: processActor, event: "lease.advance", guest: guestText) { db in
-            guard let current = try leaseRow(db, guestID), current.pid == pid, current.host == hostName else {
+        let guestText = guestIDText(guestID)
+        return try database.decide(actor: database.processActor, event: "lease.advance", guest: guestText) { db in
+            guard let current = try records.row(db, guestID), current.pid == pid, current.host == database.hostName else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: pid)
             }
             let epoch = current.epoch + 1
-            try writeLease(db, guestID, host: hostName, pid: pid, epoch: epoch, now: Date().milliseconds)
-            try appendAudit(db, actor: processActor, event: "lease.advance", guest: guestText, details: [
+            try records.write(db, guestID, host: database.hostName, pid: pid, epoch: epoch, now: Date().milliseconds)
+            try database.appendAudit(db, actor: database.processActor, event: "lease.advance", guest: guestText, details: [
                 "guestID": .string(guestText), "epoch": .int(epoch)])
             return epoch
         }
@@ -143,30 +120,27 @@ extension BillboardStore {
     /// Extends the lease; throws `leaseNotHeld` if it was taken over or handed over meanwhile,
     /// which tells a stale copy to stop. Not audited (it is periodic).
     @discardableResult
-    public func renewLease(guestID: UUID, pid: Int32, host: String? = nil) throws -> Lease {
-        let host = host ?? hostName
-        return try db.write { db in
-            guard let current = try leaseRow(db, guestID), current.pid == pid, current.host == host else {
+    public func renew(guestID: UUID, pid: Int32, host: String? = nil) throws -> Lease {
+        let host = host ?? database.hostName
+        return try database.write { db in
+            guard let current = try records.row(db, guestID), current.pid == pid, current.host == host else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: pid)
             }
             let now = Date().milliseconds
-            try writeLease(db, guestID, host: host, pid: pid, epoch: current.epoch, now: now)
+            try records.write(db, guestID, host: host, pid: pid, epoch: current.epoch, now: now)
             return Lease(guestID: guestID, host: host, pid: pid, epoch: current.epoch, renewedAt: Date(milliseconds: now))
         }
     }
 
     /// Gives the lease up (the epoch is kept, so the next owner still moves it forward).
-    public func releaseLease(guestID: UUID, pid: Int32, host: String? = nil) throws {
-        let host = host ?? hostName
-        let guestText = Self.idText(guestID)
-        try decide(actor: "vmm pid \(pid)@\(host)", event: "lease.release", guest: guestText) { db in
-            guard let current = try leaseRow(db, guestID), current.pid == pid, current.host == host else {
+    public func release(guestID: UUID, pid: Int32, host: String? = nil) throws {
+        let host = host ?? database.hostName
+        let guestText = guestIDText(guestID)
+        try database.decide(actor: "vmm pid \(pid)@\(host)", event: "lease.release", guest: guestText) { db in
+            guard let current = try records.row(db, guestID), current.pid == pid, current.host == host else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: pid)
             }
-            try writeLease(db, guestID, host: current.host, pid: nil, epoch: current.epoch, now: Date().milliseconds)
-            try appendAudit(db, actor: "vmm pid \(pid)@\(host)", event: "lease.release", guest: guestText, details: [
-                "guestID": .string(guestText), "epoch": .int(current.epoch),
-            ])
+            try records.release(db, guestID, current, actor: "vmm pid \(pid)@\(host)")
         }
     }
 
@@ -174,17 +148,17 @@ extension BillboardStore {
     /// epoch + 1, in one transaction. The source's later renewals fail, so it cannot resume.
     @discardableResult
     public func handOver(guestID: UUID, fromPid: Int32, toHost: String, toPid: Int32) throws -> Int64 {
-        let guestText = Self.idText(guestID)
-        let actor = "vmm pid \(fromPid)@\(hostName)"
-        return try decide(actor: actor, event: "lease.handover", guest: guestText) { db in
-            guard let current = try leaseRow(db, guestID), current.pid == fromPid, current.host == hostName else {
+        let guestText = guestIDText(guestID)
+        let actor = "vmm pid \(fromPid)@\(database.hostName)"
+        return try database.decide(actor: actor, event: "lease.handover", guest: guestText) { db in
+            guard let current = try records.row(db, guestID), current.pid == fromPid, current.host == database.hostName else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: fromPid)
             }
             let epoch = current.epoch + 1
-            try writeLease(db, guestID, host: toHost, pid: toPid, epoch: epoch, now: Date().milliseconds)
+            try records.write(db, guestID, host: toHost, pid: toPid, epoch: epoch, now: Date().milliseconds)
             // In the same transaction the source's record says it no longer owns the guest.
-            try setInstanceState(db, pid: fromPid, guestID: guestText, state: .migrated)
-            try appendAudit(db, actor: actor, event: "lease.handover", guest: guestText, details: [
+            try instances.setState(db, pid: fromPid, guestID: guestText, state: .migrated)
+            try database.appendAudit(db, actor: actor, event: "lease.handover", guest: guestText, details: [
                 "guestID": .string(guestText), "toHost": .string(toHost), "toPid": .int(Int64(toPid)),
                 "epoch": .int(epoch),
             ])
@@ -193,17 +167,17 @@ extension BillboardStore {
     }
 
     /// The current lease, if the guest has ever had one (pid 0 means released).
-    public func lease(guestID: UUID) throws -> Lease? {
-        try db.read { db in
-            try leaseRow(db, guestID).map {
+    public func current(guestID: UUID) throws -> Lease? {
+        try database.read { db in
+            try records.row(db, guestID).map {
                 Lease(guestID: guestID, host: $0.host, pid: $0.pid ?? 0, epoch: $0.epoch, renewedAt: Date(milliseconds: $0.renewedAt))
             }
         }
     }
 
     /// The guest's current epoch; 0 if it never had a lease.
-    public func currentEpoch(guestID: UUID) throws -> Int64 {
-        try db.read { db in try leaseRow(db, guestID)?.epoch ?? 0 }
+    public func epoch(guestID: UUID) throws -> Int64 {
+        try database.read { db in try records.row(db, guestID)?.epoch ?? 0 }
     }
 
     /// Refuses state (a snapshot, a migration stream) from an epoch older than the current one:
@@ -217,22 +191,23 @@ extension BillboardStore {
     @discardableResult
     public func checkEpoch(guestID: UUID, epoch: Int64, snapshotSHA256: (() throws -> String)? = nil,
                            consume: Bool = true) throws -> Bool {
-        let guestText = Self.idText(guestID)
-        let (current, authorisable) = try db.read { db -> (Int64, Bool) in
-            let current = try leaseRow(db, guestID)?.epoch ?? 0
+        let guestText = guestIDText(guestID)
+        let (current, authorisable) = try database.read { db -> (Int64, Bool) in
+            let current = try records.row(db, guestID)?.epoch ?? 0
             let any = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM restore_authorizations WHERE guest_id = ? AND used_at IS NULL)",
                                         arguments: [guestText]) ?? false
             return (current, any)
         }
         guard epoch < current else { return false }
         let digest = authorisable ? try snapshotSHA256?() : nil
-        return try decide(actor: processActor, event: "epoch.check", guest: guestText,
-                          details: ["guestID": .string(guestText), "epoch": .int(epoch)]) { db -> Bool in
-            let current = try leaseRow(db, guestID)?.epoch ?? 0
+        return try database.decide(actor: database.processActor, event: "epoch.check", guest: guestText,
+                                   details: ["guestID": .string(guestText), "epoch": .int(epoch)]) { db -> Bool in
+            let current = try records.row(db, guestID)?.epoch ?? 0
             guard epoch < current else { return false }
             if let digest, let used = try useRestoreAuthorization(db, guestID: guestText, digest: digest, consume: consume) {
                 if consume {
-                    try appendAudit(db, actor: processActor, event: "epoch.authorized-rollback", guest: guestText, details: [
+                    try database.appendAudit(db, actor: database.processActor, event: "epoch.authorized-rollback",
+                                             guest: guestText, details: [
                         "guestID": .string(guestText), "epoch": .int(epoch), "current": .int(current),
                         "authorizedBy": .string(used.signer), "snapshotSHA256": .string(used.digest),
                     ])
@@ -245,35 +220,22 @@ extension BillboardStore {
 
     /// An administrator frees a lease that no VMM here can free: one held by another host (after a
     /// migration whose outcome is in doubt, or a host that is gone). Signed and audited.
-    public func releaseLease(guestName: String, signedBy signer: AdminKey) throws {
-        try decide(actor: "admin:\(signer.name)", event: "lease.admin-release", guest: guestName) { db in
-            guard let stored = try findByName(db, guestName) else { throw BillboardRefusal.notRegistered(guest: guestName) }
+    public func release(guestName: String, signedBy signer: AdminKey) throws {
+        try database.decide(actor: "admin:\(signer.name)", event: "lease.admin-release", guest: guestName) { db in
+            guard let stored = try registry.findByName(db, guestName) else { throw BillboardRefusal.notRegistered(guest: guestName) }
             let id = stored.registration.id
-            guard let current = try leaseRow(db, id), let holder = current.pid else { return }
-            if current.host == hostName && processExists(host: current.host, pid: holder) {
+            guard let current = try records.row(db, id), let holder = current.pid else { return }
+            if current.host == database.hostName && processExists(host: current.host, pid: holder) {
                 throw BillboardRefusal.leaseHeld(guestID: id, host: current.host, pid: holder, epoch: current.epoch)
             }
-            let payload = request("lease-release", ["guestID": .string(Self.idText(id)), "host": .string(current.host),
-                                                    "pid": .int(Int64(holder)), "epoch": .int(current.epoch)])
-            _ = try authorize(db, key: signer, payload: payload, guest: guestName)
-            try writeLease(db, id, host: current.host, pid: nil, epoch: current.epoch, now: Date().milliseconds)
-            try appendAudit(db, actor: "admin:\(signer.name)", event: "lease.admin-release", guest: guestName, details: [
-                "guestID": .string(Self.idText(id)), "previousHost": .string(current.host),
+            let payload = administrators.request("lease-release", [
+                "guestID": .string(guestIDText(id)), "host": .string(current.host),
+                "pid": .int(Int64(holder)), "epoch": .int(current.epoch)])
+            _ = try administrators.authorize(db, key: signer, payload: payload, guest: guestName)
+            try records.write(db, id, host: current.host, pid: nil, epoch: current.epoch, now: Date().milliseconds)
+            try database.appendAudit(db, actor: "admin:\(signer.name)", event: "lease.admin-release", guest: guestName, details: [
+                "guestID": .string(guestIDText(id)), "previousHost": .string(current.host),
                 "previousPid": .int(Int64(holder)), "epoch": .int(current.epoch)])
-        }
-    }
-
-    /// A VMM's clean end in one transaction: the lease given back (if it holds it) and its
-    /// instance marked ended, so no scan ever sees a running record without its lease.
-    public func endInstance(guestID: UUID, pid: Int32 = getpid(), releaseLease release: Bool) throws {
-        let guestText = Self.idText(guestID)
-        try db.write { db in
-            if release, let current = try leaseRow(db, guestID), current.pid == pid, current.host == hostName {
-                try writeLease(db, guestID, host: current.host, pid: nil, epoch: current.epoch, now: Date().milliseconds)
-                try appendAudit(db, actor: "vmm pid \(pid)@\(hostName)", event: "lease.release", guest: guestText, details: [
-                    "guestID": .string(guestText), "epoch": .int(current.epoch)])
-            }
-            try setInstanceState(db, pid: pid, guestID: guestText, state: .ended)
         }
     }
 
@@ -286,20 +248,21 @@ extension BillboardStore {
     /// even though its epoch is older than the guest's latest. Signed and audited; used once.
     public func authorizeRestore(guestName: String, snapshotSHA256: String, signedBy signer: AdminKey) throws {
         let digest = snapshotSHA256.lowercased()
-        try decide(actor: "admin:\(signer.name)", event: "restore.authorize", guest: guestName,
-                   details: ["snapshotSHA256": .string(digest)]) { db in
-            guard let stored = try findByName(db, guestName) else { throw BillboardRefusal.notRegistered(guest: guestName) }
-            let guestText = Self.idText(stored.registration.id)
-            let payload = request("restore-authorization", ["guestID": .string(guestText), "snapshotSHA256": .string(digest)])
-            let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: guestName)
+        try database.decide(actor: "admin:\(signer.name)", event: "restore.authorize", guest: guestName,
+                            details: ["snapshotSHA256": .string(digest)]) { db in
+            guard let stored = try registry.findByName(db, guestName) else { throw BillboardRefusal.notRegistered(guest: guestName) }
+            let guestText = guestIDText(stored.registration.id)
+            let payload = administrators.request("restore-authorization", ["guestID": .string(guestText),
+                                                                           "snapshotSHA256": .string(digest)])
+            let (admin, signature) = try administrators.authorize(db, key: signer, payload: payload, guest: guestName)
             try db.execute(sql: """
                 INSERT INTO restore_authorizations(guest_id, snapshot_sha256, signer_name, request, signature, created_at, mac)
                 VALUES (?, ?, ?, ?, ?, ?, x'')
                 """, arguments: [guestText, digest, admin, payload, signature, Date().milliseconds])
             let id = db.lastInsertedRowID
             try db.execute(sql: "UPDATE restore_authorizations SET mac = ? WHERE id = ?", arguments: [
-                rowMAC(Self.restoreAuthorizationState(id: id, guestID: guestText, digest: digest, used: false)), id])
-            try appendAudit(db, actor: "admin:\(signer.name)", event: "restore.authorize", guest: guestName, details: [
+                database.rowMAC(Self.restoreAuthorizationState(id: id, guestID: guestText, digest: digest, used: false)), id])
+            try database.appendAudit(db, actor: "admin:\(signer.name)", event: "restore.authorize", guest: guestName, details: [
                 "guestID": .string(guestText), "snapshotSHA256": .string(digest)])
         }
     }
@@ -311,14 +274,14 @@ extension BillboardStore {
         let actual = digest.lowercased()
         for row in rows where (row["snapshot_sha256"] as String) == actual {
             let id: Int64 = row["id"]
-            guard checkRowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: false), row["mac"]),
-                  let admin = try activeAdmin(db, publicKey: try signerKey(db, name: row["signer_name"])), !admin.removed,
+            guard database.checkRowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: false), row["mac"]),
+                  let admin = try administrators.activeAdmin(db, publicKey: try signerKey(db, name: row["signer_name"])), !admin.removed,
                   let key = try? Curve25519.Signing.PublicKey(rawRepresentation: try signerKey(db, name: row["signer_name"])),
                   key.isValidSignature(row["signature"] as Data, for: row["request"] as Data)
             else { throw BillboardRefusal.recordTampered(what: "restore authorisation \(id)") }
             guard consume else { return (row["signer_name"], actual) }
             try db.execute(sql: "UPDATE restore_authorizations SET used_at = ?, mac = ? WHERE id = ?", arguments: [
-                Date().milliseconds, rowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: true)), id])
+                Date().milliseconds, database.rowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: true)), id])
             return (row["signer_name"], actual)
         }
         return nil
@@ -328,15 +291,15 @@ extension BillboardStore {
         try Data.fetchOne(db, sql: "SELECT public_key FROM admins WHERE name = ?", arguments: [name]) ?? Data()
     }
 
-    /// Whether this process could take the guest's lease now, by the same rule `acquireLease`
+    /// Whether this process could take the guest's lease now, by the same rule `acquire`
     /// applies later (so what passes admission cannot fail at GO or at the restore's start):
     /// nobody live holds it, or the holder is `handedBy`, the migration source sending the guest
     /// (a guest in flight is not a duplicate). Refusals are audited.
-    public func checkLeaseAvailable(guestID: UUID, handedBy: (host: String, pid: Int32)?, takeoverAfter: TimeInterval) throws {
-        let guestText = Self.idText(guestID)
-        try decide(actor: processActor, event: "lease.check", guest: guestText,
-                   details: ["guestID": .string(guestText)]) { db in
-            guard let current = try leaseRow(db, guestID), let holder = current.pid else { return }
+    public func checkAvailable(guestID: UUID, handedBy: (host: String, pid: Int32)?, takeoverAfter: TimeInterval) throws {
+        let guestText = guestIDText(guestID)
+        try database.decide(actor: database.processActor, event: "lease.check", guest: guestText,
+                            details: ["guestID": .string(guestText)]) { db in
+            guard let current = try records.row(db, guestID), let holder = current.pid else { return }
             if takeover(current, holder: holder, handedBy: handedBy, takeoverAfter: takeoverAfter, now: Date().milliseconds) == .refused {
                 throw BillboardRefusal.leaseHeld(guestID: guestID, host: current.host, pid: holder, epoch: current.epoch)
             }

@@ -15,7 +15,14 @@ struct StoredRegistration {
     var signature: Data
 }
 
-extension BillboardStore {
+/// The signed guest registry: what each guest is (image, memory, vCPUs, mode, command line,
+/// hosts), as an administrator signed it, and the admission check that compares a guest about
+/// to start with it.
+public struct Registry: Sendable {
+    let database: BillboardDatabase
+    let administrators: Administrators
+    let leaseRecords: LeaseRecords
+
     // MARK: - Registering
 
     /// Stores a registration signed by an enrolled administrator. mac, ip, os and the command line
@@ -26,14 +33,14 @@ extension BillboardStore {
         r.revoked = false
         try r.validate()
         let payload = r.signingPayload
-        return try decide(actor: "admin:\(signer.name)", event: "guest.register", guest: r.name,
-                          details: ["id": .string(r.id.uuidString.lowercased())]) { db in
-            let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: r.name)
+        return try database.decide(actor: "admin:\(signer.name)", event: "guest.register", guest: r.name,
+                                   details: ["id": .string(r.id.uuidString.lowercased())]) { db in
+            let (admin, signature) = try administrators.authorize(db, key: signer, payload: payload, guest: r.name)
             let live = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM guests WHERE name = ? AND revoked = 0)",
                                          arguments: [r.name]) ?? false
             guard !live else { throw BillboardRefusal.alreadyRegistered(guest: r.name) }
             let secrets = SealedFields(mac: r.mac, ip: r.ip, os: r.os, commandLine: r.commandLine)
-            let sealed = try ChaChaPoly.seal(try JSONEncoder().encode(secrets), using: keys.sealKey,
+            let sealed = try ChaChaPoly.seal(try JSONEncoder().encode(secrets), using: database.keys.sealKey,
                                              authenticating: Self.sealAAD(r.id)).combined
             let hosts = String(decoding: try JSONEncoder().encode(r.allowedHosts), as: UTF8.self)
             try db.execute(sql: """
@@ -41,24 +48,25 @@ extension BillboardStore {
                                    created_at, sealed, signer_name, signer_key, signature, revoked, state_mac)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)
                 """, arguments: [
-                    Self.idText(r.id), r.name, r.imageSHA256, Int64(bitPattern: r.memoryBytes), r.vcpus, r.mode,
+                    guestIDText(r.id), r.name, r.imageSHA256, Int64(bitPattern: r.memoryBytes), r.vcpus, r.mode,
                     hosts, r.beacons.rawValue, r.createdAt.milliseconds, sealed, admin,
-                    signer.publicKey.rawRepresentation, signature, rowMAC(Self.guestState(r.id, revoked: false)),
+                    signer.publicKey.rawRepresentation, signature, database.rowMAC(Self.guestState(r.id, revoked: false)),
                 ])
             // A name registered again inherits its predecessor's lease (holder and epoch): a new
             // registration must neither reset the epoch (re-admitting old snapshots) nor let a
             // second copy start beside one still running under the old registration.
             let predecessors = try String.fetchAll(db, sql: "SELECT id FROM guests WHERE name = ? AND id != ?",
-                                                   arguments: [r.name, Self.idText(r.id)])
+                                                   arguments: [r.name, guestIDText(r.id)])
             var inherited: LeaseRow?
             for old in predecessors.compactMap(UUID.init(uuidString:)) {
-                if let lease = try leaseRow(db, old), lease.epoch > (inherited?.epoch ?? 0) { inherited = lease }
+                if let lease = try leaseRecords.row(db, old), lease.epoch > (inherited?.epoch ?? 0) { inherited = lease }
             }
             if let inherited {
-                try writeLease(db, r.id, host: inherited.host, pid: inherited.pid, epoch: inherited.epoch, now: inherited.renewedAt)
+                try leaseRecords.write(db, r.id, host: inherited.host, pid: inherited.pid, epoch: inherited.epoch,
+                                       now: inherited.renewedAt)
             }
-            try appendAudit(db, actor: "admin:\(admin)", event: "guest.register", guest: r.name, details: [
-                "id": .string(Self.idText(r.id)), "imageSHA256": .string(r.imageSHA256),
+            try database.appendAudit(db, actor: "admin:\(admin)", event: "guest.register", guest: r.name, details: [
+                "id": .string(guestIDText(r.id)), "imageSHA256": .string(r.imageSHA256),
                 "memoryBytes": .uint(r.memoryBytes), "vcpus": .int(Int64(r.vcpus)), "mode": .optional(r.mode),
                 "allowedHosts": .array(r.allowedHosts.map(CanonicalJSON.string)), "signature": .string(signature.hex),
             ])
@@ -68,17 +76,17 @@ extension BillboardStore {
 
     /// Marks the live registration of `name` revoked (signed, audited). It stays in the store for the record.
     public func revoke(name: String, signedBy signer: AdminKey) throws {
-        try decide(actor: "admin:\(signer.name)", event: "guest.revoke", guest: name) { db in
+        try database.decide(actor: "admin:\(signer.name)", event: "guest.revoke", guest: name) { db in
             guard let id = try String.fetchOne(db, sql: "SELECT id FROM guests WHERE name = ? AND revoked = 0",
                                                arguments: [name]) else {
                 throw BillboardRefusal.notRegistered(guest: name)
             }
-            let payload = request("revoke", ["id": .string(id), "name": .string(name)])
-            let (admin, signature) = try authorize(db, key: signer, payload: payload, guest: name)
+            let payload = administrators.request("revoke", ["id": .string(id), "name": .string(name)])
+            let (admin, signature) = try administrators.authorize(db, key: signer, payload: payload, guest: name)
             guard let uuid = UUID(uuidString: id) else { throw BillboardRefusal.recordTampered(what: "guest '\(name)'") }
             try db.execute(sql: "UPDATE guests SET revoked = 1, state_mac = ? WHERE id = ?",
-                           arguments: [rowMAC(Self.guestState(uuid, revoked: true)), id])
-            try appendAudit(db, actor: "admin:\(admin)", event: "guest.revoke", guest: name, details: [
+                           arguments: [database.rowMAC(Self.guestState(uuid, revoked: true)), id])
+            try database.appendAudit(db, actor: "admin:\(admin)", event: "guest.revoke", guest: name, details: [
                 "id": .string(id), "signature": .string(signature.hex),
             ])
         }
@@ -89,14 +97,14 @@ extension BillboardStore {
     /// All registrations (live and revoked), decrypted. Throws if any row's sealed fields or
     /// revocation state fail authentication.
     public func list() throws -> [GuestRegistration] {
-        try db.read { db in
+        try database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM guests ORDER BY name, created_at").map { try decode($0).registration }
         }
     }
 
     /// The live registration named `name`, else its latest revoked one, else nil.
     public func show(name: String) throws -> GuestRegistration? {
-        try db.read { db in try findByName(db, name)?.registration }
+        try database.read { db in try findByName(db, name)?.registration }
     }
 
     func findByName(_ db: Database, _ name: String) throws -> StoredRegistration? {
@@ -104,12 +112,10 @@ extension BillboardStore {
                          arguments: [name]).map(decode)
     }
 
-    static func idText(_ id: UUID) -> String { id.uuidString.lowercased() }
-
-    static func sealAAD(_ id: UUID) -> Data { Data("swift-vmm.billboard.guest.v1:\(idText(id))".utf8) }
+    static func sealAAD(_ id: UUID) -> Data { Data("swift-vmm.billboard.guest.v1:\(guestIDText(id))".utf8) }
 
     static func guestState(_ id: UUID, revoked: Bool) -> CanonicalJSON {
-        .object(["kind": .string("swift-vmm.billboard.guest-state.v1"), "id": .string(idText(id)), "revoked": .bool(revoked)])
+        .object(["kind": .string("swift-vmm.billboard.guest-state.v1"), "id": .string(guestIDText(id)), "revoked": .bool(revoked)])
     }
 
     /// Decrypts and checks the row's own integrity (sealed fields, revocation state);
@@ -119,12 +125,12 @@ extension BillboardStore {
         let idText: String = row["id"]
         guard let id = UUID(uuidString: idText) else { throw BillboardRefusal.recordTampered(what: "guest '\(name)'") }
         let revoked: Bool = row["revoked"]
-        guard checkRowMAC(Self.guestState(id, revoked: revoked), row["state_mac"]) else {
+        guard database.checkRowMAC(Self.guestState(id, revoked: revoked), row["state_mac"]) else {
             throw BillboardRefusal.recordTampered(what: "revocation state of guest '\(name)'")
         }
         let sealed: Data = row["sealed"]
         guard let box = try? ChaChaPoly.SealedBox(combined: sealed),
-              let plain = try? ChaChaPoly.open(box, using: keys.sealKey, authenticating: Self.sealAAD(id)),
+              let plain = try? ChaChaPoly.open(box, using: database.keys.sealKey, authenticating: Self.sealAAD(id)),
               let secrets = try? JSONDecoder().decode(SealedFields.self, from: plain)
         else { throw BillboardRefusal.sealedFieldsTampered(guest: name) }
         let hostsText: String = row["allowed_hosts"]
@@ -152,7 +158,7 @@ extension BillboardStore {
     /// Re-verifies a stored registration against the enrolled (non-removed) key that signed it.
     func verifySignature(_ db: Database, _ stored: StoredRegistration) throws {
         let name = stored.registration.name
-        guard let admin = try activeAdmin(db, publicKey: stored.signerKey) else {
+        guard let admin = try administrators.activeAdmin(db, publicKey: stored.signerKey) else {
             throw BillboardRefusal.signerNotAdministrator(guest: name, signer: stored.signerName)
         }
         guard !admin.removed else { throw BillboardRefusal.signerRemoved(guest: name, signer: admin.name) }
@@ -177,7 +183,7 @@ extension BillboardStore {
             "imageSHA256": .string(digest), "memoryBytes": .uint(memoryBytes), "vcpus": .int(Int64(vcpus)),
             "mode": .optional(mode), "host": .string(host), "pid": .int(Int64(getpid())),
         ]
-        return try decide(actor: processActor, event: "admit", guest: name, details: request) { db in
+        return try database.decide(actor: database.processActor, event: "admit", guest: name, details: request) { db in
             let stored = try find(db, name: name, digest: digest)
             let r = stored.registration
             try verifySignature(db, stored)
@@ -196,13 +202,13 @@ extension BillboardStore {
             guard commandLine == r.commandLine else {
                 throw changed("command line", quoted(commandLine), quoted(r.commandLine))
             }
-            let allowed = r.allowedHosts.isEmpty ? [hostName] : r.allowedHosts
+            let allowed = r.allowedHosts.isEmpty ? [database.hostName] : r.allowedHosts
             guard allowed.contains(host) else {
                 throw BillboardRefusal.hostNotAllowed(guest: r.name, host: host, allowed: allowed)
             }
             var details = request
-            details["id"] = .string(Self.idText(r.id))
-            try appendAudit(db, actor: processActor, event: "admit.accepted", guest: r.name, details: details)
+            details["id"] = .string(guestIDText(r.id))
+            try database.appendAudit(db, actor: database.processActor, event: "admit.accepted", guest: r.name, details: details)
             return r
         }
     }

@@ -35,7 +35,7 @@ public struct ScanFinding: Sendable, Equatable, CustomStringConvertible {
     public let guest: String?
     public let evidence: String
 
-    /// Whether the process is a false or duplicate VM that the scan stops.
+    /// Whether the process is a false or duplicate VM that must be stopped.
     public var mustStop: Bool { [.falseBeacon, .duplicate, .noLease, .unrecorded, .copiedStore].contains(kind) }
 
     public var description: String { "\(kind.rawValue): pid \(pid)\(guest.map { " guest '\($0)'" } ?? ""): \(evidence)" }
@@ -78,26 +78,33 @@ public enum HostProcesses {
     }
 }
 
-extension BillboardStore {
+/// The active scan's judgement: compares the instance records and leases with the processes that
+/// hold a KVM VM on this host, records the evidence, and says which processes must be stopped.
+public struct Scan: Sendable {
+    let database: BillboardDatabase
+    let instances: Instances
+    let leaseRecords: LeaseRecords
+
     /// Looks at every guest this host runs and every process with a KVM VM, and returns what is
     /// wrong. Records the evidence of each new finding in the audit log; removes records of dead
-    /// processes. Stopping is the caller's job (see `stopFalseVM`), so that a VMM can end itself cleanly.
+    /// processes. It signals no process: the VMM stops what `mustStop` (another process through
+    /// `recordStopped`, between its SIGSTOP and SIGKILL; itself after `recordSelfEviction`).
     ///
     /// `staleAfter`: seconds without a beacon (since the last beacon, start, resume or token
     /// change) after which a running guest that must beacon is stale.
-    public func scan(staleAfter: TimeInterval, actor: String? = nil) throws -> [ScanFinding] {
-        let actor = actor ?? processActor
+    public func run(staleAfter: TimeInterval, actor: String? = nil) throws -> [ScanFinding] {
+        let actor = actor ?? database.processActor
         let now = Date().milliseconds
         var findings: [ScanFinding] = []
         // /proc and other stores' key files are read before the transaction: nobody waits on them.
         let processes = HostProcesses.withVMs().map { p in
             (p, p.billboardFiles.map { file -> (String, Bool, Bool) in
-                let ours = HostProcesses.sameFile(file, databasePath)
+                let ours = HostProcesses.sameFile(file, database.path)
                 return (file, ours, !ours && isCopyOfThisStore(databaseFile: file))
             })
         }
-        try db.write { db in
-            let rows = try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ?", arguments: [hostName])
+        try database.write { db in
+            let rows = try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ?", arguments: [database.hostName])
             var recordedPids = Set<Int32>()
             for row in rows {
                 let pid: Int32 = row["pid"]
@@ -105,17 +112,19 @@ extension BillboardStore {
                 let name: String = row["guest_name"]
                 let state = InstanceState(rawValue: row["state"]) ?? .running
                 guard HostProcesses.alive(pid) else {
-                    try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ? AND guest_id = ?", arguments: [hostName, pid, guestID])
+                    try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
+                                   arguments: [database.hostName, pid, guestID])
                     if state == .ended { continue }  // a clean exit
                     findings.append(ScanFinding(kind: .gone, pid: pid, guest: name, evidence: "process \(pid) no longer exists"))
-                    try appendAudit(db, actor: actor, event: "scan.gone", guest: name, details: [
+                    try database.appendAudit(db, actor: actor, event: "scan.gone", guest: name, details: [
                         "pid": .int(Int64(pid)), "guestID": .string(guestID)])
                     continue
                 }
-                guard instanceIsAuthentic(db, row) else {
+                guard instances.isAuthentic(db, row) else {
                     // Planted without host.key: not a record at all. The process check below judges the process.
-                    try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ? AND guest_id = ?", arguments: [hostName, pid, guestID])
-                    try appendAudit(db, actor: actor, event: "scan.forged-record", guest: name, details: [
+                    try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
+                                   arguments: [database.hostName, pid, guestID])
+                    try database.appendAudit(db, actor: actor, event: "scan.forged-record", guest: name, details: [
                         "pid": .int(Int64(pid)), "guestID": .string(guestID)])
                     continue
                 }
@@ -128,13 +137,14 @@ extension BillboardStore {
                 }
                 // The lease as its integrity code vouches for it: a tampered row is evidence, never a reason to stop anyone.
                 let lease: LeaseRow?
-                do { lease = try UUID(uuidString: guestID).flatMap { try leaseRow(db, $0) } } catch {
-                    try appendAudit(db, actor: actor, event: "scan.tampered-lease", guest: name, details: ["guestID": .string(guestID)])
+                do { lease = try UUID(uuidString: guestID).flatMap { try leaseRecords.row(db, $0) } } catch {
+                    try database.appendAudit(db, actor: actor, event: "scan.tampered-lease", guest: name,
+                                             details: ["guestID": .string(guestID)])
                     continue
                 }
                 let holderHost: String? = lease?.host
                 let holderPid: Int32? = lease?.pid
-                if holderHost != hostName || holderPid != pid {
+                if holderHost != database.hostName || holderPid != pid {
                     let holder = holderPid.map { "pid \($0) on \(holderHost ?? "?")" } ?? "nobody"
                     let holderRunsIt = rows.contains { ($0["pid"] as Int32) == holderPid && ($0["guest_id"] as String) == guestID }
                     findings.append(ScanFinding(kind: holderRunsIt ? .duplicate : .noLease, pid: pid, guest: name,
@@ -150,8 +160,8 @@ extension BillboardStore {
                                                     evidence: "\(last); beacons are required (grace \(Int(staleAfter * 1000)) ms)"))
                         if (row["stale_since"] as Int64?) == nil {
                             try db.execute(sql: "UPDATE instances SET stale_since = ? WHERE host = ? AND pid = ? AND guest_id = ?",
-                                           arguments: [now, hostName, pid, guestID])
-                            try appendAudit(db, actor: actor, event: "scan.stale", guest: name, details: [
+                                           arguments: [now, database.hostName, pid, guestID])
+                            try database.appendAudit(db, actor: actor, event: "scan.stale", guest: name, details: [
                                 "pid": .int(Int64(pid)), "guestID": .string(guestID), "evidence": .string(findings.last!.evidence)])
                         }
                     }
@@ -167,7 +177,7 @@ extension BillboardStore {
                     if ours {
                         // Re-checked inside the transaction: a VMM records itself before it creates its VM.
                         let recorded = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM instances WHERE host = ? AND pid = ?)",
-                                                         arguments: [hostName, process.pid]) ?? false
+                                                         arguments: [database.hostName, process.pid]) ?? false
                         if !recordedPids.contains(process.pid) && !recorded {
                             findings.append(ScanFinding(kind: .unrecorded, pid: process.pid, guest: nil,
                                                         evidence: "holds a KVM VM and this billboard open, but was never admitted (no instance record)"))
@@ -187,34 +197,33 @@ extension BillboardStore {
 
     /// Whether `databaseFile`'s directory holds this host's key: a copy of this store.
     func isCopyOfThisStore(databaseFile: String) -> Bool {
-        let keyFile = (databaseFile as NSString).deletingLastPathComponent + "/" + Self.keyFileName
+        let keyFile = (databaseFile as NSString).deletingLastPathComponent + "/" + BillboardStore.keyFileName
         guard let other = try? HostKeys.load(path: keyFile) else { return false }
-        return other.signing.publicKey.rawRepresentation == keys.signing.publicKey.rawRepresentation
+        return other.signing.publicKey.rawRepresentation == database.keys.signing.publicKey.rawRepresentation
     }
 
     /// Records that this VMM found its own guest false or without a lease and is ending it.
     public func recordSelfEviction(_ finding: ScanFinding) throws {
-        try db.write { db in
-            try appendAudit(db, actor: processActor, event: "scan.stopped", guest: finding.guest, details: [
+        try database.write { db in
+            try database.appendAudit(db, actor: database.processActor, event: "scan.stopped", guest: finding.guest, details: [
                 "pid": .int(Int64(finding.pid)), "kind": .string(finding.kind.rawValue),
                 "evidence": .string(finding.evidence), "self": .bool(true),
             ])
         }
     }
 
-    /// Stops a false or duplicate VM: SIGSTOP freezes its vCPUs at once, the evidence goes into
-    /// the audit log, then SIGKILL ends the process (a ghost cannot be trusted to exit on request).
-    public func stopFalseVM(_ finding: ScanFinding, actor: String? = nil) throws {
-        let actor = actor ?? processActor
-        let frozen = kill(finding.pid, SIGSTOP) == 0
-        // Whatever happens to the audit write, the frozen process must not stay frozen.
-        defer { kill(finding.pid, SIGKILL) }
-        try db.write { db in
-            try appendAudit(db, actor: actor, event: "scan.stopped", guest: finding.guest, details: [
+    /// Records that `finding`'s process was frozen (`frozen`: whether its SIGSTOP was delivered)
+    /// and is being killed, and removes its instance record. The VMM calls this between the two
+    /// signals, so the evidence is in the audit log before the process is gone.
+    public func recordStopped(_ finding: ScanFinding, frozen: Bool, actor: String? = nil) throws {
+        let actor = actor ?? database.processActor
+        try database.write { db in
+            try database.appendAudit(db, actor: actor, event: "scan.stopped", guest: finding.guest, details: [
                 "pid": .int(Int64(finding.pid)), "kind": .string(finding.kind.rawValue),
                 "evidence": .string(finding.evidence), "frozen": .bool(frozen),
             ])
-            try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ?", arguments: [hostName, finding.pid])
+            try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ?",
+                           arguments: [database.hostName, finding.pid])
         }
     }
 }

@@ -104,7 +104,7 @@ public final class AdmittedGuest: Sendable {
     public func snapshot(to path: String) throws -> SnapshotStats {
         session.noteSnapshot()
         return try SnapshotFile.write(machine, header: stateHeader, to: path) { digest in
-            try StateJSON.encode(try session.store.signState(digest: digest))
+            try StateJSON.encode(try session.store.stateSignatures.sign(digest: digest))
         }
     }
 

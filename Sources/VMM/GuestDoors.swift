@@ -95,10 +95,10 @@ public enum GuestDoors {
                 guard let signature = body.signature else {
                     throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
                 }
-                try store.verifyState(try StateJSON.decode(StateSignature.self, from: signature, what: "signature section"),
+                try store.stateSignatures.verify(try StateJSON.decode(StateSignature.self, from: signature, what: "signature section"),
                                       digest: body.signedDigest)
             } catch {
-                store.auditRefusedState(guest: session.registration.name, reason: "\(path): \(error)")
+                store.stateSignatures.auditRefused(guest: session.registration.name, reason: "\(path): \(error)")
                 throw error
             }
             try machine.restoreState(try MachineStateCodec.decode(body, description: description))

@@ -86,14 +86,14 @@ public final class GuestSession: @unchecked Sendable {
     public static func admitBoot(store: BillboardStore, name: String?, image: [UInt8], configuration: MachineConfiguration,
                                  settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
         try store.ensureOriginal()
-        let registration = try store.admit(name: name, imageSHA256: ImageDigest.sha256(Data(image)),
+        let registration = try store.registry.admit(name: name, imageSHA256: ImageDigest.sha256(Data(image)),
                                            memoryBytes: configuration.memorySize, vcpus: configuration.vcpuCount,
                                            mode: configuration.mode?.rawValue, commandLine: configuration.commandLine,
                                            host: store.hostName)
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: nil, log: log)
         try naming(registration) { try session.takeLease(minimumEpoch: 0) }
         do { try session.record(state: .running) } catch {
-            try? store.releaseLease(guestID: registration.id, pid: getpid())
+            try? store.leases.release(guestID: registration.id, pid: getpid())
             throw error
         }
         return session
@@ -112,11 +112,11 @@ public final class GuestSession: @unchecked Sendable {
         let snapshotSHA256 = DigestOnce(snapshotSHA256).value
         // A running copy first (the plainer refusal when both apply), then the epoch.
         try naming(registration) {
-            try store.checkLeaseAvailable(guestID: registration.id, handedBy: nil, takeoverAfter: settings.leaseTimeout)
+            try store.leases.checkAvailable(guestID: registration.id, handedBy: nil, takeoverAfter: settings.leaseTimeout)
         }
         // An authorisation for a rollback is only looked at here; it is used once the file verified.
         try naming(registration) {
-            try store.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256, consume: false)
+            try store.leases.checkEpoch(guestID: registration.id, epoch: identity.epoch, snapshotSHA256: snapshotSHA256, consume: false)
         }
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity,
                                    snapshotSHA256: snapshotSHA256, log: log)
@@ -133,8 +133,8 @@ public final class GuestSession: @unchecked Sendable {
         guard let identity = header.identity else { throw SessionError.noIdentity("migration hello") }
         let registration = try admitIdentity(store: store, identity: identity, description: header.description)
         try naming(registration) {
-            try store.checkEpoch(guestID: registration.id, epoch: identity.epoch)
-            try store.checkLeaseAvailable(guestID: registration.id, handedBy: (identity.host, identity.pid),
+            try store.leases.checkEpoch(guestID: registration.id, epoch: identity.epoch)
+            try store.leases.checkAvailable(guestID: registration.id, handedBy: (identity.host, identity.pid),
                                           takeoverAfter: settings.leaseTimeout)
         }
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity, log: log)
@@ -143,7 +143,7 @@ public final class GuestSession: @unchecked Sendable {
     }
 
     static func admitIdentity(store: BillboardStore, identity: GuestIdentity, description: MachineDescription) throws -> GuestRegistration {
-        try store.admit(name: identity.name, imageSHA256: identity.imageSHA256, memoryBytes: description.memorySize,
+        try store.registry.admit(name: identity.name, imageSHA256: identity.imageSHA256, memoryBytes: description.memorySize,
                         vcpus: description.vcpuCount, mode: description.mode, commandLine: description.commandLine,
                         host: store.hostName)
     }
@@ -152,7 +152,7 @@ public final class GuestSession: @unchecked Sendable {
 
     private func takeLease(minimumEpoch: Int64, handedBy: (host: String, pid: Int32)? = nil,
                            stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false) throws {
-        let lease = try store.acquireLease(guestID: registration.id, host: store.hostName, pid: getpid(),
+        let lease = try store.leases.acquire(guestID: registration.id, host: store.hostName, pid: getpid(),
                                            takeoverAfter: settings.leaseTimeout, minimumEpoch: minimumEpoch, handedBy: handedBy,
                                            stateEpoch: stateEpoch, rollbackAuthorized: rollbackAuthorized)
         shared.withLock { $0.epoch = lease.epoch; $0.holdsLease = true }
@@ -160,7 +160,7 @@ public final class GuestSession: @unchecked Sendable {
 
     private func record(state: InstanceState, token: UInt64 = newToken()) throws {
         shared.withLock { $0.token = token; $0.reportedState = state }
-        try store.recordInstance(registration, token: token, state: state)
+        try store.instances.record(registration, token: token, state: state)
     }
 
     /// The identity to put in a snapshot or a migration hello.
@@ -195,7 +195,7 @@ public final class GuestSession: @unchecked Sendable {
         guard shared.withLock({ $0.snapshotSinceEpoch && $0.holdsLease }) else { return }
         storeLock.withLock {
             do {
-                let epoch = try store.advanceEpoch(guestID: registration.id)
+                let epoch = try store.leases.advanceEpoch(guestID: registration.id)
                 shared.withLock { $0.epoch = epoch; $0.snapshotSinceEpoch = false }
             } catch {
                 log("billboard: could not move the epoch of '\(registration.name)' past its snapshot: \(error)")
@@ -214,7 +214,7 @@ public final class GuestSession: @unchecked Sendable {
     func takeRestoredLease(beaconToken: UInt64?) throws {
         try storeLock.withLock {
             try naming(registration) {
-                let authorized = try store.checkEpoch(guestID: registration.id, epoch: carriedEpoch,
+                let authorized = try store.leases.checkEpoch(guestID: registration.id, epoch: carriedEpoch,
                                                       snapshotSHA256: snapshotSHA256, consume: true)
                 // The epoch is checked again inside the lease's own transaction (two restores racing).
                 try takeLease(minimumEpoch: carriedEpoch + 1, stateEpoch: carriedEpoch, rollbackAuthorized: authorized)
@@ -222,7 +222,7 @@ public final class GuestSession: @unchecked Sendable {
         }
         let token = beaconToken ?? Self.newToken()
         shared.withLock { $0.token = token; $0.reportedState = .paused }
-        try store.updateInstance(guestID: registration.id, state: .paused, token: token)
+        try store.instances.update(guestID: registration.id, state: .paused, token: token)
     }
 
     /// A beacon from the guest; true if it carries a token that is not this boot's (evidence a
@@ -249,7 +249,7 @@ public final class GuestSession: @unchecked Sendable {
             let token = beaconToken ?? Self.newToken()
             shared.withLock { $0.token = token; $0.reportedState = .running }
             start()
-            do { try store.updateInstance(guestID: registration.id, state: .running, token: token) } catch {
+            do { try store.instances.update(guestID: registration.id, state: .running, token: token) } catch {
                 // The guest runs here now, whatever happens; housekeeping writes the record later.
                 shared.withLock { $0.pendingToken = token }
                 log("billboard: could not record '\(registration.name)' as running here yet: \(error)")
@@ -262,12 +262,12 @@ public final class GuestSession: @unchecked Sendable {
     func verifyIncomingSignature(_ signature: StateSignature?, digest: [UInt8]) throws {
         do {
             guard let signature else { throw BillboardRefusal.badSnapshotSignature(reason: "the migration stream carries no signature") }
-            let signer = try store.verifyState(signature, digest: digest)
+            let signer = try store.stateSignatures.verify(signature, digest: digest)
             guard let claimed = carried?.host, signer == claimed else {
                 throw BillboardRefusal.badSnapshotSignature(reason: "the stream is signed by host '\(signer)' but claims to come from '\(carried?.host ?? "?")'")
             }
         } catch {
-            store.auditRefusedState(guest: registration.name, reason: "incoming migration: \(error)")
+            store.stateSignatures.auditRefused(guest: registration.name, reason: "incoming migration: \(error)")
             throw error
         }
     }
@@ -276,7 +276,7 @@ public final class GuestSession: @unchecked Sendable {
     /// throws, GO is not sent and the guest resumes here.
     public func handOver(toHost host: String, toPid pid: Int32) throws {
         let epoch = try storeLock.withLock {
-            let epoch = try store.handOver(guestID: registration.id, fromPid: getpid(), toHost: host, toPid: pid)
+            let epoch = try store.leases.handOver(guestID: registration.id, fromPid: getpid(), toHost: host, toPid: pid)
             shared.withLock { $0.holdsLease = false; $0.reportedState = .migrated }
             return epoch
         }
@@ -288,7 +288,7 @@ public final class GuestSession: @unchecked Sendable {
     public func reclaim() throws {
         try storeLock.withLock {
             try naming(registration) { try takeLease(minimumEpoch: 0) }
-            try store.updateInstance(guestID: registration.id, state: .running)
+            try store.instances.update(guestID: registration.id, state: .running)
             shared.withLock { $0.reportedState = .running }
         }
     }
@@ -310,16 +310,16 @@ public final class GuestSession: @unchecked Sendable {
             return (s.holdsLease, b, n)
         }
         if let pending = shared.withLock({ $0.pendingToken }),
-           (try? store.updateInstance(guestID: registration.id, state: .running, token: pending)) != nil {
+           (try? store.instances.update(guestID: registration.id, state: .running, token: pending)) != nil {
             shared.withLock { $0.pendingToken = nil }
         }
         if let (message, time) = beacon, shared.withLock({ $0.pendingToken == nil }) {
-            do { try store.recordBeacon(guestID: registration.id, token: message.token, counter: message.counter, received: received, at: time) } catch {
+            do { try store.instances.recordBeacon(guestID: registration.id, token: message.token, counter: message.counter, received: received, at: time) } catch {
                 log("billboard: cannot record a beacon: \(error)")
             }
         }
         if holds {
-            do { try store.renewLease(guestID: registration.id, pid: getpid()) } catch let refusal as BillboardRefusal {
+            do { try store.leases.renew(guestID: registration.id, pid: getpid()) } catch let refusal as BillboardRefusal {
                 // Someone else owns the guest now: this copy must not run on.
                 log("billboard: the lease of '\(registration.name)' is no longer ours (\(refusal)); stopping this copy")
                 shared.withLock { $0.holdsLease = false }
@@ -335,7 +335,7 @@ public final class GuestSession: @unchecked Sendable {
             s.reportedState = state
             return true
         }
-        if changed { try? store.updateInstance(guestID: registration.id, state: state) }
+        if changed { try? store.instances.update(guestID: registration.id, state: state) }
         return nil
     }
 
@@ -347,7 +347,7 @@ public final class GuestSession: @unchecked Sendable {
     /// owner of the machine to act on.
     func scan() -> (findings: [ScanFinding], evictSelf: ScanFinding?) {
         let findings: [ScanFinding]
-        do { findings = try store.scan(staleAfter: settings.staleAfter) } catch {
+        do { findings = try store.scan.run(staleAfter: settings.staleAfter) } catch {
             log("billboard: scan failed: \(error)")
             return ([], nil)
         }
@@ -360,11 +360,11 @@ public final class GuestSession: @unchecked Sendable {
                 // This process: only a finding about this session's own guest ends it (a library
                 // process may hold several guests, each with its own session).
                 guard finding.guest == nil || finding.guest == registration.name else { continue }
-                try? store.recordSelfEviction(finding)
+                try? store.scan.recordSelfEviction(finding)
                 evictSelf = finding
             } else {
                 do {
-                    try store.stopFalseVM(finding)
+                    try FalseVMStopper(scan: store.scan).stop(finding)
                     log("billboard: stopped pid \(finding.pid) (\(finding.kind.rawValue))")
                 } catch { log("billboard: cannot stop pid \(finding.pid): \(error)") }
             }
@@ -383,7 +383,7 @@ public final class GuestSession: @unchecked Sendable {
         guard first else { return }
         // One transaction: lease back and record "ended" (kept until the process is gone, since
         // its VM exists until then; the next scan removes it).
-        do { try store.endInstance(guestID: registration.id, releaseLease: holds) } catch {
+        do { try store.instances.end(guestID: registration.id, releaseLease: holds) } catch {
             log("billboard: could not record the end of '\(registration.name)': \(error)")
         }
     }

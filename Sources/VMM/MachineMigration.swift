@@ -31,7 +31,7 @@ extension AdmittedGuest: MigrationSourceVM {
     }
 
     public func signState(digest: [UInt8]) throws -> [UInt8]? {
-        try StateJSON.encode(try session.store.signState(digest: digest))
+        try StateJSON.encode(try session.store.stateSignatures.sign(digest: digest))
     }
 
     public func setThrottle(percent: Int) { machine.setThrottle(percent: percent) }

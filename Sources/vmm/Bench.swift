@@ -68,8 +68,9 @@ final class BenchBillboard {
         let key = "\(digest) \(c.memorySize) \(c.vcpuCount) \(c.mode?.rawValue ?? "") \(c.commandLine ?? "")"
         if let name = names[key] { return name }
         let name = "bench\(names.count + 1)"
-        try store.register(GuestRegistration(name: name, imageSHA256: digest, memoryBytes: c.memorySize, vcpus: c.vcpuCount,
-                                             mode: c.mode?.rawValue, commandLine: c.commandLine, beacons: .none), signedBy: admin)
+        try store.registry.register(GuestRegistration(name: name, imageSHA256: digest, memoryBytes: c.memorySize, vcpus: c.vcpuCount,
+                                                      mode: c.mode?.rawValue, commandLine: c.commandLine, beacons: .none),
+                                    signedBy: admin)
         names[key] = name
         return name
     }

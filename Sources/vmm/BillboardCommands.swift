@@ -81,7 +81,7 @@ struct BillboardCommand: ParsableCommand {
                 try BillboardCommand.run {
                     guard let raw = Data(base64Encoded: publicKey) else { throw CLIError("--public-key is not base64") }
                     let key = try Curve25519.Signing.PublicKey(rawRepresentation: raw)
-                    try store.open().enrollAdmin(publicKey: key, name: name, signedBy: signer.load())
+                    try store.open().administrators.enroll(publicKey: key, name: name, signedBy: signer.load())
                     print("administrator '\(name)' enrolled")
                 }
             }
@@ -91,7 +91,7 @@ struct BillboardCommand: ParsableCommand {
             @OptionGroup var store: Store
             func run() throws {
                 try BillboardCommand.run {
-                    for a in try store.open().administrators() {
+                    for a in try store.open().administrators.list() {
                         print("\(a.name)\t\(a.removed ? "removed" : "active")\tenrolled by \(a.enrolledBy)\t\(base64(a.publicKey))")
                     }
                 }
@@ -113,8 +113,8 @@ struct BillboardCommand: ParsableCommand {
                     guard let s = Data(base64Encoded: signingKey), let a = Data(base64Encoded: agreementKey) else {
                         throw CLIError("the keys must be base64, as `vmm billboard init` prints them")
                     }
-                    try store.open().addHost(name: name, signingKey: .init(rawRepresentation: s),
-                                             agreementKey: .init(rawRepresentation: a), signedBy: signer.load())
+                    try store.open().peerHosts.add(name: name, signingKey: .init(rawRepresentation: s),
+                                                   agreementKey: .init(rawRepresentation: a), signedBy: signer.load())
                     print("host '\(name)' added")
                 }
             }
@@ -123,7 +123,7 @@ struct BillboardCommand: ParsableCommand {
             static let configuration = CommandConfiguration(commandName: "list", abstract: "List peer hosts.")
             @OptionGroup var store: Store
             func run() throws {
-                try BillboardCommand.run { for h in try store.open().hosts() { print("\(h.name)\tadded by \(h.addedBy)") } }
+                try BillboardCommand.run { for h in try store.open().peerHosts.list() { print("\(h.name)\tadded by \(h.addedBy)") } }
             }
         }
     }
@@ -148,7 +148,7 @@ struct BillboardCommand: ParsableCommand {
                 let bytes = try MemorySize.parse(memory)
                 guard let policy = BeaconPolicy(rawValue: beacons) else { throw CLIError("--beacons must be required or none") }
                 let digest = try ImageDigest.sha256(path: image)
-                let r = try store.open().register(GuestRegistration(
+                let r = try store.open().registry.register(GuestRegistration(
                     name: name, imageSHA256: digest, memoryBytes: bytes, vcpus: vcpus, mode: mode, commandLine: cmdline,
                     mac: mac, ip: ip, os: os, allowedHosts: allowedHost, beacons: policy), signedBy: signer.load())
                 print("registered '\(r.name)' as \(r.id) (image sha256 \(r.imageSHA256))")
@@ -161,7 +161,7 @@ struct BillboardCommand: ParsableCommand {
         @OptionGroup var store: Store
         func run() throws {
             try BillboardCommand.run {
-                for r in try store.open().list() {
+                for r in try store.open().registry.list() {
                     print("\(r.name)\t\(r.id)\t\(r.memoryBytes >> 20) MiB\t\(r.vcpus) vCPU\t\(r.revoked ? "revoked" : "active")\t\(r.imageSHA256.prefix(16))…")
                 }
             }
@@ -174,7 +174,7 @@ struct BillboardCommand: ParsableCommand {
         @Argument(help: "The guest's name.") var name: String
         func run() throws {
             try BillboardCommand.run {
-                guard let r = try store.open().show(name: name) else { throw CLIError("no guest named '\(name)' is registered") }
+                guard let r = try store.open().registry.show(name: name) else { throw CLIError("no guest named '\(name)' is registered") }
                 print("""
                 name:          \(r.name)
                 id:            \(r.id)
@@ -197,7 +197,7 @@ struct BillboardCommand: ParsableCommand {
         @Argument(help: "The guest's name.") var name: String
         func run() throws {
             try BillboardCommand.run {
-                try store.open().revoke(name: name, signedBy: signer.load())
+                try store.open().registry.revoke(name: name, signedBy: signer.load())
                 print("'\(name)' revoked")
             }
         }
@@ -216,9 +216,9 @@ struct BillboardCommand: ParsableCommand {
         func run() throws {
             try BillboardCommand.run {
                 let s = try store.open()
-                let r = try s.admit(name: name, imageSHA256: try ImageDigest.sha256(path: image),
-                                    memoryBytes: try MemorySize.parse(memory), vcpus: vcpus, mode: mode,
-                                    commandLine: cmdline, host: s.hostName)
+                let r = try s.registry.admit(name: name, imageSHA256: try ImageDigest.sha256(path: image),
+                                             memoryBytes: try MemorySize.parse(memory), vcpus: vcpus, mode: mode,
+                                             commandLine: cmdline, host: s.hostName)
                 print("admitted: '\(r.name)' (\(r.id)) may run on '\(s.hostName)'")
             }
         }
@@ -233,12 +233,12 @@ struct BillboardCommand: ParsableCommand {
             try BillboardCommand.run {
                 let s = try store.open()
                 if verify {
-                    let result = try s.verifyAudit()
+                    let result = try s.audit.verify()
                     print(result.description)
                     guard result.isIntact else { throw CLIError("the audit log has been tampered with: \(result)") }
                     return
                 }
-                let entries = try s.auditEntries()
+                let entries = try s.audit.entries()
                 let f = ISO8601DateFormatter()
                 for e in entries.suffix(last) {
                     print("\(e.seq)\t\(f.string(from: e.time))\t\(e.actor)\t\(e.event)\t\(e.guest ?? "-")\t\(e.details)")
@@ -258,13 +258,13 @@ struct BillboardCommand: ParsableCommand {
             try BillboardCommand.run {
                 let s = try store.open()
                 try s.ensureOriginal()
-                let findings = try s.scan(staleAfter: staleAfter, actor: "vmm billboard scan (pid \(getpid()))")
+                let findings = try s.scan.run(staleAfter: staleAfter, actor: "vmm billboard scan (pid \(getpid()))")
                 if findings.isEmpty { print("scan: nothing wrong") }
                 for f in findings {
                     print("scan: \(f)")
                     if f.mustStop && !reportOnly {
                         do {
-                            try s.stopFalseVM(f, actor: "vmm billboard scan (pid \(getpid()))")
+                            try FalseVMStopper(scan: s.scan).stop(f, actor: "vmm billboard scan (pid \(getpid()))")
                             print("scan: stopped pid \(f.pid)")
                         } catch {
                             print("scan: could not record stopping pid \(f.pid) (it was killed): \(error)")
@@ -283,8 +283,8 @@ struct BillboardCommand: ParsableCommand {
                 let s = try store.open()
                 let f = ISO8601DateFormatter()
                 f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-                for i in try s.instances() {
-                    let lease = try s.lease(guestID: i.guestID)
+                for i in try s.instances.list() {
+                    let lease = try s.leases.current(guestID: i.guestID)
                     let holds = lease?.pid == i.pid && lease?.host == i.host
                     print([i.guestName, "pid \(i.pid)", i.state.rawValue, holds ? "lease epoch \(lease!.epoch)" : "no lease",
                            "beacons \(i.beaconCount)", i.lastBeaconAt.map { "last \(f.string(from: $0))" } ?? "last -",
@@ -305,7 +305,7 @@ struct BillboardCommand: ParsableCommand {
         func run() throws {
             try BillboardCommand.run {
                 let digest = try ImageDigest.sha256(path: snapshot)
-                try store.open().authorizeRestore(guestName: name, snapshotSHA256: digest, signedBy: signer.load())
+                try store.open().leases.authorizeRestore(guestName: name, snapshotSHA256: digest, signedBy: signer.load())
                 print("one restore of \(snapshot) (sha256 \(digest.prefix(16))…) authorised for '\(name)'")
             }
         }
@@ -321,7 +321,7 @@ struct BillboardCommand: ParsableCommand {
         @Option(help: "The registered guest.") var name: String
         func run() throws {
             try BillboardCommand.run {
-                try store.open().releaseLease(guestName: name, signedBy: signer.load())
+                try store.open().leases.release(guestName: name, signedBy: signer.load())
                 print("the lease of '\(name)' is released")
             }
         }

@@ -9,14 +9,14 @@ struct AdmissionTests {
     func admitsRegistered() throws {
         let f = try Fixture()
         defer { f.remove() }
-        try f.store.register(web1(), signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
         let r = try admitWeb1(f.store)
         #expect(r.mac == "52:54:00:12:34:56" && r.ip == "10.0.0.5" && r.os == "tinyos")
         #expect(r.commandLine == "console=ttyS0" && r.beacons == .required)
         // By digest alone, too, when exactly one registration has it.
         #expect(try admitWeb1(f.store, name: nil).name == "web1")
         #expect(try events(f.store).filter { $0 == "admit.accepted" }.count == 2)
-        #expect(try f.store.verifyAudit().isIntact)
+        #expect(try f.store.audit.verify().isIntact)
     }
 
     @Test("an unregistered guest is refused by name and by image digest, and the refusal is audited")
@@ -34,7 +34,7 @@ struct AdmissionTests {
     func imageChanged() throws {
         let f = try Fixture()
         defer { f.remove() }
-        try f.store.register(web1(), signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
         let altered = ImageDigest.sha256(flipByte(imageBytes, at: 1000))
         let r = refusal { try admitWeb1(f.store, image: altered) }
         #expect(r == .imageChanged(guest: "web1", actual: altered, registered: imageDigest))
@@ -45,7 +45,7 @@ struct AdmissionTests {
     func configurationChanged() throws {
         let f = try Fixture()
         defer { f.remove() }
-        try f.store.register(web1(), signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
         let memory = refusal { try admitWeb1(f.store, memory: 128 << 20) }
         #expect(memory?.description.contains("memory 128 MiB, registered 64 MiB") == true)
         #expect(refusal { try admitWeb1(f.store, vcpus: 4) } ==
@@ -58,7 +58,7 @@ struct AdmissionTests {
     func forgedSignature() throws {
         let f = try Fixture()
         defer { f.remove() }
-        try f.store.register(web1(), signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
         let signature: Data = try #require(try f.attackerRead("SELECT signature FROM guests WHERE name = 'web1'"))
         try f.attacker("UPDATE guests SET signature = ? WHERE name = 'web1'", [flipByte(signature, at: 7)])
         let r = refusal { try admitWeb1(f.store) }
@@ -70,7 +70,7 @@ struct AdmissionTests {
     func editedRow() throws {
         let f = try Fixture()
         defer { f.remove() }
-        try f.store.register(web1(), signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
         try f.attacker("UPDATE guests SET memory_bytes = ? WHERE name = 'web1'", [Int64(4 << 30)])
         #expect(refusal { try admitWeb1(f.store, memory: 4 << 30) } == .badSignature(guest: "web1"))
     }
@@ -80,14 +80,14 @@ struct AdmissionTests {
         let f = try Fixture()
         defer { f.remove() }
         let mallory = try AdminKey(name: "mallory")
-        let r = refusal { try f.store.register(web1(), signedBy: mallory) }
+        let r = refusal { try f.store.registry.register(web1(), signedBy: mallory) }
         #expect(r == .signerNotAdministrator(guest: "web1", signer: "mallory"))
         #expect(r?.description.contains("signed by 'mallory', who is not an administrator") == true)
-        #expect(try f.store.list().isEmpty)
+        #expect(try f.store.registry.list().isEmpty)
         #expect(try events(f.store).contains("guest.register.refused"))
         // Nor can mallory enroll herself, or bootstrap once an administrator exists.
-        #expect(refusal { try f.store.enrollAdmin(publicKey: mallory.publicKey, name: "mallory", signedBy: mallory) } != nil)
-        #expect(refusal { try f.store.bootstrapAdmin(mallory) } == .bootstrapNotAllowed)
+        #expect(refusal { try f.store.administrators.enroll(publicKey: mallory.publicKey, name: "mallory", signedBy: mallory) } != nil)
+        #expect(refusal { try f.store.administrators.bootstrap(mallory) } == .bootstrapNotAllowed)
     }
 
     @Test("an administrator row inserted directly into the database does not make its key an administrator")
@@ -99,7 +99,7 @@ struct AdmissionTests {
             INSERT INTO admins(name, public_key, enrolled_at, enrolled_by, request, signature, removed, mac)
             VALUES ('mallory', ?, 0, 'alice', x'', x'', 0, zeroblob(32))
             """, [mallory.publicKey.rawRepresentation])
-        #expect(refusal { try f.store.register(web1(), signedBy: mallory) } ==
+        #expect(refusal { try f.store.registry.register(web1(), signedBy: mallory) } ==
             .recordTampered(what: "administrator 'mallory'"))
     }
 
@@ -107,8 +107,8 @@ struct AdmissionTests {
     func revoked() throws {
         let f = try Fixture()
         defer { f.remove() }
-        try f.store.register(web1(), signedBy: f.admin)
-        try f.store.revoke(name: "web1", signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
+        try f.store.registry.revoke(name: "web1", signedBy: f.admin)
         #expect(refusal { try admitWeb1(f.store) } == .revoked(guest: "web1"))
         #expect(refusal { try admitWeb1(f.store, name: nil) } == .revoked(guest: "web1"))
         try f.attacker("UPDATE guests SET revoked = 0 WHERE name = 'web1'")
@@ -119,20 +119,20 @@ struct AdmissionTests {
     func tamperedCiphertext() throws {
         let f = try Fixture()
         defer { f.remove() }
-        try f.store.register(web1(), signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
         let sealed: Data = try #require(try f.attackerRead("SELECT sealed FROM guests WHERE name = 'web1'"))
         // The identifying fields are not in the clear in the database.
         #expect(sealed.range(of: Data("10.0.0.5".utf8)) == nil)
         try f.attacker("UPDATE guests SET sealed = ? WHERE name = 'web1'", [flipByte(sealed, at: 20)])
         #expect(refusal { try admitWeb1(f.store) } == .sealedFieldsTampered(guest: "web1"))
-        #expect(throws: BillboardRefusal.sealedFieldsTampered(guest: "web1")) { try f.store.list() }
+        #expect(throws: BillboardRefusal.sealedFieldsTampered(guest: "web1")) { try f.store.registry.list() }
     }
 
     @Test("a guest is refused on a host it is not allowed on")
     func hostNotAllowed() throws {
         let f = try Fixture()
         defer { f.remove() }
-        try f.store.register(web1(), signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
         #expect(refusal { try admitWeb1(f.store, host: "host2") } ==
             .hostNotAllowed(guest: "web1", host: "host2", allowed: ["host1"]))
     }
@@ -142,11 +142,11 @@ struct AdmissionTests {
         let f = try Fixture()
         defer { f.remove() }
         let bob = try AdminKey(name: "bob")
-        try f.store.enrollAdmin(publicKey: bob.publicKey, name: "bob", signedBy: f.admin)
-        try f.store.register(web1(), signedBy: bob)
+        try f.store.administrators.enroll(publicKey: bob.publicKey, name: "bob", signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: bob)
         try admitWeb1(f.store)
-        try f.store.removeAdmin(name: "bob", signedBy: f.admin)
+        try f.store.administrators.remove(name: "bob", signedBy: f.admin)
         #expect(refusal { try admitWeb1(f.store) } == .signerRemoved(guest: "web1", signer: "bob"))
-        #expect(refusal { try f.store.register(web1(), signedBy: bob) } != nil)
+        #expect(refusal { try f.store.registry.register(web1(), signedBy: bob) } != nil)
     }
 }

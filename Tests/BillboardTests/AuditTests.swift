@@ -8,12 +8,12 @@ struct AuditTests {
     /// A store with a dozen entries: init, bootstrap, registrations, admissions, refusals.
     private func populated() throws -> Fixture {
         let f = try Fixture()
-        try f.store.register(web1(), signedBy: f.admin)
+        try f.store.registry.register(web1(), signedBy: f.admin)
         for _ in 0..<4 { try admitWeb1(f.store) }
         _ = refusal { try admitWeb1(f.store, memory: 1 << 30) }
-        try f.store.revoke(name: "web1", signedBy: f.admin)
+        try f.store.registry.revoke(name: "web1", signedBy: f.admin)
         _ = refusal { try admitWeb1(f.store) }
-        #expect(try f.store.verifyAudit() == .intact(entries: 10, headSeq: 10))
+        #expect(try f.store.audit.verify() == .intact(entries: 10, headSeq: 10))
         return f
     }
 
@@ -22,7 +22,7 @@ struct AuditTests {
         let f = try populated()
         defer { f.remove() }
         #expect(throws: (any Error).self) {
-            try f.store.db.write { db in try db.execute(sql: "DELETE FROM audit WHERE seq = 3") }
+            try f.store.database.write { db in try db.execute(sql: "DELETE FROM audit WHERE seq = 3") }
         }
     }
 
@@ -31,7 +31,7 @@ struct AuditTests {
         let f = try populated()
         defer { f.remove() }
         try f.attacker("UPDATE audit SET details = '{\"reason\":\"nothing to see\"}' WHERE seq = 7")
-        let v = try f.store.verifyAudit()
+        let v = try f.store.audit.verify()
         #expect(v.firstBadSeq == 7)
         #expect(v.description.contains("edited"))
     }
@@ -41,7 +41,7 @@ struct AuditTests {
         let f = try populated()
         defer { f.remove() }
         try f.attacker("DELETE FROM audit WHERE seq = 5")
-        #expect(try f.store.verifyAudit().firstBadSeq == 5)
+        #expect(try f.store.audit.verify().firstBadSeq == 5)
     }
 
     @Test("a deleted entry hidden by renumbering the rest is detected where the link breaks")
@@ -50,7 +50,7 @@ struct AuditTests {
         defer { f.remove() }
         try f.attacker("DELETE FROM audit WHERE seq = 5")
         try f.attacker("UPDATE audit SET seq = seq - 1 WHERE seq > 5")
-        #expect(try f.store.verifyAudit().firstBadSeq == 5)
+        #expect(try f.store.audit.verify().firstBadSeq == 5)
     }
 
     @Test("two entries swapped (reordered) are detected")
@@ -60,7 +60,7 @@ struct AuditTests {
         try f.attacker("UPDATE audit SET seq = -1 WHERE seq = 4")
         try f.attacker("UPDATE audit SET seq = 4 WHERE seq = 5")
         try f.attacker("UPDATE audit SET seq = 5 WHERE seq = -1")
-        #expect(try f.store.verifyAudit().firstBadSeq == 4)
+        #expect(try f.store.audit.verify().firstBadSeq == 4)
     }
 
     @Test("an inserted entry is detected")
@@ -73,7 +73,7 @@ struct AuditTests {
             INSERT INTO audit(seq, time, actor, event, guest, details, prev_hash, hash)
             SELECT 4, time, 'admin:alice', 'admin.enroll', NULL, '{"name":"mallory"}', hash, hash FROM audit WHERE seq = 3
             """)
-        #expect(try f.store.verifyAudit().firstBadSeq == 4)
+        #expect(try f.store.audit.verify().firstBadSeq == 4)
     }
 
     @Test("tail truncation is detected by the signed head")
@@ -81,7 +81,7 @@ struct AuditTests {
         let f = try populated()
         defer { f.remove() }
         try f.attacker("DELETE FROM audit WHERE seq > 8")
-        let v = try f.store.verifyAudit()
+        let v = try f.store.audit.verify()
         #expect(v.firstBadSeq == 9)
         #expect(v.description.contains("truncated"))
     }
@@ -92,7 +92,7 @@ struct AuditTests {
         defer { f.remove() }
         try f.attacker("DELETE FROM audit WHERE seq > 8")
         try f.attacker("UPDATE audit_head SET seq = 8, hash = (SELECT hash FROM audit WHERE seq = 8)")
-        let v = try f.store.verifyAudit()
+        let v = try f.store.audit.verify()
         #expect(!v.isIntact)
         #expect(v.description.contains("signature"))
     }

@@ -26,7 +26,7 @@ struct StoreTests {
         // Reopening works and sees the same data.
         let again = try BillboardStore(directory: f.storeDir)
         #expect(again.hostName == "host1")
-        #expect(try again.administrators().map(\.name) == ["alice"])
+        #expect(try again.administrators.list().map(\.name) == ["alice"])
         #expect(try events(again).prefix(2) == ["store.init", "admin.bootstrap"])
     }
 
@@ -105,13 +105,13 @@ struct StoreTests {
         defer { f.remove() }
         let peer = try Fixture(hostName: "host2")
         defer { peer.remove() }
-        try f.store.addHost(name: "host2", signingKey: peer.store.hostSigningKey,
-                            agreementKey: peer.store.hostAgreementKey, signedBy: f.admin)
-        #expect(try f.store.hosts().map(\.name) == ["host2"])
+        try f.store.peerHosts.add(name: "host2", signingKey: peer.store.hostSigningKey,
+                                  agreementKey: peer.store.hostAgreementKey, signedBy: f.admin)
+        #expect(try f.store.peerHosts.list().map(\.name) == ["host2"])
         let mallory = try AdminKey(name: "mallory")
         #expect(refusal {
-            try f.store.addHost(name: "evil", signingKey: mallory.publicKey,
-                                agreementKey: peer.store.hostAgreementKey, signedBy: mallory)
+            try f.store.peerHosts.add(name: "evil", signingKey: mallory.publicKey,
+                                      agreementKey: peer.store.hostAgreementKey, signedBy: mallory)
         } == .signerNotAdministrator(guest: nil, signer: "mallory"))
     }
 }

@@ -65,7 +65,7 @@ func web1(allowedHosts: [String] = []) -> GuestRegistration {
 func admitWeb1(_ store: BillboardStore, name: String? = "web1", image: String = imageDigest,
                memory: UInt64 = 64 << 20, vcpus: Int = 2, mode: String? = "protected",
                commandLine: String? = "console=ttyS0", host: String = "host1") throws -> GuestRegistration {
-    try store.admit(name: name, imageSHA256: image, memoryBytes: memory, vcpus: vcpus, mode: mode,
+    try store.registry.admit(name: name, imageSHA256: image, memoryBytes: memory, vcpus: vcpus, mode: mode,
                     commandLine: commandLine, host: host)
 }
 
@@ -105,7 +105,7 @@ func deadPid() throws -> Int32 {
     return pid
 }
 
-func events(_ store: BillboardStore) throws -> [String] { try store.auditEntries().map(\.event) }
+func events(_ store: BillboardStore) throws -> [String] { try store.audit.entries().map(\.event) }
 
 func flipByte(_ data: Data, at index: Int) -> Data {
     var d = data

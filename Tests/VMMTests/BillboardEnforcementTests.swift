@@ -319,7 +319,7 @@ struct LeaseEnforcementTests {
         var writer = try StreamWriter(sink: FileDescriptorSink(fd: fd))
         for s in sections { try writer.writeSection(s.type, payload: s.payload) }
         if let signer {
-            let sig = try signer.signState(digest: writer.digestSoFar)
+            let sig = try signer.stateSignatures.sign(digest: writer.digestSoFar)
             try writer.writeSection(.signature, payload: Array(try JSONEncoder().encode(sig)))
         }
         try writer.finish()

@@ -86,15 +86,15 @@ final class LocalHosts: @unchecked Sendable {
         admin = try AdminKey(name: "tests")
         source = try BillboardStore.initialize(directory: root + "/src", hostName: "src", firstAdmin: admin)
         destination = try BillboardStore.initialize(directory: root + "/dst", hostName: "dst", firstAdmin: admin)
-        try source.addHost(name: "dst", signingKey: destination.hostSigningKey, agreementKey: destination.hostAgreementKey, signedBy: admin)
-        try destination.addHost(name: "src", signingKey: source.hostSigningKey, agreementKey: source.hostAgreementKey, signedBy: admin)
+        try source.peerHosts.add(name: "dst", signingKey: destination.hostSigningKey, agreementKey: destination.hostAgreementKey, signedBy: admin)
+        try destination.peerHosts.add(name: "src", signingKey: source.hostSigningKey, agreementKey: source.hostAgreementKey, signedBy: admin)
     }
 
     /// Registers `image` with `configuration` under a fresh name on both hosts (either may run it).
     func register(_ image: [UInt8], _ c: MachineConfiguration) throws -> String {
         let name = lock.withLock { serial += 1; return "local\(serial)" }
         for store in [source, destination] {
-            try store.register(GuestRegistration(name: name, imageSHA256: ImageDigest.sha256(Data(image)), memoryBytes: c.memorySize,
+            try store.registry.register(GuestRegistration(name: name, imageSHA256: ImageDigest.sha256(Data(image)), memoryBytes: c.memorySize,
                                                  vcpus: c.vcpuCount, mode: c.mode?.rawValue, commandLine: c.commandLine,
                                                  allowedHosts: ["src", "dst"], beacons: .required), signedBy: admin)
         }

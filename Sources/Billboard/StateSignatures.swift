@@ -17,33 +17,39 @@ public struct StateSignature: Sendable, Codable, Equatable {
     }
 }
 
-extension BillboardStore {
+/// Signing the guest states this host writes, and accepting only states signed by this host or a peer.
+public struct StateSignatures: Sendable {
+    let database: BillboardDatabase
+    let peerHosts: PeerHosts
+
     /// Signs the digest of a state stream with this host's key.
-    public func signState(digest: [UInt8]) throws -> StateSignature {
+    public func sign(digest: [UInt8]) throws -> StateSignature {
+        let keys = database.keys
         let signature = try keys.signing.signature(for: StateSignature.payload(digest))
-        return StateSignature(host: hostName, publicKey: keys.signing.publicKey.rawRepresentation.base64EncodedString(),
+        return StateSignature(host: database.hostName, publicKey: keys.signing.publicKey.rawRepresentation.base64EncodedString(),
                               signature: signature.base64EncodedString())
     }
 
     /// Records a refused state (an unsigned or badly signed snapshot or migration stream) in the audit log.
-    public func auditRefusedState(guest: String?, reason: String) {
-        try? db.write { db in
-            try appendAudit(db, actor: processActor, event: "state.signature.refused", guest: guest, details: ["reason": .string(reason)])
+    public func auditRefused(guest: String?, reason: String) {
+        try? database.write { db in
+            try database.appendAudit(db, actor: database.processActor, event: "state.signature.refused", guest: guest,
+                                     details: ["reason": .string(reason)])
         }
     }
 
     /// Accepts a signature by this host or by a peer host an administrator added; refuses anything
     /// else. Returns the signing host's name as this store knows it (the label in the signature is not trusted).
     @discardableResult
-    public func verifyState(_ signature: StateSignature, digest: [UInt8]) throws -> String {
+    public func verify(_ signature: StateSignature, digest: [UInt8]) throws -> String {
         guard let key = Data(base64Encoded: signature.publicKey), let sig = Data(base64Encoded: signature.signature) else {
             throw BillboardRefusal.badSnapshotSignature(reason: "the signature is not base64")
         }
         let signer: String?
-        if key == keys.signing.publicKey.rawRepresentation {
-            signer = hostName
+        if key == database.keys.signing.publicKey.rawRepresentation {
+            signer = database.hostName
         } else {
-            signer = try hosts().first { $0.signingKey == key }?.name
+            signer = try peerHosts.list().first { $0.signingKey == key }?.name
         }
         guard let signer else {
             throw BillboardRefusal.badSnapshotSignature(reason: "it was signed by '\(signature.host)', whose key is neither this host's nor a peer host's (vmm billboard host add)")

@@ -15,7 +15,7 @@ public struct AuditEntry: Sendable, Equatable {
     public let hash: String
 }
 
-/// The outcome of `verifyAudit`: intact, or the first sequence number at which the chain breaks and why.
+/// The outcome of `AuditLog.verify`: intact, or the first sequence number at which the chain breaks and why.
 public enum AuditVerification: Sendable, Equatable, CustomStringConvertible {
     case intact(entries: Int, headSeq: Int64)
     case broken(firstBadSeq: Int64, reason: String)
@@ -32,7 +32,8 @@ public enum AuditVerification: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
-extension BillboardStore {
+/// The hash chain's formulas, shared by the append (`BillboardDatabase.appendAudit`) and the verification.
+enum AuditChain {
     static let genesisHash = String(repeating: "0", count: 64)
 
     /// The bytes hashed for an entry. `details` is included as the stored text, not re-encoded,
@@ -51,32 +52,21 @@ extension BillboardStore {
         return Data(h.finalize()).hex
     }
 
-    func headPayload(seq: Int64, hash: String) -> Data {
-        CanonicalJSON.object(["kind": .string("swift-vmm.billboard.audit-head.v1"), "host": .string(hostName),
+    /// What the host signs after every append: the chain's last entry, so a cut tail shows.
+    static func headPayload(host: String, seq: Int64, hash: String) -> Data {
+        CanonicalJSON.object(["kind": .string("swift-vmm.billboard.audit-head.v1"), "host": .string(host),
                               "seq": .int(seq), "hash": .string(hash)]).bytes
     }
+}
 
-    /// Appends an entry and re-signs the chain head, inside the caller's transaction, so a change
-    /// and its audit entry commit together or not at all.
-    func appendAudit(_ db: Database, actor: String, event: String, guest: String?, details: [String: CanonicalJSON]) throws {
-        let last = try Row.fetchOne(db, sql: "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        let seq: Int64 = (last?["seq"] ?? 0) + 1
-        let prev: String = last?["hash"] ?? Self.genesisHash
-        let time = Date().milliseconds
-        let text = CanonicalJSON.object(details).text
-        let hash = Self.chainHash(prev: prev, entry: Self.entryBytes(seq: seq, time: time, actor: actor, event: event,
-                                                                    guest: guest, details: text))
-        try db.execute(sql: """
-            INSERT INTO audit(seq, time, actor, event, guest, details, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-            """, arguments: [seq, time, actor, event, guest, text, prev, hash])
-        let signature = try keys.signing.signature(for: headPayload(seq: seq, hash: hash))
-        try db.execute(sql: "INSERT OR REPLACE INTO audit_head(id, seq, hash, signature) VALUES (1, ?, ?, ?)",
-                       arguments: [seq, hash, signature])
-    }
+/// Reading and checking the append-only audit log. Entries are written by every change through
+/// the shared database, in the change's own transaction; this only reads them.
+public struct AuditLog: Sendable {
+    let database: BillboardDatabase
 
     /// Audit entries in order, starting after `afterSeq`.
-    public func auditEntries(afterSeq: Int64 = 0, limit: Int = .max) throws -> [AuditEntry] {
-        try db.read { db in
+    public func entries(afterSeq: Int64 = 0, limit: Int = .max) throws -> [AuditEntry] {
+        try database.read { db in
             try Row.fetchAll(db, sql: "SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
                              arguments: [afterSeq, Int64(clamping: limit)]).map(Self.entry)
         }
@@ -90,10 +80,10 @@ extension BillboardStore {
     /// Walks the whole chain: contiguous sequence numbers from 1, each entry linked to the previous
     /// hash and hashing to its stored hash, and the last entry equal to the head signed with this
     /// host's key (from host.key, not from the database), which catches a truncated or rebuilt tail.
-    public func verifyAudit() throws -> AuditVerification {
-        try db.read { db in
+    public func verify() throws -> AuditVerification {
+        try database.read { db in
             var expected: Int64 = 1
-            var prev = Self.genesisHash
+            var prev = AuditChain.genesisHash
             let cursor = try Row.fetchCursor(db, sql: "SELECT * FROM audit ORDER BY seq")
             while let row = try cursor.next() {
                 let e = Self.entry(row)
@@ -103,9 +93,9 @@ extension BillboardStore {
                 if e.prevHash != prev {
                     return .broken(firstBadSeq: e.seq, reason: "does not link to the previous entry (inserted, reordered, or the previous one altered)")
                 }
-                let bytes = Self.entryBytes(seq: e.seq, time: e.time.milliseconds, actor: e.actor, event: e.event,
-                                            guest: e.guest, details: e.details)
-                if Self.chainHash(prev: prev, entry: bytes) != e.hash {
+                let bytes = AuditChain.entryBytes(seq: e.seq, time: e.time.milliseconds, actor: e.actor, event: e.event,
+                                                  guest: e.guest, details: e.details)
+                if AuditChain.chainHash(prev: prev, entry: bytes) != e.hash {
                     return .broken(firstBadSeq: e.seq, reason: "content does not match its hash (edited)")
                 }
                 prev = e.hash
@@ -116,7 +106,8 @@ extension BillboardStore {
                 return .broken(firstBadSeq: max(last, 1), reason: "the signed head is missing")
             }
             let headSeq: Int64 = head["seq"], headHash: String = head["hash"], signature: Data = head["signature"]
-            guard keys.signing.publicKey.isValidSignature(signature, for: headPayload(seq: headSeq, hash: headHash)) else {
+            let signedHead = AuditChain.headPayload(host: database.hostName, seq: headSeq, hash: headHash)
+            guard database.keys.signing.publicKey.isValidSignature(signature, for: signedHead) else {
                 return .broken(firstBadSeq: max(last, 1), reason: "the head signature does not verify with this host's key (chain rewritten)")
             }
             if headSeq > last {

@@ -1,0 +1,85 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Crypto
+import Foundation
+import GRDB
+
+/// The one handle every part of a store shares: the SQLite queue, the host keys that seal and
+/// sign its rows, and the two rules every change follows (integrity codes, audited decisions).
+/// Each responsibility (registry, leases, instances, ...) holds this, never each other's state.
+final class BillboardDatabase: Sendable {
+    let queue: DatabaseQueue
+    let keys: HostKeys
+    /// The store's `billboard.sqlite`, as opened (the scan compares other processes' open files with it).
+    let path: String
+
+    /// The name of this host, fixed at `initialize`.
+    var hostName: String { keys.hostName }
+
+    init(path: String, keys: HostKeys, configuration: Configuration) throws {
+        self.path = path
+        self.keys = keys
+        self.queue = try DatabaseQueue(path: path, configuration: configuration)
+    }
+
+    func read<T>(_ body: (Database) throws -> T) throws -> T { try queue.read(body) }
+
+    func write<T>(_ body: (Database) throws -> T) throws -> T { try queue.write(body) }
+
+    /// Who this process is, in audit entries.
+    var processActor: String { "vmm pid \(getpid())@\(hostName)" }
+
+    // MARK: - Integrity codes
+
+    /// HMAC over a canonical description of a row's security-relevant state. Someone who can
+    /// write the database but lacks host.key cannot forge one (e.g. to un-revoke a guest or add an admin).
+    func rowMAC(_ payload: CanonicalJSON) -> Data {
+        Data(HMAC<SHA256>.authenticationCode(for: payload.bytes, using: keys.macKey))
+    }
+
+    func checkRowMAC(_ payload: CanonicalJSON, _ mac: Data) -> Bool {
+        HMAC<SHA256>.isValidAuthenticationCode(mac, authenticating: payload.bytes, using: keys.macKey)
+    }
+
+    // MARK: - Audited changes
+
+    /// Runs `body` in one IMMEDIATE transaction. A refusal rolls back whatever `body` did, then is
+    /// itself recorded in the audit log in a second transaction, so refused attempts are never silent.
+    func decide<T>(actor: String, event: String, guest: String?, details: [String: CanonicalJSON] = [:],
+                   _ body: (Database) throws -> T) throws -> T {
+        do {
+            return try queue.write { try body($0) }
+        } catch let refusal as BillboardRefusal {
+            var d = details
+            d["reason"] = .string(refusal.description)
+            try queue.write { db in
+                try appendAudit(db, actor: actor, event: event + ".refused", guest: guest, details: d)
+            }
+            throw refusal
+        }
+    }
+
+    /// Appends an entry and re-signs the chain head, inside the caller's transaction, so a change
+    /// and its audit entry commit together or not at all.
+    func appendAudit(_ db: Database, actor: String, event: String, guest: String?, details: [String: CanonicalJSON]) throws {
+        let last = try Row.fetchOne(db, sql: "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        let seq: Int64 = (last?["seq"] ?? 0) + 1
+        let prev: String = last?["hash"] ?? AuditChain.genesisHash
+        let time = Date().milliseconds
+        let text = CanonicalJSON.object(details).text
+        let hash = AuditChain.chainHash(prev: prev, entry: AuditChain.entryBytes(seq: seq, time: time, actor: actor, event: event,
+                                                                                guest: guest, details: text))
+        try db.execute(sql: """
+            INSERT INTO audit(seq, time, actor, event, guest, details, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            """, arguments: [seq, time, actor, event, guest, text, prev, hash])
+        let signature = try keys.signing.signature(for: AuditChain.headPayload(host: hostName, seq: seq, hash: hash))
+        try db.execute(sql: "INSERT OR REPLACE INTO audit_head(id, seq, hash, signature) VALUES (1, ?, ?, ?)",
+                       arguments: [seq, hash, signature])
+    }
+}
+
+/// A guest id as the store writes it (lowercase), in rows, requests and audit entries.
+func guestIDText(_ id: UUID) -> String { id.uuidString.lowercased() }
