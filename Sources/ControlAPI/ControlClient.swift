@@ -77,6 +77,7 @@ public struct ControlClient: Sendable {
 }
 
 /// Collects the response parts into a `Reply`.
+// @unchecked: its mutable fields are touched only on the channel's event loop.
 private final class ReplyCollector: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = HTTPClientResponsePart
     let promise: EventLoopPromise<ControlClient.Reply>

@@ -53,6 +53,7 @@ public enum MigrationRoutes {
 }
 
 /// A report delivered from the migration thread to an async waiter.
+// @unchecked: `report` and `waiter` are read and written only under `lock`.
 final class AsyncReport: @unchecked Sendable {
     private let lock = NSLock()
     private var report: MigrationReport?

@@ -42,6 +42,7 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
 /// Thread-safety: the mappings never change after `init` and are unmapped in
 /// `deinit`; the bytes themselves are shared with the running guest by design,
 /// exactly as they are in hardware, so callers coordinate by pausing vCPUs.
+// @unchecked: the mappings are immutable after init; their bytes are shared with the guest by design.
 public final class GuestMemory: @unchecked Sendable {
     public static let pageSize: UInt64 = 4096
     /// Largest single mapping / memory slot. Larger guests get several slots.

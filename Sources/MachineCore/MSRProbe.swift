@@ -12,6 +12,7 @@ import KVM
 /// `KVM_GET_MSRS` or `KVM_SET_MSRS` count is a real error.
 enum MSRProbe {
     private static let cache = NSLock()
+    // nonisolated(unsafe): read and written only with `cache` held.
     nonisolated(unsafe) private static var probed: [UInt32]?
 
     static func saveable(kvm: KVMSystem, vcpu: VCPU) throws -> [UInt32] {

@@ -77,7 +77,7 @@ public struct ControlMessage: Codable, Sendable, Equatable {
     public func encoded() throws -> [UInt8] { try StateJSON.encode(self) }
 
     public static func decode(_ payload: [UInt8]) throws -> ControlMessage {
-        do { return try JSONDecoder().decode(ControlMessage.self, from: Data(payload)) } catch {
+        do { return try StateJSON.decode(ControlMessage.self, from: payload, what: "control message") } catch {
             throw MigrationError.protocolViolation("a control message is not valid JSON: \(error)")
         }
     }

@@ -30,6 +30,7 @@ public struct TransportSink: ByteSink {
     public static let bufferSize = 1 << 20
 
     /// Frees the buffer when the last copy of the sink goes away.
+    // @unchecked: the memory is only touched through the sink that owns it, one thread at a time.
     private final class BufferOwner: @unchecked Sendable {
         let memory: UnsafeMutableRawBufferPointer
         init(_ size: Int) { memory = .allocate(byteCount: size, alignment: 64) }

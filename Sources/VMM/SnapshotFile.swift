@@ -6,6 +6,7 @@ import Foundation
 import GuestMemory
 import MachineCore
 import Snapshot
+import SystemCalls
 
 /// Figures about one snapshot written or restored.
 public struct SnapshotStats: Sendable, Codable {
@@ -24,17 +25,17 @@ public enum SnapshotFile {
                              sign: ([UInt8]) throws -> [UInt8]?) throws -> SnapshotStats {
         let t0 = monotonicMilliseconds()
         let temporary = path + ".partial"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else {
-            throw MachineError.io("cannot create snapshot file '\(temporary)': \(String(cString: strerror(errno)))")
+        let file: OwnedFileDescriptor
+        do { file = try OwnedFileDescriptor.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o600) } catch {
+            throw MachineError.io("cannot create snapshot file '\(temporary)': \(error.message)")
         }
-        var closed = false
-        defer { if !closed { close(fd); unlink(temporary) } }
-        var writer = try StreamWriter(sink: FileDescriptorSink(fd: fd))
+        var written = false
+        defer { if !written { file.close(); unlink(temporary) } }
+        var writer = try StreamWriter(sink: FileDescriptorSink(file))
         let stats = try MachineStateCodec.writeFull(machine, header: try header.encoded(), to: &writer, sign: sign)
-        guard fsync(fd) == 0 else { throw MachineError.io("fsync of '\(temporary)' failed: \(String(cString: strerror(errno)))") }
-        close(fd)
-        closed = true
+        guard fsync(file.raw) == 0 else { throw MachineError.io("fsync of '\(temporary)' failed: \(String(cString: strerror(errno)))") }
+        file.close()
+        written = true
         guard rename(temporary, path) == 0 else {
             unlink(temporary)
             throw MachineError.io("cannot rename snapshot into '\(path)': \(String(cString: strerror(errno)))")
@@ -48,28 +49,20 @@ public enum SnapshotFile {
     public final class Opened {
         public let path: String
         public let header: StateHeader
-        private let fd: Int32
+        private let file: OwnedFileDescriptor
         private var reader: StreamReader<FileDescriptorSource>
         private let t0 = monotonicMilliseconds()
+        private var fd: Int32 { file.raw }
 
         public init(path: String) throws {
             self.path = path
-            let fd = open(path, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else {
-                throw MachineError.io("cannot open snapshot '\(path)': \(String(cString: strerror(errno)))")
+            do { file = try OwnedFileDescriptor.open(path, O_RDONLY | O_CLOEXEC) } catch {
+                throw MachineError.io("cannot open snapshot '\(path)': \(error.message)")
             }
-            do {
-                var reader = try StreamReader(source: FileDescriptorSource(fd: fd))
-                header = try StateHeader.decode(try StateSequence.readDescription(from: &reader), what: "machine section")
-                self.reader = reader
-                self.fd = fd
-            } catch {
-                close(fd)
-                throw error
-            }
+            var reader = try StreamReader(source: FileDescriptorSource(file))
+            header = try StateHeader.decode(try StateSequence.readDescription(from: &reader), what: "machine section")
+            self.reader = reader
         }
-
-        deinit { close(fd) }
 
         /// SHA-256 of the whole file, read from this open file (not the path), so it is of the
         /// very bytes being restored even if the path is swapped meanwhile.

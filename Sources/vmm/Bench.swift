@@ -5,6 +5,7 @@ import GuestMemory
 import KVM
 import Loader
 import MachineCore
+import Synchronization
 import VMM
 
 struct Bench: ParsableCommand {
@@ -215,14 +216,10 @@ struct BootBench: ParsableCommand {
 }
 
 /// Records when the first serial byte arrived.
-final class FirstByteClock: @unchecked Sendable {
-    private let lock = NSLock()
-    private var first: Double?
-    func mark() {
-        lock.lock(); defer { lock.unlock() }
-        if first == nil { first = monotonicMilliseconds() }
-    }
-    var time: Double? { lock.lock(); defer { lock.unlock() }; return first }
+final class FirstByteClock: Sendable {
+    private let first = Mutex<Double?>(nil)
+    func mark() { first.withLock { if $0 == nil { $0 = monotonicMilliseconds() } } }
+    var time: Double? { first.withLock { $0 } }
 }
 
 /// Kernel, CPU model and core count, so that figures say where they came from.

@@ -2,6 +2,7 @@ import ArgumentParser
 import ControlAPI
 import Foundation
 import NIOHTTP1
+import Synchronization
 
 struct Ctl: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -139,11 +140,10 @@ extension Ctl {
 }
 
 /// A flag shared between the request and the progress thread.
-final class Finished: @unchecked Sendable {
-    private let lock = NSLock()
-    private var flag = false
+final class Finished: Sendable {
+    private let flag = Mutex(false)
     var value: Bool {
-        get { lock.lock(); defer { lock.unlock() }; return flag }
-        set { lock.lock(); flag = newValue; lock.unlock() }
+        get { flag.withLock { $0 } }
+        set { flag.withLock { $0 = newValue } }
     }
 }

@@ -10,6 +10,7 @@ import VMM
 
 /// A destination running `GuestDoors.receive` on a background thread; a fault, if given, is
 /// committed by a `FaultInjectingTransport` around the accepted connection.
+// @unchecked: `machine` and `error` are written by the receiving thread before `done` is signalled, read after.
 final class Destination: @unchecked Sendable {
     let listener: TCPListener
     let capture = SerialCapture()
@@ -42,6 +43,7 @@ final class Destination: @unchecked Sendable {
 }
 
 /// A source VM that records the memory digest at the moment its state is captured (paused).
+// @unchecked: `digestAtPause` is written by the sender's thread and read after `run` returned.
 final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
     let machine: AdmittedGuest
     var digestAtPause: String?
@@ -277,6 +279,7 @@ struct MigrationTests {
     }
 }
 
+// @unchecked: `value` is written before the semaphore is signalled and read after it is waited on.
 final class DigestBox: @unchecked Sendable {
     private let sem = DispatchSemaphore(value: 0)
     private var value: String?
@@ -284,6 +287,7 @@ final class DigestBox: @unchecked Sendable {
     func wait() -> String? { _ = sem.wait(timeout: .now() + 120); return value }
 }
 
+// @unchecked: used by the receiver's one thread only.
 final class DigestingDestination: MigrationDestinationVM, @unchecked Sendable {
     let machine: AdmittedGuest
     let box: DigestBox

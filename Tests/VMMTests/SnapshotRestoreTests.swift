@@ -6,6 +6,7 @@ import MachineCore
 import VMM
 
 /// A `vmm` process running in the background, with its stdout collected.
+// @unchecked: the collected output is read and written only under `lock`; the rest is immutable.
 final class VMMProcess: @unchecked Sendable {
     let process = Process()
     private let lock = NSLock()
