@@ -74,6 +74,8 @@ public enum SnapshotFormatError: Error, Equatable, Sendable, CustomStringConvert
     case dataAfterEnd(offset: UInt64)
     /// The writer was used in a way that would produce an invalid stream.
     case writerMisuse(String)
+    /// The stream header names another section integrity than the reader was made for.
+    case integrityMismatch(expected: SectionIntegrity, found: SectionIntegrity)
     /// Sections in an order the state sequence does not allow (`StateSequence`).
     case sectionOrder(String)
     /// A JSON payload (machine description, vCPU or device state, signature) that does not decode.
@@ -116,6 +118,8 @@ public enum SnapshotFormatError: Error, Equatable, Sendable, CustomStringConvert
             return "unexpected data at offset \(offset), after the end section: \(Self.damaged)"
         case let .writerMisuse(reason):
             return "snapshot writer misuse: \(reason)"
+        case let .integrityMismatch(expected, found):
+            return "the stream is written with \(found), but this reader expects \(expected): a snapshot file must carry checksums, and a stream without them is read only inside an authenticated channel"
         case let .sectionOrder(what):
             return "the state's sections are out of order: \(what)"
         case let .malformedPayload(what, reason):

@@ -21,6 +21,48 @@ public enum SnapshotFormat {
     public static let maxPagesPerSection: UInt32 = 512
 }
 
+/// How each section is protected inside a stream: a parameter of the reader and the writer,
+/// and named in the stream header's flags, so a reader never guesses and a stream written one
+/// way is never read the other.
+public enum SectionIntegrity: Sendable, Equatable, CaseIterable, CustomStringConvertible {
+    /// A SHA-256 of header and payload after every section: snapshot files, where the bytes may
+    /// be damaged at rest. Header flags 0 (every version 1 stream written before this choice).
+    case sha256Checksums
+    /// No per-section trailer: for a stream inside a channel that already authenticates every
+    /// byte (TLS). The running stream digest and the end section remain, since a signature
+    /// covers them. Header flag bit 0.
+    case channelAuthenticated
+
+    /// The stream header's flags for this choice.
+    public var headerFlags: UInt32 {
+        switch self {
+        case .sha256Checksums: 0
+        case .channelAuthenticated: 1
+        }
+    }
+
+    /// Bytes after every section's payload.
+    public var trailerSize: Int {
+        switch self {
+        case .sha256Checksums: SnapshotFormat.checksumSize
+        case .channelAuthenticated: 0
+        }
+    }
+
+    /// The choice a stream header's flags name, if any.
+    public init?(headerFlags: UInt32) {
+        guard let match = Self.allCases.first(where: { $0.headerFlags == headerFlags }) else { return nil }
+        self = match
+    }
+
+    public var description: String {
+        switch self {
+        case .sha256Checksums: "SHA-256 section checksums"
+        case .channelAuthenticated: "no section checksums (inside an authenticated channel)"
+        }
+    }
+}
+
 /// The kind of a section; anything else is refused because this layer
 /// cannot know how long or how trusted an unknown section may be.
 public enum SectionType: UInt32, Sendable, CaseIterable, CustomStringConvertible {

@@ -17,9 +17,13 @@ public struct StreamReader<Source: ByteSource> {
     private var exhausted = false
     private var failure: (any Error)?
 
-    /// Reads and validates the stream header.
-    public init(source: Source) throws {
+    /// How each section is protected; the stream header must name the same.
+    public let integrity: SectionIntegrity
+
+    /// Reads and validates the stream header, which must name `integrity`.
+    public init(source: Source, integrity: SectionIntegrity = .sha256Checksums) throws {
         self.source = source
+        self.integrity = integrity
         var header = [UInt8](repeating: 0, count: SnapshotFormat.streamHeaderSize)
         try fill(&header)
         guard Array(header[0..<8]) == SnapshotFormat.magic else { throw SnapshotFormatError.badMagic }
@@ -29,7 +33,11 @@ public struct StreamReader<Source: ByteSource> {
             throw SnapshotFormatError.unsupportedVersion(found: version, supported: SnapshotFormat.version)
         }
         let flags = header.loadLittleEndian(UInt32.self, at: 12)
-        guard flags == 0 else { throw SnapshotFormatError.unsupportedFlags(flags: flags, sectionType: nil, offset: 0) }
+        guard let found = SectionIntegrity(headerFlags: flags) else {
+            throw SnapshotFormatError.unsupportedFlags(flags: flags, sectionType: nil, offset: 0)
+        }
+        // A stream without checksums is read only where a channel authenticated it.
+        guard found == integrity else { throw SnapshotFormatError.integrityMismatch(expected: integrity, found: found) }
         streamHasher.update(bytes: header)
     }
 
@@ -50,8 +58,8 @@ public struct StreamReader<Source: ByteSource> {
 
     /// Reads a whole stream and returns its sections in order, without the end
     /// section, after verifying that nothing follows it.
-    public static func readAll(from source: Source) throws -> [Section] {
-        var reader = try StreamReader(source: source)
+    public static func readAll(from source: Source, integrity: SectionIntegrity = .sha256Checksums) throws -> [Section] {
+        var reader = try StreamReader(source: source, integrity: integrity)
         var sections: [Section] = []
         // Runs until the nil after the end section, which proves nothing follows it.
         while let section = try reader.nextSection() {
@@ -110,16 +118,17 @@ public struct StreamReader<Source: ByteSource> {
             try fill(&payload, hashStream: hashStream)
         } catch let SnapshotFormatError.truncated(at, needed) {
             // Report the whole shortfall of the section, its checksum included.
-            throw SnapshotFormatError.truncated(offset: at, needed: needed + UInt64(SnapshotFormat.checksumSize))
+            throw SnapshotFormatError.truncated(offset: at, needed: needed + UInt64(integrity.trailerSize))
         }
-        var checksum = [UInt8](repeating: 0, count: SnapshotFormat.checksumSize)
-        try fill(&checksum, hashStream: hashStream)
-
-        var sectionHasher = SHA256()
-        sectionHasher.update(bytes: header)
-        sectionHasher.update(bytes: payload)
-        guard sectionHasher.finalize().withUnsafeBytes({ Array($0) }) == checksum else {
-            throw SnapshotFormatError.checksumMismatch(type: type, offset: sectionOffset)
+        if integrity.trailerSize > 0 {
+            var checksum = [UInt8](repeating: 0, count: integrity.trailerSize)
+            try fill(&checksum, hashStream: hashStream)
+            var sectionHasher = SHA256()
+            sectionHasher.update(bytes: header)
+            sectionHasher.update(bytes: payload)
+            guard sectionHasher.finalize().withUnsafeBytes({ Array($0) }) == checksum else {
+                throw SnapshotFormatError.checksumMismatch(type: type, offset: sectionOffset)
+            }
         }
 
         switch type {

@@ -35,12 +35,16 @@ public struct StreamWriter<Sink: ByteSink> {
     // A failed sink write may leave a partial section behind; nothing valid can follow.
     private var broken = false
 
+    /// How each section is protected (named in the stream header).
+    public let integrity: SectionIntegrity
+
     /// Writes the stream header.
-    public init(sink: Sink) throws {
+    public init(sink: Sink, integrity: SectionIntegrity = .sha256Checksums) throws {
         self.sink = sink
+        self.integrity = integrity
         var header = SnapshotFormat.magic
         header.appendLittleEndian(SnapshotFormat.version)
-        header.appendLittleEndian(UInt32(0))
+        header.appendLittleEndian(integrity.headerFlags)
         try header.withUnsafeBytes { try emit($0) }
     }
 
@@ -142,6 +146,7 @@ public struct StreamWriter<Sink: ByteSink> {
         let header = encodeSectionHeader(type: SectionType.end.rawValue, flags: 0, length: UInt64(digest.count))
         try header.withUnsafeBytes { try emit($0, hashStream: false) }
         try digest.withUnsafeBytes { try emit($0, hashStream: false) }
+        guard integrity.trailerSize > 0 else { return }
         let checksum = sectionHasher.finalize().withUnsafeBytes { Array($0) }
         try checksum.withUnsafeBytes { try emit($0, hashSection: false, hashStream: false) }
     }
@@ -160,12 +165,13 @@ public struct StreamWriter<Sink: ByteSink> {
     }
 
     private mutating func endSection() throws {
+        guard integrity.trailerSize > 0 else { return }
         let checksum = sectionHasher.finalize().withUnsafeBytes { Array($0) }
         try checksum.withUnsafeBytes { try emit($0, hashSection: false) }
     }
 
     private mutating func emit(_ bytes: UnsafeRawBufferPointer, hashSection: Bool = true, hashStream: Bool = true) throws {
-        if hashSection { sectionHasher.update(bufferPointer: bytes) }
+        if hashSection && integrity.trailerSize > 0 { sectionHasher.update(bufferPointer: bytes) }
         if hashStream { streamHasher.update(bufferPointer: bytes) }
         do {
             try sink.write(bytes)

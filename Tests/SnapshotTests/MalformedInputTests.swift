@@ -27,7 +27,7 @@ struct MalformedInputTests {
         #expect(try decode(bytes).count == 4)
     }
 
-    @Test("a flipped bit in the stream header is refused as bad magic, unsupported version or unsupported flags")
+    @Test("a flipped bit in the stream header is refused as bad magic, unsupported version, another integrity or unsupported flags")
     func flippedStreamHeaderBits() throws {
         let bytes = try smallStream()
         for byte in 0..<16 {
@@ -37,6 +37,8 @@ struct MalformedInputTests {
                 let expected: SnapshotFormatError = switch byte {
                 case 0..<8: .badMagic
                 case 8..<12: .unsupportedVersion(found: 1 ^ (1 << UInt32(8 * (byte - 8) + bit)), supported: 1)
+                // Flag bit 0 names the checksum-less integrity, which a file reader never accepts.
+                case 12 where bit == 0: .integrityMismatch(expected: .sha256Checksums, found: .channelAuthenticated)
                 default: .unsupportedFlags(flags: 1 << UInt32(8 * (byte - 12) + bit), sectionType: nil, offset: 0)
                 }
                 #expect(throws: expected, "byte \(byte) bit \(bit)") { try decode(m) }
@@ -111,10 +113,13 @@ struct MalformedInputTests {
         #expect(throws: SnapshotFormatError.unsupportedVersion(found: 0, supported: 1)) { try decode(streamHeader(version: 0)) }
     }
 
-    @Test("nonzero stream flags are refused")
+    @Test("stream flags other than the reader's integrity are refused")
     func streamFlags() throws {
-        #expect(throws: SnapshotFormatError.unsupportedFlags(flags: 1, sectionType: nil, offset: 0)) {
+        #expect(throws: SnapshotFormatError.integrityMismatch(expected: .sha256Checksums, found: .channelAuthenticated)) {
             try decode(streamHeader(flags: 1))
+        }
+        #expect(throws: SnapshotFormatError.unsupportedFlags(flags: 2, sectionType: nil, offset: 0)) {
+            try decode(streamHeader(flags: 2))
         }
     }
 
