@@ -59,7 +59,7 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         case let .stopped(sig): "stopped by signal \(sig)"
         case .shutdown: "shut down through the control API"
         case .migrated: "migrated to another VMM"
-        case let .stoppedByOwner(r): "stopped: \(r)"
+        case let .stoppedByOwner(r): r
         }
     }
 }
