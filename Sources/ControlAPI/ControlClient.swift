@@ -21,7 +21,7 @@ public struct ControlClient: Sendable {
         public let path: String
         public let underlying: String
         public var description: String {
-            "cannot reach the VMM's control socket at '\(path)': \(underlying); is `vmm run --api-socket \(path)` running?"
+            "cannot reach the VMM's control socket at '\(path)': \(underlying); is a VMM serving its control API there?"
         }
     }
 

@@ -90,7 +90,7 @@ public final class ControlServer: Sendable {
     public static func start(socketPath: String, controller: any VMControlling) throws -> ControlServer {
         if FileManager.default.fileExists(atPath: socketPath) {
             if (try? ControlClient(socketPath: socketPath).send(.GET, "/vm", timeout: .seconds(2))) != nil {
-                throw APIError(.conflict, "another VMM already serves '\(socketPath)'; choose another --api-socket")
+                throw APIError(.conflict, "another VMM already serves '\(socketPath)'; choose another control socket path")
             }
         }
         let router = Router()

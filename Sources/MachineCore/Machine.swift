@@ -164,7 +164,7 @@ public final class Machine: Sendable {
     /// instruction runs until `resume()`.
     public func startPaused() {
         control.lock()
-        for runner in runners { runner.target = .paused }
+        for runner in runners { runner.sendLocked(.pause) }
         control.unlock()
         start()
         control.lock()
@@ -178,10 +178,7 @@ public final class Machine: Sendable {
     public func pause() -> Bool {
         control.lock(); defer { control.unlock() }
         guard run.started, run.result == nil else { return false }
-        for runner in runners where runner.target != .finished {
-            runner.target = .paused
-            runner.kickLocked()
-        }
+        for runner in runners { runner.sendLocked(.pause) }
         while runners.contains(where: { $0.state != .paused && $0.state != .finished }) && run.result == nil { control.wait() }
         return run.result == nil
     }
@@ -189,7 +186,7 @@ public final class Machine: Sendable {
     /// Resumes a paused machine.
     public func resume() {
         control.lock(); defer { control.unlock() }
-        for runner in runners where runner.target == .paused { runner.target = .running }
+        for runner in runners { runner.sendLocked(.resume) }
         control.broadcast()
     }
 
@@ -203,10 +200,7 @@ public final class Machine: Sendable {
     public func end(with exit: MachineExit) {
         control.lock(); defer { control.unlock() }
         if run.result == nil { run.result = exit }
-        for runner in runners {
-            runner.target = .finished
-            runner.kickLocked()
-        }
+        for runner in runners { runner.sendLocked(.finish) }
         control.broadcast()
     }
 

@@ -19,13 +19,15 @@ import KVM
 /// condition, which every runner of the machine shares; `@unchecked` for that reason.
 final class VCPURunner: @unchecked Sendable {
     enum State: Equatable { case created, running, paused, finished }
+    /// What the machine asks of a runner.
+    enum Event: Equatable { case pause, resume, finish }
 
     let vcpu: VCPU
     let index: Int
     private let control: NSCondition
     private(set) var state: State = .created   // guarded by control
-    /// What the machine asked for: running, paused or finished.
-    var target: State = .running               // guarded by control
+    /// Where the last event asked the runner to be: running, paused or finished.
+    private(set) var target: State = .running  // guarded by control
     private var thread: pthread_t?             // guarded by control
 
     init(vcpu: VCPU, index: Int, control: NSCondition) {
@@ -34,9 +36,28 @@ final class VCPURunner: @unchecked Sendable {
         self.control = control
     }
 
+    /// Delivers an event; call with `control` held. Pause and finish kick the vCPU out of
+    /// `KVM_RUN`; resume wakes a parked thread (the caller broadcasts). A finished runner
+    /// stays finished.
+    func sendLocked(_ event: Event) {
+        switch (event, target) {
+        case (_, .finished):
+            return
+        case (.pause, _):
+            target = .paused
+            kickLocked()
+        case (.resume, .paused):
+            target = .running
+        case (.resume, _):
+            return
+        case (.finish, _):
+            target = .finished
+            kickLocked()
+        }
+    }
+
     /// Makes a blocked `KVM_RUN` return EINTR, and keeps the next one from entering the guest.
-    /// Call with `control` held.
-    func kickLocked() {
+    private func kickLocked() {
         guard state != .finished else { return }
         vcpu.immediateExit = true
         if let thread { pthread_kill(thread, KickSignal.number) }

@@ -6,6 +6,8 @@ public enum ImageFile {
     public struct ReadError: Error, CustomStringConvertible {
         public let path: String
         public let reason: String
+        /// The image is larger than the guest's memory.
+        public var tooLargeForMemory = false
         public var description: String { "cannot use image '\(path)': \(reason)" }
     }
 
@@ -23,7 +25,8 @@ public enum ImageFile {
         let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? UInt64) ?? 0
         guard size > 0 else { throw ReadError(path: path, reason: "the file is empty") }
         guard size <= limit else {
-            throw ReadError(path: path, reason: "it is \(size) bytes, larger than guest memory (\(limit) bytes); raise --memory")
+            throw ReadError(path: path, reason: "it is \(size) bytes, larger than guest memory (\(limit) bytes); give the guest more memory",
+                            tooLargeForMemory: true)
         }
         guard let data = FileManager.default.contents(atPath: path) else {
             throw ReadError(path: path, reason: "it could not be read")

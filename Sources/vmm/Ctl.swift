@@ -21,7 +21,7 @@ struct Ctl: ParsableCommand {
         do {
             reply = try ControlClient(socketPath: socket.apiSocket).send(method, path, body: text)
         } catch {
-            FileHandle.standardError.write(Data("vmm: error: \(error)\n".utf8))
+            FileHandle.standardError.write(Data("vmm: error: \(describeWithFlagHint(error))\n".utf8))
             throw ExitCode(1)
         }
         guard (200..<300).contains(reply.status) else {

@@ -1,6 +1,10 @@
+import Billboard
+import ControlAPI
 import GuestMemory
 import KVM
 import Loader
+import MachineCore
+import VMM
 
 /// The command-line flag that acts on an error, for the errors of layers below the
 /// CLI: they say what to do ("give the guest more memory") without knowing which
@@ -17,6 +21,35 @@ func flagHint(for error: any Error) -> String? {
         return "a smaller --memory"
     case let error as KVMError where error.operation == "KVM_CAP_DIRTY_LOG_RING":
         return "--dirty-tracker bitmap"
+    case let error as ImageFile.ReadError where error.tooLargeForMemory:
+        return "a larger --memory"
+    case SnapshotError.memoryMismatch:
+        return "the snapshot's size with --memory, or leave --memory out"
+    case BillboardError.notInitialized:
+        return "--billboard DIR for an existing store, or vmm billboard init --billboard DIR --host NAME"
+    case let refusal as GuestRefusal:
+        return billboardHint(refusal.refusal, guest: refusal.guest)
+    case let refusal as BillboardRefusal:
+        return billboardHint(refusal, guest: nil)
+    case is ControlClient.ConnectionError:
+        return "vmm run, restore or receive with --api-socket PATH to serve it"
+    default:
+        return nil
+    }
+}
+
+/// The command that acts on a Billboard refusal.
+private func billboardHint(_ refusal: BillboardRefusal, guest: String?) -> String? {
+    let name = guest ?? "GUEST"
+    switch refusal {
+    case let .notRegistered(g):
+        return "vmm billboard register --name \(g) --image FILE --signed-by KEY"
+    case .imageNotRegistered:
+        return "vmm billboard register --name NAME --image FILE --signed-by KEY"
+    case .leaseHeld:
+        return "vmm billboard release-lease --name \(name) --signed-by KEY; a dead VMM's lease here is taken over after --lease-timeout seconds"
+    case .staleEpoch:
+        return "vmm billboard authorize-restore --name \(name) --snapshot FILE --signed-by KEY"
     default:
         return nil
     }
