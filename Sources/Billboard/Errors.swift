@@ -27,7 +27,7 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
         case .notRegistered(let g):
             return "guest '\(g)' is not registered: an administrator must register it (`vmm billboard register`) before it can run here"
         case .imageNotRegistered(let d):
-            return "no registered guest has image sha256 \(d): register it with vmm billboard register ..."
+            return "no registered guest has image sha256 \(d): an administrator must register it (`vmm billboard register`) before it can run here"
         case .ambiguousImage(let d, let gs):
             return "image sha256 \(d) is registered for several guests (\(gs.joined(separator: ", "))): name the guest"
         case .alreadyRegistered(let g):
@@ -54,7 +54,7 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
         case .bootstrapNotAllowed:
             return "an administrator already exists: further administrators must be enrolled with the signature of an existing one"
         case .leaseHeld(let id, let h, let p, let e):
-            return "guest \(id) is already running (host '\(h)', pid \(p), epoch \(e)): stop that copy first. A lease whose VMM died here is taken over once the lease timeout has passed since its last renewal; one held by another host is freed only when that host hands the guest back, or by an administrator (`vmm billboard release-lease`)"
+            return "guest \(id) is already running (host '\(h)', pid \(p), epoch \(e)): stop that copy first. A lease whose VMM died here is taken over once the lease timeout has passed since its last renewal; one held by another host is freed only when that host hands the guest back, or by an administrator releasing it"
         case .leaseNotHeld(let id, let p):
             return "pid \(p) does not hold the lease of guest \(id): it was taken over or released; stop this copy"
         case .copiedStore(let d):
@@ -62,7 +62,7 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
         case .badSnapshotSignature(let r):
             return "the snapshot's signature does not verify: \(r). It was edited after it was written, or written by a host this billboard does not know; refusing it"
         case .staleEpoch(let id, let e, let c):
-            return "state of guest \(id) is from epoch \(e) but the current epoch is \(c): refusing to roll back to an old snapshot (a second copy of the guest). If this rollback is intended, an administrator can allow this one restore (`vmm billboard authorize-restore`)"
+            return "state of guest \(id) is from epoch \(e) but the current epoch is \(c): refusing to roll back to an old snapshot (a second copy of the guest). If this rollback is intended, an administrator can allow this one restore"
         }
     }
 }

@@ -43,9 +43,9 @@ private func billboardHint(_ refusal: BillboardRefusal, guest: String?) -> Strin
     let name = guest ?? "GUEST"
     switch refusal {
     case let .notRegistered(g):
-        return "vmm billboard register --name \(g) --image FILE --signed-by KEY"
+        return "--name \(g) --image FILE --signed-by KEY"
     case .imageNotRegistered:
-        return "vmm billboard register --name NAME --image FILE --signed-by KEY"
+        return "--name NAME --image FILE --signed-by KEY"
     case .leaseHeld:
         return "vmm billboard release-lease --name \(name) --signed-by KEY; a dead VMM's lease here is taken over after --lease-timeout seconds"
     case .staleEpoch:
