@@ -7,6 +7,7 @@ import Logging
 import NIOCore
 import MachineCore
 import VMM
+import SystemCalls
 
 /// An error answered as JSON `{"error": message}` with an HTTP status.
 public struct APIError: Error, CustomStringConvertible {
@@ -136,7 +137,7 @@ public final class ControlServer: Sendable {
             }])
         }
         router.put("/vm/pause") { _, _ in
-            let m = controller.guest.machine
+            let m = controller.guest
             guard m.state != .finished else { throw APIError(.conflict, "the VM has stopped; it cannot be paused") }
             let ok = try await offPool { m.pause() }
             guard ok else { throw APIError(.conflict, "the VM stopped before it could be paused") }
@@ -144,12 +145,14 @@ public final class ControlServer: Sendable {
         }
         router.put("/vm/resume") { request, _ in
             let body = try await JSONReply.object(request)
-            let m = controller.guest.machine
+            let m = controller.guest
             guard m.state == .paused else {
                 throw APIError(.conflict, "the VM is \(m.state.rawValue), not paused; nothing to resume")
             }
             try controller.beforeResume(force: body["force"] as? Bool ?? false)
-            controller.guest.resume()
+            do { try controller.guest.resume() } catch {
+                throw APIError(.conflict, "this copy may not resume: \(error)")
+            }
             return JSONReply.make(.ok, ["state": m.state.rawValue])
         }
         router.put("/vm/snapshot") { request, _ in
@@ -158,15 +161,15 @@ public final class ControlServer: Sendable {
                 throw APIError(.badRequest, "give the snapshot file as {\"path\": \"/where/to/write\"}")
             }
             let guest = controller.guest
-            guard guest.machine.state == .paused else {
-                throw APIError(.conflict, "the VM is \(guest.machine.state.rawValue); pause it before taking a snapshot (PUT /vm/pause)")
+            guard guest.state == .paused else {
+                throw APIError(.conflict, "the VM is \(guest.state.rawValue); pause it before taking a snapshot (PUT /vm/pause)")
             }
             let stats = try await offPool { try guest.snapshot(to: path) }
             return JSONReply.make(.ok, ["path": path, "bytes": stats.bytes, "pages": stats.pages,
                                         "zero_pages": stats.zeroPages, "milliseconds": stats.milliseconds])
         }
         router.get("/vm/digest") { _, _ in
-            let m = controller.guest.machine
+            let m = controller.guest
             guard m.state == .paused else {
                 throw APIError(.conflict, "the VM is \(m.state.rawValue); pause it to digest its memory consistently")
             }
@@ -174,7 +177,7 @@ public final class ControlServer: Sendable {
             return JSONReply.make(.ok, ["sha256": digest, "memory_bytes": m.memory.size])
         }
         router.put("/vm/shutdown") { _, _ in
-            controller.guest.machine.end(with: .shutdown)
+            controller.guest.end(with: .shutdown)
             return JSONReply.make(.ok, ["state": "shutting down"])
         }
     }
@@ -183,7 +186,7 @@ public final class ControlServer: Sendable {
 /// The `GET /vm` document.
 public enum VMInfo {
     public static func describe(_ guest: AdmittedGuest) -> [String: Any] {
-        let m = guest.machine
+        let m = guest
         var info: [String: Any] = [
             "state": m.state.rawValue,
             "config": [

@@ -7,6 +7,7 @@ import GuestMemory
 import DirtyTrackers
 import KVM
 import Loader
+import SystemCalls
 
 /// A virtual machine: its memory, its vCPU runners, and its devices on two buses.
 ///
@@ -129,9 +130,10 @@ public final class Machine: Sendable {
     /// Current run state.
     public var state: RunState {
         control.lock(); defer { control.unlock() }
-        let live = runners.filter { $0.state != .finished }
-        if run.result != nil && live.isEmpty { return .finished }
+        // Ended, and no thread runs (a machine ended before it started is finished too).
+        if run.result != nil && runners.allSatisfy({ $0.state == .finished || $0.state == .created }) { return .finished }
         if !run.started { return .created }
+        let live = runners.filter { $0.state != .finished }
         // Paused while every live vCPU is parked and asked to stay so (a resume counts at once).
         if !live.isEmpty && live.allSatisfy({ $0.state == .paused && $0.target == .paused }) { return .paused }
         return .running
@@ -187,6 +189,24 @@ public final class Machine: Sendable {
     public func resume() {
         control.lock(); defer { control.unlock() }
         for runner in runners { runner.sendLocked(.resume) }
+        control.broadcast()
+    }
+
+    /// Parks every vCPU for the throttle and returns once all have; false if the machine has
+    /// finished. Unlike `pause()`, the machine still reads as running, and `releaseHold()`
+    /// leaves an owner's pause in place.
+    func hold() -> Bool {
+        control.lock(); defer { control.unlock() }
+        guard run.started, run.result == nil else { return false }
+        for runner in runners { runner.sendLocked(.hold) }
+        while runners.contains(where: { $0.state != .paused && $0.state != .finished }) && run.result == nil { control.wait() }
+        return run.result == nil
+    }
+
+    /// Ends the throttle's hold.
+    func releaseHold() {
+        control.lock(); defer { control.unlock() }
+        for runner in runners { runner.sendLocked(.release) }
         control.broadcast()
     }
 

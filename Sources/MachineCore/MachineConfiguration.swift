@@ -81,12 +81,6 @@ public enum MachineError: Error, CustomStringConvertible {
     }
 }
 
-/// CLOCK_MONOTONIC in milliseconds.
-public func monotonicMilliseconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1_000_000
-}
 
 extension MachineExit {
     /// The process exit status for `vmm run` (README: "The command line").

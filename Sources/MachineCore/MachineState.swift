@@ -74,7 +74,7 @@ public enum SnapshotError: Error, CustomStringConvertible, Equatable {
 
     public var description: String {
         switch self {
-        case .notPaused: "the VM is running; pause it first (PUT /vm/pause or vmm ctl pause)"
+        case .notPaused: "the VM is running; pause it first"
         case .finished: "the VM has already stopped; there is nothing to snapshot"
         case .inKernelIRQChip: "this VM uses KVM's in-kernel interrupt controller, whose state is not saved yet; snapshots are refused"
         case let .memoryMismatch(s, r): "the snapshot's guest has \(s >> 20) MiB of memory but \(r >> 20) MiB were asked for; ask for the same size or none"
@@ -169,7 +169,7 @@ extension Machine: Persist {
     public func restoreState(_ saved: MachineState) throws {
         let description = saved.description
         guard !description.inKernelIRQChip else { throw SnapshotError.inKernelIRQChip }
-        guard saved.vcpus.count == vcpus.count else { throw SnapshotError.vcpuMismatch(snapshot: vcpus.count, found: saved.vcpus.count) }
+        guard saved.vcpus.count == vcpus.count, description.vcpuCount == vcpus.count else { throw SnapshotError.vcpuMismatch(snapshot: description.vcpuCount, found: saved.vcpus.count) }
         // What this host gives a new vCPU (KVM may add bits to what it reports as supported).
         let host = try vcpus[0].cpuid()
         for s in saved.vcpus {

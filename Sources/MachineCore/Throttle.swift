@@ -3,7 +3,8 @@ import Glibc
 #endif
 import Foundation
 
-/// Slows a guest by pausing it for a share of each period, from its own thread.
+/// Slows a guest by holding its vCPUs for a share of each period, from its own thread. A hold
+/// is not a pause: the owner's pause, snapshots and the epoch know nothing of it.
 // @unchecked: `percent` and `running` are guarded by `condition`.
 final class Throttle: @unchecked Sendable {
     private let condition = NSCondition()
@@ -37,12 +38,12 @@ final class Throttle: @unchecked Sendable {
             }
             condition.unlock()
             let held = Self.periodMs * Double(p) / 100
-            guard machine.pause() else {
+            guard machine.hold() else {
                 condition.lock(); running = false; percent = 0; condition.broadcast(); condition.unlock()
                 return
             }
             usleep(UInt32(held * 1000))
-            machine.resume()
+            machine.releaseHold()
             usleep(UInt32((Self.periodMs - held) * 1000))
         }
     }

@@ -10,6 +10,10 @@ import KVM
 ///                          │  └────pause────▶ │
 ///                          └──finish──▶ finished ◀──finish──┘
 ///
+/// Besides the owner's pause there is a hold (the auto-converge throttle): a held vCPU parks
+/// too, but the machine still counts as running, and releasing the hold never undoes the
+/// owner's pause.
+///
 /// The machine sends events by setting `target` and kicking the thread out of `KVM_RUN`; the
 /// thread acts on them only after `KVM_RUN` returned EINTR (or before its first run), because
 /// KVM completes an I/O exit's pending work only when the vCPU re-enters: a vCPU parked right
@@ -20,7 +24,7 @@ import KVM
 final class VCPURunner: @unchecked Sendable {
     enum State: Equatable { case created, running, paused, finished }
     /// What the machine asks of a runner.
-    enum Event: Equatable { case pause, resume, finish }
+    enum Event: Equatable { case pause, resume, finish, hold, release }
 
     let vcpu: VCPU
     let index: Int
@@ -28,6 +32,8 @@ final class VCPURunner: @unchecked Sendable {
     private(set) var state: State = .created   // guarded by control
     /// Where the last event asked the runner to be: running, paused or finished.
     private(set) var target: State = .running  // guarded by control
+    /// Held by the throttle: parked whatever the target, until released.
+    private(set) var held = false              // guarded by control
     private var thread: pthread_t?             // guarded by control
 
     init(vcpu: VCPU, index: Int, control: NSCondition) {
@@ -53,6 +59,11 @@ final class VCPURunner: @unchecked Sendable {
         case (.finish, _):
             target = .finished
             kickLocked()
+        case (.hold, _):
+            held = true
+            kickLocked()
+        case (.release, _):
+            held = false
         }
     }
 
@@ -104,6 +115,15 @@ final class VCPURunner: @unchecked Sendable {
         }
     }
 
+    /// Parks until the next event (call with `control` held).
+    private func park() {
+        if state != .paused {
+            state = .paused
+            control.broadcast()
+        }
+        control.wait()
+    }
+
     /// Acts on the machine's events; returns false when the thread must finish.
     private func waitUntilRunning() -> Bool {
         control.lock(); defer { control.unlock() }
@@ -112,11 +132,9 @@ final class VCPURunner: @unchecked Sendable {
             case .finished, .created:
                 return false
             case .paused:
-                if state != .paused {
-                    state = .paused
-                    control.broadcast()
-                }
-                control.wait()
+                park()
+            case .running where held:
+                park()
             case .running:
                 state = .running
                 // A kick from a pause that is already over: clear it under the lock the kicker

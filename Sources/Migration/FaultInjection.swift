@@ -27,12 +27,15 @@ public enum InjectedFault: String, Sendable, CaseIterable {
 public final class FaultInjectingTransport: MigrationTransport {
     public let inner: any MigrationTransport
     public let fault: InjectedFault
-    private let incoming = Mutex(FramingTracker())
-    private let closed = Mutex(false)
+    /// The section integrity of the streams it follows (their trailers' size).
+    public let integrity: SectionIntegrity
+    private let incoming: Mutex<FramingTracker>
 
-    public init(_ inner: any MigrationTransport, fault: InjectedFault) {
+    public init(_ inner: any MigrationTransport, fault: InjectedFault, integrity: SectionIntegrity = .sha256Checksums) {
         self.inner = inner
         self.fault = fault
+        self.integrity = integrity
+        self.incoming = Mutex(FramingTracker(trailerSize: integrity.trailerSize))
     }
 
     public var peer: String { inner.peer }
@@ -58,7 +61,7 @@ public final class FaultInjectingTransport: MigrationTransport {
     /// (after a stream header, the first time).
     public func send(_ bytes: UnsafeRawBufferPointer) throws {
         var data = [UInt8](bytes)
-        var sections = Self.split(data)
+        var sections = Self.split(data, trailerSize: integrity.trailerSize)
         let controls = sections.indices.filter { sections[$0].type == SectionType.control.rawValue }
         for index in controls {
             let kind = (try? ControlMessage.decode(sections[index].payload))?.kind
@@ -74,7 +77,7 @@ public final class FaultInjectingTransport: MigrationTransport {
                 break
             }
         }
-        if !controls.isEmpty { data = Self.join(data, sections) }
+        if !controls.isEmpty { data = Self.join(data, sections, trailerSize: integrity.trailerSize) }
         try data.withUnsafeBytes { try inner.send($0) }
         if fault == .closeAfterHello, controls.contains(where: { (try? ControlMessage.decode(sections[$0].payload))?.kind == .accept }) {
             throw injected()
@@ -87,8 +90,9 @@ public final class FaultInjectingTransport: MigrationTransport {
         var start: Int
         var header: [UInt8]
         var payload: [UInt8]
+        var trailerSize: Int
 
-        /// Replaces the payload, fixing the length and the section checksum.
+        /// Replaces the payload, fixing the length (and the section checksum, if there is one).
         mutating func replacePayload(_ new: [UInt8]) {
             payload = new
             var length = UInt64(new.count).littleEndian
@@ -96,33 +100,38 @@ public final class FaultInjectingTransport: MigrationTransport {
         }
 
         var bytes: [UInt8] {
+            guard trailerSize > 0 else { return header + payload }
             var hasher = SHA256()
             hasher.update(data: header)
             hasher.update(data: payload)
             return header + payload + Array(hasher.finalize())
         }
+
+        var end: Int { start + SnapshotFormat.sectionHeaderSize + payload.count + trailerSize }
     }
 
-    static func split(_ data: [UInt8]) -> [FramedSection] {
+    static func split(_ data: [UInt8], trailerSize: Int) -> [FramedSection] {
         var sections: [FramedSection] = []
         var at = data.starts(with: SnapshotFormat.magic) ? SnapshotFormat.streamHeaderSize : 0
         while at + SnapshotFormat.sectionHeaderSize <= data.count {
             let header = Array(data[at..<at + SnapshotFormat.sectionHeaderSize])
             let type = header.prefix(4).enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) }
             let length = Int(header[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) })
-            let end = at + SnapshotFormat.sectionHeaderSize + length + SnapshotFormat.checksumSize
-            guard length >= 0, end <= data.count else { break }
+            guard length >= 0, at + SnapshotFormat.sectionHeaderSize + length + trailerSize <= data.count else { break }
             let payload = Array(data[at + SnapshotFormat.sectionHeaderSize ..< at + SnapshotFormat.sectionHeaderSize + length])
-            sections.append(FramedSection(type: type, start: at, header: header, payload: payload))
-            at = end
+            let section = FramedSection(type: type, start: at, header: header, payload: payload, trailerSize: trailerSize)
+            sections.append(section)
+            at = section.end
         }
         return sections
     }
 
-    static func join(_ original: [UInt8], _ sections: [FramedSection]) -> [UInt8] {
+    /// `original` with its sections replaced by `sections` (which `split` found in it), and
+    /// whatever followed them kept.
+    static func join(_ original: [UInt8], _ sections: [FramedSection], trailerSize: Int) -> [UInt8] {
         var out = original.starts(with: SnapshotFormat.magic) ? Array(original.prefix(SnapshotFormat.streamHeaderSize)) : []
         for section in sections { out += section.bytes }
-        let consumed = split(original).last.map { $0.start + SnapshotFormat.sectionHeaderSize + $0.payload.count + SnapshotFormat.checksumSize } ?? out.count
+        let consumed = split(original, trailerSize: trailerSize).last?.end ?? out.count
         out += original[min(consumed, original.count)...]
         return out
     }
@@ -132,11 +141,14 @@ public final class FaultInjectingTransport: MigrationTransport {
 /// sections (header, payload, checksum); after an end section, a new stream may begin.
 struct FramingTracker {
     struct Completed { var type: UInt32 }
+    let trailerSize: Int
     private enum Place { case streamHeader, sectionHeader, payload(type: UInt32), checksum(type: UInt32) }
     private var place = Place.streamHeader
     private var needed = SnapshotFormat.streamHeaderSize
     private var header: [UInt8] = []
     private(set) var completed: [Completed] = []
+
+    init(trailerSize: Int) { self.trailerSize = trailerSize }
 
     mutating func consume(_ bytes: UnsafeRawBufferPointer) {
         var index = 0
@@ -145,28 +157,32 @@ struct FramingTracker {
             if case .sectionHeader = place { header += bytes[index..<index + take] }
             index += take
             needed -= take
-            guard needed == 0 else { continue }
-            switch place {
-            case .streamHeader:
-                place = .sectionHeader
-                needed = SnapshotFormat.sectionHeaderSize
-                header = []
-            case .sectionHeader:
-                let type = header.prefix(4).enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) }
-                let length = header[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
-                place = .payload(type: type)
-                needed = Int(min(length, UInt64(Int.max / 2)))
-                if needed == 0 { place = .checksum(type: type); needed = SnapshotFormat.checksumSize }
-            case let .payload(type):
-                place = .checksum(type: type)
-                needed = SnapshotFormat.checksumSize
-            case let .checksum(type):
-                completed.append(Completed(type: type))
-                let ended = type == SectionType.end.rawValue
-                place = ended ? .streamHeader : .sectionHeader
-                needed = ended ? SnapshotFormat.streamHeaderSize : SnapshotFormat.sectionHeaderSize
-                header = []
-            }
+            // Empty payloads and absent trailers complete at once.
+            while needed == 0 { advance() }
+        }
+    }
+
+    /// Moves to the next part of the framing once the current one is complete.
+    private mutating func advance() {
+        switch place {
+        case .streamHeader:
+            place = .sectionHeader
+            needed = SnapshotFormat.sectionHeaderSize
+            header = []
+        case .sectionHeader:
+            let type = header.prefix(4).enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) }
+            let length = header[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
+            place = .payload(type: type)
+            needed = Int(min(length, UInt64(Int.max / 2)))
+        case let .payload(type):
+            place = .checksum(type: type)
+            needed = trailerSize
+        case let .checksum(type):
+            completed.append(Completed(type: type))
+            let ended = type == SectionType.end.rawValue
+            place = ended ? .streamHeader : .sectionHeader
+            needed = ended ? SnapshotFormat.streamHeaderSize : SnapshotFormat.sectionHeaderSize
+            header = []
         }
     }
 }

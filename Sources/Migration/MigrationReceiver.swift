@@ -1,8 +1,9 @@
 import Foundation
 import GuestMemory
 import Snapshot
+import SystemCalls
 
-/// What the receiver needs of the VM it reserved; the VMM's machine provides it.
+/// What the receiver needs of the VM it reserved; the VMM's admitted guest provides it.
 public protocol MigrationDestinationVM: AnyObject, Sendable {
     var memory: GuestMemory { get }
     /// Applies the vCPU and device sections to the paused, not yet started VM.
@@ -102,7 +103,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         }
         try vm.startGuest()
         committed = true
-        let resumedAt = monotonicMs()
+        let resumedAt = monotonicMilliseconds()
         // The guest runs here now, whatever happens to this reply.
         try? replies.writeSection(.control, payload: ControlMessage(kind: .running, resumedAt: resumedAt).encoded())
         try? replies.finish()

@@ -1,9 +1,10 @@
 import Foundation
 import GuestMemory
 import Snapshot
+import SystemCalls
 import Synchronization
 
-/// What the sender needs of a running VM; the VMM's machine provides it.
+/// What the sender needs of a running VM; the VMM's admitted guest provides it.
 public protocol MigrationSourceVM: AnyObject, Sendable {
     var memory: GuestMemory { get }
     var dirtyTracker: any DirtyTracker { get }
@@ -92,7 +93,7 @@ public final class PreCopySender: Sendable {
     /// Runs the whole migration. Never throws: the outcome is in the report, and
     /// on failure before GO the guest is running again here.
     public func run(connect: () throws -> any MigrationTransport) -> MigrationReport {
-        let t0 = monotonicMs()
+        let t0 = monotonicMilliseconds()
         var report = MigrationReport(destination: settings.destination, tracker: vm.dirtyTracker.name,
                                      converged: false, outcome: .failed, settings: settings)
         report.memoryBytes = vm.memory.size
@@ -111,7 +112,7 @@ public final class PreCopySender: Sendable {
             fail(&report, error: error, paused: paused, tracking: tracking)
         }
         report.rounds = report.pagesPerRound.count
-        report.totalMs = monotonicMs() - t0
+        report.totalMs = monotonicMilliseconds() - t0
         report.throughputBytesPerSecond = report.totalMs > 0 ? Double(report.bytesSent) / (report.totalMs / 1000) : 0
         state.withLock { $0.transport = nil }
         return report
@@ -130,7 +131,7 @@ public final class PreCopySender: Sendable {
         var run = Run(t0: t0, writer: writer, reader: reader, report: report)
         run.accept = try expect(.accept, from: &reader)
         run.reader = reader
-        run.report.setupMs = monotonicMs() - t0
+        run.report.setupMs = monotonicMilliseconds() - t0
         return run
     }
 
@@ -146,17 +147,17 @@ public final class PreCopySender: Sendable {
         var extraRounds = 0
         var rate = 0.0
         while true {
-            let roundStart = monotonicMs()
+            let roundStart = monotonicMilliseconds()
             let before = run.writer.bytesWritten
             let sent = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report, t0: run.t0)
             run.report.pagesPerRound.append(sent)
-            let seconds = max((monotonicMs() - roundStart) / 1000, 1e-6)
+            let seconds = max((monotonicMilliseconds() - roundStart) / 1000, 1e-6)
             let roundRate = Double(run.writer.bytesWritten - before) / seconds
             // Rounds of a few pages measure latency, not bandwidth: keep the better estimate.
             rate = sent >= 256 || rate == 0 ? roundRate : max(rate, roundRate)
             pending = try vm.dirtyTracker.collect()
             let expectedMs = Double(pending.count) * 4096 / max(rate, 1) * 1000
-            let elapsed = (monotonicMs() - run.t0) / 1000
+            let elapsed = (monotonicMilliseconds() - run.t0) / 1000
             update {
                 $0.round = round
                 $0.dirtyPagesLeft = pending.count
@@ -196,7 +197,7 @@ public final class PreCopySender: Sendable {
         try checkCancelled()
         guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
         run.paused = true
-        run.pauseTime = monotonicMs()
+        run.pauseTime = monotonicMilliseconds()
         run.pending.formUnion(try vm.dirtyTracker.collect())
         let last = try sendPages(run.pending, writer: &run.writer, rearm: false, report: &run.report, t0: run.t0, stopAndCopy: true)
         run.report.pagesPerRound.append(last)
@@ -217,13 +218,13 @@ public final class PreCopySender: Sendable {
             return s.cancelled
         }
         if let cancelled { throw MigrationError.aborted(cancelled) }
-        let handoverStart = monotonicMs()
+        let handoverStart = monotonicMilliseconds()
         do { try vm.commitHandover(toHost: run.accept.host, toPid: run.accept.pid) } catch {
             // Nothing of GO was written: the guest may still resume here.
             state.withLock { $0.goSent = false }
             throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
         }
-        run.report.handoverMs = monotonicMs() - handoverStart
+        run.report.handoverMs = monotonicMilliseconds() - handoverStart
         var commit = try StreamWriter(sink: TransportSink(transport))
         try commit.writeSection(.control, payload: ControlMessage(kind: .go).encoded())
         try commit.finish()
@@ -277,7 +278,7 @@ public final class PreCopySender: Sendable {
         var batch: [UInt64] = []
         batch.reserveCapacity(Self.batchPages)
         var sent = 0
-        let start = monotonicMs()
+        let start = monotonicMilliseconds()
         let startBytes = writer.bytesWritten
         func flush() throws {
             guard !batch.isEmpty else { return }
@@ -287,16 +288,16 @@ public final class PreCopySender: Sendable {
             sent += batch.count
             batch.removeAll(keepingCapacity: true)
             let bytes = writer.bytesWritten
-            update { $0.pagesSent = report.pagesSent; $0.bytesSent = bytes; $0.elapsedSeconds = (monotonicMs() - t0) / 1000 }
+            update { $0.pagesSent = report.pagesSent; $0.bytesSent = bytes; $0.elapsedSeconds = (monotonicMilliseconds() - t0) / 1000 }
             try checkCancelled()
             // The time limit holds within a round too (a slow link, a bandwidth cap).
-            if !stopAndCopy && (monotonicMs() - t0) / 1000 >= settings.timeoutSeconds {
+            if !stopAndCopy && (monotonicMilliseconds() - t0) / 1000 >= settings.timeoutSeconds {
                 throw MigrationError.notConverged(seconds: settings.timeoutSeconds)
             }
             if settings.maxBandwidth > 0 {
                 // Hold the average rate of this round to the limit.
                 let due = Double(writer.bytesWritten - startBytes) / Double(settings.maxBandwidth) * 1000
-                let spent = monotonicMs() - start
+                let spent = monotonicMilliseconds() - start
                 if due > spent { usleep(UInt32(min((due - spent) * 1000, 1_000_000))) }
             }
         }
@@ -313,10 +314,4 @@ public final class PreCopySender: Sendable {
         try flush()
         return sent
     }
-}
-
-func monotonicMs() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1_000_000
 }

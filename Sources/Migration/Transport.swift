@@ -161,10 +161,12 @@ public final class TCPTransport: MigrationTransport {
         }
     }
 
-    /// Shuts both directions down, so a thread blocked on the socket and the peer
-    /// see end of stream, then closes it; only the first call does anything.
+    /// Shuts both directions down, so a thread blocked on the socket and the peer see end of
+    /// stream. The descriptor itself is closed when the transport goes away, never here: another
+    /// thread (a cancel) may call this while the owner is between reading the number and using
+    /// it, and a number closed under it could be reused by anything.
     public func close() {
-        socket.close(after: { shutdown($0, Int32(SHUT_RDWR)) })
+        shutdown(socket.raw, Int32(SHUT_RDWR))
     }
 }
 

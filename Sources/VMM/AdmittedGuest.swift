@@ -17,8 +17,13 @@ import Synchronization
 ///
 /// Only `GuestDoors` makes one, so every `vmm` command's machine has been admitted.
 public final class AdmittedGuest: Sendable {
-    public let machine: Machine
+    /// Internal: outside this module the machine is reached only through the guest, so nothing
+    /// can start or resume it around the lease.
+    let machine: Machine
     public let session: GuestSession
+    /// The description the state came with (restore, migration): the machine the saved vCPUs
+    /// ran on (its TSC rate, above all), which may differ from this host's defaults.
+    let carriedDescription: MachineDescription?
 
     private struct Shared {
         /// Wakes housekeeping early: a beacon with a foreign token is evidence to record at once.
@@ -32,15 +37,24 @@ public final class AdmittedGuest: Sendable {
 
     /// Connects `session` to its freshly made `machine` and starts housekeeping. From here on
     /// whatever fails ends the session with the machine.
-    init(machine: Machine, session: GuestSession) {
+    init(machine: Machine, session: GuestSession, carriedDescription: MachineDescription? = nil) {
         self.machine = machine
         self.session = session
+        self.carriedDescription = carriedDescription
         machine.onBeacon { [weak self] message in
             guard let self, session.noteBeacon(message) else { return }
             wakeup.lock(); shared.withLock { $0.urgent = true }; wakeup.signal(); wakeup.unlock()
         }
-        startOSThread(name: "billboard") { [weak self] in self?.housekeeping() }
+        // A weak reference taken again each round: a guest dropped without `end()` stops
+        // renewing its lease (and `deinit` gives the lease back).
+        let settings = session.settings
+        startOSThread(name: "billboard") { [weak self] in
+            var nextScan = Date().addingTimeInterval(settings.scanInterval)
+            while let guest = self, guest.housekeepingRound(nextScan: &nextScan) {}
+        }
     }
+
+    deinit { session.end() }
 
     /// The guest's registered name.
     public var name: String { session.registration.name }
@@ -64,15 +78,23 @@ public final class AdmittedGuest: Sendable {
         machine.end(with: .stoppedByOwner(reason: Self.evictionText("this guest does not hold its billboard lease, so it may not run here")))
     }
 
-    /// Resumes a paused guest. A guest that runs on after a snapshot leaves that snapshot
-    /// behind: its epoch moves on first.
-    public func resume() {
+    /// Resumes a paused guest, if it holds its lease (after a hand-over it must `reclaim()`
+    /// first). A guest that runs on after a snapshot leaves that snapshot behind: its epoch
+    /// moves on first.
+    public func resume() throws {
+        guard session.holdsLease else {
+            throw GuestRefusal(guest: name, refusal: .leaseNotHeld(guestID: session.registration.id, pid: getpid()))
+        }
         session.resuming()
         machine.resume()
     }
 
-    // The machine's run control, for the owner's callers (the API, the CLI, tests).
+    // The machine, as the owner's callers (the API, the CLI, tests) may see and stop it.
     public var state: RunState { machine.state }
+    public var configuration: MachineConfiguration { machine.configuration }
+    public var tscKHz: UInt32 { machine.tscKHz }
+    public var startedAt: Double? { machine.startedAt }
+    public var exitResult: MachineExit? { machine.exitResult }
     @discardableResult public func pause() -> Bool { machine.pause() }
     public func requestStop(signal: Int32 = 0) { machine.requestStop(signal: signal) }
     public func end(with exit: MachineExit) { machine.end(with: exit) }
@@ -120,25 +142,25 @@ public final class AdmittedGuest: Sendable {
 
     // MARK: - Housekeeping
 
-    private func housekeeping() {
+    /// One round of housekeeping (at most a second, less when a beacon is urgent); false when
+    /// the guest has ended and housekeeping stops.
+    private func housekeepingRound(nextScan: inout Date) -> Bool {
         let settings = session.settings
         let tick = min(1.0, settings.leaseTimeout / 3, settings.scanInterval)
-        var nextScan = Date().addingTimeInterval(settings.scanInterval)
-        while true {
-            wakeup.lock()
-            if !shared.withLock({ $0.urgent }) { _ = wakeup.wait(until: Date().addingTimeInterval(tick)) }
-            shared.withLock { $0.urgent = false }
-            wakeup.unlock()
-            if session.hasEnded || machine.state == .finished { return }
-            if let refusal = session.housekeepingRound(machineState: machine.state) {
-                evict(reason: "\(refusal)")
-                return
-            }
-            if Date() >= nextScan {
-                nextScan = Date().addingTimeInterval(settings.scanInterval)
-                runScan()
-            }
+        wakeup.lock()
+        if !shared.withLock({ $0.urgent }) { _ = wakeup.wait(until: Date().addingTimeInterval(tick)) }
+        shared.withLock { $0.urgent = false }
+        wakeup.unlock()
+        if session.hasEnded || machine.state == .finished { return false }
+        if let refusal = session.housekeepingRound(machineState: machine.state) {
+            evict(reason: "\(refusal)")
+            return false
         }
+        if Date() >= nextScan {
+            nextScan = Date().addingTimeInterval(settings.scanInterval)
+            runScan()
+        }
+        return true
     }
 
     /// One active scan: stops false and duplicate VMs (this one too, if it is the false one).
@@ -162,6 +184,7 @@ public final class AdmittedGuest: Sendable {
     /// Resumes only a guest the migration paused (a guest the user had paused stays paused).
     public func resumeAfterMigration() {
         let mine = shared.withLock { s in defer { s.pausedByMigration = false }; return s.pausedByMigration }
-        if mine { machine.resume() }
+        // As any resume: the epoch moves past a snapshot taken meanwhile.
+        if mine { try? resume() }
     }
 }

@@ -54,16 +54,17 @@ public enum GuestDoors {
 
     /// Reserves the machine (memory, vCPUs, no state) of a guest arriving by migration, which
     /// `session` admitted (`GuestSession.admitIncoming`). Ends the session if it cannot be made.
-    public static func reserveIncoming(session: GuestSession, configuration: MachineConfiguration, kvm: KVMSystem? = nil,
+    public static func reserveIncoming(session: GuestSession, configuration: MachineConfiguration,
+                                       description: MachineDescription? = nil, kvm: KVMSystem? = nil,
                                        serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         let r = session.registration
-        guard session.isFresh, session.carried != nil, matches(configuration, r) else {
-            throw SessionError.mismatch("this session admitted an incoming '\(r.name)' once, with its registered configuration; a machine must be exactly that, and only one")
-        }
         do {
+            guard session.isFresh, session.carried != nil, matches(configuration, r) else {
+                throw SessionError.mismatch("this session admitted an incoming '\(r.name)' once, with its registered configuration; a machine must be exactly that, and only one")
+            }
             guard session.claimMachine() else { throw oneMachineOnly(session) }
             let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
-            return AdmittedGuest(machine: machine, session: session)
+            return AdmittedGuest(machine: machine, session: session, carriedDescription: description)
         } catch {
             session.end()
             throw error
@@ -89,7 +90,7 @@ public enum GuestDoors {
         do {
             guard session.claimMachine() else { throw oneMachineOnly(session) }
             let machine = try Machine(configuration: description.configuration, kvm: kvm, serialOutput: serialOutput)
-            let guest = AdmittedGuest(machine: machine, session: session)
+            let guest = AdmittedGuest(machine: machine, session: session, carriedDescription: description)
             let body = try file.readBody(into: machine.memory)
             do {
                 guard let signature = body.signature else {
@@ -130,7 +131,8 @@ public enum GuestDoors {
             let session = try GuestSession.admitIncoming(store: store, header: header, settings: settings, log: log)
             var configuration = header.description.configuration
             configuration.dirtyTracker = dirtyTracker
-            return try reserveIncoming(session: session, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+            return try reserveIncoming(session: session, configuration: configuration, description: header.description,
+                                       kvm: kvm, serialOutput: serialOutput)
         }
         return try receiver.run(transport: transport).vm
     }

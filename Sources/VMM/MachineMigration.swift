@@ -42,7 +42,8 @@ extension AdmittedGuest: MigrationSourceVM {
 extension AdmittedGuest: MigrationDestinationVM {
     public func applyState(vcpu: [UInt8], devices: [UInt8]) throws {
         let body = StateBody(vcpus: vcpu, devices: devices)
-        try machine.restoreState(try MachineStateCodec.decode(body, description: machine.machineDescription))
+        // The source's description: its TSC rate is what the saved vCPUs ran at.
+        try machine.restoreState(try MachineStateCodec.decode(body, description: carriedDescription ?? machine.machineDescription))
     }
 
     public func verifyState(signature: [UInt8]?, digest: [UInt8]) throws {

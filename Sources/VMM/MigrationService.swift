@@ -37,7 +37,7 @@ public final class MigrationService: Sendable {
     /// Starts migrating; returns at once. On success the machine ends with `.migrated`.
     public func start(_ settings: MigrationSettings, connect: @escaping @Sendable () throws -> any MigrationTransport,
                       completion: @escaping @Sendable (MigrationReport) -> Void = { _ in }) throws {
-        let state = guest.machine.state
+        let state = guest.state
         guard state == .running || state == .paused else { throw StartError.notRunning(state.rawValue) }
         guard !inDoubt else { throw StartError.inDoubt }
         let sender = PreCopySender(vm: guest, settings: settings)
@@ -50,7 +50,7 @@ public final class MigrationService: Sendable {
             shared.withLock { $0.lastReport = report; $0.lastProgress = sender.progress }
             writeReport(report)
             completion(report)
-            if report.outcome == .completed { guest.machine.end(with: .migrated) }
+            if report.outcome == .completed { guest.end(with: .migrated) }
         }
     }
 

@@ -7,6 +7,7 @@ import Loader
 import MachineCore
 import Synchronization
 import VMM
+import SystemCalls
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -94,8 +95,8 @@ final class BenchBillboard {
 
 /// Stops a benchmark guest and gives its lease back.
 func finish(_ guest: AdmittedGuest) {
-    guest.machine.requestStop()
-    _ = guest.machine.waitForExit()
+    guest.requestStop()
+    _ = guest.waitForExit()
     guest.end()
 }
 
@@ -141,7 +142,7 @@ struct BootBench: ParsableCommand {
                 let guest = try GuestDoors.boot(session: session, image: bytes, configuration: configuration, kvm: kvm,
                                                 serialOutput: { _ in first.mark() })
                 guest.start()
-                _ = guest.machine.waitForExit()
+                _ = guest.waitForExit()
                 guest.end()
                 guard let t1 = first.time else { throw CLIError("the guest printed nothing; use a guest that writes to COM1") }
                 inProcess.append(t1 - t0)
@@ -272,13 +273,13 @@ struct SnapshotBench: ParsableCommand {
                     for _ in 0..<runs {
                         let guest = try billboard.boot(bytes, MachineConfiguration(
                             memorySize: size, commandLine: "count=0 ticks=100000000"), kvm: kvm, serialOutput: { _ in })
-                        if filled { try fillMemory(guest.machine.memory, from: 16 << 20) }
+                        if filled { try fillMemory(guest.memory, from: 16 << 20) }
                         guest.startPaused()
                         let path = directory + "/bench-\(getpid()).snap"
                         let s = try guest.snapshot(to: path)
                         finish(guest)
                         let (restored, r) = try billboard.restore(path, kvm: kvm)
-                        restored.machine.end(with: .shutdown)
+                        restored.end(with: .shutdown)
                         restored.end()
                         save.append(s.milliseconds)
                         load.append(r.milliseconds)
@@ -347,7 +348,7 @@ struct DirtyLogBench: ParsableCommand {
                     let guest = try billboard.boot(bytes, MachineConfiguration(
                         memorySize: size, commandLine: "pages=65536 rate=0 mark_us=0", dirtyTracker: tracker),
                         kvm: kvm, serialOutput: { _ in })
-                    let machine = guest.machine
+                    let machine = guest
                     guest.start()
                     try machine.dirtyTracker.enable()
                     _ = try machine.dirtyTracker.collect()

@@ -8,6 +8,7 @@ import KVM
 import Loader
 import MachineCore
 import SystemCalls
+import Synchronization
 import VMM
 
 /// The `vmm` command line.
@@ -170,10 +171,10 @@ struct Receive: ParsableCommand {
             FileHandle.standardError.write(Data("vmm: listening on \(listener.address):\(listener.port)\n".utf8))
             // Before the guest arrives a signal just ends the process; once it runs here,
             // a signal stops its vCPUs and the VMM cleans up as `vmm run` does.
-            let running = RunningMachine()
+            let running = RunningGuest()
             TerminationSignals.handle { signal in
-                if let machine = running.machine {
-                    machine.requestStop(signal: signal)
+                if let guest = running.guest {
+                    guest.requestStop(signal: signal)
                 } else {
                     listener.shutdownListening()
                     Foundation.exit(128 + signal)
@@ -183,14 +184,14 @@ struct Receive: ParsableCommand {
             let guest = try GuestDoors.receive(listener: listener, store: store, settings: settings, dirtyTracker: dirtyTracker,
                                                wrapTransport: { transport in fault.map { FaultInjectingTransport(transport, fault: $0) } ?? transport },
                                                log: logLine, serialOutput: output.write)
-            running.machine = guest.machine
+            running.guest = guest
             return try Host.serve(guest, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
         }
         throw ExitCode(status)
     }
 }
 
-/// Runs a built machine in this process: signals, optional API, exit status.
+/// Runs an admitted guest in this process: signals, optional API, exit status.
 enum Host {
     final class Controller: VMControlling {
         let guest: AdmittedGuest
@@ -218,7 +219,6 @@ enum Host {
                       alreadyStarted: Bool = false, beforeStart: () throws -> Void = {}) throws -> Int32 {
         // However this ends (an error included), the lease goes back and the record says so.
         defer { guest.end() }
-        let machine = guest.machine
         let migrations = MigrationService(guest: guest, reportDirectory: reportDir)
         if !alreadyStarted {
             TerminationSignals.handle { signal in
@@ -228,7 +228,7 @@ enum Host {
                 while [.setup, .precopy, .stopAndCopy, .handover].contains(migrations.status.progress.phase) && Date() < deadline {
                     usleep(10_000)
                 }
-                machine.requestStop(signal: signal)
+                guest.requestStop(signal: signal)
             }
         }
         var server: ControlServer?
@@ -249,7 +249,7 @@ enum Host {
         } else {
             guest.start()
         }
-        let exit = machine.waitForExit()
+        let exit = guest.waitForExit()
         // Let the API answer the request that ended the VM before the socket goes away.
         if exit == .migrated || exit == .shutdown { usleep(300_000) }
         switch exit {
@@ -300,14 +300,12 @@ func warnAboutRing(_ tracker: DirtyTrackerKind) {
     }
 }
 
-/// The machine a signal handler should stop, once there is one.
-// @unchecked: `current` is read and written only under `lock`.
-final class RunningMachine: @unchecked Sendable {
-    private let lock = NSLock()
-    private var current: Machine?
-    var machine: Machine? {
-        get { lock.lock(); defer { lock.unlock() }; return current }
-        set { lock.lock(); current = newValue; lock.unlock() }
+/// The guest a signal handler should stop, once there is one.
+final class RunningGuest: Sendable {
+    private let current = Mutex<AdmittedGuest?>(nil)
+    var guest: AdmittedGuest? {
+        get { current.withLock { $0 } }
+        set { current.withLock { $0 = newValue } }
     }
 }
 

@@ -147,6 +147,7 @@ struct ProtocolTests {
         if source.paused { #expect(source.resumed, "a source paused for the migration was not resumed") }
         _ = run.wait()
         #expect(!destination.started)
+        #expect(destination.discarded, "the reserved VM was not discarded")
     }
 
     @Test("the link cut after GO leaves the migration in doubt: the source stays paused, the destination runs")

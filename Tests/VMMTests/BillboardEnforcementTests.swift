@@ -569,9 +569,24 @@ struct GuestDoorTests {
         let handed = try GuestDoors.boot(session: second, image: image, configuration: config, serialOutput: capture.append)
         try second.handOver(toHost: "dst", toPid: 1)
         handed.start()
-        if case .stoppedByOwner = handed.waitForExit() {} else { Issue.record("a guest without its lease ran") }
+        if case let .stoppedByOwner(reason) = handed.waitForExit() {
+            #expect(reason.contains("billboard") && reason.contains("lease"), "\(reason)")
+        } else { Issue.record("a guest without its lease ran") }
         #expect(capture.text.isEmpty)
         second.end()
+    }
+
+    @Test("a paused guest whose lease was handed away cannot be resumed here")
+    func resumeNeedsTheLease() throws {
+        let image = try Fixtures.guestBytes("counter.elf")
+        let guest = try localHosts().boot(image, MachineConfiguration(commandLine: "count=0 ticks=20000"), serialOutput: { _ in })
+        guest.startPaused()
+        try guest.session.handOver(toHost: "dst", toPid: 1)
+        #expect(throws: GuestRefusal.self) { try guest.resume() }
+        #expect(guest.state == .paused)
+        guest.requestStop()
+        _ = guest.waitForExit()
+        guest.end()
     }
 }
 

@@ -52,6 +52,16 @@ struct CLITests {
         #expect(r.stderr.contains("--memory"))
     }
 
+    @Test("a flat image that fits the file check but not memory above 0x10000 names --memory")
+    func imageLargerThanLoadArea() throws {
+        let path = try Fixtures.temporaryFile("load-area.bin", [UInt8](repeating: 0x90, count: (2 << 20) - 0x10000 + 1))
+        let args = try billboard().register(path, memory: "2M", mode: "protected", beacons: "none")
+        let r = try runVMM(["run", path, "--mode", "protected", "--memory", "2M"] + args)
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("more memory"))
+        #expect(r.stderr.contains("--memory"))
+    }
+
     @Test("bad memory sizes are usage errors (status 64) with the reason", arguments: ["12Q", "0", "64T", "1K"])
     func badMemoryFlag(_ size: String) throws {
         let r = try runVMM(["run", "/tmp/whatever", "--memory", size])
