@@ -24,7 +24,7 @@ let package = Package(
         // glibc's errno names, which Swift's Glibc module hides behind _GNU_SOURCE. No logic.
         .target(name: "CSystemCalls"),
         // Guest-physical address space; bounds-checked access; dirty bitmaps and the tracker protocol.
-        .target(name: "GuestMemory"),
+        .target(name: "GuestMemory", dependencies: ["SystemCalls"]),
         // One Swift method per ioctl, from one table of requests; typed errors. No policy.
         .target(name: "KVM", dependencies: ["CKVM", "GuestMemory", "SystemCalls"]),
         // Dirty-page tracking policy over KVM's dirty log and dirty ring.
@@ -44,6 +44,7 @@ let package = Package(
         ]),
         // Signed guest registry, keys, leases, audit (SQLite through GRDB).
         .target(name: "Billboard", dependencies: [
+            "SystemCalls",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
         ]),

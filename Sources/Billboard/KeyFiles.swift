@@ -5,6 +5,7 @@ import Darwin
 #endif
 import Crypto
 import Foundation
+import SystemCalls
 
 #if canImport(Glibc)
 private let posixWrite = Glibc.write
@@ -16,23 +17,20 @@ private let posixWrite = Darwin.write
 /// so there is no window in which another user could open them.
 enum SecureFile {
     static func write(_ data: Data, to path: String) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw BillboardError.io(path: path, errno: errno) }
-        defer { close(fd) }
-        // The umask cannot widen 0600, but fchmod makes the mode explicit regardless.
-        guard fchmod(fd, 0o600) == 0 else { throw BillboardError.io(path: path, errno: errno) }
-        try data.withUnsafeBytes { raw in
-            var offset = 0
-            while offset < raw.count {
-                let n = posixWrite(fd, raw.baseAddress! + offset, raw.count - offset)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw BillboardError.io(path: path, errno: errno)
+        do {
+            let file = try OwnedFileDescriptor.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o600)
+            // The umask cannot widen 0600, but fchmod makes the mode explicit regardless.
+            _ = try retryingOnInterrupt("fchmod(\(path))") { fchmod(file.raw, 0o600) }
+            try data.withUnsafeBytes { raw in
+                var offset = 0
+                while offset < raw.count {
+                    offset += try retryingOnInterrupt("write(\(path))") { posixWrite(file.raw, raw.baseAddress! + offset, raw.count - offset) }
                 }
-                offset += n
             }
+            _ = try retryingOnInterrupt("fsync(\(path))") { fsync(file.raw) }
+        } catch let error as SystemCallError {
+            throw BillboardError.io(path: path, errno: error.errno)
         }
-        guard fsync(fd) == 0 else { throw BillboardError.io(path: path, errno: errno) }
     }
 
     /// Refuses a file or directory that group or others can access, or that another user owns.

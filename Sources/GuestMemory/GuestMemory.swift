@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import SystemCalls
 
 /// A guest-physical address. Its own type so that guest and host addresses never mix.
 public struct GuestAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
@@ -59,7 +60,9 @@ public final class GuestMemory: @unchecked Sendable {
 
     public let size: UInt64
     public let regions: [Region]
-    // SAFETY: each pointer maps exactly `regions[i].size` bytes until deinit.
+    /// One owner per region's mapping (unmapped when the memory goes away).
+    private let mappings: [MemoryMapping]
+    // SAFETY: each pointer is `mappings[i].base`, valid for `regions[i].size` bytes while `mappings` lives.
     private let bases: [UnsafeMutableRawPointer]
     private let regionSize: UInt64
     let vmmWrites = VMMWriteLog()
@@ -69,28 +72,29 @@ public final class GuestMemory: @unchecked Sendable {
         guard size > 0, size % Self.pageSize == 0, size <= (1 << 46),
               regionSize > 0, regionSize % Self.pageSize == 0 else { throw .invalidSize(size) }
         var regions: [Region] = []
-        var bases: [UnsafeMutableRawPointer] = []
+        var mappings: [MemoryMapping] = []
         var offset: UInt64 = 0
         while offset < size {
             let length = min(regionSize, size - offset)
-            let p = mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-            guard let p, p != MAP_FAILED else {
-                let e = errno
-                for (r, b) in zip(regions, bases) { munmap(b, Int(r.size)) }
-                throw .mapFailed(size: length, errno: e)
+            let mapping: MemoryMapping
+            do {
+                // Regions mapped so far are unmapped by their owners if this one fails.
+                mapping = try MemoryMapping(length: Int(length), protection: PROT_READ | PROT_WRITE,
+                                            flags: MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, descriptor: nil,
+                                            call: "mmap(guest memory)")
+            } catch {
+                throw .mapFailed(size: length, errno: error.errno)
             }
-            regions.append(Region(slot: UInt32(regions.count), guestBase: GuestAddress(offset), size: length, hostAddress: UInt(bitPattern: p)))
-            bases.append(p)
+            regions.append(Region(slot: UInt32(regions.count), guestBase: GuestAddress(offset), size: length,
+                                  hostAddress: UInt(bitPattern: mapping.base)))
+            mappings.append(mapping)
             offset += length
         }
         self.size = size
         self.regions = regions
-        self.bases = bases
+        self.mappings = mappings
+        self.bases = mappings.map(\.base)
         self.regionSize = regionSize
-    }
-
-    deinit {
-        for (r, b) in zip(regions, bases) { munmap(b, Int(r.size)) }
     }
 
     /// Checks that `[address, address+length)` lies inside guest RAM.

@@ -192,23 +192,25 @@ struct BootBench: ParsableCommand {
     func timeProcess(_ path: String, _ args: [String]) throws -> Double {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw CLIError("pipe failed: \(String(cString: strerror(errno)))") }
+        let readEnd = OwnedFileDescriptor(taking: fds[0]), writeEnd = OwnedFileDescriptor(taking: fds[1])
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO)
-        posix_spawn_file_actions_addclose(&actions, fds[0])
+        posix_spawn_file_actions_adddup2(&actions, writeEnd.raw, STDOUT_FILENO)
+        posix_spawn_file_actions_addclose(&actions, readEnd.raw)
         let argv = ([path] + args).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
         let t0 = monotonicMilliseconds()
         let rc = posix_spawn(&pid, path, &actions, nil, argv, environ)
-        close(fds[1])
-        guard rc == 0 else { close(fds[0]); throw CLIError("cannot start \(path): \(String(cString: strerror(rc)))") }
+        // The child has its copy; ours must go, or the reader below never sees end of file.
+        writeEnd.close()
+        guard rc == 0 else { throw CLIError("cannot start \(path): \(String(cString: strerror(rc)))") }
         var byte: UInt8 = 0
-        let n = read(fds[0], &byte, 1)
+        let n = read(readEnd.raw, &byte, 1)
         let t1 = monotonicMilliseconds()
-        while read(fds[0], &byte, 1) > 0 {}
-        close(fds[0])
+        while read(readEnd.raw, &byte, 1) > 0 {}
+        readEnd.close()
         var status: Int32 = 0
         waitpid(pid, &status, 0)
         guard n == 1 else { throw CLIError("the spawned vmm printed nothing (wait status \(status))") }
