@@ -20,12 +20,10 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
 }
 
 /// The destination side: admission, reservation, verified reception, READY, and the resume on
-/// GO. Its states, in order (docs/migration.md draws them):
-///
-///     awaitingHello → reserved (accept sent) → receiving (pre-copy, stop-and-copy)
-///       → verified (READY sent) → committed (GO read, guest started, RUNNING sent)
-///
-/// Any failure before `committed` discards the reserved VM; the source keeps its guest.
+/// GO. Its states are drawn in Protocol.swift: awaiting hello, admitting, reserved (accept
+/// sent), receiving, verifying, ready (READY sent), committed (GO read, lease taken, guest
+/// started, RUNNING sent). Any failure before `committed` discards the reserved VM; the source
+/// keeps its guest.
 public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
     /// Checks the hello and reserves the VM (memory, vCPUs), or throws to refuse.
     public typealias Admit = @Sendable (_ machine: [UInt8], _ identity: String?) throws -> VM

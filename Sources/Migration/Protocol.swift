@@ -4,9 +4,9 @@ import Snapshot
 // The migration protocol: the wire messages, and nothing else. (What a migration is asked to
 // do and what it reports are in MigrationRecords.swift.)
 //
-// The sequence of messages on one connection:
-// Every message is a section of the snapshot stream format (Snapshot target),
-// so one codec, with its limits and checksums, guards files and the wire.
+// Every message is a section of the snapshot stream format (Snapshot target), so one
+// codec, with its limits and checksums, guards files and the wire. The sequence of
+// messages on one connection:
 //
 //   source -> destination, stream 1 (state):
 //     header, control{hello: version, machine description (with the guest's identity)}
@@ -14,10 +14,11 @@ import Snapshot
 //     header, control{accept: host, pid} (admitted, VM reserved: memory, vCPUs) or control{refuse: reason}
 //   source -> destination, stream 1 continues:
 //     memory sections, round by round (pre-copy, guest running);
-//     then, guest paused: the last dirty pages, vcpu, devices, end (stream digest)
+//     then, guest paused: the last dirty pages, vcpu, devices, signature (the source
+//     host's, over every byte before it), end (stream digest)
 //   destination -> source:
-//     control{ready} once every section and the digest are verified and the state
-//     applied to the paused VM; or control{refuse: reason}
+//     control{ready} once every section, the signature and the digest are verified and
+//     the state applied to the paused VM; or control{refuse: reason}
 //   source: hands the guest's lease to (host, pid) of the accept; if that fails, no GO
 //   source -> destination, stream 2 (commit): header, control{go}, end
 //     (from here the source never resumes on its own)
