@@ -104,7 +104,7 @@ public enum SnapshotFormatError: Error, Equatable, Sendable, CustomStringConvert
         case let .sectionTooLarge(type, length, limit, offset):
             return "\(type) section at offset \(offset) declares \(length) bytes, above its limit of \(limit): \(Self.damaged)"
         case let .badEndLength(length, offset):
-            return "end section at offset \(offset) declares \(length) bytes; it must be exactly \(SnapshotFormat.checksumSize): \(Self.damaged)"
+            return "end section at offset \(offset) declares \(length) bytes, not the size its stream's integrity gives it: \(Self.damaged)"
         case let .checksumMismatch(type, offset):
             return "checksum mismatch in the \(type) section at offset \(offset): \(Self.damaged)"
         case let .streamDigestMismatch(offset):

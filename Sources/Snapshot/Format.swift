@@ -28,9 +28,9 @@ public enum SectionIntegrity: Sendable, Equatable, CaseIterable, CustomStringCon
     /// A SHA-256 of header and payload after every section: snapshot files, where the bytes may
     /// be damaged at rest. Header flags 0 (every version 1 stream written before this choice).
     case sha256Checksums
-    /// No per-section trailer: for a stream inside a channel that already authenticates every
-    /// byte (TLS). The running stream digest and the end section remain, since a signature
-    /// covers them. Header flag bit 0.
+    /// No per-section trailer and no stream digest: for a stream inside a channel that already
+    /// authenticates every byte and its order (TLS), where hashing every page again would
+    /// only cost CPU. The end section is empty. Header flag bit 0.
     case channelAuthenticated
 
     /// The stream header's flags for this choice.
@@ -48,6 +48,13 @@ public enum SectionIntegrity: Sendable, Equatable, CaseIterable, CustomStringCon
         case .channelAuthenticated: 0
         }
     }
+
+    /// Whether a running SHA-256 of the stream is kept and written in the end section (what a
+    /// signature section signs).
+    public var hasStreamDigest: Bool { self == .sha256Checksums }
+
+    /// The end section's payload size: the stream digest, or nothing.
+    public var endPayloadSize: Int { hasStreamDigest ? SnapshotFormat.checksumSize : 0 }
 
     /// The choice a stream header's flags name, if any.
     public init?(headerFlags: UInt32) {

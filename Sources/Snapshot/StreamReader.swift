@@ -38,7 +38,7 @@ public struct StreamReader<Source: ByteSource> {
         }
         // A stream without checksums is read only where a channel authenticated it.
         guard found == integrity else { throw SnapshotFormatError.integrityMismatch(expected: integrity, found: found) }
-        streamHasher.update(bytes: header)
+        if integrity.hasStreamDigest { streamHasher.update(bytes: header) }
     }
 
     /// Next section, verified (limits, checksum, and memory section structure);
@@ -78,7 +78,7 @@ public struct StreamReader<Source: ByteSource> {
         }
 
         let sectionOffset = offset
-        let digestBefore = streamHasher.finalize().withUnsafeBytes { Array($0) }
+        let digestBefore = integrity.hasStreamDigest ? streamHasher.finalize().withUnsafeBytes { Array($0) } : []
         var header = [UInt8](repeating: 0, count: SnapshotFormat.sectionHeaderSize)
         do {
             try fill(&header, hashStream: false)
@@ -99,7 +99,7 @@ public struct StreamReader<Source: ByteSource> {
         guard length <= type.payloadLimit else {
             throw SnapshotFormatError.sectionTooLarge(type: type, length: length, limit: type.payloadLimit, offset: sectionOffset)
         }
-        if type == .end, length != UInt64(SnapshotFormat.checksumSize) {
+        if type == .end, length != UInt64(integrity.endPayloadSize) {
             throw SnapshotFormatError.badEndLength(length: length, offset: sectionOffset)
         }
 
@@ -107,11 +107,11 @@ public struct StreamReader<Source: ByteSource> {
         // nothing is hashed after it, the running hasher can be finalized in place.
         var expectedDigest: [UInt8] = []
         if type == .end {
-            expectedDigest = streamHasher.finalize().withUnsafeBytes { Array($0) }
-        } else {
+            if integrity.hasStreamDigest { expectedDigest = streamHasher.finalize().withUnsafeBytes { Array($0) } }
+        } else if integrity.hasStreamDigest {
             streamHasher.update(bytes: header)
         }
-        let hashStream = type != .end
+        let hashStream = type != .end && integrity.hasStreamDigest
 
         var payload = [UInt8](repeating: 0, count: Int(length))
         do {

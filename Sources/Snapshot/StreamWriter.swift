@@ -48,8 +48,9 @@ public struct StreamWriter<Sink: ByteSink> {
         try header.withUnsafeBytes { try emit($0) }
     }
 
-    /// SHA-256 of every stream byte written so far (what a signature section signs).
-    public var digestSoFar: [UInt8] { streamHasher.finalize().withUnsafeBytes { Array($0) } }
+    /// SHA-256 of every stream byte written so far (what a signature section signs); empty for
+    /// a stream without a digest (inside an authenticated channel).
+    public var digestSoFar: [UInt8] { integrity.hasStreamDigest ? streamHasher.finalize().withUnsafeBytes { Array($0) } : [] }
 
     /// Writes one section with `payload`. The end section is written by `finish()`;
     /// memory payloads are validated so the writer never produces a stream the reader refuses.
@@ -140,7 +141,7 @@ public struct StreamWriter<Sink: ByteSink> {
     /// Nothing may be written afterwards.
     public mutating func finish() throws {
         try checkUsable()
-        let digest = streamHasher.finalize().withUnsafeBytes { Array($0) }
+        let digest = integrity.hasStreamDigest ? streamHasher.finalize().withUnsafeBytes { Array($0) } : []
         finished = true
         sectionHasher = SHA256()
         let header = encodeSectionHeader(type: SectionType.end.rawValue, flags: 0, length: UInt64(digest.count))
@@ -172,7 +173,7 @@ public struct StreamWriter<Sink: ByteSink> {
 
     private mutating func emit(_ bytes: UnsafeRawBufferPointer, hashSection: Bool = true, hashStream: Bool = true) throws {
         if hashSection && integrity.trailerSize > 0 { sectionHasher.update(bufferPointer: bytes) }
-        if hashStream { streamHasher.update(bufferPointer: bytes) }
+        if hashStream && integrity.hasStreamDigest { streamHasher.update(bufferPointer: bytes) }
         do {
             try sink.write(bytes)
         } catch {

@@ -20,8 +20,9 @@ struct IntegrityTests {
         try fillPages(memory, [1, 9])
         let channel = try write(.channelAuthenticated, memory: memory)
         let checksummed = try write(.sha256Checksums, memory: memory)
-        // Five sections (machine, memory, vcpu, devices, end), each without its 32-byte trailer.
-        #expect(checksummed.count - channel.count == 5 * SnapshotFormat.checksumSize)
+        // Five sections (machine, memory, vcpu, devices, end), each without its 32-byte trailer,
+        // and an empty end section instead of the 32-byte stream digest.
+        #expect(checksummed.count - channel.count == 6 * SnapshotFormat.checksumSize)
         let a = try StreamReader.readAll(from: BufferSource(channel), integrity: .channelAuthenticated)
         let b = try StreamReader.readAll(from: BufferSource(checksummed))
         #expect(a.map(\.type) == b.map(\.type))
@@ -48,14 +49,27 @@ struct IntegrityTests {
         }
     }
 
-    @Test("without checksums the stream digest still catches a changed byte at the end section")
-    func channelStreamDigestCatchesEdits() throws {
+    @Test("without checksums the framing is still checked: a bad length, type or end section is refused")
+    func channelStreamFramingChecked() throws {
         let memory = try GuestMemory(size: 1 << 20)
-        var edited = try write(.channelAuthenticated, memory: memory)
-        // A byte of the machine section's payload (after the 16-byte stream and section headers).
-        edited[16 + 16 + 2] ^= 0x01
+        let bytes = try write(.channelAuthenticated, memory: memory)
+        // The machine section's length field (after the 16-byte stream header, at offset 8 of its header).
+        var longer = bytes
+        longer[16 + 8 + 7] = 0x7F
         #expect(throws: SnapshotFormatError.self) {
-            _ = try StreamReader.readAll(from: BufferSource(edited), integrity: .channelAuthenticated)
+            _ = try StreamReader.readAll(from: BufferSource(longer), integrity: .channelAuthenticated)
+        }
+        var unknown = bytes
+        unknown[16] = 0x77
+        #expect(throws: SnapshotFormatError.unknownSectionType(type: 0x77, offset: 16)) {
+            _ = try StreamReader.readAll(from: BufferSource(unknown), integrity: .channelAuthenticated)
+        }
+        // An end section that carries a digest is not this integrity's end section.
+        let endAt = bytes.count - SnapshotFormat.sectionHeaderSize
+        var withDigest = Array(bytes[..<endAt]) + encodeSectionHeader(type: SectionType.end.rawValue, flags: 0, length: 32)
+        withDigest += [UInt8](repeating: 0, count: 32)
+        #expect(throws: SnapshotFormatError.badEndLength(length: 32, offset: UInt64(endAt))) {
+            _ = try StreamReader.readAll(from: BufferSource(withDigest), integrity: .channelAuthenticated)
         }
     }
 
