@@ -15,7 +15,10 @@ public enum MigrationRoutes {
             do {
                 settings = try JSONDecoder().decode(MigrationSettings.self, from: JSONSerialization.data(withJSONObject: body))
             } catch {
-                throw APIError(.badRequest, "bad migration settings: \(error); fields are destination, max_downtime_ms, max_bandwidth, auto_converge, timeout_s")
+                throw APIError(.badRequest, "bad migration settings: \(error); fields are destination, peer, transport (tls or plaintext), max_downtime_ms, max_bandwidth, auto_converge, timeout_s")
+            }
+            if settings.transport == .tls && settings.peer == nil {
+                throw APIError(.badRequest, "name the enrolled host expected at the destination as \"peer\", or choose \"transport\": \"plaintext\"")
             }
             do { _ = try parseHostPort(settings.destination) } catch { throw APIError(.badRequest, "\(error)") }
             guard settings.maxDowntimeMs > 0, settings.timeoutSeconds > 0 else {
@@ -24,8 +27,7 @@ public enum MigrationRoutes {
             let wait = body["wait"] as? Bool ?? false
             let done = AsyncReport()
             do {
-                try service.start(settings, connect: { try TCPTransport.connect(to: settings.destination) },
-                                  completion: { report in done.set(report) })
+                try service.start(settings, completion: { report in done.set(report) })
             } catch {
                 throw APIError(.conflict, "\(error)")
             }

@@ -31,14 +31,16 @@ public final class FaultInjectingTransport: MigrationTransport {
     public let integrity: SectionIntegrity
     private let incoming: Mutex<FramingTracker>
 
-    public init(_ inner: any MigrationTransport, fault: InjectedFault, integrity: SectionIntegrity = .sha256Checksums) {
+    public init(_ inner: any MigrationTransport, fault: InjectedFault) {
         self.inner = inner
         self.fault = fault
+        let integrity = inner.streamIntegrity
         self.integrity = integrity
         self.incoming = Mutex(FramingTracker(trailerSize: integrity.trailerSize))
     }
 
     public var peer: String { inner.peer }
+    public var authenticatedPeer: String? { inner.authenticatedPeer }
 
     public func close() { inner.close() }
 
@@ -64,13 +66,13 @@ public final class FaultInjectingTransport: MigrationTransport {
         var sections = Self.split(data, trailerSize: integrity.trailerSize)
         let controls = sections.indices.filter { sections[$0].type == SectionType.control.rawValue }
         for index in controls {
-            let kind = (try? ControlMessage.decode(sections[index].payload))?.kind
+            let kind = (try? WireMessage.decode(sections[index].payload))?.kind
             switch (fault, kind) {
-            case (.refuseReady, .ready?):
-                sections[index].replacePayload(try ControlMessage(kind: .refuse, reason: "injected fault: \(fault.rawValue)").encoded())
-            case (.malformedReady, .ready?):
+            case (.refuseReady, "ready"?):
+                sections[index].replacePayload(try WireMessage.refuse(reason: "injected fault: \(fault.rawValue)").encoded())
+            case (.malformedReady, "ready"?):
                 sections[index].replacePayload(Array("{not json".utf8))
-            case (.closeAfterGo, .running?):
+            case (.closeAfterGo, "running"?):
                 // The guest already runs here (started on GO); the source never hears of it.
                 throw injected()
             default:
@@ -79,7 +81,7 @@ public final class FaultInjectingTransport: MigrationTransport {
         }
         if !controls.isEmpty { data = Self.join(data, sections, trailerSize: integrity.trailerSize) }
         try data.withUnsafeBytes { try inner.send($0) }
-        if fault == .closeAfterHello, controls.contains(where: { (try? ControlMessage.decode(sections[$0].payload))?.kind == .accept }) {
+        if fault == .closeAfterHello, controls.contains(where: { (try? WireMessage.decode(sections[$0].payload))?.kind == "accept" }) {
             throw injected()
         }
     }

@@ -19,18 +19,25 @@ public final class InMemoryTransport: MigrationTransport {
     private let incoming: Pipe
     private let outgoing: Pipe
     public let peer: String
+    /// What a test says the channel authenticated (nil: a plaintext channel).
+    public let authenticatedPeer: String?
 
-    private init(incoming: Pipe, outgoing: Pipe, peer: String) {
+    private init(incoming: Pipe, outgoing: Pipe, peer: String, authenticatedPeer: String?) {
         self.incoming = incoming
         self.outgoing = outgoing
         self.peer = peer
+        self.authenticatedPeer = authenticatedPeer
     }
 
-    /// A connected pair: (source end, destination end).
-    public static func pair() -> (source: InMemoryTransport, destination: InMemoryTransport) {
+    /// A connected pair: (source end, destination end). With host names, each end reports the
+    /// other as authenticated, as a TLS channel between those hosts would.
+    public static func pair(authenticated hosts: (source: String, destination: String)? = nil)
+        -> (source: InMemoryTransport, destination: InMemoryTransport) {
         let toDestination = Pipe(), toSource = Pipe()
-        return (InMemoryTransport(incoming: toSource, outgoing: toDestination, peer: "in-memory destination"),
-                InMemoryTransport(incoming: toDestination, outgoing: toSource, peer: "in-memory source"))
+        return (InMemoryTransport(incoming: toSource, outgoing: toDestination, peer: "in-memory destination",
+                                  authenticatedPeer: hosts?.destination),
+                InMemoryTransport(incoming: toDestination, outgoing: toSource, peer: "in-memory source",
+                                  authenticatedPeer: hosts?.source))
     }
 
     public func send(_ bytes: UnsafeRawBufferPointer) throws {

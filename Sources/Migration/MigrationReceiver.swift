@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import GuestMemory
 import Snapshot
@@ -19,18 +20,24 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     var owner: (host: String, pid: Int32)? { get }
 }
 
-/// The destination side: admission, reservation, verified reception, READY, and the resume on
-/// GO. Its states are drawn in Protocol.swift: awaiting hello, admitting, reserved (accept
-/// sent), receiving, verifying, ready (READY sent), committed (GO read, lease taken, guest
-/// started, RUNNING sent). Any failure before `committed` discards the reserved VM; the source
-/// keeps its guest.
+/// The destination side: challenge, admission, reservation, verified reception, READY, and
+/// the resume on GO. Its states are drawn in Protocol.swift: challenge sent, admitting,
+/// reserved (accept sent), receiving, verifying, ready (READY sent), committed (GO read, lease
+/// taken, guest started, RUNNING sent). Any failure before `committed` discards the reserved
+/// VM; the source keeps its guest.
 public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
-    /// Checks the hello and reserves the VM (memory, vCPUs), or throws to refuse.
-    public typealias Admit = @Sendable (_ machine: [UInt8], _ identity: String?) throws -> VM
+    /// What the VMM decides about a manifest whose challenge and hosts checked out: admit the
+    /// guest and reserve its VM, or throw to refuse. `authenticatedSource` is the host the
+    /// channel authenticated (nil on a plaintext channel, where `manifest.sourceHost` is a claim
+    /// the stream's signature must later prove).
+    public typealias Admit = @Sendable (_ manifest: MigrationManifest, _ authenticatedSource: String?) throws -> VM
 
+    /// This host's name, sent with the challenge and expected in the manifest.
+    let hostName: String
     let admit: Admit
 
-    public init(admit: @escaping Admit) {
+    public init(hostName: String, admit: @escaping Admit) {
+        self.hostName = hostName
         self.admit = admit
     }
 
@@ -41,60 +48,79 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         /// Stream bytes received from the source (state stream and commit stream).
         public var bytes: UInt64
         public var resumedAt: Double
+        /// The host the guest came from.
+        public var sourceHost: String
     }
 
     /// Receives one migration. Returns once the guest runs here; throws (with the
     /// reserved VM discarded) on any failure before GO.
-    public func run(transport: any MigrationTransport) throws -> (vm: VM, result: Result) {
-        var reader = try StreamReader(source: TransportSource(transport))
-        var replies = try StreamWriter(sink: TransportSink(transport))
-        func refuse(_ reason: String) {
-            try? replies.writeSection(.control, payload: ControlMessage(kind: .refuse, reason: reason).encoded())
-            try? replies.sink.flush()
+    /// `onManifest` runs once the manifest arrived (a caller's deadline for it can stop).
+    public func run(transport: any MigrationTransport, onManifest: () -> Void = {}) throws -> (vm: VM, result: Result) {
+        let integrity = transport.streamIntegrity
+        let authenticated = transport.authenticatedPeer
+        var replies = try StreamWriter(sink: TransportSink(transport), integrity: integrity)
+        func send(_ message: WireMessage) throws {
+            try replies.writeSection(.control, payload: message.encoded())
+            try replies.sink.flush()
         }
+        func refuse(_ reason: String) { try? send(.refuse(reason: reason)) }
 
-        guard let first = try reader.nextSection(), first.type == .control else {
-            throw MigrationError.protocolViolation("the stream does not start with a hello")
+        // The challenge goes first: on TLS 1.3 the source learns only from it that this side
+        // accepted its certificate, so it sends no guest byte before.
+        let challenge = Data((0..<32).map { _ in UInt8.random(in: .min ... .max) }).base64EncodedString()
+        try send(.challenge(version: migrationProtocolVersion, nonce: challenge, host: hostName))
+
+        var reader = try StreamReader(source: TransportSource(transport), integrity: integrity)
+        guard let first = try reader.nextSection(), first.type == .control,
+              case let .manifest(manifest) = try WireMessage.decode(first.payload) else {
+            throw MigrationError.protocolViolation("the stream does not start with a manifest")
         }
-        let hello = try ControlMessage.decode(first.payload)
-        guard hello.kind == .hello else { throw MigrationError.protocolViolation("expected hello, got \(hello.kind)") }
-        guard hello.version == migrationProtocolVersion else {
-            let reason = "protocol version \(hello.version.map(String.init) ?? "none") is not supported (this VMM speaks \(migrationProtocolVersion))"
-            refuse(reason)
-            throw MigrationError.refused(reason)
-        }
-        guard let machine = hello.machine else {
-            refuse("the hello carries no machine description")
-            throw MigrationError.protocolViolation("the hello carries no machine description")
+        onManifest()
+        do {
+            try check(manifest, challenge: challenge, authenticated: authenticated)
+        } catch {
+            refuse("\(error)")
+            throw error
         }
         let vm: VM
-        do { vm = try admit(Array(machine), hello.identity) } catch {
+        do { vm = try admit(manifest, authenticated) } catch {
             refuse("\(error)")
             throw error
         }
         var committed = false
         defer { if !committed { vm.discard() } }
-        try replies.writeSection(.control, payload: ControlMessage(kind: .accept, host: vm.owner?.host, pid: vm.owner?.pid).encoded())
-        try replies.sink.flush()
+        guard let owner = vm.owner else { throw MigrationError.refused("this destination has no owner record for the guest") }
+        try send(.accept(host: owner.host, pid: owner.pid))
 
         // Pre-copy rounds and stop-and-copy: the same section sequence a snapshot file holds.
         let body = try StateSequence.readBody(from: &reader, into: vm.memory)
-        do { try vm.verifyState(signature: body.signature, digest: body.signedDigest) } catch {
-            refuse("the state stream is not signed by a host this destination trusts: \(error)")
-            throw error
+        if authenticated == nil {
+            // Plaintext: the source host's signature over every byte, the manifest and its
+            // challenge included, stands in for the channel's authentication.
+            do { try vm.verifyState(signature: body.signature, digest: body.signedDigest) } catch {
+                refuse("the state stream is not signed by the host it claims to come from: \(error)")
+                throw error
+            }
         }
-        // Everything verified (checksums, stream digest, signature); apply it to the paused VM.
+        // Everything verified; apply it to the paused VM.
         do { try vm.applyState(vcpu: body.vcpus, devices: body.devices) } catch {
             refuse("the state does not apply here: \(error)")
             throw error
         }
-        try replies.writeSection(.control, payload: ControlMessage(kind: .ready).encoded())
-        try replies.sink.flush()
+        let received = TransferCounts(pages: body.pages, memorySections: body.memorySections)
+        try send(.ready(received))
 
-        var commit = try StreamReader(source: TransportSource(transport))
+        var commit = try StreamReader(source: TransportSource(transport), integrity: integrity)
         guard let goSection = try commit.nextSection(), goSection.type == .control,
-              try ControlMessage.decode(goSection.payload).kind == .go else {
+              case let .go(sent, signature) = try WireMessage.decode(goSection.payload) else {
             throw MigrationError.protocolViolation("expected GO")
+        }
+        guard sent == received else {
+            throw MigrationError.protocolViolation("the source sent \(sent) but \(received) arrived")
+        }
+        if authenticated == nil {
+            let digest = sha256(WireMessage.goPayload(challenge: challenge, counts: sent))
+            try vm.verifyState(signature: signature.map(Array.init), digest: digest)
         }
         guard let end = try commit.nextSection(), end.type == .end else {
             throw MigrationError.protocolViolation("GO was not followed by the end of its stream")
@@ -103,9 +129,30 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         committed = true
         let resumedAt = monotonicMilliseconds()
         // The guest runs here now, whatever happens to this reply.
-        try? replies.writeSection(.control, payload: ControlMessage(kind: .running, resumedAt: resumedAt).encoded())
+        try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt).encoded())
         try? replies.finish()
         try? replies.sink.flush()
-        return (vm, Result(pages: body.pages, zeroPages: body.zeroPages, bytes: reader.offset + commit.offset, resumedAt: resumedAt))
+        return (vm, Result(pages: body.pages, zeroPages: body.zeroPages, bytes: reader.offset + commit.offset,
+                           resumedAt: resumedAt, sourceHost: authenticated ?? manifest.sourceHost))
+    }
+
+    /// The manifest must answer this connection's challenge, name this host, and (on an
+    /// authenticated channel) come from the host the channel authenticated.
+    func check(_ manifest: MigrationManifest, challenge: String, authenticated: String?) throws {
+        guard manifest.version == migrationProtocolVersion else {
+            throw MigrationError.refused("protocol version \(manifest.version) is not supported (this VMM speaks \(migrationProtocolVersion))")
+        }
+        guard manifest.challenge == challenge else {
+            throw MigrationError.refused("the manifest does not answer this connection's challenge (a replayed or forwarded migration)")
+        }
+        guard manifest.destinationHost == hostName else {
+            throw MigrationError.refused("the manifest is for host '\(manifest.destinationHost)', not this host ('\(hostName)')")
+        }
+        if let authenticated, manifest.sourceHost != authenticated {
+            throw MigrationError.refused("the manifest claims to come from '\(manifest.sourceHost)' but the channel authenticated '\(authenticated)'")
+        }
     }
 }
+
+/// SHA-256 of `bytes` (what a plaintext GO's signature signs).
+func sha256(_ bytes: [UInt8]) -> [UInt8] { Array(SHA256.hash(data: bytes)) }

@@ -6,16 +6,27 @@ import Foundation
 
 /// Settings of one migration (the body of `PUT /vm/migrate`).
 public struct MigrationSettings: Codable, Sendable, Equatable {
+    /// How the stream travels: mutually authenticated TLS (the default), or plain TCP, which
+    /// both sides must have agreed to.
+    public enum TransportKind: String, Codable, Sendable {
+        case tls, plaintext
+    }
+
     public var destination: String
+    /// The enrolled host expected at `destination` (required for TLS).
+    public var peer: String?
+    public var transport: TransportKind = .tls
     public var maxDowntimeMs: Double = 300
     /// Bytes per second; 0 = unlimited.
     public var maxBandwidth: UInt64 = 0
     public var autoConverge: Bool = false
     public var timeoutSeconds: Double = 60
 
-    public init(destination: String, maxDowntimeMs: Double = 300, maxBandwidth: UInt64 = 0,
-                autoConverge: Bool = false, timeoutSeconds: Double = 60) {
+    public init(destination: String, peer: String? = nil, transport: TransportKind = .tls, maxDowntimeMs: Double = 300,
+                maxBandwidth: UInt64 = 0, autoConverge: Bool = false, timeoutSeconds: Double = 60) {
         self.destination = destination
+        self.peer = peer
+        self.transport = transport
         self.maxDowntimeMs = maxDowntimeMs
         self.maxBandwidth = maxBandwidth
         self.autoConverge = autoConverge
@@ -23,7 +34,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case destination
+        case destination, peer, transport
         case maxDowntimeMs = "max_downtime_ms"
         case maxBandwidth = "max_bandwidth"
         case autoConverge = "auto_converge"
@@ -33,6 +44,8 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         destination = try c.decode(String.self, forKey: .destination)
+        peer = try c.decodeIfPresent(String.self, forKey: .peer)
+        transport = try c.decodeIfPresent(TransportKind.self, forKey: .transport) ?? .tls
         maxDowntimeMs = try c.decodeIfPresent(Double.self, forKey: .maxDowntimeMs) ?? 300
         maxBandwidth = try c.decodeIfPresent(UInt64.self, forKey: .maxBandwidth) ?? 0
         autoConverge = try c.decodeIfPresent(Bool.self, forKey: .autoConverge) ?? false

@@ -8,15 +8,17 @@ import Synchronization
 public protocol MigrationSourceVM: AnyObject, Sendable {
     var memory: GuestMemory { get }
     var dirtyTracker: any DirtyTracker { get }
-    /// The machine section (JSON), sent in the hello so the destination can check it first.
+    /// The machine section (JSON), sent in the manifest so the destination can check it first.
     func machineDescriptionPayload() throws -> [UInt8]
     /// The guest's name, for the destination's logs.
     var migrationIdentity: String? { get }
+    /// This host's name, for the manifest.
+    var hostName: String { get }
     /// The commit point: hands ownership (the Billboard lease) to the destination process named
     /// in the accept, just before GO. Throwing here cancels the migration; the guest resumes here.
     func commitHandover(toHost host: String?, toPid pid: Int32?) throws
-    /// Signs the digest of the whole state stream (the destination verifies it before READY);
-    /// nil when this VM has no host key to sign with.
+    /// Signs a digest with this host's key (a plaintext stream, and its GO; the destination
+    /// verifies them); nil when this VM has no host key to sign with.
     func signState(digest: [UInt8]) throws -> [UInt8]?
     /// Pauses every vCPU; false if the guest has already stopped.
     func pauseForMigration() -> Bool
@@ -83,7 +85,14 @@ public final class PreCopySender: Sendable {
         var writer: StreamWriter<TransportSink>
         var reader: StreamReader<TransportSource>
         var report: MigrationReport
-        var accept = ControlMessage(kind: .accept)
+        let integrity: SectionIntegrity
+        /// The destination's challenge, answered in the manifest and signed into a plaintext GO.
+        var challenge = ""
+        /// Who gets the guest: the authenticated destination host (or, in plaintext, the one
+        /// that answered), and its process from the accept.
+        var destinationHost = ""
+        var destinationPid: Int32 = 0
+        var sent = TransferCounts(pages: 0, memorySections: 0)
         var pending = DirtyBitmap(pageCount: 0)
         var pauseTime = 0.0
         var paused = false
@@ -118,19 +127,41 @@ public final class PreCopySender: Sendable {
         return report
     }
 
-    /// Setup: hello (version, machine description with the guest's identity), then the
-    /// destination's accept (admitted, VM reserved).
+    /// Setup: the destination's challenge (its host, authenticated on a TLS channel, must be the
+    /// peer this migration names), then the manifest that answers it, then the accept
+    /// (admitted, VM reserved). No guest byte is written before the challenge arrived.
     private func setup(_ transport: any MigrationTransport, t0: Double, report: MigrationReport) throws -> Run {
         try checkCancelled()
-        var writer = try StreamWriter(sink: TransportSink(transport))
-        let hello = ControlMessage(kind: .hello, version: migrationProtocolVersion,
-                                   machine: Data(try vm.machineDescriptionPayload()), identity: vm.migrationIdentity)
-        try writer.writeSection(.control, payload: hello.encoded())
+        let integrity = transport.streamIntegrity
+        var reader = try StreamReader(source: TransportSource(transport), integrity: integrity)
+        guard case let .challenge(version, nonce, host) = try next(from: &reader, expecting: "challenge") else {
+            throw MigrationError.protocolViolation("the destination did not open with a challenge")
+        }
+        guard version == migrationProtocolVersion else {
+            throw MigrationError.refused("the destination speaks protocol version \(version), this VMM \(migrationProtocolVersion)")
+        }
+        if let authenticated = transport.authenticatedPeer, host != authenticated {
+            throw MigrationError.refused("the destination calls itself '\(host)' but the channel authenticated '\(authenticated)'")
+        }
+        if let peer = settings.peer, host != peer {
+            throw MigrationError.refused("the destination is host '\(host)', not '\(peer)', the peer this migration names")
+        }
+        var writer = try StreamWriter(sink: TransportSink(transport), integrity: integrity)
+        let manifest = MigrationManifest(challenge: nonce, sourceHost: vm.hostName, destinationHost: host, sourcePid: getpid(),
+                                         machine: Data(try vm.machineDescriptionPayload()), guest: vm.migrationIdentity)
+        try writer.writeSection(.control, payload: WireMessage.manifest(manifest).encoded())
         try writer.sink.flush()
-        var reader = try StreamReader(source: TransportSource(transport))
-        var run = Run(t0: t0, writer: writer, reader: reader, report: report)
-        run.accept = try expect(.accept, from: &reader)
-        run.reader = reader
+        guard case let .accept(acceptHost, pid) = try next(from: &reader, expecting: "accept") else {
+            throw MigrationError.protocolViolation("expected accept")
+        }
+        // The lease goes to the host the channel authenticated, never to one a message names.
+        guard acceptHost == host else {
+            throw MigrationError.refused("the destination '\(host)' accepted for another host, '\(acceptHost)'")
+        }
+        var run = Run(t0: t0, writer: writer, reader: reader, report: report, integrity: integrity)
+        run.challenge = nonce
+        run.destinationHost = host
+        run.destinationPid = pid
         run.report.setupMs = monotonicMilliseconds() - t0
         return run
     }
@@ -149,7 +180,7 @@ public final class PreCopySender: Sendable {
         while true {
             let roundStart = monotonicMilliseconds()
             let before = run.writer.bytesWritten
-            let sent = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report, t0: run.t0)
+            let sent = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report, counts: &run.sent, t0: run.t0)
             run.report.pagesPerRound.append(sent)
             let seconds = max((monotonicMilliseconds() - roundStart) / 1000, 1e-6)
             let roundRate = Double(run.writer.bytesWritten - before) / seconds
@@ -199,39 +230,52 @@ public final class PreCopySender: Sendable {
         run.paused = true
         run.pauseTime = monotonicMilliseconds()
         run.pending.formUnion(try vm.dirtyTracker.collect())
-        let last = try sendPages(run.pending, writer: &run.writer, rearm: false, report: &run.report, t0: run.t0, stopAndCopy: true)
+        let last = try sendPages(run.pending, writer: &run.writer, rearm: false, report: &run.report, counts: &run.sent,
+                                 t0: run.t0, stopAndCopy: true)
         run.report.pagesPerRound.append(last)
         let (vcpu, devices) = try vm.statePayloads()
-        try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { try vm.signState(digest: $0) }
+        // Signed only in plaintext: on an authenticated channel the TLS identity is the signature.
+        let signed = run.integrity.hasStreamDigest
+        try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { signed ? try vm.signState(digest: $0) : nil }
         try run.writer.sink.flush()
         run.report.bytesSent = run.writer.bytesWritten
         update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
     }
 
-    /// Hand-over: READY (the destination verified and applied everything), the lease moves to
-    /// the destination, GO, RUNNING. From the first byte of GO on, the source never resumes on
-    /// its own.
+    /// Hand-over: READY with the destination's counts (checked against what was sent), the lease
+    /// moves to the authenticated destination, GO with the counts (signed in plaintext),
+    /// RUNNING. From the first byte of GO on, the source never resumes on its own.
     private func handover(_ run: inout Run, transport: any MigrationTransport) throws {
-        try expect(.ready, from: &run.reader)
+        guard case let .ready(received) = try next(from: &run.reader, expecting: "ready") else {
+            throw MigrationError.protocolViolation("expected ready")
+        }
+        guard received == run.sent else {
+            throw MigrationError.aborted("the destination applied \(received) but \(run.sent) were sent")
+        }
         let cancelled: String? = state.withLock { s in
             if s.cancelled == nil { s.goSent = true }
             return s.cancelled
         }
         if let cancelled { throw MigrationError.aborted(cancelled) }
         let handoverStart = monotonicMilliseconds()
-        do { try vm.commitHandover(toHost: run.accept.host, toPid: run.accept.pid) } catch {
+        do { try vm.commitHandover(toHost: run.destinationHost, toPid: run.destinationPid) } catch {
             // Nothing of GO was written: the guest may still resume here.
             state.withLock { $0.goSent = false }
             throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
         }
         run.report.handoverMs = monotonicMilliseconds() - handoverStart
-        var commit = try StreamWriter(sink: TransportSink(transport))
-        try commit.writeSection(.control, payload: ControlMessage(kind: .go).encoded())
+        let signature = run.integrity.hasStreamDigest
+            ? try vm.signState(digest: sha256(WireMessage.goPayload(challenge: run.challenge, counts: run.sent))).map { Data($0) }
+            : nil
+        var commit = try StreamWriter(sink: TransportSink(transport), integrity: run.integrity)
+        try commit.writeSection(.control, payload: WireMessage.go(run.sent, signature: signature).encoded())
         try commit.finish()
         try commit.sink.flush()
         run.report.bytesSent += commit.bytesWritten
-        let running = try expect(.running, from: &run.reader)
-        if let resumed = running.resumedAt { run.report.downtimeMs = resumed - run.pauseTime }
+        guard case let .running(resumedAt) = try next(from: &run.reader, expecting: "running") else {
+            throw MigrationError.protocolViolation("expected running")
+        }
+        run.report.downtimeMs = resumedAt - run.pauseTime
         run.report.outcome = .completed
         try? vm.dirtyTracker.disable()
         update { $0.phase = .completed }
@@ -255,17 +299,17 @@ public final class PreCopySender: Sendable {
         }
     }
 
-    /// Reads the next control message and requires `kind`; a refusal or anything else is an error.
-    @discardableResult
-    func expect<S: ByteSource>(_ kind: ControlMessage.Kind, from reader: inout StreamReader<S>) throws -> ControlMessage {
+    /// Reads the next control message; a refusal is an error, and so is anything that is not
+    /// a control message.
+    func next<S: ByteSource>(from reader: inout StreamReader<S>, expecting kind: String) throws -> WireMessage {
         guard let section = try reader.nextSection() else {
             throw MigrationError.protocolViolation("the destination ended its stream while \(kind) was expected")
         }
         guard section.type == .control else {
             throw MigrationError.protocolViolation("expected a control message (\(kind)), got a \(section.type) section")
         }
-        let message = try ControlMessage.decode(section.payload)
-        if message.kind == .refuse { throw MigrationError.refused(message.reason ?? "no reason given") }
+        let message = try WireMessage.decode(section.payload)
+        if case let .refuse(reason) = message { throw MigrationError.refused(reason) }
         guard message.kind == kind else {
             throw MigrationError.protocolViolation("expected \(kind), got \(message.kind)")
         }
@@ -274,7 +318,8 @@ public final class PreCopySender: Sendable {
 
     /// Sends the pages set in `bitmap`, re-protecting each 64-page chunk just before it is read.
     func sendPages<S: ByteSink>(_ bitmap: DirtyBitmap, writer: inout StreamWriter<S>, rearm: Bool,
-                                report: inout MigrationReport, t0: Double, stopAndCopy: Bool = false) throws -> Int {
+                                report: inout MigrationReport, counts: inout TransferCounts, t0: Double,
+                                stopAndCopy: Bool = false) throws -> Int {
         var batch: [UInt64] = []
         batch.reserveCapacity(Self.batchPages)
         var sent = 0
@@ -285,6 +330,8 @@ public final class PreCopySender: Sendable {
             let stats = try writer.writeMemoryPages(batch, from: vm.memory)
             report.pagesSent += stats.pages
             report.zeroPages += stats.zeroPages
+            counts.pages += stats.pages
+            counts.memorySections += stats.sections
             sent += batch.count
             batch.removeAll(keepingCapacity: true)
             let bytes = writer.bytesWritten

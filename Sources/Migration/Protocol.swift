@@ -4,82 +4,201 @@ import Snapshot
 // The migration protocol: the wire messages, and nothing else. (What a migration is asked to
 // do and what it reports are in MigrationRecords.swift.)
 //
-// Every message is a section of the snapshot stream format (Snapshot target), so one
-// codec, with its limits and checksums, guards files and the wire. The sequence of
-// messages on one connection:
+// Every message is a section of the snapshot stream format (Snapshot target), so one codec,
+// with its limits, guards files and the wire. The transport is mutually authenticated TLS 1.3
+// between enrolled Billboard hosts (SecureChannel), or plain TCP when both sides consented;
+// the stream's integrity follows: inside TLS no checksums, no digest and no signature (the
+// channel authenticates every byte and its sender); in plaintext the signed, checksummed
+// stream of a snapshot file. The sequence on one connection:
 //
-//   source -> destination, stream 1 (state):
-//     header, control{hello: version, machine description (with the guest's identity)}
+//   transport: TLS handshake; each side checks the other's certificate key is an enrolled
+//              host (the source also that it is the host it named)
 //   destination -> source, reply stream:
-//     header, control{accept: host, pid} (admitted, VM reserved: memory, vCPUs) or control{refuse: reason}
+//     header, control{challenge: version, fresh random nonce, destination host}
+//       (sent only once the source is authenticated: no guest byte leaves the source before)
+//   source -> destination, stream 1 (state):
+//     header, control{manifest: version, the challenge, source and destination hosts, source
+//       pid, machine description with the guest's identity and lease epoch}
+//   destination -> source:
+//     control{accept: host, pid} (challenge, hosts and identity checked, the Billboard
+//       admitted, VM reserved: memory, vCPUs) or control{refuse: reason}
 //   source -> destination, stream 1 continues:
 //     memory sections, round by round (pre-copy, guest running);
-//     then, guest paused: the last dirty pages, vcpu, devices, signature (the source
-//     host's, over every byte before it), end (stream digest)
+//     then, guest paused: the last dirty pages, vcpu, devices, [signature: plaintext only,
+//     the source host's, over every byte before it, the manifest and its challenge included],
+//     end [stream digest: plaintext only]
 //   destination -> source:
-//     control{ready} once every section, the signature and the digest are verified and
-//     the state applied to the paused VM; or control{refuse: reason}
-//   source: hands the guest's lease to (host, pid) of the accept; if that fails, no GO
-//   source -> destination, stream 2 (commit): header, control{go}, end
+//     control{ready: the page entries and memory sections it applied} once everything is
+//     verified and applied to the paused VM; or control{refuse: reason}
+//   source: checks the counts against what it sent, then hands the guest's lease to the
+//     authenticated destination host and the accept's pid; if either fails, no GO
+//   source -> destination, stream 2 (commit): header, control{go: the counts, and in
+//     plaintext the source host's signature over the challenge and the counts}, end
 //     (from here the source never resumes on its own)
 //   destination -> source: control{running: resumed_at}, end
 //
-// A failure before GO leaves the guest running on the source and the destination
-// discards what it had. A failure after GO leaves the source paused and the
-// migration "in doubt": exactly one side may run, and it is not the source.
+// A failure before GO leaves the guest running on the source and the destination discards
+// what it had. A failure after GO leaves the source paused and the migration "in doubt":
+// exactly one side may run, and it is not the source. A recorded migration cannot be replayed:
+// TLS refuses the recording, and in plaintext the challenge in the signed manifest and GO is
+// fresh for every connection.
 //
 // The receiver's states (MigrationReceiver):
 //
-//   awaiting hello ──hello──▶ admitting ──admitted──▶ reserved ──accept──▶ receiving
-//        │                       │ refused                                  │ memory, vcpu,
-//        │                       ▼                                          │ devices, signature, end
-//        │                  refuse, done                                    ▼
-//        │                                                      verifying ──ok──▶ ready (READY sent)
-//        │                                                          │ bad signature / state
-//        ▼                                                          ▼              │ GO, end
-//   any error before GO: the reserved VM is discarded       refuse, discard        ▼
-//                                                                             committed: guest started
-//                                                                             (lease taken), RUNNING sent
+//   challenge sent ──manifest──▶ admitting ──admitted──▶ reserved ──accept──▶ receiving
+//        │                          │ refused (stale challenge,                │ memory, vcpu,
+//        │                          │ wrong hosts, Billboard)                  │ devices, [signature], end
+//        │                          ▼                                          ▼
+//        │                     refuse, done                    verifying ──ok──▶ ready (READY sent)
+//        │                                                         │ bad signature / state    │ GO (counts,
+//        ▼                                                         ▼                          ▼ signature)
+//   any error before GO: the reserved VM is discarded      refuse, discard       committed: lease taken,
+//                                                                                guest started, RUNNING sent
 
 /// Version of this protocol; the destination refuses any other.
-public let migrationProtocolVersion = 1
+public let migrationProtocolVersion = 2
 
-/// One control message (a `control` section, JSON).
-public struct ControlMessage: Codable, Sendable, Equatable {
-    public enum Kind: String, Codable, Sendable {
-        case hello, accept, refuse, ready, go, running
-    }
-    public var kind: Kind
-    public var version: Int?
-    /// hello: the machine description (JSON defined by the VMM).
-    public var machine: Data?
-    /// hello: who the guest is, for logs (the admission reads the machine description).
-    public var identity: String?
-    /// accept: the host and process that will own the guest after GO (the source hands its lease to them).
-    public var host: String?
-    public var pid: Int32?
-    /// refuse: why.
-    public var reason: String?
-    /// running: when the destination resumed the guest (CLOCK_MONOTONIC ms; same host only).
-    public var resumedAt: Double?
+/// What the source says of the migration it starts, bound to the destination's challenge.
+public struct MigrationManifest: Codable, Sendable, Equatable {
+    public var version: Int
+    /// The destination's challenge, echoed (base64): binds everything after it to this connection.
+    public var challenge: String
+    public var sourceHost: String
+    /// The host the source expects to hand the guest to.
+    public var destinationHost: String
+    public var sourcePid: Int32
+    /// The machine description with the guest's identity (JSON defined by the VMM).
+    public var machine: Data
+    /// The guest's name, for logs (the admission reads the machine description).
+    public var guest: String?
 
-    public init(kind: Kind, version: Int? = nil, machine: Data? = nil, identity: String? = nil,
-                reason: String? = nil, resumedAt: Double? = nil, host: String? = nil, pid: Int32? = nil) {
-        self.host = host
-        self.pid = pid
-        self.kind = kind
+    public init(version: Int = migrationProtocolVersion, challenge: String, sourceHost: String, destinationHost: String,
+                sourcePid: Int32, machine: Data, guest: String?) {
         self.version = version
+        self.challenge = challenge
+        self.sourceHost = sourceHost
+        self.destinationHost = destinationHost
+        self.sourcePid = sourcePid
         self.machine = machine
-        self.identity = identity
-        self.reason = reason
-        self.resumedAt = resumedAt
+        self.guest = guest
+    }
+}
+
+/// What was moved: counted by the destination (READY) and by the source (GO), so a dropped or
+/// duplicated record never commits.
+public struct TransferCounts: Codable, Sendable, Equatable, CustomStringConvertible {
+    /// Page entries, zero pages included.
+    public var pages: Int
+    public var memorySections: Int
+
+    public init(pages: Int, memorySections: Int) {
+        self.pages = pages
+        self.memorySections = memorySections
     }
 
-    public func encoded() throws -> [UInt8] { try StateJSON.encode(self) }
+    public var description: String { "\(pages) page entries in \(memorySections) memory sections" }
+}
 
-    public static func decode(_ payload: [UInt8]) throws -> ControlMessage {
-        do { return try StateJSON.decode(ControlMessage.self, from: payload, what: "control message") } catch {
-            throw MigrationError.protocolViolation("a control message is not valid JSON: \(error)")
+/// One control message (a `control` section, JSON with a `kind`).
+public enum WireMessage: Sendable, Equatable {
+    case challenge(version: Int, nonce: String, host: String)
+    case manifest(MigrationManifest)
+    /// The host and process that will own the guest after GO.
+    case accept(host: String, pid: Int32)
+    case refuse(reason: String)
+    case ready(TransferCounts)
+    /// The commit; in plaintext signed by the source host over the challenge and the counts.
+    case go(TransferCounts, signature: Data?)
+    /// When the destination resumed the guest (CLOCK_MONOTONIC ms; same host only).
+    case running(resumedAt: Double)
+
+    /// The message's kind, for errors.
+    public var kind: String {
+        switch self {
+        case .challenge: "challenge"
+        case .manifest: "manifest"
+        case .accept: "accept"
+        case .refuse: "refuse"
+        case .ready: "ready"
+        case .go: "go"
+        case .running: "running"
+        }
+    }
+
+    /// The bytes the source signs for GO in plaintext: the connection's challenge and the counts.
+    public static func goPayload(challenge: String, counts: TransferCounts) -> [UInt8] {
+        Array("swift-vmm.migration.go.v2:\(challenge):\(counts.pages):\(counts.memorySections)".utf8)
+    }
+
+    public func encoded() throws -> [UInt8] { try StateJSON.encode(Envelope(self)) }
+
+    public static func decode(_ payload: [UInt8]) throws -> WireMessage {
+        let envelope: Envelope
+        do { envelope = try StateJSON.decode(Envelope.self, from: payload, what: "control message") } catch {
+            throw MigrationError.protocolViolation("a control message is not valid: \(error)")
+        }
+        return try envelope.message()
+    }
+
+    /// The JSON form: a kind and the fields that kind uses.
+    struct Envelope: Codable {
+        var kind: String
+        var version: Int?
+        var nonce: String?
+        var host: String?
+        var pid: Int32?
+        var manifest: MigrationManifest?
+        var reason: String?
+        var counts: TransferCounts?
+        var signature: Data?
+        var resumedAt: Double?
+
+        init(kind: String) { self.kind = kind }
+
+        init(_ message: WireMessage) {
+            self.init(kind: message.kind)
+            switch message {
+            case let .challenge(version, nonce, host): self.version = version; self.nonce = nonce; self.host = host
+            case let .manifest(m): manifest = m
+            case let .accept(host, pid): self.host = host; self.pid = pid
+            case let .refuse(reason): self.reason = reason
+            case let .ready(counts): self.counts = counts
+            case let .go(counts, signature): self.counts = counts; self.signature = signature
+            case let .running(resumedAt): self.resumedAt = resumedAt
+            }
+        }
+
+        func message() throws -> WireMessage {
+            func missing(_ field: String) -> MigrationError {
+                .protocolViolation("a \(kind) message has no \(field)")
+            }
+            switch kind {
+            case "challenge":
+                guard let version else { throw missing("version") }
+                guard let nonce else { throw missing("nonce") }
+                guard let host else { throw missing("host") }
+                return .challenge(version: version, nonce: nonce, host: host)
+            case "manifest":
+                guard let manifest else { throw missing("manifest") }
+                return .manifest(manifest)
+            case "accept":
+                guard let host else { throw missing("host") }
+                guard let pid else { throw missing("pid") }
+                return .accept(host: host, pid: pid)
+            case "refuse":
+                return .refuse(reason: reason ?? "no reason given")
+            case "ready":
+                guard let counts else { throw missing("counts") }
+                return .ready(counts)
+            case "go":
+                guard let counts else { throw missing("counts") }
+                return .go(counts, signature: signature)
+            case "running":
+                guard let resumedAt else { throw missing("resumedAt") }
+                return .running(resumedAt: resumedAt)
+            default:
+                throw MigrationError.protocolViolation("unknown control message kind '\(kind)'")
+            }
         }
     }
 }

@@ -5,10 +5,12 @@ import Foundation
 import Snapshot
 import SystemCalls
 
-/// A bidirectional byte stream between two VMMs. TCP today; the secure channel
-/// (mutually authenticated, encrypted) implements the same interface, so nothing
-/// above it changes.
+/// A bidirectional byte stream between two VMMs: mutually authenticated TLS (SecureChannel),
+/// plain TCP by consent, or in memory for tests.
 public protocol MigrationTransport: AnyObject, Sendable {
+    /// The enrolled host the channel authenticated at the other end; nil for a plaintext
+    /// channel, whose peer is only what it claims (and what its signatures prove).
+    var authenticatedPeer: String? { get }
     /// Writes all of `bytes` or throws.
     func send(_ bytes: UnsafeRawBufferPointer) throws
     /// Fills `buffer` completely or throws (end of stream is an error).
@@ -17,6 +19,12 @@ public protocol MigrationTransport: AnyObject, Sendable {
     func close()
     /// A readable name of the peer, for messages.
     var peer: String { get }
+}
+
+extension MigrationTransport {
+    /// How the state stream is protected on this channel: an authenticated channel needs no
+    /// checksums, digests or signatures of its own; a plaintext one carries a file's.
+    public var streamIntegrity: SectionIntegrity { authenticatedPeer == nil ? .sha256Checksums : .channelAuthenticated }
 }
 
 /// The stream writer's view of a transport. Small writes (headers, page table
@@ -90,6 +98,8 @@ public func parseHostPort(_ text: String, allowAnyPort: Bool = false) throws -> 
 public final class TCPTransport: MigrationTransport {
     private let socket: OwnedFileDescriptor
     public let peer: String
+    /// Plain TCP authenticates nobody.
+    public var authenticatedPeer: String? { nil }
 
     init(socket: OwnedFileDescriptor, peer: String, timeoutSeconds: Int) {
         self.socket = socket
@@ -209,6 +219,22 @@ public final class TCPListener: Sendable {
 
     /// Waits for one connection.
     public func accept(timeoutSeconds: Int = 30) throws -> TCPTransport {
+        try accept(deadline: nil, timeoutSeconds: timeoutSeconds)
+    }
+
+    /// The next connection; throws `MigrationError.timedOut` once `deadline` (monotonic ms)
+    /// passes with none.
+    public func accept(deadline: Double?, timeoutSeconds: Int = 30) throws -> TCPTransport {
+        if let deadline {
+            var ready = pollfd(fd: socket.raw, events: Int16(POLLIN), revents: 0)
+            while true {
+                let left = deadline - monotonicMilliseconds()
+                guard left > 0 else { throw MigrationError.timedOut("no migration arrived before the listen deadline") }
+                let n = poll(&ready, 1, Int32(min(left, 60_000)))
+                if n > 0 { break }
+                if n < 0 && errno != EINTR { throw MigrationError.connection("poll on the listening socket failed: \(String(cString: strerror(errno)))") }
+            }
+        }
         var addr = sockaddr_storage()
         var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let c: Int32
@@ -228,4 +254,22 @@ public final class TCPListener: Sendable {
 
     /// Unblocks a pending `accept` (used on shutdown).
     public func shutdownListening() { shutdown(socket.raw, Int32(SHUT_RDWR)) }
+}
+
+/// Where incoming migrations arrive: plain TCP (`TCPListener`) or TLS (SecureChannel).
+public protocol MigrationListener: Sendable {
+    var address: String { get }
+    var port: UInt16 { get }
+    /// The next connection a migration may run on (on TLS: one whose peer authenticated);
+    /// connections refused before that are reported through `onRefused`. Throws
+    /// `MigrationError.timedOut` once `deadline` (monotonic ms) passes.
+    func nextConnection(deadline: Double?, onRefused: @escaping @Sendable (String) -> Void) throws -> any MigrationTransport
+    /// Stops listening (a signal before any guest arrived).
+    func shutdownListening()
+}
+
+extension TCPListener: MigrationListener {
+    public func nextConnection(deadline: Double?, onRefused: @escaping @Sendable (String) -> Void) throws -> any MigrationTransport {
+        try accept(deadline: deadline)
+    }
 }

@@ -34,8 +34,11 @@ public struct StateBody: Sendable {
     /// Page entries applied, zero pages included.
     public var pages: Int
     public var zeroPages: Int
+    public var memorySections: Int
 
-    public init(vcpus: [UInt8], devices: [UInt8], signature: [UInt8]? = nil, signedDigest: [UInt8] = [], pages: Int = 0, zeroPages: Int = 0) {
+    public init(vcpus: [UInt8], devices: [UInt8], signature: [UInt8]? = nil, signedDigest: [UInt8] = [], pages: Int = 0,
+                zeroPages: Int = 0, memorySections: Int = 0) {
+        self.memorySections = memorySections
         self.vcpus = vcpus
         self.devices = devices
         self.signature = signature
@@ -70,7 +73,7 @@ public enum StateSequence {
     public static func readBody<S: ByteSource>(from reader: inout StreamReader<S>, into memory: GuestMemory) throws -> StateBody {
         var vcpus: [UInt8]?, devices: [UInt8]?
         var signature: [UInt8]?, signedDigest: [UInt8] = []
-        var pages = 0, zeroPages = 0
+        var pages = 0, zeroPages = 0, memorySections = 0
         while true {
             guard let section = try reader.nextSection() else {
                 throw SnapshotFormatError.sectionOrder("the stream has no end section")
@@ -83,6 +86,7 @@ public enum StateSequence {
                 let applied = try MemorySection.apply(section, to: memory)
                 pages += applied.pages
                 zeroPages += applied.zeroPages
+                memorySections += 1
             case .vcpu:
                 guard vcpus == nil else { throw SnapshotFormatError.sectionOrder("two vCPU sections") }
                 vcpus = section.payload
@@ -96,7 +100,7 @@ public enum StateSequence {
                 guard let vcpus else { throw SnapshotFormatError.sectionOrder("no vCPU section") }
                 guard let devices else { throw SnapshotFormatError.sectionOrder("no device section") }
                 return StateBody(vcpus: vcpus, devices: devices, signature: signature, signedDigest: signedDigest,
-                                 pages: pages, zeroPages: zeroPages)
+                                 pages: pages, zeroPages: zeroPages, memorySections: memorySections)
             case .machine, .control:
                 throw SnapshotFormatError.sectionOrder("unexpected \(section.type) section at offset \(section.offset)")
             }

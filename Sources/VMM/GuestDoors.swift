@@ -5,6 +5,8 @@ import KVM
 import MachineCore
 import Migration
 import Snapshot
+import Synchronization
+import SystemCalls
 
 /// The three ways a guest comes to run in a VMM process (boot, restore, incoming migration),
 /// each admitted by the Billboard before `KVM_CREATE_VM`. The `vmm` commands and the
@@ -115,25 +117,66 @@ public enum GuestDoors {
             && (c.commandLine.flatMap { $0.isEmpty ? nil : $0 }) == r.commandLine
     }
 
-    /// Waits for one incoming migration: the hello's identity is admitted before memory is
-    /// reserved, the stream's signature checked before READY, the lease taken on GO before the
-    /// guest runs. Returns the running guest.
-    public static func receive(listener: TCPListener, store: BillboardStore, settings: BillboardSettings,
+    /// Waits for one incoming migration, connection after connection, until one completes or
+    /// `deadline` (monotonic ms) passes: a failed, refused or hostile connection is logged and
+    /// the next one awaited, one reservation at a time. On each, the challenge goes out first,
+    /// the manifest must answer it and name this host (and, on TLS, come from the host the
+    /// channel authenticated); the guest's identity is admitted before memory is reserved; the
+    /// state is verified (by the channel, or by the source host's signature in plaintext) before
+    /// READY; the lease is taken on GO before the guest runs. Returns the running guest.
+    public static func receive(listener: any MigrationListener, deadline: Double?, store: BillboardStore, settings: BillboardSettings,
                                dirtyTracker: DirtyTrackerKind, kvm: KVMSystem? = nil,
-                               wrapTransport: (any MigrationTransport) -> any MigrationTransport = { $0 },
+                               manifestTimeoutSeconds: Double = 10,
+                               wrapTransport: @escaping (any MigrationTransport) -> any MigrationTransport = { $0 },
                                log: @escaping @Sendable (String) -> Void,
                                serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> AdmittedGuest {
-        let transport = wrapTransport(try listener.accept(timeoutSeconds: 30))
-        defer { transport.close() }
-        let receiver = MigrationReceiver<AdmittedGuest> { payload, _ in
-            let header = try StateHeader.decode(payload, what: "machine description in the hello")
+        let receiver = MigrationReceiver<AdmittedGuest>(hostName: store.hostName) { manifest, authenticated in
+            let header = try StateHeader.decode(Array(manifest.machine), what: "machine description in the manifest")
+            // On TLS the channel named the source; in plaintext its claim stands until the
+            // stream's signature (checked before READY) proves it.
+            let source = (host: authenticated ?? manifest.sourceHost, pid: manifest.sourcePid)
             // The Billboard's admission runs here, before any memory is reserved.
-            let session = try GuestSession.admitIncoming(store: store, header: header, settings: settings, log: log)
+            let session = try GuestSession.admitIncoming(store: store, header: header, source: source, settings: settings, log: log)
             var configuration = header.description.configuration
             configuration.dirtyTracker = dirtyTracker
             return try reserveIncoming(session: session, configuration: configuration, description: header.description,
                                        kvm: kvm, serialOutput: serialOutput)
         }
-        return try receiver.run(transport: transport).vm
+        while true {
+            let transport = wrapTransport(try listener.nextConnection(deadline: deadline, onRefused: { log("refused a connection: \($0)") }))
+            defer { transport.close() }
+            // A peer that does not send its manifest in time loses the connection; the
+            // receiver goes back to listening.
+            let watchdog = ManifestWatchdog(transport: transport, seconds: manifestTimeoutSeconds)
+            do {
+                let (guest, _) = try receiver.run(transport: transport, onManifest: watchdog.disarm)
+                watchdog.disarm()
+                return guest
+            } catch {
+                watchdog.disarm()
+                log("an incoming migration from \(transport.authenticatedPeer ?? transport.peer) failed: \(error); still listening")
+            }
+        }
     }
+}
+
+/// Closes a connection whose manifest has not arrived within its time.
+final class ManifestWatchdog: Sendable {
+    private let armed = Mutex(true)
+
+    init(transport: any MigrationTransport, seconds: Double) {
+        startOSThread(name: "manifest-watchdog") { [self] in
+            let deadline = monotonicMilliseconds() + seconds * 1000
+            while monotonicMilliseconds() < deadline {
+                usleep(50_000)
+                if !isArmed { return }
+            }
+            if isArmed { transport.close() }
+        }
+    }
+
+    private var isArmed: Bool { armed.withLock { $0 } }
+
+    /// The manifest arrived (or the connection ended): never close.
+    @Sendable func disarm() { armed.withLock { $0 = false } }
 }

@@ -55,6 +55,9 @@ public final class GuestSession: @unchecked Sendable {
     private let shared = Mutex(Shared())
     /// The identity the state carried at admission (restore, incoming); nil for a boot.
     let carried: GuestIdentity?
+    /// Incoming: the host (authenticated by the channel, or proven by the stream's signature)
+    /// and process the guest comes from, the only holder whose lease may pass to this one.
+    let source: (host: String, pid: Int32)?
     var carriedEpoch: Int64 { carried?.epoch ?? 0 }
     /// Serialises this session's store writes (housekeeping, hand-over, end), so that a periodic
     /// renewal or state update never interleaves with a hand-over or the end.
@@ -63,12 +66,13 @@ public final class GuestSession: @unchecked Sendable {
     private let snapshotSHA256: (() throws -> String)?
 
     private init(store: BillboardStore, registration: GuestRegistration, settings: BillboardSettings,
-                 carried: GuestIdentity?, snapshotSHA256: (() throws -> String)? = nil,
+                 carried: GuestIdentity?, source: (host: String, pid: Int32)? = nil, snapshotSHA256: (() throws -> String)? = nil,
                  log: @escaping @Sendable (String) -> Void) {
         self.store = store
         self.registration = registration
         self.settings = settings
         self.carried = carried
+        self.source = source
         self.snapshotSHA256 = snapshotSHA256
         self.log = log
     }
@@ -127,17 +131,21 @@ public final class GuestSession: @unchecked Sendable {
 
     /// A migration destination: admits the identity in the hello before memory is reserved; the
     /// guest in flight may still hold its lease at the source. Takes the lease on GO (`commitIncoming`).
-    public static func admitIncoming(store: BillboardStore, header: StateHeader,
+    public static func admitIncoming(store: BillboardStore, header: StateHeader, source: (host: String, pid: Int32),
                                      settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
         try store.ensureOriginal()
-        guard let identity = header.identity else { throw SessionError.noIdentity("migration hello") }
+        guard let identity = header.identity else { throw SessionError.noIdentity("migration manifest") }
+        guard identity.host == source.host else {
+            throw SessionError.mismatch("the guest's state says it was held by host '\(identity.host)' but it comes from '\(source.host)'")
+        }
         let registration = try admitIdentity(store: store, identity: identity, description: header.description)
         try naming(registration) {
             try store.leases.checkEpoch(guestID: registration.id, epoch: identity.epoch)
-            try store.leases.checkAvailable(guestID: registration.id, handedBy: (identity.host, identity.pid),
+            try store.leases.checkAvailable(guestID: registration.id, handedBy: source,
                                           takeoverAfter: settings.leaseTimeout)
         }
-        let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity, log: log)
+        let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity,
+                                   source: source, log: log)
         try session.record(state: .incoming)
         return session
     }
@@ -245,7 +253,7 @@ public final class GuestSession: @unchecked Sendable {
     /// cannot record a beacon against the record's old token in between.
     func commitIncoming(beaconToken: UInt64?, start: () -> Void) throws {
         try storeLock.withLock {
-            try naming(registration) { try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: carried.map { ($0.host, $0.pid) }) }
+            try naming(registration) { try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: source) }
             let token = beaconToken ?? Self.newToken()
             shared.withLock { $0.token = token; $0.reportedState = .running }
             start()
@@ -263,8 +271,8 @@ public final class GuestSession: @unchecked Sendable {
         do {
             guard let signature else { throw BillboardRefusal.badSnapshotSignature(reason: "the migration stream carries no signature") }
             let signer = try store.stateSignatures.verify(signature, digest: digest)
-            guard let claimed = carried?.host, signer == claimed else {
-                throw BillboardRefusal.badSnapshotSignature(reason: "the stream is signed by host '\(signer)' but claims to come from '\(carried?.host ?? "?")'")
+            guard let claimed = source?.host, signer == claimed else {
+                throw BillboardRefusal.badSnapshotSignature(reason: "the stream is signed by host '\(signer)' but claims to come from '\(source?.host ?? "?")'")
             }
         } catch {
             store.stateSignatures.auditRefused(guest: registration.name, reason: "incoming migration: \(error)")

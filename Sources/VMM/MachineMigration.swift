@@ -18,6 +18,8 @@ extension AdmittedGuest: MigrationSourceVM {
 
     public var migrationIdentity: String? { name }
 
+    public var hostName: String { session.store.hostName }
+
     public func commitHandover(toHost host: String?, toPid pid: Int32?) throws {
         guard let host, let pid else {
             throw MigrationError.refused("the destination did not say which host and process take the guest (it runs without a billboard), so the lease cannot be handed over")
@@ -63,4 +65,17 @@ extension AdmittedGuest: MigrationDestinationVM {
     }
 
     public var owner: (host: String, pid: Int32)? { (session.store.hostName, getpid()) }
+}
+
+extension AdmittedGuest {
+    /// Opens the migration's transport: plain TCP when the settings chose it, else mutually
+    /// authenticated TLS to the enrolled host they name.
+    public func connect(_ settings: MigrationSettings) throws -> any MigrationTransport {
+        switch settings.transport {
+        case .plaintext:
+            return try TCPTransport.connect(to: settings.destination)
+        case .tls:
+            throw MigrationError.refused("TLS migration is not wired here yet; use the plaintext transport on both sides")
+        }
+    }
 }

@@ -35,6 +35,13 @@ public final class MigrationService: Sendable {
     }
 
     /// Starts migrating; returns at once. On success the machine ends with `.migrated`.
+    /// Starts migrating over the transport the settings name (TLS to the named enrolled peer,
+    /// or plain TCP); returns at once. On success the machine ends with `.migrated`.
+    public func start(_ settings: MigrationSettings, completion: @escaping @Sendable (MigrationReport) -> Void = { _ in }) throws {
+        let guest = self.guest
+        try start(settings, connect: { try guest.connect(settings) }, completion: completion)
+    }
+
     public func start(_ settings: MigrationSettings, connect: @escaping @Sendable () throws -> any MigrationTransport,
                       completion: @escaping @Sendable (MigrationReport) -> Void = { _ in }) throws {
         let state = guest.state

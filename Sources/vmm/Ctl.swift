@@ -82,17 +82,27 @@ extension Ctl {
             discussion: "Exits 0 when the guest runs on the destination; 1 if the migration failed (the guest keeps running here) or is in doubt.")
         @OptionGroup var socket: Socket
         @Argument(help: "The destination, HOST:PORT.") var destination: String
+        @Option(help: "The enrolled host expected at the destination (vmm billboard host add); its TLS certificate must be that host's.") var peer: String?
+        @Flag(help: "Send over plain TCP instead of mutually authenticated TLS (for benchmarks; the destination must consent too). Anyone on the path can read the guest.") var insecurePlaintext = false
         @Option(help: "Largest acceptable pause of the guest, in milliseconds.") var maxDowntimeMs: Double = 300
         @Option(help: "Bandwidth cap in bytes per second; 0 = unlimited.") var maxBandwidth: UInt64 = 0
         @Flag(help: "Throttle a guest that dirties memory faster than it can be sent.") var autoConverge = false
         @Option(help: "Give up (guest keeps running here) after this many seconds.") var timeout: Double = 60
         @Flag(help: "No progress line.") var quiet = false
 
+        func validate() throws {
+            if peer == nil && !insecurePlaintext {
+                throw ValidationError("name the destination host with --peer NAME (an enrolled peer), or migrate in plaintext with --insecure-plaintext")
+            }
+        }
+
         func run() throws {
             let client = ControlClient(socketPath: socket.apiSocket)
-            let body: [String: Any] = ["destination": destination, "max_downtime_ms": maxDowntimeMs,
+            var body: [String: Any] = ["destination": destination, "max_downtime_ms": maxDowntimeMs,
                                        "max_bandwidth": maxBandwidth, "auto_converge": autoConverge,
-                                       "timeout_s": timeout, "wait": true]
+                                       "timeout_s": timeout, "wait": true,
+                                       "transport": insecurePlaintext ? "plaintext" : "tls"]
+            if let peer { body["peer"] = peer }
             let text = String(decoding: try JSONSerialization.data(withJSONObject: body), as: UTF8.self)
             // The request waits for the end; a second connection polls progress meanwhile.
             let finished = Finished()

@@ -137,7 +137,7 @@ extension InjectedFault: ExpressibleByArgument {}
 struct Receive: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Wait for one incoming live migration, then run the guest here.",
-        discussion: "The VM is reserved (memory, vCPUs) when the migration's hello arrives, filled while the source runs, and resumed only after all state is verified and the source says GO. Any failure before GO discards it and exits 1; the guest keeps running on the source.")
+        discussion: "Only enrolled peer hosts get in: the connection is mutually authenticated TLS 1.3 unless both sides chose --insecure-plaintext. The VM is reserved (memory, vCPUs) once the source's manifest answered this connection's challenge and the Billboard admitted the guest, filled while the source runs, and resumed only after all state is verified and the source says GO. A failure before GO discards the reserved VM (the guest keeps running on the source) and the VMM goes on listening until a migration completes or --listen-timeout passes (exit status 4).")
 
     @Option(help: "Address to listen on, HOST:PORT (e.g. 127.0.0.1:7000; port 0 picks one and prints it).")
     var listen: String
@@ -154,20 +154,32 @@ struct Receive: ParsableCommand {
     @Option(help: "Directory for migration reports (JSON) of onward migrations.")
     var reportDir: String = "migration-reports"
 
+    @Option(help: "Seconds to wait for a migration that completes; failed or refused connections do not end the wait. When it passes, the VMM exits with status 4.")
+    var listenTimeout: Double = 300
+
+    @Flag(help: "Accept plain TCP instead of mutually authenticated TLS (for benchmarks; the source must consent too). The stream stays signed and checksummed, but anyone on the path can read the guest.")
+    var insecurePlaintext = false
+
     /// Test-only: the destination commits this fault (a transport wraps the connection), so the
     /// subprocess tests can prove what the source does about it.
     @Option(help: .hidden) var injectFault: InjectedFault?
 
     @OptionGroup var billboard: BillboardOptions
 
-    func validate() throws { try billboard.validate() }
+    func validate() throws {
+        guard listenTimeout > 0 && listenTimeout <= 86_400 else { throw ValidationError("--listen-timeout must be 1 to 86400 seconds") }
+        try billboard.validate()
+    }
+
+    /// The exit status when the listen timeout passes without a completed migration.
+    static let listenTimeoutStatus: Int32 = 4
 
     func run() throws {
         let status = try CommandRunner.fail {
             let output = try SerialOutput(path: serialLog)
             let store = try billboard.open()
             let settings = billboard.settings
-            let listener = try TCPListener(listen: listen)
+            let listener = try IncomingListener.open(listen, store: store, plaintext: insecurePlaintext)
             FileHandle.standardError.write(Data("vmm: listening on \(listener.address):\(listener.port)\n".utf8))
             // Before the guest arrives a signal just ends the process; once it runs here,
             // a signal stops its vCPUs and the VMM cleans up as `vmm run` does.
@@ -181,9 +193,16 @@ struct Receive: ParsableCommand {
                 }
             }
             let fault = injectFault
-            let guest = try GuestDoors.receive(listener: listener, store: store, settings: settings, dirtyTracker: dirtyTracker,
+            let guest: AdmittedGuest
+            do {
+                guest = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenTimeout * 1000,
+                                               store: store, settings: settings, dirtyTracker: dirtyTracker,
                                                wrapTransport: { transport in fault.map { FaultInjectingTransport(transport, fault: $0) } ?? transport },
                                                log: logLine, serialOutput: output.write)
+            } catch MigrationError.timedOut(let what) {
+                FileHandle.standardError.write(Data("vmm: \(what) (\(Int(listenTimeout)) s); nothing was received\n".utf8))
+                return Self.listenTimeoutStatus
+            }
             running.guest = guest
             return try Host.serve(guest, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
         }
