@@ -84,7 +84,7 @@ let package = Package(
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory"]),
         .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls"]),
-        .testTarget(name: "VMMTests", dependencies: ["TestSupport", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
+        .testTarget(name: "VMMTests", dependencies: ["TestSupport", "SystemCalls", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
                                                .product(name: "GRDB", package: "GRDB.swift")]),
     ]
 )

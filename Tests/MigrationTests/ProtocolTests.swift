@@ -27,12 +27,14 @@ final class FakeSource: MigrationSourceVM {
     let dirtyTracker: any DirtyTracker
     private struct Record { var paused = false; var resumed = false; var handedTo: (String?, Int32?)? }
     private let record = Mutex(Record())
-    init(memory: GuestMemory, dirtyRounds: [[UInt64]]) {
+    init(memory: GuestMemory, dirtyRounds: [[UInt64]], hostName: String = "src") {
         self.memory = memory
+        self.hostName = hostName
         self.dirtyTracker = ScriptedTracker(pageCount: memory.pageCount, rounds: dirtyRounds)
     }
     func machineDescriptionPayload() throws -> [UInt8] { Array(#"{"fake":true}"#.utf8) }
     var migrationIdentity: String? { "fake" }
+    let hostName: String
     func commitHandover(toHost host: String?, toPid pid: Int32?) throws { record.withLock { $0.handedTo = (host, pid) } }
     func signState(digest: [UInt8]) throws -> [UInt8]? { Array("signed:".utf8) + digest }
     func pauseForMigration() -> Bool { record.withLock { $0.paused = true }; return true }
@@ -69,8 +71,8 @@ final class ReceiverRun: Sendable {
     private let result = Mutex<Result<FakeDestination, any Error>?>(nil)
     private let done = DispatchSemaphore(value: 0)
 
-    init(_ end: any MigrationTransport, admit: @escaping @Sendable ([UInt8]) throws -> FakeDestination) {
-        let receiver = MigrationReceiver<FakeDestination> { payload, _ in try admit(payload) }
+    init(_ end: any MigrationTransport, admit: @escaping @Sendable (MigrationManifest) throws -> FakeDestination) {
+        let receiver = MigrationReceiver<FakeDestination>(hostName: "dst") { manifest, _ in try admit(manifest) }
         Thread.detachNewThread { [self] in
             let r = Result { try receiver.run(transport: end).vm }
             result.withLock { $0 = r }
@@ -95,15 +97,17 @@ struct ProtocolTests {
 
     static func settings() -> MigrationSettings { MigrationSettings(destination: "in-memory", maxDowntimeMs: 300, timeoutSeconds: 20) }
 
-    @Test("a whole migration: every page arrives, the state is verified and applied, the lease is handed to the accept's owner, GO starts the guest")
-    func completes() throws {
+    @Test("a whole migration: every page arrives, the state is verified and applied, the lease is handed to the accept's owner, GO starts the guest",
+          arguments: [false, true])
+    func completes(authenticated: Bool) throws {
         let memory = try Self.sourceMemory()
         // The guest rewrites page 17 during round 0 and page 3 while paused.
         let source = FakeSource(memory: memory, dirtyRounds: [[17], [3]])
         let destinationMemory = try GuestMemory(size: 1 << 20)
-        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
-        let run = ReceiverRun(destinationEnd) { payload in
-            #expect(payload == Array(#"{"fake":true}"#.utf8))
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair(authenticated: authenticated ? ("src", "dst") : nil)
+        let run = ReceiverRun(destinationEnd) { manifest in
+            #expect(manifest.machine == Data(#"{"fake":true}"#.utf8))
+            #expect(manifest.sourceHost == "src" && manifest.destinationHost == "dst")
             return FakeDestination(memory: destinationMemory)
         }
         let report = PreCopySender(vm: source, settings: Self.settings()).run { sourceEnd }
@@ -163,7 +167,7 @@ struct ProtocolTests {
         #expect(destination.started)
     }
 
-    @Test("a tampered state signature is refused before READY and nothing is applied")
+    @Test("a tampered state signature is refused before READY and nothing is applied (plaintext)")
     func tamperedSignature() throws {
         final class Forger: MigrationSourceVM {
             let inner: FakeSource
@@ -172,6 +176,7 @@ struct ProtocolTests {
             var dirtyTracker: any DirtyTracker { inner.dirtyTracker }
             func machineDescriptionPayload() throws -> [UInt8] { try inner.machineDescriptionPayload() }
             var migrationIdentity: String? { nil }
+            var hostName: String { inner.hostName }
             func commitHandover(toHost host: String?, toPid pid: Int32?) throws { try inner.commitHandover(toHost: host, toPid: pid) }
             func signState(digest: [UInt8]) throws -> [UInt8]? { Array("signed:".utf8) + digest.map { $0 ^ 1 } }
             func pauseForMigration() -> Bool { inner.pauseForMigration() }
@@ -192,4 +197,72 @@ struct ProtocolTests {
         #expect(destination.discarded && !destination.started)
         #expect(destination.vcpu.isEmpty, "state was applied before the signature was checked")
     }
+
+    @Test("a recorded migration replayed on a new connection answers a stale challenge: refused before anything is reserved")
+    func replayRefused() throws {
+        // Record what a real source sends on one connection.
+        let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
+        let recorder = Recorder(sourceEnd)
+        let first = ReceiverRun(destinationEnd) { _ in FakeDestination(memory: try GuestMemory(size: 1 << 20)) }
+        #expect(PreCopySender(vm: source, settings: Self.settings()).run { recorder }.outcome == .completed)
+        _ = first.wait()
+        // Replay it, byte for byte, after a fresh challenge.
+        let (attackerEnd, victimEnd) = InMemoryTransport.pair()
+        let reserved = Mutex(0)
+        let second = ReceiverRun(victimEnd) { _ in
+            reserved.withLock { $0 += 1 }
+            return FakeDestination(memory: try GuestMemory(size: 1 << 20))
+        }
+        var challenge = [UInt8](repeating: 0, count: 16)
+        try challenge.withUnsafeMutableBytes { try attackerEnd.receive(into: $0) }
+        try recorder.sent.withUnsafeBytes { try? attackerEnd.send($0) }
+        let result = second.wait()
+        if case .success = result { Issue.record("a replayed migration was accepted") }
+        #expect(reserved.withLock { $0 } == 0, "a VM was reserved for a replay")
+        if case let .failure(error) = result { #expect("\(error)".contains("challenge"), "\(error)") }
+    }
+
+    @Test("a source that finds another host than the peer it names sends no guest byte")
+    func wrongPeerGetsNothing() throws {
+        let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
+        let recorder = Recorder(sourceEnd)
+        let run = ReceiverRun(destinationEnd) { _ in FakeDestination(memory: try GuestMemory(size: 1 << 20)) }
+        var settings = Self.settings()
+        settings.peer = "elsewhere"
+        let report = PreCopySender(vm: source, settings: settings).run { recorder }
+        #expect(report.outcome == .failed)
+        #expect(report.error?.contains("elsewhere") == true, "\(report.error ?? "")")
+        #expect(recorder.sent.isEmpty, "the source wrote \(recorder.sent.count) bytes to a host it did not name")
+        #expect(!source.paused)
+        _ = run.wait()
+    }
+
+    @Test("on an authenticated channel a manifest claiming another source host is refused")
+    func impersonatedSourceRefused() throws {
+        let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [], hostName: "mallory")
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair(authenticated: ("src", "dst"))
+        let run = ReceiverRun(destinationEnd) { _ in FakeDestination(memory: try GuestMemory(size: 1 << 20)) }
+        let report = PreCopySender(vm: source, settings: Self.settings()).run { sourceEnd }
+        #expect(report.outcome == .failed)
+        #expect(report.error?.contains("authenticated") == true, "\(report.error ?? "")")
+        if case .success = run.wait() { Issue.record("an impersonating source was accepted") }
+    }
+}
+
+/// Passes everything through, keeping a copy of what was sent.
+final class Recorder: MigrationTransport {
+    let inner: any MigrationTransport
+    private let bytes = Mutex<[UInt8]>([])
+    init(_ inner: any MigrationTransport) { self.inner = inner }
+    var sent: [UInt8] { bytes.withLock { $0 } }
+    var peer: String { inner.peer }
+    var authenticatedPeer: String? { inner.authenticatedPeer }
+    func send(_ buffer: UnsafeRawBufferPointer) throws {
+        bytes.withLock { $0.append(contentsOf: buffer) }
+        try inner.send(buffer)
+    }
+    func receive(into buffer: UnsafeMutableRawBufferPointer) throws { try inner.receive(into: buffer) }
+    func close() { inner.close() }
 }

@@ -6,6 +6,7 @@ import KVM
 import Migration
 import Billboard
 import Snapshot
+import SystemCalls
 import MachineCore
 import VMM
 
@@ -20,14 +21,16 @@ final class Destination: @unchecked Sendable {
     private(set) var error: (any Error)?
 
     /// `onSource`: receive on the source host (a guest coming back); by default on the destination host.
-    init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil, onSource: Bool = false) throws {
+    /// `listenSeconds`: how long it keeps listening for a migration that completes.
+    init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil, onSource: Bool = false, listenSeconds: Double = 60) throws {
         listener = try TCPListener(listen: "127.0.0.1:0")
         let capture = self.capture
         let hosts = try localHosts()
         let store = onSource ? hosts.source : hosts.destination
         Thread.detachNewThread { [self] in
             do {
-                machine = try GuestDoors.receive(listener: listener, store: store, settings: hosts.settings, dirtyTracker: tracker,
+                machine = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenSeconds * 1000,
+                                                 store: store, settings: hosts.settings, dirtyTracker: tracker,
                                                  wrapTransport: { t in fault.map { FaultInjectingTransport(t, fault: $0) } ?? t },
                                                  log: { _ in }, serialOutput: capture.append)
             } catch {
@@ -53,6 +56,7 @@ final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
     var dirtyTracker: any DirtyTracker { machine.dirtyTracker }
     func machineDescriptionPayload() throws -> [UInt8] { try machine.machineDescriptionPayload() }
     var migrationIdentity: String? { nil }
+    var hostName: String { machine.hostName }
     func commitHandover(toHost host: String?, toPid pid: Int32?) throws { try machine.commitHandover(toHost: host, toPid: pid) }
     func signState(digest: [UInt8]) throws -> [UInt8]? { try machine.signState(digest: digest) }
     func pauseForMigration() -> Bool { machine.pauseForMigration() }
@@ -127,10 +131,10 @@ struct MigrationTests {
         let listener = try TCPListener(listen: "127.0.0.1:0")
         let destDigest = DigestBox()
         Thread.detachNewThread {
-            let receiver = MigrationReceiver { payload, _ in
-                let header = try StateHeader.decode(payload, what: "hello")
+            let receiver = MigrationReceiver<DigestingDestination>(hostName: "dst") { manifest, _ in
+                let header = try StateHeader.decode(Array(manifest.machine), what: "manifest")
                 let hosts = try localHosts()
-                let session = try hosts.admitIncoming(header, on: hosts.destination)
+                let session = try hosts.admitIncoming(header, source: (manifest.sourceHost, manifest.sourcePid), on: hosts.destination)
                 return DigestingDestination(try GuestDoors.reserveIncoming(session: session, configuration: header.description.configuration,
                                                                            serialOutput: { _ in }), box: destDigest)
             }
@@ -205,7 +209,7 @@ struct MigrationTests {
         let capture = SerialCapture()
         let machine = try bootCounter(capture: capture)
         usleep(100_000)
-        let destination = try Destination(fault: fault)
+        let destination = try Destination(fault: fault, listenSeconds: 5)
         let report = migrate(machine, to: destination.address)
         #expect(report.outcome == .failed)
         #expect(destination.wait())
@@ -243,7 +247,7 @@ struct MigrationTests {
     func notConverged() throws {
         let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=16384 rate=0 mark_us=0")
         usleep(200_000)
-        let destination = try Destination()
+        let destination = try Destination(listenSeconds: 5)
         let report = migrate(machine, to: destination.address, maxDowntimeMs: 0.001, timeout: 2, maxBandwidth: 1_000_000)
         #expect(report.outcome == .failed)
         #expect(!report.converged)
@@ -258,7 +262,7 @@ struct MigrationTests {
     func cancelAborts() throws {
         let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=16384 rate=0 mark_us=0")
         usleep(300_000) // let the guest touch enough memory for round 0 to outlast the cancel
-        let destination = try Destination()
+        let destination = try Destination(listenSeconds: 5)
         let sender = PreCopySender(vm: machine, settings: MigrationSettings(destination: destination.address,
                                                                             maxDowntimeMs: 0.001, maxBandwidth: 1_000_000,
                                                                             timeoutSeconds: 30))

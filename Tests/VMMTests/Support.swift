@@ -52,8 +52,8 @@ final class LocalHosts: @unchecked Sendable {
     }
 
     /// Admits an incoming guest on `store` (the migration destination's door).
-    func admitIncoming(_ header: StateHeader, on store: BillboardStore) throws -> GuestSession {
-        try GuestSession.admitIncoming(store: store, header: header, settings: settings, log: { _ in })
+    func admitIncoming(_ header: StateHeader, source: (host: String, pid: Int32), on store: BillboardStore) throws -> GuestSession {
+        try GuestSession.admitIncoming(store: store, header: header, source: source, settings: settings, log: { _ in })
     }
 }
 
