@@ -225,7 +225,9 @@ public struct Leases: Sendable {
             guard let stored = try registry.findByName(db, guestName) else { throw BillboardRefusal.notRegistered(guest: guestName) }
             let id = stored.registration.id
             guard let current = try records.row(db, id), let holder = current.pid else { return }
-            if current.host == database.hostName && processExists(host: current.host, pid: holder) {
+            // A holder on this host that runs no VM at all (a process a rogue peer named, one
+            // that died and whose number was reused) cannot be running the guest: releasable.
+            if current.host == database.hostName && processExists(host: current.host, pid: holder) && HostProcesses.holdsVM(holder) {
                 throw BillboardRefusal.leaseHeld(guestID: id, host: current.host, pid: holder, epoch: current.epoch)
             }
             let payload = administrators.request("lease-release", [

@@ -284,6 +284,21 @@ struct ScanLogicTests {
         #expect(try events(f.store).contains("lease.admin-release"))
     }
 
+    @Test("a lease stranded on a live process of this host that runs no VM (a rogue peer's pid 1) is released by an administrator; one whose holder runs a VM is not")
+    func strandedLeaseReleasable() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.registry.register(web1(), signedBy: f.admin)
+        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 0)
+        // A hand-over to "this host, pid 1", as a rogue destination's accept once obtained.
+        try f.store.leases.handOver(guestID: r.id, fromPid: getpid(), toHost: f.store.hostName, toPid: 1)
+        #expect(refusal { try f.store.leases.acquire(guestID: r.id, host: f.store.hostName, pid: getpid(), takeoverAfter: 0) } != nil)
+        try f.store.leases.release(guestName: "web1", signedBy: f.admin)
+        #expect(try events(f.store).contains("lease.admin-release"))
+        let lease = try f.store.leases.acquire(guestID: r.id, host: f.store.hostName, pid: getpid(), takeoverAfter: 0)
+        #expect(lease.pid == getpid())
+    }
+
     @Test("a name registered again inherits its lease: the epoch does not reset and a running copy still holds it")
     func reRegistrationInheritsLease() throws {
         let f = try Fixture()
