@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: create this host's billboard and register every guest; boot our guests
+# The demo: create this host's billboard and register every guest; add and remove a
+# peer host by its exported identity file; boot our guests
 # in every mode and a foreign Multiboot kernel; show the billboard refusing an
 # unregistered image; pause, snapshot and restore the counter through the control
 # API; migrate it live between two VMM processes and print the migration report;
@@ -31,6 +32,15 @@ reg --name counter --image $G/counter.elf --cmdline "count=0 ticks=200000000"
 reg --name mover --image $G/counter.elf --cmdline "count=0 ticks=100000000"
 reg --name liar --image $G/counter.elf --cmdline "count=0 ticks=200000000 beacon_token=12345"
 echo "\$ vmm billboard list"; "$VMM" billboard list $BB
+
+say "peer hosts: a host's identity (its public keys and TLS certificate) travels as a file an administrator adds"
+"$VMM" billboard init --billboard "$TMP/peer" --host peer-host >/dev/null
+step "on the peer: export its identity" "$VMM" billboard host export --billboard "$TMP/peer" --output "$TMP/peer-host.json"
+step "here: add it, signed by the administrator (the file is checked: format, keys, self-signed certificate)" \
+  "$VMM" billboard host add $BB --signed-by "$TMP/admin.key" "$TMP/peer-host.json"
+step "remove it: its certificate and the states it signed are refused from now on" \
+  "$VMM" billboard host remove peer-host $BB --signed-by "$TMP/admin.key"
+echo "\$ vmm billboard host list"; "$VMM" billboard host list $BB | cut -f 1-3
 
 step "real mode: a flat binary at 0x10000, CS:IP = 1000:0000" "$VMM" run $G/hello-real.bin --mode real $BB
 step "protected mode: flat 32-bit segments, paging off" "$VMM" run $G/hello-protected.bin --mode protected $BB

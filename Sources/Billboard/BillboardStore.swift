@@ -6,6 +6,7 @@ import Darwin
 import Crypto
 import Foundation
 import GRDB
+import X509
 
 /// One host's billboard: `billboard.sqlite` (registrations, administrators, peers, leases, audit)
 /// and `host.key` (the private keys), both owner-only in one directory.
@@ -90,6 +91,7 @@ public final class BillboardStore: Sendable {
                     "host": .string(hostName),
                     "signingKey": .string(keys.signing.publicKey.rawRepresentation.hex),
                 ])
+                try store.makeHostCertificate(db, reason: "new store")
             }
             if let firstAdmin { try store.administrators.bootstrap(firstAdmin) }
             return store
@@ -117,6 +119,7 @@ public final class BillboardStore: Sendable {
         let keys = try HostKeys.load(path: keyPath)
         try self.init(directory: dir, keys: keys)
         try checkKeyMatchesDatabase()
+        try ensureHostCertificate()
     }
 
     private init(directory: String, keys: HostKeys) throws {
@@ -189,10 +192,64 @@ public final class BillboardStore: Sendable {
         return key
     }
 
-    /// This host's public signing key (give it to peers' `peerHosts.add`).
+    /// This host's public signing key (peers enrol it from `hostIdentity()`).
     public var hostSigningKey: Curve25519.Signing.PublicKey { database.keys.signing.publicKey }
-    /// This host's public key-agreement key (give it to peers' `peerHosts.add`).
+    /// This host's public key-agreement key (peers enrol it from `hostIdentity()`).
     public var hostAgreementKey: Curve25519.KeyAgreement.PublicKey { database.keys.agreement.publicKey }
+
+    // MARK: - TLS identity
+
+    static let certificateMetaKey = "host_certificate"
+
+    /// This host's certificate and private key, for mutually authenticated TLS with its peers.
+    /// The certificate is checked (for this host's key, naming this host, self-signed) every time,
+    /// so a certificate swapped in the database is never presented.
+    public func tlsIdentity() throws -> HostTLSIdentity {
+        let der = try database.read { db in try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE key = ?", arguments: [Self.certificateMetaKey]) }
+        guard let der else { throw BillboardRefusal.hostCertificateInvalid(reason: "there is none") }
+        if let problem = certificateProblem(der) { throw BillboardRefusal.hostCertificateInvalid(reason: problem) }
+        return HostTLSIdentity(hostName: hostName, certificateDER: [UInt8](der), privateKey: database.keys.signing)
+    }
+
+    /// This host's public identity, for another host's administrator to enrol it
+    /// (`HostIdentityDocument.encoded()` makes the file, `PeerHosts.add(_:signedBy:)` enrols it).
+    public func hostIdentity() throws -> HostIdentityDocument {
+        HostIdentityDocument(hostName: hostName, signingKey: database.keys.signing.publicKey.rawRepresentation,
+                             agreementKey: database.keys.agreement.publicKey.rawRepresentation,
+                             certificateDER: try tlsIdentity().certificateDER)
+    }
+
+    /// Why a stored certificate is not this host's (nil if it is).
+    private func certificateProblem(_ der: Data) -> String? {
+        guard let certificate = try? Certificate(derEncoded: [UInt8](der)) else { return "it is not a DER X.509 certificate" }
+        return HostCertificate.problem(with: certificate, hostName: hostName,
+                                       signingKey: database.keys.signing.publicKey.rawRepresentation)
+    }
+
+    /// Makes the certificate of a store created before certificates existed, or replaces one that
+    /// does not verify; audited. Reads first, so opening a store that has a good one writes nothing.
+    private func ensureHostCertificate() throws {
+        func problem(_ db: Database) throws -> String? {
+            guard let der = try Data.fetchOne(db, sql: "SELECT value FROM meta WHERE key = ?", arguments: [Self.certificateMetaKey]) else {
+                return "the store has none (made before host certificates)"
+            }
+            return certificateProblem(der).map { "the stored one was refused: \($0)" }
+        }
+        guard try database.read(problem) != nil else { return }
+        try database.write { db in
+            // Another process opening the store may have made it in between.
+            guard let reason = try problem(db) else { return }
+            try makeHostCertificate(db, reason: reason)
+        }
+    }
+
+    private func makeHostCertificate(_ db: Database, reason: String) throws {
+        let der = try HostCertificate.make(hostName: hostName, key: database.keys.signing)
+        try db.execute(sql: "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", arguments: [Self.certificateMetaKey, Data(der)])
+        try database.appendAudit(db, actor: "host:\(hostName)", event: "host.certificate", guest: nil, details: [
+            "certificateSHA256": .string(Data(SHA256.hash(data: der)).hex), "reason": .string(reason),
+        ])
+    }
 
     // MARK: - Binding to the directory
 
@@ -272,6 +329,18 @@ public final class BillboardStore: Sendable {
                     id INTEGER PRIMARY KEY, guest_id TEXT NOT NULL, snapshot_sha256 TEXT NOT NULL,
                     signer_name TEXT NOT NULL, request BLOB NOT NULL, signature BLOB NOT NULL,
                     created_at INTEGER NOT NULL, used_at INTEGER, mac BLOB NOT NULL);
+                """)
+        }
+        m.registerMigration("v3") { db in
+            try db.execute(sql: """
+                -- A removed peer stays for the record; its integrity code covers the removed flag.
+                ALTER TABLE hosts ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;
+                ALTER TABLE hosts ADD COLUMN removed_by TEXT;
+                ALTER TABLE hosts ADD COLUMN removed_at INTEGER;
+                ALTER TABLE hosts ADD COLUMN removal_request BLOB;
+                ALTER TABLE hosts ADD COLUMN removal_signature BLOB;
+                -- The TLS verification callback looks peers up by key.
+                CREATE INDEX hosts_signing_key ON hosts(signing_key);
                 """)
         }
         return m

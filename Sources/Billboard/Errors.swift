@@ -21,6 +21,8 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
     case staleEpoch(guestID: UUID, epoch: Int64, current: Int64)
     case copiedStore(directory: String)
     case badSnapshotSignature(reason: String)
+    case invalidHostIdentity(reason: String)
+    case hostCertificateInvalid(reason: String)
 
     public var description: String {
         switch self {
@@ -61,6 +63,10 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
             return "the billboard in \(d) is a copy (or was moved): it was created elsewhere, and a copy would let a second VMM run a guest the original already runs (a ghost). Use the original store, or create a new one with `vmm billboard init`"
         case .badSnapshotSignature(let r):
             return "the snapshot's signature does not verify: \(r). It was edited after it was written, or written by a host this billboard does not know; refusing it"
+        case .invalidHostIdentity(let r):
+            return "the host identity document is refused: \(r). Nothing was added; ask that host's administrator for a fresh export of its identity, and check it reached you unchanged"
+        case .hostCertificateInvalid(let r):
+            return "this host's TLS certificate in the billboard is not valid: \(r). It was altered outside the billboard (inspect the audit log); opening the store again replaces it with a new one, audited"
         case .staleEpoch(let id, let e, let c):
             return "state of guest \(id) is from epoch \(e) but the current epoch is \(c): refusing to roll back to an old snapshot (a second copy of the guest). If this rollback is intended, an administrator can allow this one restore"
         }
@@ -82,6 +88,8 @@ public enum BillboardError: Error, Equatable, Sendable, CustomStringConvertible 
     case administratorExists(String)
     case lastAdministrator(String)
     case hostExists(String)
+    case hostKeyInUse(key: String, by: String)
+    case unknownHost(String)
     case io(path: String, errno: Int32)
 
     public var description: String {
@@ -111,7 +119,11 @@ public enum BillboardError: Error, Equatable, Sendable, CustomStringConvertible 
         case .lastAdministrator(let n):
             return "'\(n)' is the last administrator; enroll another before removing it"
         case .hostExists(let n):
-            return "a host named '\(n)' is already known"
+            return "a host named '\(n)' is already known: remove it first to enrol it with new keys"
+        case .hostKeyInUse(let k, let h):
+            return "signing key \(k.prefix(16))… already belongs to host '\(h)': one key identifies one host; remove that host first if it was renamed"
+        case .unknownHost(let n):
+            return "no peer host named '\(n)' is enrolled (or it was already removed): list the peer hosts to see their names"
         case .io(let p, let e):
             return "\(p): \(String(cString: strerror(e)))"
         }

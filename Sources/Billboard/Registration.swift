@@ -106,8 +106,13 @@ public struct PeerHost: Sendable, Equatable {
     public let name: String
     public let signingKey: Data
     public let agreementKey: Data
+    /// The administrator who enrolled it, and when (the latest enrolment, for a host added again after a removal).
     public let addedBy: String
     public let addedAt: Date
+    /// Removed by an administrator: its certificate and signatures are refused; the row stays for the record.
+    public let removed: Bool
+    public let removedBy: String?
+    public let removedAt: Date?
 }
 
 extension Date {

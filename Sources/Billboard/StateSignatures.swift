@@ -38,8 +38,8 @@ public struct StateSignatures: Sendable {
         }
     }
 
-    /// Accepts a signature by this host or by a peer host an administrator added; refuses anything
-    /// else. Returns the signing host's name as this store knows it (the label in the signature is not trusted).
+    /// Accepts a signature by this host or by a peer host an administrator added and has not
+    /// removed; refuses anything else. Returns the signing host's name as this store knows it (the label in the signature is not trusted).
     @discardableResult
     public func verify(_ signature: StateSignature, digest: [UInt8]) throws -> String {
         guard let key = Data(base64Encoded: signature.publicKey), let sig = Data(base64Encoded: signature.signature) else {
@@ -49,10 +49,13 @@ public struct StateSignatures: Sendable {
         if key == database.keys.signing.publicKey.rawRepresentation {
             signer = database.hostName
         } else {
-            signer = try peerHosts.list().first { $0.signingKey == key }?.name
+            signer = try database.read { db in try peerHosts.activePeer(db, signingKey: key) }
         }
         guard let signer else {
-            throw BillboardRefusal.badSnapshotSignature(reason: "it was signed by '\(signature.host)', whose key is neither this host's nor a peer host's (vmm billboard host add)")
+            if let removed = try database.read({ db in try peerHosts.removedPeer(db, signingKey: key) }) {
+                throw BillboardRefusal.badSnapshotSignature(reason: "it was signed by '\(removed)', a peer host an administrator removed; a host's states are accepted only while it is a peer")
+            }
+            throw BillboardRefusal.badSnapshotSignature(reason: "it was signed by '\(signature.host)', whose key is neither this host's nor a peer host's (an administrator adds peer hosts from their exported identity)")
         }
         guard let publicKey = try? Curve25519.Signing.PublicKey(rawRepresentation: key),
               publicKey.isValidSignature(sig, for: StateSignature.payload(digest)) else {

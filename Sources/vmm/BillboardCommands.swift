@@ -100,30 +100,63 @@ struct BillboardCommand: ParsableCommand {
     }
 
     struct HostCommand: ParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "host", abstract: "Peer hosts.", subcommands: [Add.self, ListHosts.self])
-        struct Add: ParsableCommand {
-            static let configuration = CommandConfiguration(abstract: "Add a peer host (signed by an administrator).")
+        static let configuration = CommandConfiguration(
+            commandName: "host", abstract: "This host's identity, and the peer hosts this store trusts.",
+            discussion: "To trust host B on host A: on B, `vmm billboard host export --output b.host`; carry b.host to A; on A, `vmm billboard host add --signed-by KEY b.host`.",
+            subcommands: [Export.self, Add.self, Remove.self, ListHosts.self])
+        struct Export: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Write this host's public identity (name, public keys, TLS certificate) for another host's administrator to add.")
             @OptionGroup var store: Store
-            @OptionGroup var signer: Signer
-            @Argument(help: "The host's name.") var name: String
-            @Argument(help: "Its signing public key (base64).") var signingKey: String
-            @Argument(help: "Its key-agreement public key (base64).") var agreementKey: String
+            @Option(help: "The file to write (not overwritten if it exists); default standard output.") var output: String?
             func run() throws {
                 try BillboardCommand.run {
-                    guard let s = Data(base64Encoded: signingKey), let a = Data(base64Encoded: agreementKey) else {
-                        throw CLIError("the keys must be base64, as `vmm billboard init` prints them")
+                    let document = try store.open().hostIdentity().encoded()
+                    guard let output else { FileHandle.standardOutput.write(document); return }
+                    do { try document.write(to: URL(fileURLWithPath: output), options: .withoutOverwriting) } catch {
+                        throw CLIError("cannot write \(output): \(error.localizedDescription) (choose a new --output file)")
                     }
-                    try store.open().peerHosts.add(name: name, signingKey: .init(rawRepresentation: s),
-                                                   agreementKey: .init(rawRepresentation: a), signedBy: signer.load())
-                    print("host '\(name)' added")
+                }
+            }
+        }
+        struct Add: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Add a peer host from the file its `vmm billboard host export` wrote (signed by an administrator).")
+            @OptionGroup var store: Store
+            @OptionGroup var signer: Signer
+            @Argument(help: "The host identity file.") var file: String
+            func run() throws {
+                try BillboardCommand.run {
+                    let identity = try HostIdentityDocument.load(path: file)
+                    try store.open().peerHosts.add(identity, signedBy: signer.load())
+                    print("host '\(identity.hostName)' added (signing key \(base64(identity.signingKey)), certificate sha256 \(identity.certificateSHA256.prefix(16))…)")
+                }
+            }
+        }
+        struct Remove: ParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Remove a peer host (signed by an administrator): its TLS certificate and the snapshots and migrations it signed are refused from then on.",
+                discussion: "Leases it holds stay until an administrator releases them (release-lease). It can be added again from a new export.")
+            @OptionGroup var store: Store
+            @OptionGroup var signer: Signer
+            @Argument(help: "The peer host's name.") var name: String
+            func run() throws {
+                try BillboardCommand.run {
+                    try store.open().peerHosts.remove(name: name, signedBy: signer.load())
+                    print("host '\(name)' removed")
                 }
             }
         }
         struct ListHosts: ParsableCommand {
-            static let configuration = CommandConfiguration(commandName: "list", abstract: "List peer hosts.")
+            static let configuration = CommandConfiguration(commandName: "list", abstract: "List peer hosts, removed ones included.")
             @OptionGroup var store: Store
             func run() throws {
-                try BillboardCommand.run { for h in try store.open().peerHosts.list() { print("\(h.name)\tadded by \(h.addedBy)") } }
+                try BillboardCommand.run {
+                    for h in try store.open().peerHosts.list() {
+                        let state = h.removed ? "removed by \(h.removedBy ?? "?")" : "active"
+                        print("\(h.name)\t\(state)\tadded by \(h.addedBy)\t\(base64(h.signingKey))")
+                    }
+                }
             }
         }
     }

@@ -27,6 +27,10 @@ func flagHint(for error: any Error) -> String? {
         return "the snapshot's size with --memory, or leave --memory out"
     case BillboardError.notInitialized:
         return "--billboard DIR for an existing store, or vmm billboard init --billboard DIR --host NAME"
+    case let BillboardError.hostExists(name):
+        return "vmm billboard host remove \(name) --signed-by KEY, then host add again"
+    case BillboardError.unknownHost:
+        return "vmm billboard host list"
     case let refusal as GuestRefusal:
         return billboardHint(refusal.refusal, guest: refusal.guest)
     case let refusal as BillboardRefusal:
@@ -50,6 +54,8 @@ private func billboardHint(_ refusal: BillboardRefusal, guest: String?) -> Strin
         return "vmm billboard release-lease --name \(name) --signed-by KEY; a dead VMM's lease here is taken over after --lease-timeout seconds"
     case .staleEpoch:
         return "vmm billboard authorize-restore --name \(name) --snapshot FILE --signed-by KEY"
+    case .invalidHostIdentity:
+        return "a file written by vmm billboard host export on that host"
     default:
         return nil
     }

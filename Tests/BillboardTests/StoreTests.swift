@@ -27,7 +27,7 @@ struct StoreTests {
         let again = try BillboardStore(directory: f.storeDir)
         #expect(again.hostName == "host1")
         #expect(try again.administrators.list().map(\.name) == ["alice"])
-        #expect(try events(again).prefix(2) == ["store.init", "admin.bootstrap"])
+        #expect(try events(again).prefix(3) == ["store.init", "host.certificate", "admin.bootstrap"])
     }
 
     @Test("a missing store is refused with the command that creates one")

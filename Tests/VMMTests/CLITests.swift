@@ -170,4 +170,54 @@ struct BillboardCLITests {
         #expect(missing.status == 1)
         #expect(missing.stderr.contains("init"))
     }
+
+    @Test("host export to stdout and a file, add by file, refused files and signers, remove, list shows removed, re-add")
+    func peerHostsByFile() throws {
+        let dir = temporaryPath("billboard-hosts")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let a = dir + "/a", b = dir + "/b", admin = dir + "/admin.key", adminB = dir + "/admin-b.key"
+        #expect(try runVMM(["billboard", "init", "--billboard", a, "--host", "hostA", "--admin-key", admin]).status == 0)
+        #expect(try runVMM(["billboard", "init", "--billboard", b, "--host", "hostB", "--admin-key", adminB]).status == 0)
+
+        let stdout = try runVMM(["billboard", "host", "export", "--billboard", b])
+        #expect(stdout.status == 0, "\(stdout.stderr)")
+        #expect(stdout.stdout.contains("\"format\" : \"swift-vmm billboard host identity\""))
+        #expect(stdout.stdout.contains("-----BEGIN CERTIFICATE-----"))
+        let file = dir + "/b.host"
+        #expect(try runVMM(["billboard", "host", "export", "--billboard", b, "--output", file]).status == 0)
+        #expect(try String(contentsOfFile: file, encoding: .utf8) == stdout.stdout)
+        let again = try runVMM(["billboard", "host", "export", "--billboard", b, "--output", file])
+        #expect(again.status == 1, "an existing file must not be overwritten")
+
+        let tampered = dir + "/tampered.host"
+        try stdout.stdout.replacingOccurrences(of: "\"hostB\"", with: "\"hostC\"").write(toFile: tampered, atomically: true, encoding: .utf8)
+        let refused = try runVMM(["billboard", "host", "add", "--billboard", a, "--signed-by", admin, tampered])
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("does not name host 'hostC'"), "\(refused.stderr)")
+        let mallory = try runVMM(["billboard", "host", "add", "--billboard", a, "--signed-by", adminB, file])
+        #expect(mallory.status == 1)
+        #expect(mallory.stderr.contains("not an administrator"), "\(mallory.stderr)")
+        #expect(try runVMM(["billboard", "host", "list", "--billboard", a]).stdout.isEmpty, "a refused file added a host")
+
+        let added = try runVMM(["billboard", "host", "add", "--billboard", a, "--signed-by", admin, file])
+        #expect(added.status == 0, "\(added.stderr)")
+        #expect(try runVMM(["billboard", "host", "list", "--billboard", a]).stdout.hasPrefix("hostB\tactive"))
+        let twice = try runVMM(["billboard", "host", "add", "--billboard", a, "--signed-by", admin, file])
+        #expect(twice.status == 1)
+        #expect(twice.stderr.contains("host remove hostB"), "\(twice.stderr)")
+
+        let removed = try runVMM(["billboard", "host", "remove", "hostB", "--billboard", a, "--signed-by", admin])
+        #expect(removed.status == 0, "\(removed.stderr)")
+        #expect(try runVMM(["billboard", "host", "list", "--billboard", a]).stdout.hasPrefix("hostB\tremoved by admin"))
+        let unknown = try runVMM(["billboard", "host", "remove", "hostB", "--billboard", a, "--signed-by", admin])
+        #expect(unknown.status == 1)
+        #expect(unknown.stderr.contains("no peer host named 'hostB'"), "\(unknown.stderr)")
+        #expect(try runVMM(["billboard", "host", "add", "--billboard", a, "--signed-by", admin, file]).status == 0)
+        #expect(try runVMM(["billboard", "host", "list", "--billboard", a]).stdout.hasPrefix("hostB\tactive"))
+        let audit = try runVMM(["billboard", "audit", "--billboard", a]).stdout
+        #expect(audit.components(separatedBy: "\thost.add\t").count == 3)
+        #expect(audit.contains("\thost.remove\t"))
+        #expect(audit.contains("\thost.add.refused\t"))
+        #expect(try runVMM(["billboard", "audit", "--verify", "--billboard", a]).status == 0)
+    }
 }

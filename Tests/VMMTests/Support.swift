@@ -117,9 +117,13 @@ final class TestBillboard: @unchecked Sendable {
         agreementKey = key("host agreement key:")
     }
 
-    /// Makes `peer` a host this billboard trusts (signed by this billboard's administrator).
+    /// Makes `peer` a host this billboard trusts, as two administrators would: the peer exports
+    /// its identity to a file, and this billboard's administrator adds it.
     func addPeer(_ peer: TestBillboard) throws {
-        let r = try cli(["host", "add", peer.host, peer.signingKey, peer.agreementKey, "--signed-by", adminKey])
+        let file = root + "/\(peer.host)-\(UInt32.random(in: 0...UInt32.max)).host"
+        let e = try peer.cli(["host", "export", "--output", file])
+        try #require(e.status == 0, "vmm billboard host export failed: \(e.stderr)")
+        let r = try cli(["host", "add", "--signed-by", adminKey, file])
         try #require(r.status == 0, "vmm billboard host add failed: \(r.stderr)")
     }
 
