@@ -3,7 +3,8 @@
 # peer host by its exported identity file; boot our guests
 # in every mode and a foreign Multiboot kernel; show the billboard refusing an
 # unregistered image; pause, snapshot and restore the counter through the control
-# API; migrate it live between two VMM processes and print the migration report;
+# API; migrate it live to a second host's store over mutually authenticated TLS and
+# back, refusing a peer whose enrolment was removed, and print the migration report;
 # plant a ghost beside the running guest and watch the scan stop it.
 set -uo pipefail
 VMM=${1:-.build/release/vmm}
@@ -29,7 +30,7 @@ reg --name hello-multiboot --image $G/hello-multiboot.elf --memory 256M --cmdlin
 [ -f $G/third-party/tboot.elf ] && reg --name tboot --image $G/third-party/tboot.elf --memory 128M --cmdline logging=serial --beacons none
 reg --name status42 --image $G/status42.bin --mode protected --beacons none
 reg --name counter --image $G/counter.elf --cmdline "count=0 ticks=200000000"
-reg --name mover --image $G/counter.elf --cmdline "count=0 ticks=100000000"
+reg --name mover --image $G/counter.elf --cmdline "count=0 ticks=100000000" --allowed-host demo-host --allowed-host host-b
 reg --name liar --image $G/counter.elf --cmdline "count=0 ticks=200000000 beacon_token=12345"
 echo "\$ vmm billboard list"; "$VMM" billboard list $BB
 
@@ -69,17 +70,37 @@ echo "\$ vmm restore counter.snap   (runs 1 s, then stopped)"
 timeout -s INT 1 "$VMM" restore "$TMP/counter.snap" $BB | head -n 3
 step "refused: the same snapshot again (its epoch is older than the guest's; a rollback needs an administrator)" "$VMM" restore "$TMP/counter.snap" $BB
 
-say "live migration of the running counter between two VMM processes"
+say "a second host, host-b: its own store and administrator; each host enrolls the other from its exported identity"
+BBB="--billboard $TMP/host-b"
+"$VMM" billboard init $BBB --host host-b --admin-key "$TMP/admin-b.key" >/dev/null
+"$VMM" billboard register $BBB --signed-by "$TMP/admin-b.key" --name mover --image $G/counter.elf \
+  --cmdline "count=0 ticks=100000000" --allowed-host demo-host --allowed-host host-b >/dev/null
+"$VMM" billboard host export $BB --output "$TMP/demo-host.json" && "$VMM" billboard host export $BBB --output "$TMP/host-b.json"
+step "here: add host-b" "$VMM" billboard host add $BB --signed-by "$TMP/admin.key" "$TMP/host-b.json"
+step "on host-b: add this host" "$VMM" billboard host add $BBB --signed-by "$TMP/admin-b.key" "$TMP/demo-host.json"
+
+say "live migration of the running counter to host-b over mutually authenticated TLS 1.3, and back"
 "$VMM" run $G/counter.elf --cmdline "count=0 ticks=100000000" --api-socket "$TMP/src.sock" --name mover $BB --scan-interval 1 > "$TMP/src.out" 2>&1 &
-"$VMM" receive --listen 127.0.0.1:7777 --api-socket "$TMP/dst.sock" $BB --scan-interval 1 > "$TMP/dst.out" 2>&1 &
+"$VMM" receive --listen 127.0.0.1:7776 --billboard "$TMP/peer" > "$TMP/rogue.out" 2>&1 &
+"$VMM" receive --listen 127.0.0.1:7777 --api-socket "$TMP/b.sock" $BBB --scan-interval 1 > "$TMP/b.out" 2>&1 &
 wait_socket "$TMP/src.sock"
 sleep 1
-echo "\$ vmm ctl migrate 127.0.0.1:7777 --api-socket src.sock"
-"$VMM" ctl migrate 127.0.0.1:7777 --api-socket "$TMP/src.sock" --quiet | python3 -m json.tool
+step "refused: peer-host, whose enrolment was removed, cannot take the guest (the TLS handshake fails; nothing of the guest leaves)" \
+  "$VMM" ctl migrate 127.0.0.1:7776 --peer peer-host --api-socket "$TMP/src.sock" --quiet
+echo "the source still counts: $(grep -E '^[0-9]+$' "$TMP/src.out" | tail -n 2 | tr '\n' ' ')"
+echo "\$ vmm ctl migrate 127.0.0.1:7777 --peer host-b --api-socket src.sock"
+"$VMM" ctl migrate 127.0.0.1:7777 --peer host-b --api-socket "$TMP/src.sock" --quiet | python3 -m json.tool
 sleep 1
-echo "last lines on the source:      $(grep -E '^[0-9]+$' "$TMP/src.out" | tail -n 2 | tr '\n' ' ')"
-echo "first lines on the destination: $(grep -E '^[0-9]*$' "$TMP/dst.out" | head -n 3 | tr '\n' ' ')"
-echo "\$ vmm billboard instances   (the lease moved with GO: the destination holds the next epoch)"
+echo "last lines on this host: $(grep -E '^[0-9]+$' "$TMP/src.out" | tail -n 2 | tr '\n' ' ')"
+echo "first lines on host-b:   $(grep -E '^[0-9]*$' "$TMP/b.out" | head -n 3 | tr '\n' ' ')"
+echo "\$ vmm billboard instances --billboard host-b   (the lease moved with GO: host-b holds the next epoch)"
+"$VMM" billboard instances $BBB | grep -v ended
+"$VMM" receive --listen 127.0.0.1:7778 --api-socket "$TMP/dst.sock" $BB --scan-interval 1 > "$TMP/dst.out" 2>&1 &
+sleep 1
+echo "\$ vmm ctl migrate 127.0.0.1:7778 --peer demo-host --api-socket b.sock   (back home)"
+"$VMM" ctl migrate 127.0.0.1:7778 --peer demo-host --api-socket "$TMP/b.sock" --quiet | python3 -c 'import json,sys; r=json.load(sys.stdin); print({k: r[k] for k in ("outcome","total_ms","downtime_ms","rounds")})'
+wait_socket "$TMP/dst.sock"
+echo "\$ vmm billboard instances   (back here at the epoch after host-b's)"
 "$VMM" billboard instances $BB | grep -v ended
 
 say "ghosts: a second copy of the running guest, and a guest that lies about who it is"

@@ -426,7 +426,7 @@ struct ScanTests {
 
 @Suite("Live migration with the Billboard", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .serialized)
 struct BillboardMigrationTests {
-    @Test("between two hosts' stores: refused before reservation where the guest is not registered, refused before READY where the source is not a trusted peer (the source keeps the guest both times); between peers the lease moves with GO to the next epoch")
+    @Test("between two hosts' stores: a source that is not an enrolled peer is refused at the handshake, a guest not registered at the destination before reservation (the source keeps the guest both times, and one vmm receive outlives both); between peers the lease moves with GO to the next epoch")
     func twoStores() throws {
         let a = try TestBillboard(host: "hostA"), b = try TestBillboard(host: "hostB")
         let counter = try Fixtures.guest("counter.elf")
@@ -434,36 +434,33 @@ struct BillboardMigrationTests {
         let regA = try a.register(counter, cmdline: cmdline, name: "mover")
         let source = try runCounter(a, cmdline: cmdline, registration: regA)
 
-        let refusedPort = try freePort()
-        let refusing = try VMMProcess(["receive", "--listen", "127.0.0.1:\(refusedPort)"] + b.storeArguments, socket: "")
-        usleep(300_000)
-        let r = try runVMM(["ctl", "migrate", "127.0.0.1:\(refusedPort)", "--api-socket", source.socket, "--quiet"])
-        #expect(r.status != 0)
-        #expect(refusing.wait() == 1)
-        #expect(refusing.errorText.contains("'mover' is not registered"), "\(refusing.errorText)")
-        #expect(stillRunning(source), "the source lost its guest")
-        #expect(try a.cli(["instances"]).stdout.contains("lease epoch 1"), "a failed migration must leave the lease where it was")
-
-        // Registered at B, but A is not a host B trusts: the signed stream is refused before READY.
-        _ = try b.register(counter, cmdline: cmdline, name: "mover")
-        let untrustedPort = try freePort()
-        let untrusting = try VMMProcess(["receive", "--listen", "127.0.0.1:\(untrustedPort)"] + b.storeArguments, socket: "")
-        usleep(300_000)
-        let u = try runVMM(["ctl", "migrate", "127.0.0.1:\(untrustedPort)", "--api-socket", source.socket, "--quiet"])
-        #expect(u.status != 0)
-        #expect(untrusting.wait() == 1)
-        #expect(untrusting.errorText.contains("neither this host's nor a peer host's"), "\(untrusting.errorText)")
-        #expect(untrusting.output.isEmpty, "the destination ran an untrusted guest")
-        #expect(stillRunning(source), "the source lost its guest")
-
-        try b.addPeer(a)
-        try a.addPeer(b)
+        // One destination process for all three attempts: a refused connection does not end it.
         let port = try freePort()
         let socketB = temporaryPath("dst") + ".sock"
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--api-socket", socketB] + b.storeArguments,
                                          socket: socketB)
         usleep(300_000)
-        let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--api-socket", source.socket, "--quiet"])
+
+        // Neither host has enrolled the other: the TLS handshake fails, no guest byte moves.
+        let u = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "hostB", "--api-socket", source.socket, "--quiet"])
+        #expect(u.status != 0)
+        #expect(destination.output.isEmpty, "the destination ran an untrusted guest")
+        #expect(waitUntil(5) { destination.errorText.contains("refused a connection") }, "\(destination.errorText)")
+        #expect(stillRunning(source), "the source lost its guest")
+        #expect(try a.cli(["instances"]).stdout.contains("lease epoch 1"), "a failed migration must leave the lease where it was")
+
+        // Peers now, but the guest is not registered at B: refused before anything is reserved.
+        try b.addPeer(a)
+        try a.addPeer(b)
+        let r = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "hostB", "--api-socket", source.socket, "--quiet"])
+        #expect(r.status != 0)
+        #expect(waitUntil(5) { destination.errorText.contains("'mover' is not registered") }, "\(destination.errorText)")
+        #expect(stillRunning(source), "the source lost its guest")
+        #expect(try a.cli(["instances"]).stdout.contains("lease epoch 1"))
+
+        // Registered at B too: the guest moves, and its lease with it.
+        _ = try b.register(counter, cmdline: cmdline, name: "mover")
+        let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "hostB", "--api-socket", source.socket, "--quiet"])
         #expect(m.status == 0, "\(m.stdout)\(m.stderr)")
         #expect(source.wait() == 0)
         try destination.waitForSocket()
@@ -490,7 +487,7 @@ struct BillboardMigrationTests {
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--api-socket", socketB,
                                           "--scan-interval", "0.2"] + store.storeArguments, socket: socketB)
         usleep(300_000)
-        let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--api-socket", socket, "--quiet"])
+        let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "upgrade", "--api-socket", socket, "--quiet"])
         #expect(m.status == 0, "\(m.stdout)\(m.stderr)")
         #expect(source.wait() == 0)
         try destination.waitForSocket()
@@ -513,7 +510,7 @@ extension BillboardMigrationTests {
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--inject-fault", "close-after-go",
                                           "--lease-timeout", "2"] + store.storeArguments, socket: "")
         usleep(300_000)
-        let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--api-socket", source.socket, "--quiet"])
+        let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "doubt", "--api-socket", source.socket, "--quiet"])
         #expect(m.status != 0)
         #expect(try source.call(.GET, "/vm/migration").json?["phase"] as? String == "inDoubt" ||
                 (try source.call(.GET, "/vm/migration").body.contains("doubt")))
@@ -524,7 +521,7 @@ extension BillboardMigrationTests {
         #expect(refused.body.contains("billboard refuses"), "\(refused.body)")
         #expect(try source.call(.GET, "/vm").json?["state"] as? String == "paused")
         // Nor may it be sent anywhere else while in doubt.
-        let again = try source.call(.PUT, "/vm/migrate", "{\"destination\": \"127.0.0.1:\(try freePort())\"}")
+        let again = try source.call(.PUT, "/vm/migrate", "{\"destination\": \"127.0.0.1:\(try freePort())\", \"peer\": \"doubt\"}")
         #expect(again.status == 409 && again.body.contains("in doubt"), "\(again.body)")
 
         kill(destination.process.processIdentifier, SIGKILL)
