@@ -1080,7 +1080,7 @@ def plot(summary, systems, path):
                     if (e["downtime_limit_ms"], e["auto_converge"]) != setting or system not in e["systems"]:
                         continue
                     st = e["systems"][system].get(key)
-                    x = xs[e["case"]] + (0.15 * (n - 1)) + shift[system]
+                    x = xs[e["case"]] + 0.15 * (n - (len(settings) - 1) / 2) + shift[system]
                     if st is None:
                         nx.append(x)
                         # NaN breaks the line instead of joining its neighbours.
