@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Live-migration benchmark: our VMM against QEMU, and our two dirty trackers.
+"""Live-migration benchmark: our VMM against QEMU, each in plaintext and over TLS, and
+our two dirty trackers.
 
+Four systems migrate the same guest with the same settings: ours over mutually
+authenticated TLS (the default), ours with --insecure-plaintext, QEMU over plain TCP
+and QEMU with tls-creds-x509 (mutual, certificates made with openssl for the run).
 Every run boots the dirtier workload (GuestImages/build/dirtier.elf) on a source,
 lets it reach steady state, migrates it over loopback TCP to a destination on the
 same host, and measures the migration from the inside (each system's own report)
-and from the outside (gaps between the guest's serial progress marks).
+and from the outside (gaps between the guest's serial progress marks). A system this
+build cannot run (ours over TLS before TLS is wired) is skipped with the reason.
 
 Only one system runs at a time. Python 3 standard library, plus matplotlib for
 the plot. See bench/README.md.
@@ -49,7 +54,33 @@ CASES = {
 }
 QUICK_CASES = ["idle", "ws64-5k", "ws256-max"]
 
-SYSTEM_LABEL = {"ours-bitmap": "ours (bitmap)", "ours-ring": "ours (ring)", "qemu": "QEMU"}
+# The four systems, in table order. Ours uses the bitmap tracker; "ours-tls-ring" is the
+# default transport again with the ring tracker, for the tracker comparison.
+SYSTEMS = ["ours-tls", "ours-plain", "qemu", "qemu-tls"]
+RING = "ours-tls-ring"
+SYSTEM_LABEL = {"ours-tls": "ours TLS", "ours-plain": "ours plain", "qemu": "QEMU plain",
+                "qemu-tls": "QEMU TLS", RING: "ours TLS, ring"}
+# Ratio columns of the main table: left / right, and the column's heading.
+COMPARISONS = [("ours-tls", "qemu-tls", "TLS: ours/QEMU"),
+               ("ours-tls", "qemu", "ours TLS/QEMU plain"),
+               ("ours-plain", "qemu", "plain: ours/QEMU"),
+               ("ours-tls", "ours-plain", "ours: TLS/plain")]
+
+# A run that fails with one of these messages shows that this build cannot run the system at
+# all (not that the migration failed): the system is skipped for the rest of the benchmark.
+UNAVAILABLE_MESSAGES = ["TLS migration is not wired"]
+
+
+class Unavailable(Exception):
+    """This build cannot run a system; the message says why."""
+
+
+def unavailable_reason(text):
+    """The line of `text` that says the system cannot run here, or None."""
+    for line in (text or "").splitlines():
+        if any(m in line for m in UNAVAILABLE_MESSAGES):
+            return line.strip()
+    return None
 
 
 def log(msg):
@@ -128,7 +159,10 @@ class Billboard:
         self.dir = os.path.join(workdir, "billboard")
         self.admin = os.path.join(workdir, "admin.key")
         self.names = {}
-        subprocess.run([vmm, "billboard", "init", "--billboard", self.dir, "--host", "bench",
+        # Both VMMs use this store, so they are the same host; with TLS the source names it as
+        # the peer it expects at the destination (a host always trusts itself).
+        self.host = "bench"
+        subprocess.run([vmm, "billboard", "init", "--billboard", self.dir, "--host", self.host,
                         "--admin-key", self.admin], check=True, stdout=subprocess.DEVNULL)
 
     def args(self):
@@ -296,15 +330,20 @@ class OurVMM:
     def ctl(self, sub, sock, *extra, timeout=15):
         return run_quiet([self.vmm, "ctl", sub, *extra, "--api-socket", sock], timeout)
 
-    def start_destination(self, tag, tracker):
+    def start_destination(self, tag, tracker, tls):
         sock = os.path.join(self.workdir, tag + "-dst.sock")
         errpath = os.path.join(self.workdir, tag + "-dst.err")
+        # `vmm receive` keeps listening after a failed connection until a migration completes or
+        # this passes (exit 4); the harness stops it after every run anyway, this is a backstop.
+        listen_timeout = int(self.steady + self.timeout + 120)
         for _attempt in range(5):
             port = free_port()
             with open(errpath, "wb") as err:
                 p = CHILDREN.spawn([self.vmm, "receive", "--listen", "127.0.0.1:%d" % port,
+                                    "--listen-timeout", str(listen_timeout),
                                     "--api-socket", sock, "--dirty-tracker", tracker,
-                                    "--report-dir", os.path.join(self.workdir, "reports")] + BILLBOARD.args(),
+                                    "--report-dir", os.path.join(self.workdir, "reports")]
+                                   + ([] if tls else ["--insecure-plaintext"]) + BILLBOARD.args(),
                                    stdout=subprocess.PIPE, stderr=err)
             marks = SerialMarks(p.stdout)
             deadline = time.monotonic() + 15
@@ -315,16 +354,19 @@ class OurVMM:
                     break
                 time.sleep(0.02)
             CHILDREN.stop(p)
+            reason = unavailable_reason(read_tail(errpath))
+            if reason:
+                raise Unavailable("vmm receive: " + reason)
         raise RuntimeError("vmm receive did not listen: " + read_tail(errpath))
 
-    def run(self, tag, case, downtime_ms, auto_converge, tracker):
+    def run(self, tag, case, downtime_ms, auto_converge, tracker, tls):
         _, pages, rate, _ = CASES[case]
         rec = {}
         dst = src = None
         ssock = os.path.join(self.workdir, tag + "-src.sock")
         serrpath = os.path.join(self.workdir, tag + "-src.err")
         try:
-            dst, dmarks, port, dsock, derrpath = self.start_destination(tag, tracker)
+            dst, dmarks, port, dsock, derrpath = self.start_destination(tag, tracker, tls)
             cmdline = dirtier_cmdline(pages, rate, self.tsc_khz)
             with open(serrpath, "wb") as err:
                 src = CHILDREN.spawn([self.vmm, "run", self.guest, "--memory", "%dM" % MEMORY_MIB,
@@ -338,9 +380,10 @@ class OurVMM:
             if problem:
                 rec.update(outcome="error", converged=False, error=problem + " " + read_tail(serrpath))
                 return rec
-            cmd = [self.vmm, "ctl", "migrate", "127.0.0.1:%d" % port, "--api-socket", ssock,
-                   "--max-downtime-ms", str(downtime_ms), "--max-bandwidth", "0",
-                   "--timeout", str(self.timeout), "--quiet"]
+            cmd = [self.vmm, "ctl", "migrate", "127.0.0.1:%d" % port, "--api-socket", ssock]
+            cmd += ["--peer", BILLBOARD.host] if tls else ["--insecure-plaintext"]
+            cmd += ["--max-downtime-ms", str(downtime_ms), "--max-bandwidth", "0",
+                    "--timeout", str(self.timeout), "--quiet"]
             if auto_converge:
                 cmd.append("--auto-converge")
             rec["command"] = " ".join(cmd)
@@ -354,6 +397,9 @@ class OurVMM:
                 pass
             rec["raw"] = report
             rec["wall_ms"] = 1000 * (t_end - t_start)
+            reason = unavailable_reason("%s\n%s\n%s" % ((report or {}).get("error"), out, err))
+            if reason:
+                raise Unavailable("vmm ctl migrate: " + reason)
             if rc is None:
                 rec.update(outcome="error", converged=False, error="vmm ctl migrate did not return in time")
             elif report is None or "outcome" not in report:
@@ -392,11 +438,14 @@ class OurVMM:
                     rec["note"] = "the destination exited (status %s): %s" % (dst.returncode, read_tail(derrpath))
                     warn("%s: %s" % (tag, rec["note"]))
             return rec
+        except Unavailable:
+            raise
         except Exception as e:  # a broken run is recorded, not fatal
             rec.update(outcome="error", converged=False, error="%s: %s" % (type(e).__name__, e))
             return rec
         finally:
-            # Graceful shutdown through the API where it is up, then signals.
+            # Graceful shutdown through the API where it is up (the guest runs there), then
+            # signals: a destination still listening, after a failed migration, gets SIGTERM.
             for p, sock in ((dst, os.path.join(self.workdir, tag + "-dst.sock")), (src, ssock)):
                 if p is not None and p.poll() is None and os.path.exists(sock):
                     self.ctl("shutdown", sock, timeout=5)
@@ -406,6 +455,8 @@ class OurVMM:
                         pass
                 if p is not None:
                     CHILDREN.stop(p)
+            if dst is not None:
+                rec["destination_exit_status"] = dst.returncode
 
 
 def dirtier_cmdline(pages, rate, tsc_khz):
@@ -463,8 +514,57 @@ class QMP:
             pass
 
 
+def make_qemu_tls_creds(workdir):
+    """A CA, a server certificate (IP SAN 127.0.0.1, the host of the migrate URI, which the
+    client checks) and a client certificate, made with openssl for this run. Returns two
+    directories laid out as QEMU's tls-creds-x509 (gnutls) wants them: the server's holds
+    ca-cert.pem, server-cert.pem, server-key.pem; the client's ca-cert.pem, client-cert.pem,
+    client-key.pem. Keys are ECDSA P-256."""
+    base = os.path.join(workdir, "qemu-tls")
+    pki = os.path.join(base, "pki")
+    server_dir, client_dir = os.path.join(base, "server"), os.path.join(base, "client")
+    for d in (pki, server_dir, client_dir):
+        os.makedirs(d, mode=0o700)
+
+    def openssl(*argv):
+        rc, out, err = run_quiet(["openssl", *argv], 60)
+        if rc != 0:
+            raise RuntimeError("openssl %s failed: %s" % (argv[0], (err or out).strip()[-300:]))
+
+    def key(path):
+        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", path)
+
+    def leaf(name, subject, extensions):
+        key(os.path.join(pki, name + "-key.pem"))
+        ext = os.path.join(pki, name + ".ext")
+        with open(ext, "w") as f:
+            f.write(extensions)
+        openssl("req", "-new", "-key", os.path.join(pki, name + "-key.pem"), "-subj", subject,
+                "-out", os.path.join(pki, name + ".csr"))
+        openssl("x509", "-req", "-in", os.path.join(pki, name + ".csr"), "-days", "2",
+                "-CA", os.path.join(pki, "ca-cert.pem"), "-CAkey", os.path.join(pki, "ca-key.pem"),
+                "-CAcreateserial", "-extfile", ext, "-out", os.path.join(pki, name + "-cert.pem"))
+
+    key(os.path.join(pki, "ca-key.pem"))
+    openssl("req", "-x509", "-new", "-key", os.path.join(pki, "ca-key.pem"), "-days", "2",
+            "-subj", "/CN=migration-bench CA", "-out", os.path.join(pki, "ca-cert.pem"),
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    leaf("server", "/CN=127.0.0.1",
+         "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+         "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    leaf("client", "/CN=migration-bench client",
+         "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+         "extendedKeyUsage=clientAuth\n")
+    for d, name in ((server_dir, "server"), (client_dir, "client")):
+        shutil.copy(os.path.join(pki, "ca-cert.pem"), os.path.join(d, "ca-cert.pem"))
+        shutil.copy(os.path.join(pki, name + "-cert.pem"), os.path.join(d, name + "-cert.pem"))
+        shutil.copy(os.path.join(pki, name + "-key.pem"), os.path.join(d, name + "-key.pem"))
+    return server_dir, client_dir
+
+
 class QEMU:
-    def __init__(self, args, tsc_khz, workdir, cpu):
+    def __init__(self, args, tsc_khz, workdir, cpu, tls_dirs=None):
         self.qemu = args.qemu
         self.guest = args.guest
         self.tsc_khz = tsc_khz
@@ -473,6 +573,13 @@ class QEMU:
         self.steady = args.steady
         self.settle = args.settle
         self.cpu = cpu
+        # (server directory, client directory) from make_qemu_tls_creds, for the TLS runs.
+        self.tls_dirs = tls_dirs
+
+    def tls_object(self, endpoint):
+        """Mutual TLS: each side verifies the other's certificate against the run's CA."""
+        d = self.tls_dirs[0] if endpoint == "server" else self.tls_dirs[1]
+        return ["-object", "tls-creds-x509,id=tls0,dir=%s,endpoint=%s,verify-peer=on" % (d, endpoint)]
 
     def base(self, cmdline, qmp_path):
         return [self.qemu, "-enable-kvm", "-cpu", self.cpu, "-m", str(MEMORY_MIB), "-smp", str(VCPUS),
@@ -497,7 +604,7 @@ class QEMU:
             pass
         CHILDREN.stop(proc)
 
-    def run(self, tag, case, downtime_ms, auto_converge):
+    def run(self, tag, case, downtime_ms, auto_converge, tls):
         _, pages, rate, _ = CASES[case]
         cmdline = dirtier_cmdline(pages, rate, self.tsc_khz)
         rec = {}
@@ -506,10 +613,14 @@ class QEMU:
             dsockp = os.path.join(self.workdir, tag + "-qdst.qmp")
             derr = os.path.join(self.workdir, tag + "-qdst.err")
             with open(derr, "wb") as err:
-                dst = CHILDREN.spawn(self.base(cmdline, dsockp) + ["-incoming", "defer"],
+                dst = CHILDREN.spawn(self.base(cmdline, dsockp) + ["-incoming", "defer"]
+                                     + (self.tls_object("server") if tls else []),
                                      stdout=subprocess.PIPE, stderr=err)
             dmarks = SerialMarks(dst.stdout)
             qd = QMP(dsockp)
+            if tls:
+                qd.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+                rec["destination_tls_creds"] = qd.cmd("query-migrate-parameters").get("tls-creds")
             port = None
             for _attempt in range(5):
                 port = free_port()
@@ -525,7 +636,8 @@ class QEMU:
             ssockp = os.path.join(self.workdir, tag + "-qsrc.qmp")
             serr = os.path.join(self.workdir, tag + "-qsrc.err")
             with open(serr, "wb") as err:
-                src = CHILDREN.spawn(self.base(cmdline, ssockp), stdout=subprocess.PIPE, stderr=err)
+                src = CHILDREN.spawn(self.base(cmdline, ssockp) + (self.tls_object("client") if tls else []),
+                                     stdout=subprocess.PIPE, stderr=err)
             smarks = SerialMarks(src.stdout)
             qs = QMP(ssockp)
             problem = wait_steady(smarks, src, self.steady, 60)
@@ -541,6 +653,9 @@ class QEMU:
                       "cpu-throttle-initial": THROTTLE_INITIAL,
                       "cpu-throttle-increment": THROTTLE_INCREMENT,
                       "max-cpu-throttle": THROTTLE_MAX}
+            if tls:
+                # The client checks the server's certificate against the URI's host, 127.0.0.1.
+                params["tls-creds"] = "tls0"
             qs.cmd("migrate-set-parameters", **params)
             rec["qemu_capabilities"] = caps
             rec["qemu_parameters"] = qs.cmd("query-migrate-parameters")
@@ -587,6 +702,9 @@ class QEMU:
                 throughput_Bps=(bytes_sent / (total_ms / 1000)) if bytes_sent and total_ms else None,
                 reported_throughput_Bps=(mbps * 1e6 / 8) if mbps is not None else None,
                 error=info.get("error-desc"))
+            if not completed:
+                # Where a TLS handshake fails, the destination says why on stderr.
+                rec["destination_stderr"] = read_tail(derr, 500)
             if completed:
                 time.sleep(self.settle)
             rec.update(mark_gaps(smarks, dmarks, t_start, t_end, self.settle, completed))
@@ -663,10 +781,12 @@ class Installer:
             warn("pip install %s failed: %s" % (package, err.strip()[-300:]))
 
 
-def ensure_tools(args):
+def ensure_tools(args, systems):
     inst = Installer()
-    if not args.skip_qemu and not shutil.which(args.qemu):
+    if any(s.startswith("qemu") for s in systems) and not shutil.which(args.qemu):
         inst.apt("qemu-system-x86")
+    if "qemu-tls" in systems and not shutil.which("openssl"):
+        inst.apt("openssl")
     if not shutil.which("iperf3"):
         inst.apt("iperf3")
     if not have_module("matplotlib"):
@@ -708,7 +828,7 @@ def tsc_khz_of_host(args, workdir):
     return int(float(m.group(1)) * 1000), "/proc/cpuinfo cpu MHz"
 
 
-def machine_info(args):
+def machine_info(args, run_qemu):
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "kernel": platform.release(), "cores": os.cpu_count(), "cpu": "?"}
     try:
@@ -724,7 +844,7 @@ def machine_info(args):
         if os.path.isdir("/sys/module") else []
     rc, out, _ = run_quiet(["git", "-C", REPO, "describe", "--always", "--dirty"], 10)
     info["vmm_commit"] = out.strip() if rc == 0 else None
-    if not args.skip_qemu:
+    if run_qemu:
         rc, out, _ = run_quiet([args.qemu, "--version"], 10)
         info["qemu_version"] = out.splitlines()[0] if rc == 0 and out else None
     try:
@@ -790,11 +910,12 @@ def _timed(fn):
 MEASURES = [
     # key, label, scale, digits
     ("total_ms", "total time (ms)", 1, 0),
+    ("setup_ms", "setup time (ms)", 1, 1),
+    ("after_setup_ms", "total time after setup (ms)", 1, 0),
     ("handover_gap_ms", "downtime observed, hand-over gap (ms)", 1, 1),
     ("max_gap_ms", "longest mark gap in window (ms)", 1, 1),
     ("reported_downtime_ms", "downtime reported by the system (ms)", 1, 1),
     ("baseline_max_gap_ms", "longest mark gap before migrating (ms)", 1, 1),
-    ("setup_ms", "setup time (ms)", 1, 1),
     ("bytes_sent", "bytes sent (MiB)", 1 / 2**20, 1),
     ("rounds", "rounds (ours: copy passes; QEMU: dirty syncs)", 1, 0),
     ("throughput_Bps", "throughput, bytes/total time (MiB/s)", 1 / 2**20, 1),
@@ -828,6 +949,9 @@ def summarize(runs, systems, configs, loopback_Bps):
                 if key == "loopback_pct":
                     vals = [100 * r["throughput_Bps"] / loopback_Bps
                             for r in done if loopback_Bps and r.get("throughput_Bps")]
+                elif key == "after_setup_ms":
+                    vals = [r["total_ms"] - r["setup_ms"] for r in done
+                            if r.get("total_ms") is not None and r.get("setup_ms") is not None]
                 else:
                     vals = [r.get(key) for r in done]
                 s[key] = stats(vals)
@@ -853,6 +977,32 @@ def ratio(a, b):
 
 def config_title(case, limit, ac):
     return "%s, downtime limit %g ms, auto-converge %s" % (CASES[case][0], limit, "on" if ac else "off")
+
+
+def systems_title(systems):
+    return "Side by side: " + ", ".join(SYSTEM_LABEL[s] for s in SYSTEMS if s in systems)
+
+
+def side_by_side(summary, systems):
+    """[(title, header, rows)]: a column for each system in `systems` that ran this
+    configuration, then a ratio column for each comparison whose two systems both ran."""
+    blocks = []
+    for entry in summary:
+        st = entry["systems"]
+        cols = [s for s in systems if s in st]
+        if not cols:
+            continue
+        pairs = [(a, b, label) for a, b, label in COMPARISONS if a in st and b in st]
+        header = ["measure"] + [SYSTEM_LABEL[s] for s in cols] + [label for _, _, label in pairs]
+        rows = [["converged"] + ["%d/%d" % (st[s]["converged"], st[s]["runs"]) for s in cols] + [""] * len(pairs)]
+        for key, label, scale, digits in MEASURES:
+            if all(st[s].get(key) is None for s in cols):
+                continue
+            rows.append([label] + [fmt_stat(st[s].get(key), scale, digits) for s in cols]
+                        + [ratio(st[a].get(key), st[b].get(key)) for a, b, _ in pairs])
+        blocks.append((config_title(entry["case"], entry["downtime_limit_ms"], entry["auto_converge"]),
+                       header, rows))
+    return blocks
 
 
 def tables(summary, left, right, ratio_label, invert=False):
@@ -911,14 +1061,18 @@ def plot(summary, systems, path):
     import matplotlib.transforms as mtransforms
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    colors = {"ours-bitmap": "tab:blue", "ours-ring": "tab:green", "qemu": "tab:orange"}
+    colors = {"ours-tls": "tab:blue", "ours-plain": "tab:cyan", "qemu": "tab:orange", "qemu-tls": "tab:red",
+              RING: "tab:green"}
     styles = {(300, False): "-", (50, False): "--", (300, True): ":"}
     markers = {(300, False): "o", (50, False): "s", (300, True): "^"}
     settings = sorted({(e["downtime_limit_ms"], e["auto_converge"]) for e in summary},
                       key=lambda s: (s[1], -s[0]))
-    plotted = [s for s in ("ours-bitmap", "qemu") if s in systems] or list(systems)
+    plotted = [s for s in SYSTEMS if s in systems] or list(systems)
+    # Each system's points sit a little apart around the case, so that error bars do not hide each other.
+    shift = {s: 0.03 * (i - (len(plotted) - 1) / 2) for i, s in enumerate(plotted)}
     for ax, key, ylabel in ((axes[0], "handover_gap_ms", "observed downtime (ms, serial marks)"),
                             (axes[1], "total_ms", "total migration time (ms)")):
+        has_data = False
         for system in plotted:
             for n, setting in enumerate(settings):
                 px, py, lo, hi, nx = [], [], [], [], []
@@ -926,7 +1080,7 @@ def plot(summary, systems, path):
                     if (e["downtime_limit_ms"], e["auto_converge"]) != setting or system not in e["systems"]:
                         continue
                     st = e["systems"][system].get(key)
-                    x = xs[e["case"]] + (0.06 * (n - 1)) + (0.02 if system == "qemu" else -0.02)
+                    x = xs[e["case"]] + 0.15 * (n - (len(settings) - 1) / 2) + shift[system]
                     if st is None:
                         nx.append(x)
                         # NaN breaks the line instead of joining its neighbours.
@@ -940,7 +1094,8 @@ def plot(summary, systems, path):
                     lo.append(st["median"] - st["min"])
                     hi.append(st["max"] - st["median"])
                 label = "%s, %g ms%s" % (SYSTEM_LABEL[system], setting[0], ", auto-converge" if setting[1] else "")
-                if any(v == v for v in py):
+                if any(v == v and v > 0 for v in py):
+                    has_data = True
                     ax.errorbar(px, py, yerr=[lo, hi], color=colors.get(system), linestyle=styles.get(setting, "-"),
                                 marker=markers.get(setting, "o"), capsize=3, label=label)
                 if nx:
@@ -953,10 +1108,12 @@ def plot(summary, systems, path):
         ax.set_xticklabels([CASES[c][3] for c in cases])
         ax.set_xlabel("workload (working set, dirty rate)")
         ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        if has_data:
+            # A log scale needs at least one positive value; without one the axis stays empty and linear.
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     axes[0].set_title("Downtime observed from outside (median, min-max)", fontsize=10)
@@ -980,8 +1137,11 @@ def main():
     ap.add_argument("--qemu-cpu", default="auto",
                     help="QEMU -cpu model (default: host, or host,-arch-capabilities where KVM refuses host)")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "bench-results"))
-    ap.add_argument("--skip-qemu", action="store_true")
-    ap.add_argument("--skip-ring", action="store_true", help="do not run our ring tracker")
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="comma-separated subset of: %s (default: all four)" % ", ".join(SYSTEMS))
+    ap.add_argument("--skip-qemu", action="store_true", help="run neither QEMU system")
+    ap.add_argument("--skip-ring", action="store_true",
+                    help="do not run our ring tracker (it runs with ours-tls, when that is selected)")
     ap.add_argument("--cases", help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--timeout", type=float, default=60, help="seconds per migration (default 60)")
     ap.add_argument("--steady", type=float, default=3, help="seconds to run after the first mark (default 3)")
@@ -1002,16 +1162,25 @@ def main():
         cases = [c for c in CASES if c in wanted]
     settings = [(300, False)] if args.quick else [(300, False), (50, False), (300, True)]
     configs = [(c, lim, ac) for c in cases for lim, ac in settings]
-    systems = ["ours-bitmap"] + ([] if args.skip_ring else ["ours-ring"]) + ([] if args.skip_qemu else ["qemu"])
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in SYSTEMS]
+    if unknown:
+        sys.exit("unknown system(s) %s; known: %s" % (", ".join(unknown), ", ".join(SYSTEMS)))
+    systems = [s for s in SYSTEMS if s in wanted and not (args.skip_qemu and s.startswith("qemu"))]
+    if "ours-tls" in systems and not args.skip_ring:
+        systems.append(RING)
+    if not systems:
+        sys.exit("no system left to run")
+    run_qemu = any(s.startswith("qemu") for s in systems)
 
     os.makedirs(args.out_dir, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="migbench-")
     started = time.monotonic()
     try:
-        ensure_tools(args)
-        if not args.skip_qemu and not shutil.which(args.qemu):
+        ensure_tools(args, systems)
+        if run_qemu and not shutil.which(args.qemu):
             sys.exit("QEMU (%s) is not available; use --skip-qemu" % args.qemu)
-        info = machine_info(args)
+        info = machine_info(args, run_qemu)
         global BILLBOARD
         BILLBOARD = Billboard(args.vmm, workdir)
         tsc_khz, tsc_source = tsc_khz_of_host(args, workdir)
@@ -1027,43 +1196,65 @@ def main():
             memcpy_Bps / 2**20))
 
         qemu_cpu = qemu_note = None
-        if "qemu" in systems:
+        if run_qemu:
             qemu_cpu, qemu_note = choose_qemu_cpu(args, tsc_khz, workdir)
             if qemu_note:
                 log("note: " + qemu_note)
+        tls_dirs = None
+        if "qemu-tls" in systems:
+            tls_dirs = make_qemu_tls_creds(workdir)
+            log("QEMU TLS: CA, server and client certificates made with openssl in %s" %
+                os.path.dirname(tls_dirs[0]))
         ours = OurVMM(args, tsc_khz, workdir)
-        qemu = QEMU(args, tsc_khz, workdir, qemu_cpu) if qemu_cpu else None
+        qemu = QEMU(args, tsc_khz, workdir, qemu_cpu, tls_dirs) if qemu_cpu else None
 
         common = {
             "guest": os.path.relpath(args.guest, REPO), "memory_mib": MEMORY_MIB, "vcpus": VCPUS,
             "pattern": PATTERN, "mark_us": MARK_US, "tsc_khz": tsc_khz, "tsc_khz_source": tsc_source,
             "timeout_s": args.timeout, "steady_s_after_first_mark": args.steady, "settle_s": args.settle,
             "transport": "TCP over 127.0.0.1",
+            "systems": systems,
             "ours": "vmm ctl migrate --max-bandwidth 0 --max-downtime-ms L [--auto-converge] --timeout T "
                     "(auto-converge: 20%% from the third round, +10%%/round, max 99%%)",
+            "ours_tls": "vmm receive (no --insecure-plaintext) and vmm ctl migrate --peer %s: mutually "
+                        "authenticated TLS 1.3 between the host keys of the run's billboard" % BILLBOARD.host,
+            "ours_plain": "--insecure-plaintext on vmm receive and vmm ctl migrate",
+            "qemu_tls": "-object tls-creds-x509,id=tls0,dir=D,endpoint=server|client,verify-peer=on on each side, "
+                        "migrate-set-parameters tls-creds=tls0 on both; CA, server and client certificates "
+                        "(ECDSA P-256, server IP SAN 127.0.0.1) made with openssl at run start",
             "qemu": "-cpu %s; capabilities auto-converge=on/off, xbzrle/compress/multifd/postcopy-ram/release-ram "
                     "off; parameters downtime-limit=L, max-bandwidth=%d, cpu-throttle-initial=%d, "
                     "cpu-throttle-increment=%d, max-cpu-throttle=%d; cancelled after T s"
                     % (qemu_cpu, QEMU_UNLIMITED_BANDWIDTH, THROTTLE_INITIAL, THROTTLE_INCREMENT, THROTTLE_MAX),
         }
-        log("settings for both: %d MiB, %d vCPU, pattern=%s mark_us=%d, bandwidth unlimited, timeout %g s, "
+        log("settings for every system: %d MiB, %d vCPU, pattern=%s mark_us=%d, bandwidth unlimited, timeout %g s, "
             "migrate %g s after the first mark" % (MEMORY_MIB, VCPUS, PATTERN, MARK_US, args.timeout, args.steady))
 
         runs = []
+        skipped = {}        # system -> why this build cannot run it
         total = len(configs) * args.runs * len(systems)
         n = 0
         for case, limit, ac in configs:
             for k in range(1, args.runs + 1):
                 for system in systems:
                     n += 1
+                    if system in skipped:
+                        continue
                     tag = "r%d" % n
                     log("[%d/%d] %s | limit %g ms | auto-converge %s | %s | run %d of %d" % (
                         n, total, CASES[case][0], limit, "on" if ac else "off", SYSTEM_LABEL[system], k, args.runs))
                     t0 = time.monotonic()
-                    if system == "qemu":
-                        rec = qemu.run(tag, case, limit, ac)
-                    else:
-                        rec = ours.run(tag, case, limit, ac, system.split("-")[1])
+                    try:
+                        if system.startswith("qemu"):
+                            rec = qemu.run(tag, case, limit, ac, tls=system == "qemu-tls")
+                        else:
+                            rec = ours.run(tag, case, limit, ac, tracker="ring" if system == RING else "bitmap",
+                                           tls=system.startswith("ours-tls"))
+                    except Unavailable as e:
+                        skipped[system] = str(e)
+                        log("      -> skipped: %s cannot run with this build (%s); no more %s runs" % (
+                            SYSTEM_LABEL[system], e, SYSTEM_LABEL[system]))
+                        continue
                     pages, rate = CASES[case][1], CASES[case][2]
                     rec.update(system=system, case=case, pages=pages, rate=rate,
                                cmdline=dirtier_cmdline(pages, rate, tsc_khz),
@@ -1072,9 +1263,11 @@ def main():
                     runs.append(rec)
                     log("      -> %s%s" % (rec.get("outcome"), run_brief(rec)))
 
-        summary_q = summarize(runs, systems, configs, loopback_Bps)
-        blocks_q = tables(summary_q, "ours-bitmap", "qemu", "ours/QEMU") if "qemu" in systems else []
-        blocks_t = tables(summary_q, "ours-bitmap", "ours-ring", "ring/bitmap", invert=True) if "ours-ring" in systems else []
+        ran = [s for s in systems if s not in skipped]
+        summary_q = summarize(runs, ran, configs, loopback_Bps)
+        blocks_q = side_by_side(summary_q, [s for s in SYSTEMS if s in ran])
+        blocks_t = tables(summary_q, "ours-tls", RING, "ring/bitmap", invert=True) if RING in ran else []
+        skipped_lines = ["%s skipped: %s" % (SYSTEM_LABEL[s], why) for s, why in skipped.items()]
         elapsed = time.monotonic() - started
 
         head = ("machine: %s, %s cores, %s GiB, kernel %s (%s); %s" % (
@@ -1086,11 +1279,13 @@ def main():
         log("")
         log(head)
         log(limits_line)
+        for line in skipped_lines:
+            log(line)
         if blocks_q:
-            log("\n### Our VMM (bitmap tracker) vs QEMU (median [min-max] over completed runs)")
+            log("\n### %s (median [min-max] over completed runs; ratios left/right)" % systems_title(ran))
             log(render_text(blocks_q))
         if blocks_t:
-            log("\n### Our dirty trackers: bitmap vs ring")
+            log("\n### Our dirty trackers, over TLS: bitmap vs ring")
             log(render_text(blocks_t))
         log("\nwall time of this run: %.0f s" % elapsed)
 
@@ -1099,16 +1294,17 @@ def main():
         md_path = os.path.join(args.out_dir, "migration.md")
         png_path = os.path.join(args.out_dir, "migration.png")
         result = {"meta": dict(info, command=" ".join(sys.argv), quick=args.quick, runs_per_config=args.runs,
-                               wall_s=round(elapsed, 1), qemu_cpu=qemu_cpu, qemu_cpu_note=qemu_note),
+                               wall_s=round(elapsed, 1), qemu_cpu=qemu_cpu, qemu_cpu_note=qemu_note,
+                               systems=systems, skipped_systems=skipped),
                   "settings": common, "machine_limits": limits,
                   "cases": {c: {"label": CASES[c][0], "pages": CASES[c][1], "rate": CASES[c][2]} for c in cases},
                   "runs": runs,
                   "summary": summary_q}
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
-        plot_err = plot(summary_q, systems, png_path)
+        plot_err = plot(summary_q, ran, png_path)
         with open(md_path, "w") as f:
-            f.write("## Live migration: our VMM vs QEMU\n\n")
+            f.write("## Live migration: our VMM vs QEMU, in plaintext and over TLS\n\n")
             f.write("%s  \n%s  \nQEMU: %s, `-cpu %s`. VMM commit: %s.  \n" % (
                 head, limits_line, info.get("qemu_version") or "not run", qemu_cpu, info.get("vmm_commit")))
             f.write("Guest: dirtier.elf, %d MiB, %d vCPU, pattern=%s, mark_us=%d; loopback TCP; bandwidth unlimited; "
@@ -1120,14 +1316,19 @@ def main():
                     "source's last mark to the destination's first. Reported downtime is each system's own figure "
                     "(ours: source pause to destination resume; QEMU: its `downtime`). Rounds: ours counts copy "
                     "passes including the final one, QEMU counts dirty-bitmap syncs (`dirty-sync-count`). "
-                    "Bytes: ours counts the whole stream, QEMU `ram.transferred`.\n")
+                    "Bytes: ours counts the whole stream, QEMU `ram.transferred`. Setup: ours runs from the "
+                    "request to the destination's accept (connection, TLS handshake, challenge, manifest, admission); "
+                    "QEMU's `setup-time` starts in its migration thread, after the connection and TLS handshake, "
+                    "which only its `total-time` includes.\n")
             if qemu_note:
                 f.write("\nNote: %s.\n" % qemu_note)
+            for line in skipped_lines:
+                f.write("\n**%s**\n" % line)
             if blocks_q:
-                f.write("\n### Our VMM (bitmap tracker) vs QEMU\n")
+                f.write("\n### %s\n" % systems_title(ran))
                 f.write(render_md(blocks_q) + "\n")
             if blocks_t:
-                f.write("\n### Our dirty trackers: bitmap vs ring\n")
+                f.write("\n### Our dirty trackers, over TLS: bitmap vs ring\n")
                 f.write(render_md(blocks_t) + "\n")
         log("wrote %s, %s%s" % (json_path, md_path, ", " + png_path if not plot_err else " (no plot: %s)" % plot_err))
     except KeyboardInterrupt:

@@ -1,8 +1,17 @@
 #!/usr/bin/env python3
-"""Prints a compact Markdown summary (one line per case) from bench-results/migration.json:
-total time, observed hand-over downtime and throughput, ours (bitmap) against QEMU, with ratios."""
+"""Prints a compact Markdown summary (one line per case and setting) from bench-results/migration.json:
+total time and observed hand-over downtime of the four systems (ours TLS, ours plain, QEMU plain,
+QEMU TLS), the ratios of total time, and how many runs converged. "-" = not run, skipped or no
+completed run."""
 import json
 import sys
+
+SYSTEMS = [("ours-tls", "ours TLS"), ("ours-plain", "ours plain"), ("qemu", "QEMU plain"), ("qemu-tls", "QEMU TLS")]
+# Ratios of total time, left / right.
+RATIOS = [("ours-tls", "qemu-tls", "TLS ours/QEMU"), ("ours-tls", "qemu", "ours TLS/QEMU plain"),
+          ("ours-plain", "qemu", "plain ours/QEMU"), ("ours-tls", "ours-plain", "ours TLS/plain")]
+# Results from before the TLS columns: our only system then migrated over plain TCP.
+OLD_NAMES = {"ours-bitmap": "ours-plain"}
 
 path = sys.argv[1] if len(sys.argv) > 1 else "bench-results/migration.json"
 data = json.load(open(path))
@@ -10,9 +19,8 @@ cases = data.get("cases", {})
 labels = {k: v.get("label", k) for k, v in cases.items()} if isinstance(cases, dict) else {}
 
 
-def med(s, key, scale=1.0):
-    v = s.get(key, {}).get("median")
-    return None if v is None else v * scale
+def med(s, key):
+    return (s.get(key) or {}).get("median")
 
 
 def fmt(v, digits=0):
@@ -23,14 +31,19 @@ def ratio(a, b):
     return "-" if a is None or not b else f"{a / b:.2f}"
 
 
-print("| case | limit | auto-conv. | total ms ours / QEMU (ratio) | observed downtime ms ours / QEMU (ratio) | throughput MiB/s ours / QEMU (ratio) | converged ours / QEMU |")
-print("|---|---:|---|---|---|---|---|")
+for system, why in data.get("meta", {}).get("skipped_systems", {}).items():
+    print(f"{system} skipped: {why}  ")
+names = " / ".join(label for _, label in SYSTEMS)
+print(f"| case | limit | auto-conv. | total ms {names} | observed downtime ms {names} | "
+      + " | ".join(f"total {label}" for _, _, label in RATIOS) + f" | converged {names} |")
+print("|---|---:|---|---|---|" + "---:|" * len(RATIOS) + "---|")
 for s in data["summary"]:
-    ours, qemu = s["systems"].get("ours-bitmap", {}), s["systems"].get("qemu", {})
-    t = (med(ours, "total_ms"), med(qemu, "total_ms"))
-    d = (med(ours, "handover_gap_ms"), med(qemu, "handover_gap_ms"))
-    r = (med(ours, "throughput_Bps", 1 / 1048576), med(qemu, "throughput_Bps", 1 / 1048576))
+    by = {OLD_NAMES.get(k, k): v for k, v in s["systems"].items()}
+    total = {k: med(by.get(k, {}), "total_ms") for k, _ in SYSTEMS}
+    down = {k: med(by.get(k, {}), "handover_gap_ms") for k, _ in SYSTEMS}
+    conv = " / ".join(f"{by[k]['converged']}/{by[k]['runs']}" if k in by else "-" for k, _ in SYSTEMS)
     name = labels.get(s["case"], s["case"])
     print(f"| {name} | {s['downtime_limit_ms']} | {'on' if s['auto_converge'] else 'off'} | "
-          f"{fmt(t[0])} / {fmt(t[1])} ({ratio(*t)}) | {fmt(d[0], 1)} / {fmt(d[1], 1)} ({ratio(*d)}) | "
-          f"{fmt(r[0])} / {fmt(r[1])} ({ratio(*r)}) | {ours.get('converged', 0)}/{ours.get('runs', 0)} / {qemu.get('converged', 0)}/{qemu.get('runs', 0)} |")
+          + " / ".join(fmt(total[k]) for k, _ in SYSTEMS) + " | "
+          + " / ".join(fmt(down[k], 1) for k, _ in SYSTEMS) + " | "
+          + " | ".join(ratio(total[a], total[b]) for a, b, _ in RATIOS) + f" | {conv} |")
