@@ -15,6 +15,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
     ],
     targets: [
         // <linux/kvm.h>, ioctl request numbers as constants, non-variadic shims. No logic.
@@ -37,6 +39,16 @@ let package = Package(
         .target(name: "Snapshot", dependencies: ["GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
         // Pre-copy protocol, sender and receiver, transport behind one interface.
         .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
+        // Mutually authenticated TLS 1.3 transport for migration: pinned Ed25519 host keys, no CA.
+        .target(name: "SecureChannel", dependencies: [
+            "Migration", "SystemCalls",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         // The machine: VM + vCPU runners + buses + devices + state capture. Knows nothing of the Billboard.
         .target(name: "MachineCore", dependencies: [
             "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "SystemCalls",
@@ -82,6 +94,15 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
         .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory"]),
+        .testTarget(name: "SecureChannelTests", dependencies: [
+            "SecureChannel", "Migration", "SystemCalls",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         .testTarget(name: "BillboardTests", dependencies: ["Billboard", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls"]),
         .testTarget(name: "VMMTests", dependencies: ["TestSupport", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
