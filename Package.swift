@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
         .package(url: "https://github.com/apple/swift-asn1", from: "1.7.4"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
         // <linux/kvm.h>, ioctl request numbers as constants, non-variadic shims. No logic.
@@ -39,6 +40,16 @@ let package = Package(
         .target(name: "Snapshot", dependencies: ["GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
         // Pre-copy protocol, sender and receiver, transport behind one interface.
         .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
+        // Mutually authenticated TLS 1.3 transport for migration: pinned Ed25519 host keys, no CA.
+        .target(name: "SecureChannel", dependencies: [
+            "Migration", "SystemCalls",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         // The machine: VM + vCPU runners + buses + devices + state capture. Knows nothing of the Billboard.
         .target(name: "MachineCore", dependencies: [
             "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "SystemCalls",
@@ -56,6 +67,7 @@ let package = Package(
         // snapshot files and the migration service.
         .target(name: "VMM", dependencies: [
             "MachineCore", "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard", "SystemCalls",
+            "SecureChannel",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.

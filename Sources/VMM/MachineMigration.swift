@@ -66,16 +66,3 @@ extension AdmittedGuest: MigrationDestinationVM {
 
     public var owner: (host: String, pid: Int32)? { (session.store.hostName, getpid()) }
 }
-
-extension AdmittedGuest {
-    /// Opens the migration's transport: plain TCP when the settings chose it, else mutually
-    /// authenticated TLS to the enrolled host they name.
-    public func connect(_ settings: MigrationSettings) throws -> any MigrationTransport {
-        switch settings.transport {
-        case .plaintext:
-            return try TCPTransport.connect(to: settings.destination)
-        case .tls:
-            throw MigrationError.refused("TLS migration is not wired here yet; use the plaintext transport on both sides")
-        }
-    }
-}

@@ -179,7 +179,7 @@ struct Receive: ParsableCommand {
             let output = try SerialOutput(path: serialLog)
             let store = try billboard.open()
             let settings = billboard.settings
-            let listener = try IncomingListener.open(listen, store: store, plaintext: insecurePlaintext)
+            let listener = try GuestDoors.listen(listen, store: store, plaintext: insecurePlaintext)
             FileHandle.standardError.write(Data("vmm: listening on \(listener.address):\(listener.port)\n".utf8))
             // Before the guest arrives a signal just ends the process; once it runs here,
             // a signal stops its vCPUs and the VMM cleans up as `vmm run` does.

@@ -14,7 +14,9 @@ import VMM
 /// committed by a `FaultInjectingTransport` around the accepted connection.
 // @unchecked: `machine` and `error` are written by the receiving thread before `done` is signalled, read after.
 final class Destination: @unchecked Sendable {
-    let listener: TCPListener
+    let listener: any MigrationListener
+    /// The host receiving: what a source names as its peer.
+    let host: String
     let capture = SerialCapture()
     private let done = DispatchSemaphore(value: 0)
     private(set) var machine: AdmittedGuest?
@@ -23,10 +25,11 @@ final class Destination: @unchecked Sendable {
     /// `onSource`: receive on the source host (a guest coming back); by default on the destination host.
     /// `listenSeconds`: how long it keeps listening for a migration that completes.
     init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil, onSource: Bool = false, listenSeconds: Double = 60) throws {
-        listener = try TCPListener(listen: "127.0.0.1:0")
-        let capture = self.capture
         let hosts = try localHosts()
         let store = onSource ? hosts.source : hosts.destination
+        listener = try GuestDoors.listen("127.0.0.1:0", store: store, plaintext: false)
+        host = store.hostName
+        let capture = self.capture
         Thread.detachNewThread { [self] in
             do {
                 machine = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenSeconds * 1000,
@@ -83,11 +86,25 @@ func bootDirtier(memory: UInt64, commandLine: String, tracker: DirtyTrackerKind 
     return m
 }
 
-func migrate(_ vm: any MigrationSourceVM, to destination: String, maxDowntimeMs: Double = 300,
-             timeout: Double = 60, autoConverge: Bool = false, maxBandwidth: UInt64 = 0) -> MigrationReport {
-    let settings = MigrationSettings(destination: destination, maxDowntimeMs: maxDowntimeMs, maxBandwidth: maxBandwidth,
+/// Migrates over mutually authenticated TLS to the enrolled `peer` (the in-process hosts are
+/// peers of each other), or in plaintext when no peer is named.
+func migrate(_ vm: any MigrationSourceVM, via guest: AdmittedGuest? = nil, to destination: String, peer: String? = nil,
+             maxDowntimeMs: Double = 300, timeout: Double = 60, autoConverge: Bool = false, maxBandwidth: UInt64 = 0) -> MigrationReport {
+    let settings = MigrationSettings(destination: destination, peer: peer, transport: peer == nil ? .plaintext : .tls,
+                                     maxDowntimeMs: maxDowntimeMs, maxBandwidth: maxBandwidth,
                                      autoConverge: autoConverge, timeoutSeconds: timeout)
-    return PreCopySender(vm: vm, settings: settings).run { try TCPTransport.connect(to: destination) }
+    let connector = guest ?? (vm as? AdmittedGuest)
+    return PreCopySender(vm: vm, settings: settings).run {
+        guard let connector else { return try TCPTransport.connect(to: destination) }
+        return try connector.connect(settings)
+    }
+}
+
+/// Migrates to an in-process destination over TLS.
+func migrate(_ vm: AdmittedGuest, to destination: Destination, maxDowntimeMs: Double = 300, timeout: Double = 60,
+             autoConverge: Bool = false, maxBandwidth: UInt64 = 0) -> MigrationReport {
+    migrate(vm, to: destination.address, peer: destination.host, maxDowntimeMs: maxDowntimeMs, timeout: timeout,
+            autoConverge: autoConverge, maxBandwidth: maxBandwidth)
 }
 
 /// Numbers printed by the counter, from joined source and destination output.
@@ -108,7 +125,7 @@ struct MigrationTests {
         let machine = try bootCounter(tracker: tracker, capture: source)
         usleep(200_000)
         let destination = try Destination(tracker: tracker)
-        let report = migrate(machine, to: destination.address)
+        let report = migrate(machine, to: destination)
         #expect(report.outcome == .completed, "\(report.error ?? "")")
         #expect(report.tracker == tracker.rawValue)
         #expect(machine.state == .paused, "the source ran on after the hand-over")
@@ -158,13 +175,13 @@ struct MigrationTests {
         let first = try bootCounter(capture: a)
         usleep(150_000)
         let b = try Destination()
-        #expect(migrate(first, to: b.address).outcome == .completed)
+        #expect(migrate(first, to: b).outcome == .completed)
         first.end(with: .migrated)
         #expect(b.wait())
         let onB = try #require(b.machine)
         usleep(150_000)
         let back = try Destination(onSource: true)
-        #expect(migrate(onB, to: back.address).outcome == .completed)
+        #expect(migrate(onB, to: back).outcome == .completed)
         onB.end(with: .migrated)
         #expect(back.wait())
         let again = try #require(back.machine)
@@ -181,7 +198,7 @@ struct MigrationTests {
         let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=8192 rate=20000 tsc_khz=\(try hostTSCKHz()) mark_us=1000", tracker: tracker)
         usleep(500_000)
         let destination = try Destination(tracker: tracker)
-        let report = migrate(machine, to: destination.address, maxDowntimeMs: 300, timeout: 60, autoConverge: true)
+        let report = migrate(machine, to: destination, maxDowntimeMs: 300, timeout: 60, autoConverge: true)
         #expect(report.outcome == .completed, "\(report.error ?? "")")
         #expect(report.converged)
         #expect(report.rounds >= 2)
@@ -210,7 +227,7 @@ struct MigrationTests {
         let machine = try bootCounter(capture: capture)
         usleep(100_000)
         let destination = try Destination(fault: fault, listenSeconds: 5)
-        let report = migrate(machine, to: destination.address)
+        let report = migrate(machine, to: destination)
         #expect(report.outcome == .failed)
         #expect(destination.wait())
         #expect(destination.machine == nil)
@@ -227,7 +244,7 @@ struct MigrationTests {
         let machine = try bootCounter(capture: capture)
         usleep(100_000)
         let destination = try Destination(fault: .closeAfterGo)
-        let report = migrate(machine, to: destination.address)
+        let report = migrate(machine, to: destination)
         #expect(report.outcome == .inDoubt)
         #expect(destination.wait())
         let dest = try #require(destination.machine)
@@ -248,7 +265,7 @@ struct MigrationTests {
         let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=16384 rate=0 mark_us=0")
         usleep(200_000)
         let destination = try Destination(listenSeconds: 5)
-        let report = migrate(machine, to: destination.address, maxDowntimeMs: 0.001, timeout: 2, maxBandwidth: 1_000_000)
+        let report = migrate(machine, to: destination, maxDowntimeMs: 0.001, timeout: 2, maxBandwidth: 1_000_000)
         #expect(report.outcome == .failed)
         #expect(!report.converged)
         #expect(report.error?.contains("did not converge") == true, "\(report.error ?? "no error")")
@@ -263,11 +280,11 @@ struct MigrationTests {
         let machine = try bootDirtier(memory: 256 << 20, commandLine: "pages=16384 rate=0 mark_us=0")
         usleep(300_000) // let the guest touch enough memory for round 0 to outlast the cancel
         let destination = try Destination(listenSeconds: 5)
-        let sender = PreCopySender(vm: machine, settings: MigrationSettings(destination: destination.address,
-                                                                            maxDowntimeMs: 0.001, maxBandwidth: 1_000_000,
-                                                                            timeoutSeconds: 30))
+        let settings = MigrationSettings(destination: destination.address, peer: destination.host, maxDowntimeMs: 0.001,
+                                         maxBandwidth: 1_000_000, timeoutSeconds: 30)
+        let sender = PreCopySender(vm: machine, settings: settings)
         Thread.detachNewThread { usleep(500_000); sender.cancel(reason: "signal 15") }
-        let report = sender.run { try TCPTransport.connect(to: destination.address) }
+        let report = sender.run { try machine.connect(settings) }
         #expect(report.outcome == .failed)
         #expect(report.error?.contains("signal 15") == true || report.error?.contains("connection") == true)
         #expect(machine.state == .running)

@@ -1,0 +1,167 @@
+import Crypto
+import Foundation
+import Migration
+import NIOCore
+import NIOPosix
+import NIOSSL
+import SystemCalls
+
+/// A mutually authenticated TLS 1.3 connection to another VMM, behind the blocking
+/// `MigrationTransport` interface.
+///
+/// The TLS work runs on a SwiftNIO event loop (one `NIOSSLHandler` per connection); the
+/// blocking calls meet it through `ConnectionState`: `receive` waits on a condition for
+/// decrypted bytes, `send` hands 256 KiB pieces over and waits while more than 1 MiB is
+/// unwritten, and reading from the socket pauses while 4 MiB of decrypted bytes wait for a
+/// receiver. Nothing is buffered without bound.
+///
+/// Dead peers: a blocked `receive` throws `MigrationError.timedOut` when fewer than 64 KiB
+/// arrived during `inactivityTimeoutSeconds` (30 s by default) and the call is not done; a
+/// blocked `send` throws when nothing was written for as long. A peer sending a byte every
+/// 29 s therefore does not keep a receiver waiting forever.
+///
+/// One thread may receive while another sends; two concurrent receives (or sends) are not
+/// supported and are serialized.
+public final class TLSTransport: MigrationTransport {
+    /// The authenticated peer's host name, as the authorizer named its key.
+    public let peerHost: String
+    /// The handshake proved the peer is this enrolled host.
+    public var authenticatedPeer: String? { peerHost }
+    public let peer: String
+    public let inactivityTimeoutSeconds: Double
+
+    private let channel: any Channel
+    private let state: ConnectionState
+    private let receiving = NSLock()
+    private let sending = NSLock()
+
+    init(channel: any Channel, state: ConnectionState, peerHost: String, inactivityTimeoutSeconds: Double) {
+        self.channel = channel
+        self.state = state
+        self.peerHost = peerHost
+        self.peer = "\(peerHost) (\(state.remote))"
+        self.inactivityTimeoutSeconds = inactivityTimeoutSeconds
+    }
+
+    deinit { close() }
+
+    /// Connects to `destination` ("HOST:PORT") and completes a TLS 1.3 handshake in which both
+    /// sides show their certificates. The server's certificate key must be authorized by
+    /// `authorize` under exactly the name `expectedPeer`; otherwise the handshake is aborted
+    /// before any application byte is sent.
+    ///
+    /// TLS 1.3 lets the client finish before the server has judged the client's certificate,
+    /// so a server that refuses this host shows up as an error on the first `receive`.
+    ///
+    /// - Parameters:
+    ///   - timeoutSeconds: for the TCP connection and the handshake together.
+    ///   - inactivityTimeoutSeconds: see the type's description.
+    public static func connect(
+        to destination: String, identity: TLSIdentity, authorize: @escaping PeerAuthorizer, expectedPeer: String,
+        timeoutSeconds: Double = 10, inactivityTimeoutSeconds: Double = 30
+    ) throws -> TLSTransport {
+        let (host, port) = try parseHostPort(destination)
+        let deadline = monotonicMilliseconds() + timeoutSeconds * 1000
+        let context: NIOSSLContext
+        do {
+            context = try NIOSSLContext(configuration: SecureChannelConfiguration.make(identity: identity, isServer: false))
+        } catch let error as MigrationError {
+            throw error
+        } catch {
+            throw MigrationError.connection("cannot set up TLS for \(identity.hostName): \(error)")
+        }
+        let state = ConnectionState(remote: destination)
+        let bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .connectTimeout(.milliseconds(Int64(max(1, timeoutSeconds * 1000))))
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelOption(.recvAllocator, value: receiveAllocator)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let verify = serverVerifier(state: state, authorize: authorize, destination: destination, expectedPeer: expectedPeer)
+                    let tls = try NIOSSLClientHandler(context: context, serverHostname: nil, customVerificationCallback: verify)
+                    try channel.pipeline.syncOperations.addHandlers(tls, ConnectionHandler(state: state))
+                }
+            }
+        let channel: any Channel
+        do {
+            channel = try bootstrap.connect(host: host, port: Int(port)).wait()
+        } catch {
+            throw MigrationError.connection(
+                "cannot connect to \(destination): \(error); is a VMM waiting there to receive the migration?")
+        }
+        if let failure = state.waitForHandshake(deadline: deadline) {
+            state.closeLocally()
+            channel.close(promise: nil)
+            throw MigrationError.connection(failure)
+        }
+        return TLSTransport(channel: channel, state: state, peerHost: expectedPeer, inactivityTimeoutSeconds: inactivityTimeoutSeconds)
+    }
+
+    /// The client's check of the server: authorized, and under the name the caller expects.
+    private static func serverVerifier(
+        state: ConnectionState, authorize: @escaping PeerAuthorizer, destination: String, expectedPeer: String
+    ) -> NIOSSLCustomVerificationCallback {
+        return { chain, promise in
+            switch PeerCertificateCheck.evaluate(chain, authorize: authorize) {
+            case let .authorized(hostName) where hostName == expectedPeer:
+                state.noteAuthorized(hostName: hostName)
+                promise.succeed(.certificateVerified)
+            case let .authorized(hostName):
+                state.noteRefusal(
+                    "refused the server at \(destination): its key is enrolled as \(hostName), not as \(expectedPeer); check which host listens there")
+                promise.succeed(.failed)
+            case let .refused(reason):
+                state.noteRefusal("refused the server at \(destination): \(reason)")
+                promise.succeed(.failed)
+            }
+        }
+    }
+
+    /// Socket reads grow up to 1 MiB, so a fast stream is decrypted in large batches.
+    static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20)
+
+    /// Writes all of `bytes`: returns once they are in the socket, or throws.
+    public func send(_ bytes: UnsafeRawBufferPointer) throws {
+        sending.lock(); defer { sending.unlock() }
+        if let failure = state.failureBeforeSend(peer: peer) {
+            throw MigrationError.connection("cannot send to \(peer): \(failure)")
+        }
+        var offset = 0
+        while offset < bytes.count {
+            let count = min(ConnectionLimits.sendChunk, bytes.count - offset)
+            try state.reserveWrite(count, window: ConnectionLimits.sendWindow - count, peer: peer, inactivitySeconds: inactivityTimeoutSeconds)
+            var piece = channel.allocator.buffer(capacity: count)
+            // SAFETY: `offset + count <= bytes.count`; the bytes are copied before this call returns.
+            piece.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[offset ..< offset + count]))
+            let state = self.state
+            let written = channel.eventLoop.makePromise(of: Void.self)
+            written.futureResult.whenComplete { result in
+                switch result {
+                case .success: state.wrote(count)
+                case let .failure(error): state.writeFailed(ConnectionHandler.describe(error, remote: state.remote))
+                }
+            }
+            channel.writeAndFlush(piece, promise: written)
+            offset += count
+        }
+        try state.waitForUnwritten(atMost: 0, peer: peer, inactivitySeconds: inactivityTimeoutSeconds)
+    }
+
+    /// Fills `buffer` completely or throws: at end of stream, on close, or when the peer
+    /// makes no progress for `inactivityTimeoutSeconds`.
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
+        receiving.lock(); defer { receiving.unlock() }
+        let channel = self.channel
+        try state.receive(into: buffer, peer: peer, inactivitySeconds: inactivityTimeoutSeconds) {
+            // Goes through the pipeline from its tail, so `ConnectionHandler.read` decides again.
+            channel.read()
+        }
+    }
+
+    /// Closes both directions (sending TLS close_notify) and wakes any thread blocked in
+    /// `send` or `receive` at once. Idempotent, callable from any thread.
+    public func close() {
+        state.closeLocally()
+        channel.close(promise: nil)
+    }
+}

@@ -1,0 +1,288 @@
+import Billboard
+import Foundation
+import GuestMemory
+import Testing
+import TestSupport
+import MachineCore
+import Migration
+import SystemCalls
+import VMM
+
+/// A loopback TCP proxy between a migration source and its destination: it forwards both ways,
+/// keeps what went each way, and can flip one bit of the source's stream, as an attacker on the
+/// path could.
+// @unchecked: the captures are read and written only under `lock`; the sockets are owned.
+final class TCPProxy: @unchecked Sendable {
+    private let listening: OwnedFileDescriptor
+    let port: UInt16
+    private let lock = NSLock()
+    private var fromSource: [UInt8] = []
+    private var fromDestination: [UInt8] = []
+
+    init(targetPort: UInt16, flipSourceByteAt flip: Int? = nil) throws {
+        (listening, port) = try Self.listen()
+        let listening = self.listening
+        Thread.detachNewThread { [self] in
+            let client = accept(listening.raw, nil, nil)
+            guard client >= 0 else { return }
+            let server = Self.connect(targetPort)
+            guard server >= 0 else { Glibc.close(client); return }
+            let a = OwnedFileDescriptor(taking: client), b = OwnedFileDescriptor(taking: server)
+            let done = DispatchSemaphore(value: 0)
+            Thread.detachNewThread { [self] in pump(from: a, to: b, flipAt: flip, toDestination: true); done.signal() }
+            pump(from: b, to: a, flipAt: nil, toDestination: false)
+            done.wait()
+        }
+    }
+
+    /// What the source sent and what the destination answered, as seen on the wire.
+    var captured: (fromSource: [UInt8], fromDestination: [UInt8]) { lock.withLock { (fromSource, fromDestination) } }
+
+    private func pump(from: OwnedFileDescriptor, to: OwnedFileDescriptor, flipAt: Int?, toDestination: Bool) {
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        var offset = 0
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(from.raw, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            if let flipAt, flipAt >= offset, flipAt < offset + n { buffer[flipAt - offset] ^= 0x01 }
+            lock.withLock {
+                if toDestination { fromSource += buffer[0..<n] } else { fromDestination += buffer[0..<n] }
+            }
+            offset += n
+            var sent = 0
+            while sent < n {
+                let w = buffer.withUnsafeBytes { write(to.raw, $0.baseAddress! + sent, n - sent) }
+                if w <= 0 { break }
+                sent += w
+            }
+        }
+        shutdown(to.raw, Int32(SHUT_RDWR))
+        shutdown(from.raw, Int32(SHUT_RDWR))
+    }
+
+    static func listen() throws -> (OwnedFileDescriptor, UInt16) {
+        let fd = OwnedFileDescriptor(taking: socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0))
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = 0
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd.raw, $0, len) } }
+        try #require(bound == 0 && Glibc.listen(fd.raw, 4) == 0)
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd.raw, $0, &len) } }
+        return (fd, UInt16(bigEndian: addr.sin_port))
+    }
+
+    static func connect(_ port: UInt16) -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = port.bigEndian
+        let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        if r != 0 { Glibc.close(fd); return -1 }
+        return fd
+    }
+}
+
+/// A destination that listens with TLS (or plaintext) on the destination host's store.
+// @unchecked: `guest` and `error` are written by the receiving thread before `done` is signalled, read after.
+final class SecureDestination: @unchecked Sendable {
+    let listener: any MigrationListener
+    private let done = DispatchSemaphore(value: 0)
+    private(set) var guest: AdmittedGuest?
+    private(set) var error: (any Error)?
+    let refusals = LockedLines()
+
+    init(plaintext: Bool = false, listenSeconds: Double = 60) throws {
+        let hosts = try localHosts()
+        let store = hosts.destination
+        listener = try GuestDoors.listen("127.0.0.1:0", store: store, plaintext: plaintext)
+        let refusals = self.refusals
+        Thread.detachNewThread { [self] in
+            do {
+                guest = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenSeconds * 1000,
+                                               store: store, settings: hosts.settings, dirtyTracker: .bitmap,
+                                               log: { refusals.append($0) }, serialOutput: { _ in })
+            } catch { self.error = error }
+            done.signal()
+        }
+    }
+
+    var port: UInt16 { listener.port }
+    func wait(timeout: Double = 120) -> Bool { done.wait(timeout: .now() + timeout) == .success }
+}
+
+// @unchecked: `lines` is read and written only under `lock`.
+final class LockedLines: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lines: [String] = []
+    func append(_ line: String) { lock.withLock { lines.append(line) } }
+    var all: [String] { lock.withLock { lines } }
+}
+
+/// Migrates `guest` to 127.0.0.1:`port` over TLS to the enrolled `peer` (or in plaintext).
+func secureMigrate(_ guest: AdmittedGuest, port: UInt16, peer: String? = "dst", plaintext: Bool = false) -> MigrationReport {
+    let settings = MigrationSettings(destination: "127.0.0.1:\(port)", peer: peer, transport: plaintext ? .plaintext : .tls,
+                                     maxDowntimeMs: 300, timeoutSeconds: 30)
+    return PreCopySender(vm: guest, settings: settings).run { try guest.connect(settings) }
+}
+
+@Suite("Secure migration, tried as an attacker would", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+struct SecureMigrationTests {
+    static let canary = "SWIFTVMMCANARY7f3a"
+
+    /// A counter with the canary in its command line and in a page of its memory.
+    func canaryGuest(_ capture: SerialCapture) throws -> AdmittedGuest {
+        let guest = try bootLocal("counter.elf", MachineConfiguration(commandLine: "count=0 ticks=400000 note=\(Self.canary)"),
+                                  serialOutput: capture.append)
+        try guest.memory.write(Array(Self.canary.utf8), at: GuestAddress(0x30_0000))
+        guest.start()
+        return guest
+    }
+
+    func contains(_ haystack: [UInt8], _ needle: String) -> Bool {
+        let n = Array(needle.utf8)
+        guard haystack.count >= n.count else { return false }
+        return (0...(haystack.count - n.count)).contains { haystack[$0..<$0 + n.count].elementsEqual(n) }
+    }
+
+    func expectStillRunning(_ guest: AdmittedGuest, _ capture: SerialCapture) {
+        #expect(guest.state == .running)
+        #expect(guest.session.holdsLease, "the source lost its lease")
+        let before = capture.count
+        usleep(150_000)
+        #expect(capture.count > before, "the source guest makes no progress")
+    }
+
+    @Test("the canary in the guest's memory and command line never appears on the wire (and does in plaintext)")
+    func nothingReadable() throws {
+        for plaintext in [false, true] {
+            let capture = SerialCapture()
+            let guest = try canaryGuest(capture)
+            usleep(100_000)
+            let destination = try SecureDestination(plaintext: plaintext)
+            let proxy = try TCPProxy(targetPort: destination.port)
+            let report = secureMigrate(guest, port: proxy.port, plaintext: plaintext)
+            #expect(report.outcome == .completed, "\(report.error ?? "")")
+            #expect(destination.wait())
+            destination.guest?.requestStop()
+            guest.end(with: .migrated)
+            let wire = proxy.captured.fromSource + proxy.captured.fromDestination
+            #expect(wire.count > 1 << 20, "the proxy saw too little: \(wire.count) bytes")
+            // The control case proves the search finds the canary when it is there.
+            #expect(contains(wire, Self.canary) == plaintext, plaintext ? "the canary was not found in a plaintext capture" : "the canary crossed the wire readable")
+        }
+    }
+
+    @Test("one bit flipped by a proxy in the source's stream: the destination never starts the guest, the source keeps it")
+    func flippedBitRefused() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let destination = try SecureDestination(listenSeconds: 5)
+        // Past the handshake and the manifest: inside the memory records.
+        let proxy = try TCPProxy(targetPort: destination.port, flipSourceByteAt: 300_000)
+        let report = secureMigrate(guest, port: proxy.port)
+        #expect(report.outcome == .failed)
+        #expect(destination.wait())
+        #expect(destination.guest == nil, "the destination started a guest from a tampered stream")
+        expectStillRunning(guest, capture)
+        guest.requestStop()
+        guest.end()
+    }
+
+    @Test("a recorded TLS migration replayed to the destination is refused at the handshake")
+    func replayRefused() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let first = try SecureDestination()
+        let proxy = try TCPProxy(targetPort: first.port)
+        #expect(secureMigrate(guest, port: proxy.port).outcome == .completed)
+        #expect(first.wait())
+        first.guest?.requestStop()
+        guest.end(with: .migrated)
+        // The recording, sent again to a fresh destination.
+        let second = try SecureDestination(listenSeconds: 4)
+        let fd = TCPProxy.connect(second.port)
+        try #require(fd >= 0)
+        let replay = OwnedFileDescriptor(taking: fd)
+        let recorded = proxy.captured.fromSource
+        _ = recorded.withUnsafeBytes { write(replay.raw, $0.baseAddress, $0.count) }
+        #expect(second.wait())
+        #expect(second.guest == nil, "a replayed migration started a guest")
+        #expect(!second.refusals.all.isEmpty, "the replay was not refused")
+    }
+
+    @Test("a rogue plain listener gets no guest byte; the source keeps its guest and its lease")
+    func rogueListener() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let (rogue, port) = try TCPProxy.listen()
+        let received = LockedLines()
+        Thread.detachNewThread {
+            let c = accept(rogue.raw, nil, nil)
+            guard c >= 0 else { return }
+            let conn = OwnedFileDescriptor(taking: c)
+            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            // Answer like a plaintext destination would, and keep what arrives.
+            let n = buffer.withUnsafeMutableBytes { read(conn.raw, $0.baseAddress, $0.count) }
+            if n > 0 { received.append(String(decoding: buffer[0..<n], as: UTF8.self)) }
+            _ = "HTTP/1.0 200 OK\r\n\r\n".withCString { write(conn.raw, $0, 19) }
+            while read(conn.raw, &buffer, buffer.count) > 0 {}
+        }
+        let report = secureMigrate(guest, port: port)
+        #expect(report.outcome == .failed)
+        #expect(!received.all.joined().contains(Self.canary))
+        expectStillRunning(guest, capture)
+        guest.requestStop()
+        guest.end()
+    }
+
+    @Test("a destination whose certificate is another enrolled host than the one named is refused before any guest byte")
+    func wrongHostRefused() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let destination = try SecureDestination(listenSeconds: 4)
+        let report = secureMigrate(guest, port: destination.port, peer: "src")
+        #expect(report.outcome == .failed)
+        #expect(report.pagesSent == 0)
+        expectStillRunning(guest, capture)
+        #expect(destination.wait())
+        #expect(destination.guest == nil)
+        guest.requestStop()
+        guest.end()
+    }
+
+    @Test("a source offering plaintext to a TLS destination is refused; the destination reserves nothing and keeps listening")
+    func plaintextOfferRefused() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let destination = try SecureDestination(listenSeconds: 4)
+        let report = secureMigrate(guest, port: destination.port, plaintext: true)
+        #expect(report.outcome == .failed)
+        expectStillRunning(guest, capture)
+        #expect(destination.wait())
+        #expect(destination.guest == nil)
+        guest.requestStop()
+        guest.end()
+    }
+
+    @Test("after a successful move, the source cannot resume the guest")
+    func noResumeAfterMove() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let destination = try SecureDestination()
+        #expect(secureMigrate(guest, port: destination.port).outcome == .completed)
+        #expect(destination.wait())
+        #expect(throws: (any Error).self) { try guest.resume() }
+        #expect(guest.state == .paused)
+        destination.guest?.requestStop()
+        guest.end(with: .migrated)
+    }
+}
