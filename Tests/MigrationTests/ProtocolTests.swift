@@ -198,17 +198,19 @@ struct ProtocolTests {
         #expect(destination.vcpu.isEmpty, "state was applied before the signature was checked")
     }
 
-    @Test("a recorded migration replayed on a new connection answers a stale challenge: refused before anything is reserved")
-    func replayRefused() throws {
+    @Test("a recorded migration replayed on a new connection (plaintext, or inside a fresh authenticated channel by someone holding the source's key) answers a stale challenge: refused before anything is reserved",
+          arguments: [false, true])
+    func replayRefused(authenticated: Bool) throws {
+        let hosts: (source: String, destination: String)? = authenticated ? ("src", "dst") : nil
         // Record what a real source sends on one connection.
         let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])
-        let (sourceEnd, destinationEnd) = InMemoryTransport.pair()
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair(authenticated: hosts)
         let recorder = Recorder(sourceEnd)
         let first = ReceiverRun(destinationEnd) { _ in FakeDestination(memory: try GuestMemory(size: 1 << 20)) }
         #expect(PreCopySender(vm: source, settings: Self.settings()).run { recorder }.outcome == .completed)
         _ = first.wait()
         // Replay it, byte for byte, after a fresh challenge.
-        let (attackerEnd, victimEnd) = InMemoryTransport.pair()
+        let (attackerEnd, victimEnd) = InMemoryTransport.pair(authenticated: hosts)
         let reserved = Mutex(0)
         let second = ReceiverRun(victimEnd) { _ in
             reserved.withLock { $0 += 1 }
@@ -248,6 +250,60 @@ struct ProtocolTests {
         #expect(report.outcome == .failed)
         #expect(report.error?.contains("authenticated") == true, "\(report.error ?? "")")
         if case .success = run.wait() { Issue.record("an impersonating source was accepted") }
+    }
+
+    @Test("a fuzzed stream after the handshake (bytes flipped, cut, lengths rewritten, behind a valid manifest) never crashes or hangs the receiver; a cut one never starts a guest")
+    func fuzzedStreamNeverStarts() throws {
+        // One good recording on an authenticated channel (no checksums: only the parser stands guard).
+        let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [[17]])
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair(authenticated: ("src", "dst"))
+        let recorder = Recorder(sourceEnd)
+        let first = ReceiverRun(destinationEnd) { _ in FakeDestination(memory: try GuestMemory(size: 1 << 20)) }
+        #expect(PreCopySender(vm: source, settings: Self.settings()).run { recorder }.outcome == .completed)
+        _ = first.wait()
+        // What follows the manifest: memory, state, end, and the commit stream.
+        let recording = recorder.sent
+        let manifestLength = recording[(16 + 8)..<(16 + 16)].enumerated().reduce(0) { $0 | Int($1.element) << (8 * $1.offset) }
+        let body = Array(recording[(16 + 16 + manifestLength)...])
+        var rng = SystemRandomNumberGenerator()
+        let iterations = Int(ProcessInfo.processInfo.environment["MIGRATION_FUZZ_ITERATIONS"] ?? "") ?? 150
+        for _ in 0..<iterations {
+            var bytes = body
+            let mutation = Int.random(in: 0..<3, using: &rng)
+            switch mutation {
+            case 0:
+                for _ in 0..<Int.random(in: 1...8, using: &rng) { bytes[Int.random(in: 0..<bytes.count, using: &rng)] ^= UInt8.random(in: 1...255, using: &rng) }
+            case 1:
+                bytes = Array(bytes.prefix(Int.random(in: 0..<bytes.count, using: &rng)))
+            default:
+                // A little-endian u64 at a random offset (a section length, a page frame) made huge or zero.
+                let at = Int.random(in: 0..<(bytes.count - 8), using: &rng)
+                let value: UInt64 = Bool.random(using: &rng) ? UInt64.max >> UInt64.random(in: 0..<40, using: &rng) : 0
+                for k in 0..<8 { bytes[at + k] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(k))) }
+            }
+            let (attackerEnd, victimEnd) = InMemoryTransport.pair(authenticated: ("src", "dst"))
+            let destination = FakeDestination(memory: try GuestMemory(size: 1 << 20))
+            let run = ReceiverRun(victimEnd) { _ in destination }
+            // The attacker holds the source's key: it answers the fresh challenge properly.
+            var reader = try StreamReader(source: TransportSource(attackerEnd), integrity: .channelAuthenticated)
+            guard let section = try reader.nextSection(), case let .challenge(_, nonce, _) = try WireMessage.decode(section.payload) else {
+                Issue.record("no challenge"); return
+            }
+            var writer = try StreamWriter(sink: BufferSink(), integrity: .channelAuthenticated)
+            let manifest = MigrationManifest(challenge: nonce, sourceHost: "src", destinationHost: "dst", sourcePid: 1,
+                                             machine: Data(try source.machineDescriptionPayload()), guest: "fake")
+            try writer.writeSection(.control, payload: WireMessage.manifest(manifest).encoded())
+            let stream = writer.sink.bytes + bytes
+            try? stream.withUnsafeBytes { try attackerEnd.send($0) }
+            attackerEnd.close()
+            // Inside an authenticated channel a changed page is just other guest memory from an
+            // authorised source; what must hold is that the receiver ends, whatever came.
+            guard let outcome = run.wait() else { Issue.record("the receiver hung on a fuzzed stream"); return }
+            if mutation == 1 {
+                if case .success = outcome { Issue.record("a cut stream started a guest") }
+                #expect(!destination.started)
+            }
+        }
     }
 }
 

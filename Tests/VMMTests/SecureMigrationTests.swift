@@ -19,7 +19,15 @@ final class TCPProxy: @unchecked Sendable {
     private var fromSource: [UInt8] = []
     private var fromDestination: [UInt8] = []
 
-    init(targetPort: UInt16, flipSourceByteAt flip: Int? = nil) throws {
+    /// What the proxy does to the source's stream: flip one bit at an offset, drop a range of
+    /// bytes, or cut the connection after a number of bytes.
+    enum Tamper: Sendable { case none, flip(at: Int), drop(Range<Int>), cut(after: Int) }
+
+    convenience init(targetPort: UInt16, flipSourceByteAt flip: Int) throws {
+        try self.init(targetPort: targetPort, tamper: .flip(at: flip))
+    }
+
+    init(targetPort: UInt16, tamper: Tamper = .none) throws {
         (listening, port) = try Self.listen()
         let listening = self.listening
         Thread.detachNewThread { [self] in
@@ -29,8 +37,8 @@ final class TCPProxy: @unchecked Sendable {
             guard server >= 0 else { Glibc.close(client); return }
             let a = OwnedFileDescriptor(taking: client), b = OwnedFileDescriptor(taking: server)
             let done = DispatchSemaphore(value: 0)
-            Thread.detachNewThread { [self] in pump(from: a, to: b, flipAt: flip, toDestination: true); done.signal() }
-            pump(from: b, to: a, flipAt: nil, toDestination: false)
+            Thread.detachNewThread { [self] in pump(from: a, to: b, tamper: tamper, toDestination: true); done.signal() }
+            pump(from: b, to: a, tamper: .none, toDestination: false)
             done.wait()
         }
     }
@@ -38,23 +46,34 @@ final class TCPProxy: @unchecked Sendable {
     /// What the source sent and what the destination answered, as seen on the wire.
     var captured: (fromSource: [UInt8], fromDestination: [UInt8]) { lock.withLock { (fromSource, fromDestination) } }
 
-    private func pump(from: OwnedFileDescriptor, to: OwnedFileDescriptor, flipAt: Int?, toDestination: Bool) {
+    private func pump(from: OwnedFileDescriptor, to: OwnedFileDescriptor, tamper: Tamper, toDestination: Bool) {
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
         var offset = 0
         while true {
             let n = buffer.withUnsafeMutableBytes { read(from.raw, $0.baseAddress, $0.count) }
             if n <= 0 { break }
-            if let flipAt, flipAt >= offset, flipAt < offset + n { buffer[flipAt - offset] ^= 0x01 }
             lock.withLock {
                 if toDestination { fromSource += buffer[0..<n] } else { fromDestination += buffer[0..<n] }
             }
+            var chunk = Array(buffer[0..<n])
+            switch tamper {
+            case let .flip(at) where at >= offset && at < offset + n:
+                chunk[at - offset] ^= 0x01
+            case let .drop(range):
+                chunk = chunk.enumerated().filter { !range.contains(offset + $0.offset) }.map(\.element)
+            case let .cut(after) where offset + n > after:
+                chunk = Array(chunk.prefix(max(0, after - offset)))
+            default:
+                break
+            }
             offset += n
             var sent = 0
-            while sent < n {
-                let w = buffer.withUnsafeBytes { write(to.raw, $0.baseAddress! + sent, n - sent) }
+            while sent < chunk.count {
+                let w = chunk.withUnsafeBytes { write(to.raw, $0.baseAddress! + sent, chunk.count - sent) }
                 if w <= 0 { break }
                 sent += w
             }
+            if case let .cut(after) = tamper, offset >= after { break }
         }
         shutdown(to.raw, Int32(SHUT_RDWR))
         shutdown(from.raw, Int32(SHUT_RDWR))
@@ -175,14 +194,16 @@ struct SecureMigrationTests {
         }
     }
 
-    @Test("one bit flipped by a proxy in the source's stream: the destination never starts the guest, the source keeps it")
-    func flippedBitRefused() throws {
+    // The counter's stream is about 30-40 KB after the handshake: 12 000 lands in its memory
+    // records, 28 000 late in the stream, among the vCPU and device state.
+    @Test("the source's stream tampered with by a proxy (a bit flipped in memory or in the vCPU state, bytes dropped, the link cut before the commit): the destination never starts the guest, the source keeps it",
+          arguments: [TCPProxy.Tamper.flip(at: 12_000), .flip(at: 28_000), .drop(14_000..<14_100), .cut(after: 20_000)])
+    func tamperedStreamRefused(_ tamper: TCPProxy.Tamper) throws {
         let capture = SerialCapture()
         let guest = try canaryGuest(capture)
         usleep(100_000)
         let destination = try SecureDestination(listenSeconds: 5)
-        // Past the handshake and the manifest: inside the memory records.
-        let proxy = try TCPProxy(targetPort: destination.port, flipSourceByteAt: 12_000)
+        let proxy = try TCPProxy(targetPort: destination.port, tamper: tamper)
         let report = secureMigrate(guest, port: proxy.port)
         #expect(report.outcome == .failed)
         #expect(destination.wait())
@@ -284,5 +305,41 @@ struct SecureMigrationTests {
         #expect(guest.state == .paused)
         destination.guest?.requestStop()
         guest.end(with: .migrated)
+    }
+
+    @Test("a TLS source meeting a plaintext destination is refused by both; nothing is reserved")
+    func tlsToPlaintextRefused() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let destination = try SecureDestination(plaintext: true, listenSeconds: 4)
+        let report = secureMigrate(guest, port: destination.port)
+        #expect(report.outcome == .failed)
+        expectStillRunning(guest, capture)
+        #expect(destination.wait())
+        #expect(destination.guest == nil)
+        guest.requestStop()
+        guest.end()
+    }
+
+    @Test("a destination with a self-made identity (a store nobody enrolled) gets no guest byte")
+    func selfMadeIdentityRefused() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let eve = try BillboardStore.initialize(directory: temporaryPath("eve"), hostName: "dst", firstAdmin: try AdminKey(name: "eve"))
+        let rogue = try GuestDoors.listen("127.0.0.1:0", store: eve, plaintext: false)
+        let refused = LockedLines()
+        Thread.detachNewThread {
+            _ = try? rogue.nextConnection(deadline: monotonicMilliseconds() + 4000, onRefused: { refused.append($0) })
+        }
+        // Same host name as the real destination, another key: the pinned key decides.
+        let report = secureMigrate(guest, port: rogue.port, peer: "dst")
+        #expect(report.outcome == .failed)
+        #expect(report.pagesSent == 0)
+        #expect(report.error?.contains("not enrolled") == true || report.error?.contains("refused") == true, "\(report.error ?? "")")
+        expectStillRunning(guest, capture)
+        guest.requestStop()
+        guest.end()
     }
 }
