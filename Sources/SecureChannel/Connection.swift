@@ -336,7 +336,15 @@ final class ConnectionHandler: ChannelDuplexHandler {
         if let ssl = error as? NIOSSLError {
             switch ssl {
             case let .handshakeFailed(inner):
-                return "the TLS 1.3 handshake with \(remote) failed (\(inner)); both hosts must speak TLS 1.3 with enrolled Ed25519 certificates"
+                let detail = "\(inner)"
+                // BoringSSL's reason codes for the refusals a listener sees most, in plain words.
+                let plain: String? =
+                    if detail.contains("PEER_DID_NOT_RETURN_A_CERTIFICATE") { "it presented no certificate" }
+                    else if detail.contains("UNSUPPORTED_PROTOCOL") { "it does not offer TLS 1.3" }
+                    else if detail.contains("HTTP_REQUEST") || detail.contains("WRONG_VERSION_NUMBER") { "it does not speak TLS" }
+                    else { nil }
+                let reason = plain.map { "\($0) (\(detail))" } ?? detail
+                return "the TLS 1.3 handshake with \(remote) failed: \(reason); both hosts must speak TLS 1.3 with enrolled Ed25519 certificates"
             case .uncleanShutdown:
                 return "\(remote) closed the connection without a TLS close_notify"
             default:
