@@ -263,7 +263,8 @@ final class ConnectionState: @unchecked Sendable {
         }
     }
 
-    func failureBeforeSend(peer: String) -> String? {
+    /// Why the connection can no longer be used, if it cannot; checked before a send starts.
+    func unusableReason() -> String? {
         condition.lock(); defer { condition.unlock() }
         return unusable()
     }

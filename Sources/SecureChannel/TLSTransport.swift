@@ -20,6 +20,11 @@ import SystemCalls
 /// blocked `send` throws when nothing was written for as long. A peer sending a byte every
 /// 29 s therefore does not keep a receiver waiting forever.
 ///
+/// TLS settings (both ends): TLS 1.3 only, Ed25519 only for signing and verifying
+/// handshake signatures (BoringSSL's default verify list lacks it), a certificate required
+/// from the client too, and trust by pinning: see `SecureChannelConfiguration` and
+/// `PeerCertificateCheck`.
+///
 /// One thread may receive while another sends; two concurrent receives (or sends) are not
 /// supported and are serialized.
 public final class TLSTransport: MigrationTransport {
@@ -123,7 +128,7 @@ public final class TLSTransport: MigrationTransport {
     /// Writes all of `bytes`: returns once they are in the socket, or throws.
     public func send(_ bytes: UnsafeRawBufferPointer) throws {
         sending.lock(); defer { sending.unlock() }
-        if let failure = state.failureBeforeSend(peer: peer) {
+        if let failure = state.unusableReason() {
             throw MigrationError.connection("cannot send to \(peer): \(failure)")
         }
         var offset = 0
