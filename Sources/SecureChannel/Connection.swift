@@ -247,9 +247,11 @@ final class ConnectionState: @unchecked Sendable {
         var lastSeen = unwrittenBytes
         var deadline = monotonicMilliseconds() + inactivitySeconds * 1000
         while true {
+            // Bytes already in the socket count as sent, even if the peer closed right after
+            // reading them (it may: it had everything it needed).
+            if unwrittenBytes <= limit { return }
             if closedLocally { throw MigrationError.connection("the connection to \(peer) was closed on this side") }
             if let failure = writeFailure { throw MigrationError.connection("sending to \(peer) failed: \(failure)") }
-            if unwrittenBytes <= limit { return }
             if unwrittenBytes < lastSeen {
                 lastSeen = unwrittenBytes
                 deadline = monotonicMilliseconds() + inactivitySeconds * 1000
