@@ -5,7 +5,7 @@ SWIFT   ?= swift
 RELEASE := .build/release/vmm
 DEBUG   := .build/debug/vmm
 
-.PHONY: all deps guests build release test demo bench bench-migration fuzz clean
+.PHONY: all deps guests build release test demo bench bench-migration fuzz soak clean
 
 all: build
 
@@ -43,6 +43,12 @@ bench-migration: release
 FUZZ_SECONDS ?= 60
 fuzz: build
 	SNAPSHOT_FUZZ_SECONDS=$(FUZZ_SECONDS) $(SWIFT) test --filter mutationFuzz
+
+# kill -9 of either side at random moments of a migration, SOAK_ROUNDS times (default 50).
+SOAK_ROUNDS ?= 50
+soak: build
+	$(SWIFT) build --build-tests
+	KILL_SOAK_ROUNDS=$(SOAK_ROUNDS) $(SWIFT) test --skip-build --filter KillDuringMigrationTests
 
 clean:
 	$(MAKE) -C GuestImages clean

@@ -391,7 +391,10 @@ public final class GuestSession: @unchecked Sendable {
         guard first else { return }
         // One transaction: lease back and record "ended" (kept until the process is gone, since
         // its VM exists until then; the next scan removes it).
-        do { try store.instances.end(guestID: registration.id, releaseLease: holds) } catch {
+        // An incoming guest that never started gives back a lease the source handed to this
+        // process before a GO that never came, so the guest is not stranded on a process that
+        // runs nothing (the store releases it only if it is held in this process's name).
+        do { try store.instances.end(guestID: registration.id, releaseLease: holds || source != nil) } catch {
             log("billboard: could not record the end of '\(registration.name)': \(error)")
         }
     }
