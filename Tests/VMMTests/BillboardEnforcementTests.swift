@@ -445,7 +445,7 @@ struct BillboardMigrationTests {
         let u = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "hostB", "--api-socket", source.socket, "--quiet"])
         #expect(u.status != 0)
         #expect(destination.output.isEmpty, "the destination ran an untrusted guest")
-        #expect(waitUntil(5) { destination.errorText.contains("refused a connection") }, "\(destination.errorText)")
+        #expect(waitUntil(15) { destination.errorText.contains("refused a connection") }, "\(destination.errorText)")
         #expect(stillRunning(source), "the source lost its guest")
         #expect(try a.cli(["instances"]).stdout.contains("lease epoch 1"), "a failed migration must leave the lease where it was")
 
