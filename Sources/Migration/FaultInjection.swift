@@ -118,8 +118,11 @@ public final class FaultInjectingTransport: MigrationTransport {
         while at + SnapshotFormat.sectionHeaderSize <= data.count {
             let header = Array(data[at..<at + SnapshotFormat.sectionHeaderSize])
             let type = header.prefix(4).enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) }
-            let length = Int(header[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) })
-            guard length >= 0, at + SnapshotFormat.sectionHeaderSize + length + trailerSize <= data.count else { break }
+            let declared = header[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
+            // Checked against what is here before it becomes an Int or an allocation.
+            guard declared <= UInt64(data.count) else { break }
+            let length = Int(declared)
+            guard at + SnapshotFormat.sectionHeaderSize + length + trailerSize <= data.count else { break }
             let payload = Array(data[at + SnapshotFormat.sectionHeaderSize ..< at + SnapshotFormat.sectionHeaderSize + length])
             let section = FramedSection(type: type, start: at, header: header, payload: payload, trailerSize: trailerSize)
             sections.append(section)

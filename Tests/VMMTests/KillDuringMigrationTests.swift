@@ -25,8 +25,10 @@ struct KillDuringMigrationTests {
 
     func oneRound(seed: Int) throws -> String {
         let store = try TestBillboard(host: "kill\(seed)")
-        let counter = try Fixtures.guest("counter.elf")
-        let cmdline = "count=0 ticks=2000000"
+        // The dirtier keeps 8 MiB busy, so under the bandwidth cap below a migration lasts about
+        // two seconds and a kill can land in any of its phases.
+        let counter = try Fixtures.guest("dirtier.elf")
+        let cmdline = "pages=2048 rate=0 mark_us=0"
         let registration = try store.register(counter, cmdline: cmdline)
         let leaseTimeout = ["--lease-timeout", "2", "--scan-interval", "1"]
         let sourceSocket = temporaryPath("kill-src") + ".sock"
@@ -40,9 +42,9 @@ struct KillDuringMigrationTests {
         usleep(300_000)
         // A bandwidth cap stretches the migration so that a kill can land in any phase.
         let start = try source.call(.PUT, "/vm/migrate",
-                                    "{\"destination\": \"127.0.0.1:\(port)\", \"peer\": \"\(store.host)\", \"max_bandwidth\": 400000, \"timeout_s\": 20}")
+                                    "{\"destination\": \"127.0.0.1:\(port)\", \"peer\": \"\(store.host)\", \"max_bandwidth\": 5000000, \"timeout_s\": 20}")
         #expect(start.status == 202, "\(start.body)")
-        usleep(UInt32.random(in: 0...1_500_000))
+        usleep(UInt32.random(in: 0...2_500_000))
         let killSource = Bool.random()
         let victim = killSource ? source : destination
         kill(victim.process.processIdentifier, SIGKILL)
@@ -54,7 +56,8 @@ struct KillDuringMigrationTests {
             usleep(100_000)
         }
         let survivor = killSource ? destination : source
-        var outcome = killSource ? "source killed" : "destination killed"
+        let phase = (try? source.call(.GET, "/vm/migration").json?["phase"] as? String) ?? "source gone"
+        var outcome = (killSource ? "source killed" : "destination killed") + " (\(phase))"
         if running(survivor) {
             outcome += ", survivor runs the guest"
         } else if survivor === source, source.process.isRunning {
