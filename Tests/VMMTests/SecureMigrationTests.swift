@@ -342,4 +342,29 @@ struct SecureMigrationTests {
         guest.requestStop()
         guest.end()
     }
+
+    @Test("a flood of idle and garbage connections does not keep a receiving VMM from the real migration")
+    func floodDoesNotStarve() throws {
+        let capture = SerialCapture()
+        let guest = try canaryGuest(capture)
+        usleep(100_000)
+        let destination = try SecureDestination()
+        // More idle connections than the listener has handshake slots, and some that send junk.
+        var flood: [OwnedFileDescriptor] = []
+        for i in 0..<24 {
+            let fd = TCPProxy.connect(destination.port)
+            guard fd >= 0 else { continue }
+            let connection = OwnedFileDescriptor(taking: fd)
+            if i % 4 == 0 { _ = "GET / HTTP/1.0\r\n\r\n".withCString { write(connection.raw, $0, 18) } }
+            flood.append(connection)
+        }
+        let report = secureMigrate(guest, port: destination.port)
+        #expect(report.outcome == .completed, "\(report.error ?? "")")
+        #expect(destination.wait())
+        #expect(destination.guest?.state == .running)
+        destination.guest?.requestStop()
+        guest.end(with: .migrated)
+        flood.forEach { $0.close() }
+    }
 }
+
