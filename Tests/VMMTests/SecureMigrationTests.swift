@@ -262,30 +262,30 @@ struct SecureMigrationTests {
         guest.end()
     }
 
-    @Test("a destination whose certificate is another enrolled host than the one named is refused before any guest byte")
-    func wrongHostRefused() throws {
-        let capture = SerialCapture()
-        let guest = try canaryGuest(capture)
-        usleep(100_000)
-        let destination = try SecureDestination(listenSeconds: 4)
-        let report = secureMigrate(guest, port: destination.port, peer: "src")
-        #expect(report.outcome == .failed)
-        #expect(report.pagesSent == 0)
-        expectStillRunning(guest, capture)
-        #expect(destination.wait())
-        #expect(destination.guest == nil)
-        guest.requestStop()
-        guest.end()
+    /// A migration the channel must refuse: which transport each side uses, and whom the
+    /// source names.
+    struct Mismatch: Sendable, CustomTestStringConvertible {
+        let name: String
+        let plaintextDestination: Bool
+        let plaintextSource: Bool
+        let peer: String?
+        var testDescription: String { name }
     }
 
-    @Test("a source offering plaintext to a TLS destination is refused; the destination reserves nothing and keeps listening")
-    func plaintextOfferRefused() throws {
+    @Test("refused by the channel before any guest byte, the source keeping its guest and lease, the destination reserving nothing and listening on",
+          arguments: [
+              Mismatch(name: "a destination enrolled as another host than the one named", plaintextDestination: false, plaintextSource: false, peer: "src"),
+              Mismatch(name: "a source offering plaintext to a TLS destination", plaintextDestination: false, plaintextSource: true, peer: nil),
+              Mismatch(name: "a TLS source meeting a plaintext destination", plaintextDestination: true, plaintextSource: false, peer: "dst"),
+          ])
+    func channelMismatchRefused(_ mismatch: Mismatch) throws {
         let capture = SerialCapture()
         let guest = try canaryGuest(capture)
         usleep(100_000)
-        let destination = try SecureDestination(listenSeconds: 4)
-        let report = secureMigrate(guest, port: destination.port, plaintext: true)
+        let destination = try SecureDestination(plaintext: mismatch.plaintextDestination, listenSeconds: 4)
+        let report = secureMigrate(guest, port: destination.port, peer: mismatch.peer, plaintext: mismatch.plaintextSource)
         #expect(report.outcome == .failed)
+        #expect(report.pagesSent == 0, "guest pages left for a peer the channel refused")
         expectStillRunning(guest, capture)
         #expect(destination.wait())
         #expect(destination.guest == nil)
@@ -305,21 +305,6 @@ struct SecureMigrationTests {
         #expect(guest.state == .paused)
         destination.guest?.requestStop()
         guest.end(with: .migrated)
-    }
-
-    @Test("a TLS source meeting a plaintext destination is refused by both; nothing is reserved")
-    func tlsToPlaintextRefused() throws {
-        let capture = SerialCapture()
-        let guest = try canaryGuest(capture)
-        usleep(100_000)
-        let destination = try SecureDestination(plaintext: true, listenSeconds: 4)
-        let report = secureMigrate(guest, port: destination.port)
-        #expect(report.outcome == .failed)
-        expectStillRunning(guest, capture)
-        #expect(destination.wait())
-        #expect(destination.guest == nil)
-        guest.requestStop()
-        guest.end()
     }
 
     @Test("a destination with a self-made identity (a store nobody enrolled) gets no guest byte")
