@@ -58,6 +58,18 @@ final class ConnectionState: @unchecked Sendable {
 
     private var unwrittenBytes = 0
     private var writeFailure: String?
+    /// Whether the peer has sent anything yet (a client starts its handshake at once; an idle
+    /// connection never does), for choosing whom to drop when too many handshakes are pending.
+    private var sentAnything = false
+
+    func noteBytesArrived() {
+        condition.lock(); sentAnything = true; condition.unlock()
+    }
+
+    var hasSentAnything: Bool {
+        condition.lock(); defer { condition.unlock() }
+        return sentAnything
+    }
 
     init(remote: String) { self.remote = remote }
 
@@ -358,5 +370,21 @@ final class ConnectionHandler: ChannelDuplexHandler {
             return "the connection with \(remote) failed: \(io)"
         }
         return "the connection with \(remote) failed: \(error)"
+    }
+}
+
+/// Sits before the TLS handler and marks a connection as having sent its first bytes.
+final class FirstBytesMarker: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    private let state: ConnectionState
+
+    init(state: ConnectionState) { self.state = state }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        state.noteBytesArrived()
+        context.fireChannelRead(data)
+        // Only the first read matters.
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }

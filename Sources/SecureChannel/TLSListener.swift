@@ -10,9 +10,9 @@ import SystemCalls
 ///
 /// Handshakes run on SwiftNIO's event loops whether or not a thread is in `accept`. Limits:
 /// - at most `maxPendingHandshakes` connections may be in their handshake at once; when one
-///   more arrives, the oldest pending one is dropped (reported as refused). Idle or slow
-///   connections thus cannot lock a good client out: it only has to finish its handshake
-///   before `maxPendingHandshakes` newer connections arrive (milliseconds, on a real link).
+///   more arrives, the oldest pending one that has not sent a byte is dropped (or, if all
+///   have, the oldest), reported as refused. Idle connections thus cannot lock a good client
+///   out, whatever order the event loops admit connections in.
 /// - each handshake must finish within `handshakeTimeoutSeconds` of the TCP accept.
 /// - at most `maxPendingHandshakes` authenticated connections wait for `accept`; more are
 ///   closed and reported as refused. Each buffers at most 4 MiB of received data meanwhile.
@@ -76,7 +76,8 @@ public final class TLSListener: Sendable {
                 core.admit(state, channel: channel)
                 return channel.eventLoop.makeCompletedFuture {
                     let tls = NIOSSLServerHandler(context: context, customVerificationCallback: verify)
-                    try channel.pipeline.syncOperations.addHandlers(tls, ConnectionHandler(state: state, events: events))
+                    try channel.pipeline.syncOperations.addHandlers(FirstBytesMarker(state: state), tls,
+                                                                    ConnectionHandler(state: state, events: events))
                 }
             }
         do {
@@ -148,7 +149,12 @@ private final class ListenerCore: @unchecked Sendable {
             return
         }
         var evicted: (state: ConnectionState, channel: any Channel)?
-        if pending.count >= maxPending { evicted = pending.removeFirst() }
+        if pending.count >= maxPending {
+            // The oldest that never sent a byte goes first: a real client has started its
+            // handshake within milliseconds, an idle connection never does.
+            let index = pending.firstIndex { !$0.state.hasSentAnything } ?? 0
+            evicted = pending.remove(at: index)
+        }
         pending.append((state, channel))
         condition.unlock()
         if let evicted {

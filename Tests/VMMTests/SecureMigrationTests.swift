@@ -343,6 +343,8 @@ struct SecureMigrationTests {
             if i % 4 == 0 { _ = "GET / HTTP/1.0\r\n\r\n".withCString { write(connection.raw, $0, 18) } }
             flood.append(connection)
         }
+        // Let the listener take them all in before the real source arrives.
+        usleep(300_000)
         let report = secureMigrate(guest, port: destination.port)
         #expect(report.outcome == .completed, "\(report.error ?? "")")
         #expect(destination.wait())
