@@ -1,36 +1,58 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Foundation
 import Testing
 import SystemCalls
 
-/// Whether `fd` is an open descriptor of this process.
-private func isOpen(_ fd: Int32) -> Bool { fcntl(fd, F_GETFD) != -1 }
+/// A file no other test can open: created, then unlinked, so its inode is ours alone.
+/// Tests run in parallel in one process and descriptor numbers are reused lowest first,
+/// so "is number N open" proves nothing; "does number N refer to this file" does.
+private struct PrivateFile {
+    let device: UInt64
+    let inode: UInt64
+
+    /// Opens a fresh private file and returns its raw descriptor.
+    static func open() -> (PrivateFile, Int32)? {
+        var template = Array("/tmp/swift-vmm-fd-XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard fd >= 0 else { return nil }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { Glibc.close(fd); return nil }
+        return (PrivateFile(device: UInt64(info.st_dev), inode: UInt64(info.st_ino)), fd)
+    }
+
+    /// Whether descriptor `fd` is open on this very file.
+    func isOpen(as fd: Int32) -> Bool {
+        var info = stat()
+        return fstat(fd, &info) == 0 && UInt64(info.st_dev) == device && UInt64(info.st_ino) == inode
+    }
+}
 
 @Suite("An owned file descriptor is closed exactly once")
 struct OwnedFileDescriptorTests {
     @Test("close then deinit leaves a file that reused the number open")
     func closeThenDeinitSparesReusedNumber() throws {
-        var owner: OwnedFileDescriptor? = try OwnedFileDescriptor.open("/dev/null", O_RDONLY | O_CLOEXEC)
-        let number = try #require(owner?.raw)
+        let (ownedFile, raw) = try #require(PrivateFile.open())
+        var owner: OwnedFileDescriptor? = OwnedFileDescriptor(taking: raw)
         owner?.close()
-        #expect(!isOpen(number))
+        #expect(!ownedFile.isOpen(as: raw))
         // Descriptors are allocated lowest first, so the next open takes the freed number
         // unless another test's open races it; only then is the check meaningful.
-        let reused = open("/dev/null", O_RDONLY | O_CLOEXEC)
-        defer { if reused >= 0 { Glibc.close(reused) } }
+        let (reusedFile, reused) = try #require(PrivateFile.open())
+        defer { Glibc.close(reused) }
         owner = nil
-        if reused == number {
-            #expect(isOpen(reused), "the owner's deinit closed a number it had already given up")
+        if reused == raw {
+            #expect(reusedFile.isOpen(as: reused), "the owner's deinit closed a number it had already given up")
         }
-        #expect(reused >= 0)
     }
 
     @Test("a second close does nothing, and the number reads -1 once closed")
     func closeIsIdempotent() throws {
         let owner = try OwnedFileDescriptor.open("/dev/null", O_RDONLY | O_CLOEXEC)
-        let number = owner.raw
-        #expect(isOpen(number) && !owner.isClosed)
+        #expect(fcntl(owner.raw, F_GETFD) != -1 && !owner.isClosed)
         #expect(owner.close(after: { _ in }))
         #expect(!owner.close(after: { _ in Issue.record("the last use ran twice") }))
         owner.close()
@@ -50,11 +72,11 @@ struct OwnedFileDescriptorTests {
 
     @Test("the owner's deinit closes a descriptor still open")
     func deinitCloses() throws {
-        var owner: OwnedFileDescriptor? = try OwnedFileDescriptor.open("/dev/null", O_RDONLY | O_CLOEXEC)
-        let number = try #require(owner?.raw)
-        #expect(isOpen(number))
+        let (file, raw) = try #require(PrivateFile.open())
+        var owner: OwnedFileDescriptor? = OwnedFileDescriptor(taking: raw)
+        #expect(file.isOpen(as: raw) && owner?.isClosed == false)
         owner = nil
-        #expect(!isOpen(number))
+        #expect(!file.isOpen(as: raw))
     }
 
     @Test("opening a missing file names the call and ENOENT")
@@ -117,24 +139,42 @@ struct SystemCallErrorTests {
 
 @Suite("A memory mapping is unmapped when its owner goes away")
 struct MemoryMappingTests {
-    /// Whether any page of the range is mapped: `msync` fails with ENOMEM on unmapped memory.
-    private func isMapped(_ address: UnsafeMutableRawPointer, _ length: Int) -> Bool {
-        msync(address, length, MS_ASYNC) == 0
+    /// Whether any mapping of this process is backed by the given inode, read from
+    /// /proc/self/maps. Asking about the range's address instead would race other tests'
+    /// mmaps, which may take the range the moment it is freed.
+    private func isMapped(inode: UInt64) throws -> Bool {
+        // Read to the end by hand: procfs files report size 0 and come in pieces.
+        let fd = Glibc.open("/proc/self/maps", O_RDONLY | O_CLOEXEC)
+        try #require(fd >= 0)
+        defer { Glibc.close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            try #require(n >= 0)
+            if n == 0 { break }
+            bytes += chunk[0..<n]
+        }
+        let maps = String(decoding: bytes, as: UTF8.self)
+        return maps.split(separator: "\n").contains { line in
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            return fields.count >= 5 && UInt64(fields[4]) == inode
+        }
     }
 
     @Test("deinit unmaps the range")
     func deinitUnmaps() throws {
         let length = 4 * Int(sysconf(Int32(_SC_PAGESIZE)))
+        let (file, raw) = try #require(PrivateFile.open())
+        let backing = OwnedFileDescriptor(taking: raw)
+        try #require(ftruncate(backing.raw, off_t(length)) == 0)
         var mapping: MemoryMapping? = try MemoryMapping(length: length, protection: PROT_READ | PROT_WRITE,
-                                                        flags: MAP_PRIVATE | MAP_ANONYMOUS, descriptor: nil)
-        let base = try #require(mapping?.base)
+                                                        flags: MAP_SHARED, descriptor: backing)
         mapping?.bytes[length - 1] = 0xAB
         #expect(mapping?.bytes[length - 1] == 0xAB)
-        #expect(isMapped(base, length))
+        #expect(try isMapped(inode: file.inode))
         mapping = nil
-        // Another test's mmap could take the range in between; that would be rare, and
-        // it would show as a failure here, never hide one.
-        #expect(!isMapped(base, length))
+        #expect(try !isMapped(inode: file.inode))
     }
 
     @Test("a refused mapping names the call and errno")
