@@ -114,7 +114,7 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "SwiftASN1", package: "swift-asn1"),
         ]),
-        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls"]),
+        .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "VMMTests", dependencies: ["TestSupport", "SystemCalls", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
                                                .product(name: "GRDB", package: "GRDB.swift")]),
     ]

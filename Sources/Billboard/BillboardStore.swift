@@ -38,6 +38,8 @@ public final class BillboardStore: Sendable {
     public let peerHosts: PeerHosts
     /// This host's signatures over the guest states it writes.
     public let stateSignatures: StateSignatures
+    /// Who this host seals a guest's snapshots for, and opening the keys sealed for this host.
+    public let stateSealing: StateSealing
 
     let database: BillboardDatabase
 
@@ -146,6 +148,7 @@ public final class BillboardStore: Sendable {
         self.administrators = administrators
         self.peerHosts = peerHosts
         self.stateSignatures = StateSignatures(database: database, peerHosts: peerHosts)
+        self.stateSealing = StateSealing(database: database, peerHosts: peerHosts)
     }
 
     /// The canary proves the at-rest key (hence host.key) belongs to this database.

@@ -17,6 +17,22 @@ public enum MachineStateCodec {
         return stats
     }
 
+    /// Writes a paused machine whole into a sealed file: `header` as the description block,
+    /// every page that may hold data, vCPU and device blocks, then the index, the signature
+    /// `sign` makes and the trailer.
+    public static func writeSealed<S: ByteSink>(_ machine: Machine, header: [UInt8], to writer: inout SealedWriter<S>,
+                                                sign: ([UInt8]) throws -> [UInt8]) throws -> MemoryWriteStats {
+        let state = try machine.saveState()
+        try writer.writeBlock(.description, plaintext: header)
+        let pages = machine.memory.possiblyNonZeroPages()?.pageFrames ?? Array(0..<machine.memory.pageCount)
+        let stats = try writer.writeMemoryPages(pages, from: machine.memory)
+        let payloads = try encode(state)
+        try writer.writeBlock(.vcpu, plaintext: payloads.vcpus)
+        try writer.writeBlock(.devices, plaintext: payloads.devices)
+        try writer.finish(sign: sign)
+        return stats
+    }
+
     /// Writes vCPU and device state, the signature and the end section.
     public static func writeClosing<S: ByteSink>(_ state: MachineState, to writer: inout StreamWriter<S>,
                                                  sign: ([UInt8]) throws -> [UInt8]?) throws {

@@ -122,12 +122,27 @@ public final class AdmittedGuest: Sendable {
     }
 
     /// Writes the paused guest to `path`, signed by this host's key: an edited snapshot, even
-    /// with recomputed checksums, is refused.
-    public func snapshot(to path: String) throws -> SnapshotStats {
-        session.noteSnapshot()
-        return try SnapshotFile.write(machine, header: stateHeader, to: path) { digest in
-            try StateJSON.encode(try session.store.stateSignatures.sign(digest: digest))
+    /// with recomputed checksums, is refused. Sealed (the default), the file is encrypted for
+    /// this host and the guest's allowed hosts that are enrolled peers; `sealed: false` writes
+    /// the guest in clear, for debugging.
+    public func snapshot(to path: String, sealed: Bool = true) throws -> SnapshotStats {
+        let store = session.store
+        var sealing = SnapshotSealing.unsealed
+        var warnings: [String] = []
+        if sealed {
+            let recipients = try store.stateSealing.recipients(for: session.registration)
+            warnings = recipients.warnings
+            for warning in warnings { session.log("snapshot: \(warning)") }
+            sealing = .sealed(writer: store.hostName, hosts: recipients.hosts)
+        } else {
+            warnings = ["the snapshot is unsealed: anyone who can read '\(path)' can read the guest's memory"]
         }
+        session.noteSnapshot()
+        var stats = try SnapshotFile.write(machine, header: stateHeader, to: path, sealing: sealing) { digest in
+            try StateJSON.encode(try store.stateSignatures.sign(digest: digest))
+        }
+        stats.warnings = warnings.isEmpty ? nil : warnings
+        return stats
     }
 
     /// A restored guest, fully verified: takes the lease (the epoch moves past the snapshot's,

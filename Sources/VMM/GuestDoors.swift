@@ -81,7 +81,18 @@ public enum GuestDoors {
     public static func restore(path: String, requestedMemory: UInt64?, store: BillboardStore, settings: BillboardSettings,
                                kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
                                serialOutput: @escaping (UInt8) -> Void) throws -> (AdmittedGuest, SnapshotStats) {
-        let file = try SnapshotFile.Opened(path: path)
+        let file: SnapshotFile.Opened
+        do {
+            file = try SnapshotFile.Opened(path: path) { envelope in
+                try envelope.dataKey(thisHost: store.hostName, agreementKey: store.stateSealing.agreementKey) {
+                    try store.stateSealing.openWrappedKey(encapsulatedKey: $0, wrappedKey: $1, info: $2, associatedData: $3,
+                                                          ciphersuite: SealedFormat.keyWrapSuite)
+                }
+            }
+        } catch let error as SealedFileError {
+            store.stateSignatures.auditRefused(guest: nil, reason: "\(path): \(error)")
+            throw error
+        }
         let description = file.header.description
         if let requestedMemory, requestedMemory != description.memorySize {
             throw SnapshotError.memoryMismatch(snapshot: description.memorySize, requested: requestedMemory)

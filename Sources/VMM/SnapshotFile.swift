@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Billboard
 import Crypto
 import Foundation
 import GuestMemory
@@ -14,14 +15,27 @@ public struct SnapshotStats: Sendable, Codable {
     public var pages: Int
     public var zeroPages: Int
     public var milliseconds: Double
+    /// The hosts a sealed file was sealed for (nil: written unsealed, or read).
+    public var sealedFor: [String]?
+    /// Allowed hosts that got no key (not enrolled peers), and similar things to tell the operator.
+    public var warnings: [String]?
 }
 
-/// Snapshot files: the machine state stream written to a temporary file, synced, then renamed
+/// How a snapshot file is written.
+public enum SnapshotSealing: Sendable {
+    /// Version 1: the state stream in clear, with section checksums and the host's signature.
+    /// For debugging: anyone who can read the file reads the guest.
+    case unsealed
+    /// Version 2 (the default): encrypted with a fresh data key wrapped for each of `hosts`.
+    case sealed(writer: String, hosts: [StateSealing.Recipient])
+}
+
+/// Snapshot files: the machine state written to a temporary file, synced, then renamed
 /// into place; read back in two steps so that admission sits between them.
 public enum SnapshotFile {
     /// Writes a paused machine to `path`, with `header` as its machine section and the signature
-    /// `sign` makes over the stream (nil: unsigned).
-    public static func write(_ machine: Machine, header: StateHeader, to path: String,
+    /// `sign` makes over the stream (nil: unsigned; a sealed file must be signed).
+    public static func write(_ machine: Machine, header: StateHeader, to path: String, sealing: SnapshotSealing = .unsealed,
                              sign: ([UInt8]) throws -> [UInt8]?) throws -> SnapshotStats {
         let t0 = monotonicMilliseconds()
         let temporary = path + ".partial"
@@ -31,8 +45,26 @@ public enum SnapshotFile {
         }
         var written = false
         defer { if !written { file.close(); unlink(temporary) } }
-        var writer = try StreamWriter(sink: FileDescriptorSink(file))
-        let stats = try MachineStateCodec.writeFull(machine, header: try header.encoded(), to: &writer, sign: sign)
+        let stats: MemoryWriteStats
+        let bytes: UInt64
+        switch sealing {
+        case .unsealed:
+            var writer = try StreamWriter(sink: FileDescriptorSink(file))
+            stats = try MachineStateCodec.writeFull(machine, header: try header.encoded(), to: &writer, sign: sign)
+            bytes = writer.bytesWritten
+        case let .sealed(writerHost, hosts):
+            let (key, fileID) = SealedWriter<FileDescriptorSink>.freshKey()
+            let envelope = try SealedEnvelope.seal(dataKey: key, fileID: fileID, writer: writerHost,
+                                                   for: hosts.map { ($0.name, $0.agreementKey) })
+            var writer = try SealedWriter(sink: FileDescriptorSink(file), dataKey: key, envelope: envelope)
+            stats = try MachineStateCodec.writeSealed(machine, header: try header.encoded(), to: &writer) { digest in
+                guard let signature = try sign(digest) else {
+                    throw MachineError.io("a sealed snapshot must be signed by its host")
+                }
+                return signature
+            }
+            bytes = writer.bytesWritten
+        }
         guard fsync(file.raw) == 0 else { throw MachineError.io("fsync of '\(temporary)' failed: \(String(cString: strerror(errno)))") }
         file.close()
         written = true
@@ -40,28 +72,50 @@ public enum SnapshotFile {
             unlink(temporary)
             throw MachineError.io("cannot rename snapshot into '\(path)': \(String(cString: strerror(errno)))")
         }
-        return SnapshotStats(bytes: writer.bytesWritten, pages: stats.pages, zeroPages: stats.zeroPages,
-                             milliseconds: monotonicMilliseconds() - t0)
+        var sealedFor: [String]?
+        if case let .sealed(_, hosts) = sealing { sealedFor = hosts.map(\.name) }
+        return SnapshotStats(bytes: bytes, pages: stats.pages, zeroPages: stats.zeroPages,
+                             milliseconds: monotonicMilliseconds() - t0, sealedFor: sealedFor)
     }
 
     /// A snapshot file opened for restore, its header read and nothing else: the caller admits
-    /// the header, reserves a machine, then reads the body into it.
+    /// the header, reserves a machine, then reads the body into it. Sealed files (version 2) are
+    /// opened with `unwrap`, which returns the data key for this host or refuses; unsealed
+    /// (version 1) files are read as before.
     public final class Opened {
         public let path: String
         public let header: StateHeader
+        /// Whether the file is sealed (version 2).
+        public var isSealed: Bool { sealed != nil }
         private let file: OwnedFileDescriptor
-        private var reader: StreamReader<FileDescriptorSource>
+        private var stream: StreamReader<FileDescriptorSource>?
+        private let sealed: SealedReader<FileRandomAccessSource>?
         private let t0 = monotonicMilliseconds()
         private var fd: Int32 { file.raw }
 
-        public init(path: String) throws {
+        public init(path: String, unwrap: ((SealedEnvelope) throws -> SymmetricKey)? = nil) throws {
             self.path = path
+            let file: OwnedFileDescriptor
             do { file = try OwnedFileDescriptor.open(path, O_RDONLY | O_CLOEXEC) } catch {
                 throw MachineError.io("cannot open snapshot '\(path)': \(error.message)")
             }
-            var reader = try StreamReader(source: FileDescriptorSource(file))
-            header = try StateHeader.decode(try StateSequence.readDescription(from: &reader), what: "machine section")
-            self.reader = reader
+            self.file = file
+            var magic = [UInt8](repeating: 0, count: 8)
+            let n = magic.withUnsafeMutableBytes { pread(file.raw, $0.baseAddress, 8, 0) }
+            if n == 8, magic == SealedFormat.magic {
+                guard let unwrap else {
+                    throw MachineError.io("'\(path)' is a sealed snapshot and no host keys were given to open it")
+                }
+                let reader = try SealedReader(source: try FileRandomAccessSource(file), unwrap: unwrap)
+                header = try StateHeader.decode(try reader.description(), what: "description block")
+                sealed = reader
+                stream = nil
+            } else {
+                var reader = try StreamReader(source: FileDescriptorSource(file))
+                header = try StateHeader.decode(try StateSequence.readDescription(from: &reader), what: "machine section")
+                stream = reader
+                sealed = nil
+            }
         }
 
         /// SHA-256 of the whole file, read from this open file (not the path), so it is of the
@@ -83,7 +137,10 @@ public enum SnapshotFile {
         /// Reads and verifies the rest of the file, applying memory to `memory`; nothing is
         /// applied to vCPUs here (the caller checks the signature first).
         public func readBody(into memory: GuestMemory) throws -> StateBody {
-            try StateSequence.readBody(from: &reader, into: memory)
+            if let sealed { return try sealed.readBody(into: memory) }
+            guard var reader = stream else { throw MachineError.io("the snapshot body was already read") }
+            stream = nil
+            return try StateSequence.readBody(from: &reader, into: memory)
         }
 
         /// Figures for a restore that read the whole file.
