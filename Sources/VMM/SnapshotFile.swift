@@ -24,22 +24,13 @@ public enum SnapshotFile {
     public static func write(_ machine: Machine, header: StateHeader, to path: String,
                              sign: ([UInt8]) throws -> [UInt8]?) throws -> SnapshotStats {
         let t0 = monotonicMilliseconds()
-        let temporary = path + ".partial"
-        let file: OwnedFileDescriptor
-        do { file = try OwnedFileDescriptor.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o600) } catch {
-            throw MachineError.io("cannot create snapshot file '\(temporary)': \(error.message)")
-        }
-        var written = false
-        defer { if !written { file.close(); unlink(temporary) } }
-        var writer = try StreamWriter(sink: FileDescriptorSink(file))
+        // A random O_EXCL|O_NOFOLLOW 0600 temporary in the target's directory, renamed into place
+        // on commit and removed if anything before that throws (see AtomicFileWriter's rules).
+        let target: AtomicFileWriter
+        do { target = try AtomicFileWriter(path: path, what: "snapshot") } catch { throw MachineError.io(error.description) }
+        var writer = try StreamWriter(sink: FileDescriptorSink(target.file))
         let stats = try MachineStateCodec.writeFull(machine, header: try header.encoded(), to: &writer, sign: sign)
-        guard fsync(file.raw) == 0 else { throw MachineError.io("fsync of '\(temporary)' failed: \(String(cString: strerror(errno)))") }
-        file.close()
-        written = true
-        guard rename(temporary, path) == 0 else {
-            unlink(temporary)
-            throw MachineError.io("cannot rename snapshot into '\(path)': \(String(cString: strerror(errno)))")
-        }
+        do { try target.commit() } catch { throw MachineError.io(error.description) }
         return SnapshotStats(bytes: writer.bytesWritten, pages: stats.pages, zeroPages: stats.zeroPages,
                              milliseconds: monotonicMilliseconds() - t0)
     }
