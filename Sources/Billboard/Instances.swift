@@ -6,6 +6,7 @@ import Darwin
 import Crypto
 import Foundation
 import GRDB
+import SystemCalls
 
 /// What a VMM process is doing with its guest, as the scan sees it.
 public enum InstanceState: String, Sendable, Codable, Equatable {
@@ -136,7 +137,7 @@ public struct Instances: Sendable {
     public func end(guestID: UUID, pid: Int32 = getpid(), releaseLease release: Bool) throws {
         let guestText = guestIDText(guestID)
         try database.write { db in
-            if release, let current = try leaseRecords.row(db, guestID), current.pid == pid, current.host == database.hostName {
+            if release, let current = try leaseRecords.row(db, guestID), current.pid == pid, sameBytes(current.host, database.hostName) {
                 try leaseRecords.release(db, guestID, current, actor: "vmm pid \(pid)@\(database.hostName)")
             }
             try setState(db, pid: pid, guestID: guestText, state: .ended)

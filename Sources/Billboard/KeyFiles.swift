@@ -7,30 +7,12 @@ import Crypto
 import Foundation
 import SystemCalls
 
-#if canImport(Glibc)
-private let posixWrite = Glibc.write
-#else
-private let posixWrite = Darwin.write
-#endif
-
-/// Owner-only file helpers. Keys are written with O_EXCL and mode 0600 from the start,
-/// so there is no window in which another user could open them.
+/// Owner-only file helpers. Keys are written 0600 from the start under a temporary name and
+/// moved into place only if nothing is at the path (AtomicFileWriter, `replacing: false`), so
+/// there is no window in which another user could open them, and no symlink is followed.
 enum SecureFile {
     static func write(_ data: Data, to path: String) throws {
-        do {
-            let file = try OwnedFileDescriptor.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode: 0o600)
-            // The umask cannot widen 0600, but fchmod makes the mode explicit regardless.
-            _ = try retryingOnInterrupt("fchmod(\(path))") { fchmod(file.raw, 0o600) }
-            try data.withUnsafeBytes { raw in
-                var offset = 0
-                while offset < raw.count {
-                    offset += try retryingOnInterrupt("write(\(path))") { posixWrite(file.raw, raw.baseAddress! + offset, raw.count - offset) }
-                }
-            }
-            _ = try retryingOnInterrupt("fsync(\(path))") { fsync(file.raw) }
-        } catch let error as SystemCallError {
-            throw BillboardError.io(path: path, errno: error.errno)
-        }
+        try AtomicFileWriter.write([UInt8](data), to: path, what: "key file", replacing: false)
     }
 
     /// Refuses a file or directory that group or others can access, or that another user owns.

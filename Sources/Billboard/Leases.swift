@@ -6,6 +6,7 @@ import Darwin
 import Crypto
 import Foundation
 import GRDB
+import SystemCalls
 
 /// Who may run a guest right now, and the epoch that orders its successive owners.
 public struct Lease: Sendable, Equatable {
@@ -29,7 +30,7 @@ public struct Leases: Sendable {
 
     /// A pid can only be probed on this host. EPERM means it exists but belongs to someone else: alive.
     private func processExists(host: String, pid: Int32) -> Bool {
-        host == database.hostName && HostProcesses.alive(pid)
+        sameBytes(host, database.hostName) && HostProcesses.alive(pid)
     }
 
     /// Takes the one-owner lease of a guest. Refused while another owner is live (its process exists
@@ -57,7 +58,7 @@ public struct Leases: Sendable {
             }
             var epoch: Int64
             if let current, let holder = current.pid {
-                if holder == pid && current.host == host {
+                if holder == pid && sameBytes(current.host, host) {
                     try records.write(db, guestID, host: host, pid: pid, epoch: current.epoch, now: now)
                     return Lease(guestID: guestID, host: host, pid: pid, epoch: current.epoch, renewedAt: Date(milliseconds: now))
                 }
@@ -92,10 +93,10 @@ public struct Leases: Sendable {
     /// - anything else is refused (a holder on another host never expires by time here).
     private func takeover(_ current: LeaseRow, holder: Int32, handedBy: (host: String, pid: Int32)?,
                   takeoverAfter: TimeInterval, now: Int64) -> Takeover {
-        if let handedBy, handedBy.host == current.host, current.host != database.hostName || handedBy.pid == holder {
+        if let handedBy, sameBytes(handedBy.host, current.host), !sameBytes(current.host, database.hostName) || handedBy.pid == holder {
             return .returned
         }
-        guard current.host == database.hostName else { return .refused }
+        guard sameBytes(current.host, database.hostName) else { return .refused }
         let recent = Double(now - current.renewedAt) < takeoverAfter * 1000
         return processExists(host: current.host, pid: holder) || recent ? .refused : .takenOver
     }
@@ -106,7 +107,7 @@ public struct Leases: Sendable {
     public func advanceEpoch(guestID: UUID, pid: Int32 = getpid()) throws -> Int64 {
         let guestText = guestIDText(guestID)
         return try database.decide(actor: database.processActor, event: "lease.advance", guest: guestText) { db in
-            guard let current = try records.row(db, guestID), current.pid == pid, current.host == database.hostName else {
+            guard let current = try records.row(db, guestID), current.pid == pid, sameBytes(current.host, database.hostName) else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: pid)
             }
             let epoch = current.epoch + 1
@@ -123,7 +124,7 @@ public struct Leases: Sendable {
     public func renew(guestID: UUID, pid: Int32, host: String? = nil) throws -> Lease {
         let host = host ?? database.hostName
         return try database.write { db in
-            guard let current = try records.row(db, guestID), current.pid == pid, current.host == host else {
+            guard let current = try records.row(db, guestID), current.pid == pid, sameBytes(current.host, host) else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: pid)
             }
             let now = Date().milliseconds
@@ -137,7 +138,7 @@ public struct Leases: Sendable {
         let host = host ?? database.hostName
         let guestText = guestIDText(guestID)
         try database.decide(actor: "vmm pid \(pid)@\(host)", event: "lease.release", guest: guestText) { db in
-            guard let current = try records.row(db, guestID), current.pid == pid, current.host == host else {
+            guard let current = try records.row(db, guestID), current.pid == pid, sameBytes(current.host, host) else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: pid)
             }
             try records.release(db, guestID, current, actor: "vmm pid \(pid)@\(host)")
@@ -151,7 +152,7 @@ public struct Leases: Sendable {
         let guestText = guestIDText(guestID)
         let actor = "vmm pid \(fromPid)@\(database.hostName)"
         return try database.decide(actor: actor, event: "lease.handover", guest: guestText) { db in
-            guard let current = try records.row(db, guestID), current.pid == fromPid, current.host == database.hostName else {
+            guard let current = try records.row(db, guestID), current.pid == fromPid, sameBytes(current.host, database.hostName) else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: fromPid)
             }
             let epoch = current.epoch + 1
@@ -227,7 +228,7 @@ public struct Leases: Sendable {
             guard let current = try records.row(db, id), let holder = current.pid else { return }
             // A holder on this host that runs no VM at all (a process a rogue peer named, one
             // that died and whose number was reused) cannot be running the guest: releasable.
-            if current.host == database.hostName && processExists(host: current.host, pid: holder) && HostProcesses.holdsVM(holder) {
+            if sameBytes(current.host, database.hostName) && processExists(host: current.host, pid: holder) && HostProcesses.holdsVM(holder) {
                 throw BillboardRefusal.leaseHeld(guestID: id, host: current.host, pid: holder, epoch: current.epoch)
             }
             let payload = administrators.request("lease-release", [
@@ -274,7 +275,7 @@ public struct Leases: Sendable {
                                     arguments: [guestID])
         guard !rows.isEmpty else { return nil }
         let actual = digest.lowercased()
-        for row in rows where (row["snapshot_sha256"] as String) == actual {
+        for row in rows where sameBytes(row["snapshot_sha256"] as String, actual) {
             let id: Int64 = row["id"]
             guard database.checkRowMAC(Self.restoreAuthorizationState(id: id, guestID: guestID, digest: actual, used: false), row["mac"]),
                   let admin = try administrators.activeAdmin(db, publicKey: try signerKey(db, name: row["signer_name"])), !admin.removed,

@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import GRDB
+import SystemCalls
 
 /// The other hosts this store trusts (to sign snapshots and migration streams it accepts, and to
 /// authenticate in TLS with their certificates), each added and removed by an administrator.
@@ -31,7 +32,7 @@ public struct PeerHosts: Sendable {
         let payload = administrators.request("add-host", fields)
         try database.decide(actor: "admin:\(signer.name)", event: "host.add", guest: nil, details: ["name": .string(name)]) { db in
             let (admin, signature) = try administrators.authorize(db, key: signer, payload: payload, guest: nil)
-            guard name != database.hostName else { throw BillboardError.hostExists(name) }
+            guard !sameBytes(name, database.hostName) else { throw BillboardError.hostExists(name) }
             let existing = try Row.fetchOne(db, sql: "SELECT removed FROM hosts WHERE name = ?", arguments: [name])
                 .map { $0["removed"] as Bool }
             guard existing != false else { throw BillboardError.hostExists(name) }

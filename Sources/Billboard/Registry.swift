@@ -6,6 +6,7 @@ import Darwin
 import Crypto
 import Foundation
 import GRDB
+import SystemCalls
 
 /// A registration row as stored: the decoded registration plus who signed it and the signature.
 struct StoredRegistration {
@@ -184,11 +185,13 @@ public struct Registry: Sendable {
             "mode": .optional(mode), "host": .string(host), "pid": .int(Int64(getpid())),
         ]
         return try database.decide(actor: database.processActor, event: "admit", guest: name, details: request) { db in
+            // Found by name or digest in SQL, which compares bytes (BINARY collation); every
+            // comparison below does too (`sameBytes`), never Swift's canonical-equivalence `==`.
             let stored = try find(db, name: name, digest: digest)
             let r = stored.registration
             try verifySignature(db, stored)
             guard !r.revoked else { throw BillboardRefusal.revoked(guest: r.name) }
-            guard digest == r.imageSHA256 else {
+            guard sameBytes(digest, r.imageSHA256) else {
                 throw BillboardRefusal.imageChanged(guest: r.name, actual: digest, registered: r.imageSHA256)
             }
             func changed(_ field: String, _ actual: String, _ registered: String) -> BillboardRefusal {
@@ -198,12 +201,12 @@ public struct Registry: Sendable {
                 throw changed("memory", formatMemory(memoryBytes), formatMemory(r.memoryBytes))
             }
             guard vcpus == r.vcpus else { throw changed("vcpus", "\(vcpus)", "\(r.vcpus)") }
-            guard mode == r.mode else { throw changed("mode", quoted(mode), quoted(r.mode)) }
-            guard commandLine == r.commandLine else {
+            guard sameBytes(mode, r.mode) else { throw changed("mode", quoted(mode), quoted(r.mode)) }
+            guard sameBytes(commandLine, r.commandLine) else {
                 throw changed("command line", quoted(commandLine), quoted(r.commandLine))
             }
             let allowed = r.allowedHosts.isEmpty ? [database.hostName] : r.allowedHosts
-            guard allowed.contains(host) else {
+            guard allowed.containsSameBytes(as: host) else {
                 throw BillboardRefusal.hostNotAllowed(guest: r.name, host: host, allowed: allowed)
             }
             var details = request
@@ -228,4 +231,5 @@ public struct Registry: Sendable {
     }
 }
 
-private func quoted(_ s: String?) -> String { s.map { "'\($0)'" } ?? "(none)" }
+/// Quoted with non-ASCII written as \u{…}: a refusal of look-alike text must show the difference.
+private func quoted(_ s: String?) -> String { s.map { "'\(visibleBytes($0))'" } ?? "(none)" }

@@ -6,6 +6,7 @@ import Darwin
 import Crypto
 import Foundation
 import GRDB
+import SystemCalls
 
 /// Something the active scan found.
 public struct ScanFinding: Sendable, Equatable, CustomStringConvertible {
@@ -150,9 +151,9 @@ public struct Scan: Sendable {
                 }
                 let holderHost: String? = lease?.host
                 let holderPid: Int32? = lease?.pid
-                if holderHost != database.hostName || holderPid != pid {
+                if !sameBytes(holderHost, database.hostName) || holderPid != pid {
                     let holder = holderPid.map { "pid \($0) on \(holderHost ?? "?")" } ?? "nobody"
-                    let holderRunsIt = rows.contains { ($0["pid"] as Int32) == holderPid && ($0["guest_id"] as String) == guestID }
+                    let holderRunsIt = rows.contains { ($0["pid"] as Int32) == holderPid && sameBytes($0["guest_id"] as String, guestID) }
                     findings.append(ScanFinding(kind: holderRunsIt ? .duplicate : .noLease, pid: pid, guest: name,
                                                 evidence: "runs guest \(guestID) (state \(state.rawValue)) but its lease is held by \(holder)"))
                 }

@@ -142,13 +142,13 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         guard manifest.version == migrationProtocolVersion else {
             throw MigrationError.refused("protocol version \(manifest.version) is not supported (this VMM speaks \(migrationProtocolVersion))")
         }
-        guard manifest.challenge == challenge else {
+        guard sameBytes(manifest.challenge, challenge) else {
             throw MigrationError.refused("the manifest does not answer this connection's challenge (a replayed or forwarded migration)")
         }
-        guard manifest.destinationHost == hostName else {
+        guard sameBytes(manifest.destinationHost, hostName) else {
             throw MigrationError.refused("the manifest is for host '\(manifest.destinationHost)', not this host ('\(hostName)')")
         }
-        if let authenticated, manifest.sourceHost != authenticated {
+        if let authenticated, !sameBytes(manifest.sourceHost, authenticated) {
             throw MigrationError.refused("the manifest claims to come from '\(manifest.sourceHost)' but the channel authenticated '\(authenticated)'")
         }
     }

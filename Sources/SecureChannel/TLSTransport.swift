@@ -108,7 +108,7 @@ public final class TLSTransport: MigrationTransport {
     ) -> NIOSSLCustomVerificationCallback {
         return { chain, promise in
             switch PeerCertificateCheck.evaluate(chain, authorize: authorize) {
-            case let .authorized(hostName) where hostName == expectedPeer:
+            case let .authorized(hostName) where sameBytes(hostName, expectedPeer):
                 state.noteAuthorized(hostName: hostName)
                 promise.succeed(.certificateVerified)
             case let .authorized(hostName):

@@ -30,7 +30,7 @@ public enum GuestDoors {
                             serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         // One admission, one machine: exactly the image and configuration that were admitted.
         let r = session.registration
-        guard session.isFresh, session.holdsLease, ImageDigest.sha256(Data(image)) == r.imageSHA256,
+        guard session.isFresh, session.holdsLease, sameBytes(ImageDigest.sha256(Data(image)), r.imageSHA256),
               matches(configuration, r) else {
             throw SessionError.mismatch("this session admitted '\(r.name)' once, with its registered image and configuration; a machine must be exactly that, and only one")
         }
@@ -124,8 +124,8 @@ public enum GuestDoors {
     }
 
     static func matches(_ c: MachineConfiguration, _ r: GuestRegistration) -> Bool {
-        c.memorySize == r.memoryBytes && c.vcpuCount == r.vcpus && c.mode?.rawValue == r.mode
-            && (c.commandLine.flatMap { $0.isEmpty ? nil : $0 }) == r.commandLine
+        c.memorySize == r.memoryBytes && c.vcpuCount == r.vcpus && sameBytes(c.mode?.rawValue, r.mode)
+            && sameBytes(c.commandLine.flatMap { $0.isEmpty ? nil : $0 }, r.commandLine)
     }
 
     /// Waits for one incoming migration, connection after connection, until one completes or

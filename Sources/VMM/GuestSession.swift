@@ -6,6 +6,7 @@ import Devices
 import Foundation
 import MachineCore
 import Synchronization
+import SystemCalls
 
 /// Timing of the Billboard inside a VMM.
 public struct BillboardSettings: Sendable, Equatable {
@@ -135,7 +136,7 @@ public final class GuestSession: @unchecked Sendable {
                                      settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
         try store.ensureOriginal()
         guard let identity = header.identity else { throw SessionError.noIdentity("migration manifest") }
-        guard identity.host == source.host else {
+        guard sameBytes(identity.host, source.host) else {
             throw SessionError.mismatch("the guest's state says it was held by host '\(identity.host)' but it comes from '\(source.host)'")
         }
         let registration = try admitIdentity(store: store, identity: identity, description: header.description)
@@ -271,7 +272,7 @@ public final class GuestSession: @unchecked Sendable {
         do {
             guard let signature else { throw BillboardRefusal.badSnapshotSignature(reason: "the migration stream carries no signature") }
             let signer = try store.stateSignatures.verify(signature, digest: digest)
-            guard let claimed = source?.host, signer == claimed else {
+            guard let claimed = source?.host, sameBytes(signer, claimed) else {
                 throw BillboardRefusal.badSnapshotSignature(reason: "the stream is signed by host '\(signer)' but claims to come from '\(source?.host ?? "?")'")
             }
         } catch {

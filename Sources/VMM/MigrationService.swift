@@ -4,6 +4,7 @@ import MachineCore
 import Migration
 import Snapshot
 import Synchronization
+import SystemCalls
 
 /// Runs at most one outgoing migration of a guest at a time, in the background,
 /// and remembers the last outcome for the API.
@@ -81,6 +82,7 @@ public final class MigrationService: Sendable {
         guard let data = try? e.encode(report) else { return }
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let stamp = Int(Date().timeIntervalSince1970 * 1000)
-        try? data.write(to: URL(fileURLWithPath: dir).appendingPathComponent("migration-\(stamp).json"))
+        // Best effort, as before: a report that cannot be written does not fail the migration.
+        try? AtomicFileWriter.write([UInt8](data), to: dir + "/migration-\(stamp).json", what: "migration report")
     }
 }

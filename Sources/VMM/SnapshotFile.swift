@@ -38,25 +38,22 @@ public enum SnapshotFile {
     public static func write(_ machine: Machine, header: StateHeader, to path: String, sealing: SnapshotSealing = .unsealed,
                              sign: ([UInt8]) throws -> [UInt8]?) throws -> SnapshotStats {
         let t0 = monotonicMilliseconds()
-        let temporary = path + ".partial"
-        let file: OwnedFileDescriptor
-        do { file = try OwnedFileDescriptor.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o600) } catch {
-            throw MachineError.io("cannot create snapshot file '\(temporary)': \(error.message)")
-        }
-        var written = false
-        defer { if !written { file.close(); unlink(temporary) } }
+        // A random O_EXCL|O_NOFOLLOW 0600 temporary in the target's directory, renamed into place
+        // on commit and removed if anything before that throws (see AtomicFileWriter's rules).
+        let target: AtomicFileWriter
+        do { target = try AtomicFileWriter(path: path, what: "snapshot") } catch { throw MachineError.io(error.description) }
         let stats: MemoryWriteStats
         let bytes: UInt64
         switch sealing {
         case .unsealed:
-            var writer = try StreamWriter(sink: FileDescriptorSink(file))
+            var writer = try StreamWriter(sink: FileDescriptorSink(target.file))
             stats = try MachineStateCodec.writeFull(machine, header: try header.encoded(), to: &writer, sign: sign)
             bytes = writer.bytesWritten
         case let .sealed(writerHost, hosts):
             let (key, fileID) = SealedWriter<FileDescriptorSink>.freshKey()
             let envelope = try SealedEnvelope.seal(dataKey: key, fileID: fileID, writer: writerHost,
                                                    for: hosts.map { ($0.name, $0.agreementKey) })
-            var writer = try SealedWriter(sink: FileDescriptorSink(file), dataKey: key, envelope: envelope)
+            var writer = try SealedWriter(sink: FileDescriptorSink(target.file), dataKey: key, envelope: envelope)
             stats = try MachineStateCodec.writeSealed(machine, header: try header.encoded(), to: &writer) { digest in
                 guard let signature = try sign(digest) else {
                     throw MachineError.io("a sealed snapshot must be signed by its host")
@@ -65,13 +62,7 @@ public enum SnapshotFile {
             }
             bytes = writer.bytesWritten
         }
-        guard fsync(file.raw) == 0 else { throw MachineError.io("fsync of '\(temporary)' failed: \(String(cString: strerror(errno)))") }
-        file.close()
-        written = true
-        guard rename(temporary, path) == 0 else {
-            unlink(temporary)
-            throw MachineError.io("cannot rename snapshot into '\(path)': \(String(cString: strerror(errno)))")
-        }
+        do { try target.commit() } catch { throw MachineError.io(error.description) }
         var sealedFor: [String]?
         if case let .sealed(_, hosts) = sealing { sealedFor = hosts.map(\.name) }
         return SnapshotStats(bytes: bytes, pages: stats.pages, zeroPages: stats.zeroPages,

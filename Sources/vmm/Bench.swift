@@ -178,10 +178,7 @@ struct BootBench: ParsableCommand {
                 "samples": ["process_start_ms": processStart, "in_process_ms": inProcess, "admission_ms": admission],
                 "goals_ms": ["process_start": 20, "in_process": 2],
             ]
-            let url = URL(fileURLWithPath: output)
-            try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
-            try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys]).write(to: url)
-            print("  JSON written to \(output)")
+            try writeBenchJSON(report, to: output)
             return 0
         }
         throw ExitCode(status)
@@ -240,7 +237,8 @@ func hostDescription() -> [String: String] {
 func writeBenchJSON(_ report: [String: Any], to output: String) throws {
     let url = URL(fileURLWithPath: output)
     try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
-    try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys]).write(to: url)
+    let json = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys])
+    try AtomicFileWriter.write([UInt8](json), to: output, what: "benchmark report")
     print("  JSON written to \(output)")
 }
 

@@ -3,6 +3,7 @@ import Billboard
 import Crypto
 import Foundation
 import MachineCore
+import SystemCalls
 import VMM
 
 /// `vmm billboard ...`: the per-host registry of guests, administrators and peer hosts.
@@ -113,9 +114,9 @@ struct BillboardCommand: ParsableCommand {
                 try BillboardCommand.run {
                     let document = try store.open().hostIdentity().encoded()
                     guard let output else { FileHandle.standardOutput.write(document); return }
-                    do { try document.write(to: URL(fileURLWithPath: output), options: .withoutOverwriting) } catch {
-                        throw CLIError("cannot write \(output): \(error.localizedDescription) (choose a new --output file)")
-                    }
+                    do {
+                        try AtomicFileWriter.write([UInt8](document), to: output, what: "host identity file", replacing: false)
+                    } catch { throw CLIError("\(error)") }
                 }
             }
         }

@@ -334,11 +334,9 @@ final class SerialOutput: Sendable {
     private let file: OwnedFileDescriptor?
     init(path: String?) throws {
         if let path {
-            do {
-                file = try OwnedFileDescriptor.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o644)
-            } catch {
-                throw CLIError("cannot open the serial log '\(path)': \(error.message); check the directory exists and is writable")
-            }
+            // Created 0600, or an existing FIFO or file of ours (for `tail -f`) checked before it is
+            // opened or truncated; never a symlink or another user's file.
+            do { file = try StreamedFile.openForWriting(path, what: "serial log") } catch { throw CLIError(error.description) }
         } else {
             file = nil
         }

@@ -7,4 +7,12 @@
 /// NULL when glibc does not know the value.
 const char *csystemcalls_errno_name(int errnum);
 
+/// O_PATH: a descriptor that names a file without opening it for reading or writing
+/// (no FIFO waits for a peer, no device is opened), for checking before opening.
+int csystemcalls_o_path(void);
+
+/// renameat2(..., RENAME_NOREPLACE): moves a name into place only if the new name does
+/// not exist, atomically (EEXIST otherwise). Returns -1 with errno set on failure.
+int csystemcalls_renameat_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
+
 #endif
