@@ -129,5 +129,12 @@ echo "the original still counts: $(grep -E '^[0-9]+$' "$TMP/dst.out" | tail -n 2
 echo "\$ vmm billboard audit   (the last decisions, with their evidence)"
 "$VMM" billboard audit $BB --last 40 | grep -E "scan.stopped|refused|handover" | cut -f 4-6 | cut -c 1-190 | tail -n 8
 step "the audit log is a signed hash chain" "$VMM" billboard audit --verify $BB
+# Audit export: anyone checks the chain with the host's public identity, no host.key, no store.
+"$VMM" billboard audit $BB --export "$TMP/audit.json" >/dev/null
+step "an auditor verifies the exported chain with only this host's identity file" \
+  "$VMM" billboard audit --verify-export "$TMP/audit.json" --host-identity "$TMP/demo-host.json"
+sed 's/"event":"guest.register"/"event":"guest.rename"/' "$TMP/audit.json" > "$TMP/audit-edited.json"
+step "refused: the same export with one entry edited" \
+  "$VMM" billboard audit --verify-export "$TMP/audit-edited.json" --host-identity "$TMP/demo-host.json"
 "$VMM" ctl shutdown --api-socket "$TMP/dst.sock" >/dev/null
 exit 0

@@ -82,44 +82,81 @@ public struct AuditLog: Sendable {
     /// host's key (from host.key, not from the database), which catches a truncated or rebuilt tail.
     public func verify() throws -> AuditVerification {
         try database.read { db in
-            var expected: Int64 = 1
-            var prev = AuditChain.genesisHash
+            var walk = AuditChainWalk()
             let cursor = try Row.fetchCursor(db, sql: "SELECT * FROM audit ORDER BY seq")
             while let row = try cursor.next() {
-                let e = Self.entry(row)
-                if e.seq != expected {
-                    return .broken(firstBadSeq: expected, reason: "entry \(expected) is missing (deleted, or entries renumbered)")
-                }
-                if e.prevHash != prev {
-                    return .broken(firstBadSeq: e.seq, reason: "does not link to the previous entry (inserted, reordered, or the previous one altered)")
-                }
-                let bytes = AuditChain.entryBytes(seq: e.seq, time: e.time.milliseconds, actor: e.actor, event: e.event,
-                                                  guest: e.guest, details: e.details)
-                if AuditChain.chainHash(prev: prev, entry: bytes) != e.hash {
-                    return .broken(firstBadSeq: e.seq, reason: "content does not match its hash (edited)")
-                }
-                prev = e.hash
-                expected += 1
+                if let broken = walk.next(Self.entry(row)) { return broken }
             }
-            let last = expected - 1
-            guard let head = try Row.fetchOne(db, sql: "SELECT * FROM audit_head WHERE id = 1") else {
-                return .broken(firstBadSeq: max(last, 1), reason: "the signed head is missing")
+            let head = try Row.fetchOne(db, sql: "SELECT * FROM audit_head WHERE id = 1").map {
+                AuditHead(seq: $0["seq"], hash: $0["hash"], signature: $0["signature"])
             }
-            let headSeq: Int64 = head["seq"], headHash: String = head["hash"], signature: Data = head["signature"]
-            let signedHead = AuditChain.headPayload(host: database.hostName, seq: headSeq, hash: headHash)
-            guard database.keys.signing.publicKey.isValidSignature(signature, for: signedHead) else {
-                return .broken(firstBadSeq: max(last, 1), reason: "the head signature does not verify with this host's key (chain rewritten)")
-            }
-            if headSeq > last {
-                return .broken(firstBadSeq: last + 1, reason: "entries \(last + 1)...\(headSeq) are missing (tail truncated)")
-            }
-            if headSeq < last {
-                return .broken(firstBadSeq: headSeq + 1, reason: "entries after the signed head \(headSeq) were added without the host key")
-            }
-            if headHash != prev {
-                return .broken(firstBadSeq: last, reason: "the last entry differs from the signed head (chain rewritten)")
-            }
-            return .intact(entries: Int(last), headSeq: headSeq)
+            return walk.finish(head: head, host: database.hostName, signingKey: database.keys.signing.publicKey,
+                               keyOwner: "this host's key")
         }
+    }
+
+    /// The whole chain and its signed head, read in one transaction, as an `AuditExport` file:
+    /// what anyone with the host's public identity can check (`AuditExport.verify`).
+    public func export() throws -> Data {
+        let (entries, head) = try database.read { db -> ([AuditEntry], AuditHead?) in
+            (try Row.fetchAll(db, sql: "SELECT * FROM audit ORDER BY seq").map(Self.entry),
+             try Row.fetchOne(db, sql: "SELECT * FROM audit_head WHERE id = 1").map {
+                AuditHead(seq: $0["seq"], hash: $0["hash"], signature: $0["signature"])
+             })
+        }
+        guard let head else { throw BillboardRefusal.invalidAuditExport(reason: "the store has no signed audit head") }
+        return try AuditExport.encode(host: database.hostName, entries: entries, head: head)
+    }
+}
+
+/// The signed head of the chain: the host's Ed25519 signature over `AuditChain.headPayload`.
+struct AuditHead: Sendable {
+    let seq: Int64
+    let hash: String
+    let signature: Data
+}
+
+/// One walk along the chain, entry by entry, for the store's verification and an export's alike.
+struct AuditChainWalk {
+    private var expected: Int64 = 1
+    private var prev = AuditChain.genesisHash
+
+    /// Checks the next entry in order; the breakage if it does not belong there.
+    mutating func next(_ e: AuditEntry) -> AuditVerification? {
+        if e.seq != expected {
+            return .broken(firstBadSeq: expected, reason: "entry \(expected) is missing: found entry \(e.seq) in its place (deleted, reordered, or entries renumbered)")
+        }
+        if e.prevHash != prev {
+            return .broken(firstBadSeq: e.seq, reason: "does not link to the previous entry (inserted, reordered, or the previous one altered)")
+        }
+        let bytes = AuditChain.entryBytes(seq: e.seq, time: e.time.milliseconds, actor: e.actor, event: e.event,
+                                          guest: e.guest, details: e.details)
+        if AuditChain.chainHash(prev: prev, entry: bytes) != e.hash {
+            return .broken(firstBadSeq: e.seq, reason: "content does not match its hash (edited)")
+        }
+        prev = e.hash
+        expected += 1
+        return nil
+    }
+
+    /// After the last entry: the head must be signed by `signingKey` (named `keyOwner` in the
+    /// reason) and name exactly the last entry.
+    func finish(head: AuditHead?, host: String, signingKey: Curve25519.Signing.PublicKey, keyOwner: String) -> AuditVerification {
+        let last = expected - 1
+        guard let head else { return .broken(firstBadSeq: max(last, 1), reason: "the signed head is missing") }
+        let signedHead = AuditChain.headPayload(host: host, seq: head.seq, hash: head.hash)
+        guard signingKey.isValidSignature(head.signature, for: signedHead) else {
+            return .broken(firstBadSeq: max(last, 1), reason: "the head signature does not verify with \(keyOwner) (chain rewritten, or another host's)")
+        }
+        if head.seq > last {
+            return .broken(firstBadSeq: last + 1, reason: "entries \(last + 1)...\(head.seq) are missing (tail truncated)")
+        }
+        if head.seq < last {
+            return .broken(firstBadSeq: head.seq + 1, reason: "entries after the signed head \(head.seq) were added without the host key")
+        }
+        if head.hash != prev {
+            return .broken(firstBadSeq: last, reason: "the last entry differs from the signed head (chain rewritten)")
+        }
+        return .intact(entries: Int(last), headSeq: head.seq)
     }
 }

@@ -6,6 +6,7 @@ import Darwin
 import Crypto
 import Foundation
 import GRDB
+import SystemCalls
 
 /// The one handle every part of a store shares: the SQLite queue, the host keys that seal and
 /// sign its rows, and the two rules every change follows (integrity codes, audited decisions).
@@ -19,9 +20,19 @@ final class BillboardDatabase: Sendable {
     /// The name of this host, fixed at `initialize`.
     var hostName: String { keys.hostName }
 
+    /// The database file's device and inode: the scan knows this store in other processes by
+    /// them, never by the name those processes opened it under.
+    let fileStatus: FileStatus
+
     init(path: String, keys: HostKeys, configuration: Configuration) throws {
         self.path = path
         self.keys = keys
+        do {
+            let file = try OwnedFileDescriptor.open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+            fileStatus = try FileStatus.of(descriptor: file.raw)
+        } catch {
+            throw BillboardError.io(path: path, errno: error.errno)
+        }
         self.queue = try DatabaseQueue(path: path, configuration: configuration)
     }
 

@@ -23,6 +23,7 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
     case badSnapshotSignature(reason: String)
     case invalidHostIdentity(reason: String)
     case hostCertificateInvalid(reason: String)
+    case invalidAuditExport(reason: String)
 
     public var description: String {
         switch self {
@@ -67,6 +68,8 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
             return "the host identity document is refused: \(r). Nothing was added; ask that host's administrator for a fresh export of its identity, and check it reached you unchanged"
         case .hostCertificateInvalid(let r):
             return "this host's TLS certificate in the billboard is not valid: \(r). It was altered outside the billboard (inspect the audit log); opening the store again replaces it with a new one, audited"
+        case .invalidAuditExport(let r):
+            return "the audit export is refused: \(r)"
         case .staleEpoch(let id, let e, let c):
             return "state of guest \(id) is from epoch \(e) but the current epoch is \(c): refusing to roll back to an old snapshot (a second copy of the guest). If this rollback is intended, an administrator can allow this one restore"
         }

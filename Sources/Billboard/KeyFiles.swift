@@ -100,7 +100,11 @@ struct HostKeys: Sendable {
     }
 
     static func load(path: String) throws -> HostKeys {
-        let data = try SecureFile.read(path)
+        try decode(try SecureFile.read(path), path: path)
+    }
+
+    /// Parses the contents of a host key file; `path` only names it in errors.
+    static func decode(_ data: Data, path: String) throws -> HostKeys {
         let file: HostKeyFile
         do { file = try JSONDecoder().decode(HostKeyFile.self, from: data) } catch {
             throw BillboardError.malformedKeyFile(path: path, reason: "not a host key file")

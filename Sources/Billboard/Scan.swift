@@ -42,14 +42,29 @@ public struct ScanFinding: Sendable, Equatable, CustomStringConvertible {
     public var description: String { "\(kind.rawValue): pid \(pid)\(guest.map { " guest '\($0)'" } ?? ""): \(evidence)" }
 }
 
-/// Processes on this host that hold a KVM VM, with the billboard databases they have open.
+/// Processes on this host that hold a KVM VM, with the files they have open.
 public enum HostProcesses {
-    public struct VMProcess: Sendable, Equatable {
-        public let pid: Int32
-        public let billboardFiles: [String]
+    /// A file a VM process has open, as the kernel sees it: its name (from the `/proc/PID/fd/N`
+    /// link, which the process chose) and its identity (stat through that link, which is the
+    /// open file itself, whatever its name says).
+    public struct OpenFile: Sendable, Equatable {
+        /// The name the kernel reports, " (deleted)" removed.
+        public let name: String
+        /// nil when the link could not be followed (the process closed it or exited meanwhile).
+        public let status: FileStatus?
     }
 
-    /// Reads /proc/PID/fd of every process: a VM shows as `anon_inode:kvm-vm`.
+    public struct VMProcess: Sendable, Equatable {
+        public let pid: Int32
+        /// Its open files that have a name (not sockets, pipes or anonymous inodes).
+        public let files: [OpenFile]
+
+        /// The files named like a billboard database (`.../billboard.sqlite`).
+        public var billboardFiles: [OpenFile] { files.filter { $0.name.hasSuffix("/" + BillboardStore.databaseFileName) } }
+    }
+
+    /// Reads /proc/PID/fd of every process: a VM shows as `anon_inode:kvm-vm`. Only names and
+    /// `stat` of the links: nothing a process has open is opened or read here.
     public static func withVMs() -> [VMProcess] {
         guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
         var found: [VMProcess] = []
@@ -58,14 +73,16 @@ public enum HostProcesses {
             let fdDir = "/proc/\(pid)/fd"
             guard let fds = try? FileManager.default.contentsOfDirectory(atPath: fdDir) else { continue }
             var hasVM = false
-            var stores: [String] = []
+            var files: [OpenFile] = []
             for fd in fds {
-                guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: fdDir + "/" + fd) else { continue }
+                let link = fdDir + "/" + fd
+                guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: link) else { continue }
                 if target == "anon_inode:kvm-vm" { hasVM = true }
-                let path = target.hasSuffix(" (deleted)") ? String(target.dropLast(10)) : target
-                if path.hasSuffix("/" + BillboardStore.databaseFileName), !stores.contains(path) { stores.append(path) }
+                guard target.hasPrefix("/") else { continue }
+                let name = target.hasSuffix(" (deleted)") ? String(target.dropLast(10)) : target
+                files.append(OpenFile(name: name, status: try? FileStatus.of(path: link)))
             }
-            if hasVM { found.append(VMProcess(pid: pid, billboardFiles: stores)) }
+            if hasVM { found.append(VMProcess(pid: pid, files: files)) }
         }
         return found
     }
@@ -76,12 +93,6 @@ public enum HostProcesses {
     static func holdsVM(_ pid: Int32) -> Bool {
         guard pid > 0, let fds = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd") else { return false }
         return fds.contains { (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) == "anon_inode:kvm-vm" }
-    }
-
-    static func sameFile(_ a: String, _ b: String) -> Bool {
-        var sa = stat(), sb = stat()
-        guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
-        return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
     }
 }
 
@@ -103,12 +114,11 @@ public struct Scan: Sendable {
         let actor = actor ?? database.processActor
         let now = Date().milliseconds
         var findings: [ScanFinding] = []
-        // /proc and other stores' key files are read before the transaction: nobody waits on them.
+        // /proc, and the key files beside other stores, are read before the transaction: nobody waits on them.
         let processes = HostProcesses.withVMs().map { p in
-            (p, p.billboardFiles.map { file -> (String, Bool, Bool) in
-                let ours = HostProcesses.sameFile(file, database.path)
-                return (file, ours, !ours && isCopyOfThisStore(databaseFile: file))
-            })
+            // Ours by device and inode, under any name (a hard link too): never by the name the process chose.
+            (p, holdsThisStore: p.files.contains { $0.status?.isSameFile(as: database.fileStatus) == true },
+             otherStores: p.billboardFiles.filter { $0.status?.isSameFile(as: database.fileStatus) != true }.map(judgeOtherStore))
         }
         try database.write { db in
             let rows = try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ?", arguments: [database.hostName])
@@ -174,39 +184,57 @@ public struct Scan: Sendable {
                     }
                 }
             }
-            for (process, files) in processes {
-                if files.isEmpty {
+            for (process, holdsThisStore, otherStores) in processes {
+                if !holdsThisStore && otherStores.isEmpty {
                     findings.append(ScanFinding(kind: .unmanaged, pid: process.pid, guest: nil,
                                                 evidence: "holds a KVM VM without any billboard open (another VMM, or a test)"))
                     continue
                 }
-                for (file, ours, copy) in files {
-                    if ours {
-                        // Re-checked inside the transaction: a VMM records itself before it creates its VM.
-                        let recorded = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM instances WHERE host = ? AND pid = ?)",
-                                                         arguments: [database.hostName, process.pid]) ?? false
-                        if !recordedPids.contains(process.pid) && !recorded {
-                            findings.append(ScanFinding(kind: .unrecorded, pid: process.pid, guest: nil,
-                                                        evidence: "holds a KVM VM and this billboard open, but was never admitted (no instance record)"))
-                        }
-                    } else if copy {
-                        findings.append(ScanFinding(kind: .copiedStore, pid: process.pid, guest: nil,
-                                                    evidence: "runs a VM against \(file), a copy of this host's billboard (same host key)"))
-                    } else {
-                        findings.append(ScanFinding(kind: .foreignStore, pid: process.pid, guest: nil,
-                                                    evidence: "runs a VM with another billboard open (\(file))"))
+                if holdsThisStore {
+                    // Re-checked inside the transaction: a VMM records itself before it creates its VM.
+                    let recorded = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM instances WHERE host = ? AND pid = ?)",
+                                                     arguments: [database.hostName, process.pid]) ?? false
+                    if !recordedPids.contains(process.pid) && !recorded {
+                        findings.append(ScanFinding(kind: .unrecorded, pid: process.pid, guest: nil,
+                                                    evidence: "holds a KVM VM and this billboard open, but was never admitted (no instance record)"))
                     }
+                }
+                for other in otherStores {
+                    findings.append(ScanFinding(kind: other.isCopy ? .copiedStore : .foreignStore, pid: process.pid, guest: nil,
+                                                evidence: other.evidence))
                 }
             }
         }
         return findings
     }
 
-    /// Whether `databaseFile`'s directory holds this host's key: a copy of this store.
-    func isCopyOfThisStore(databaseFile: String) -> Bool {
-        let keyFile = (databaseFile as NSString).deletingLastPathComponent + "/" + BillboardStore.keyFileName
-        guard let other = try? HostKeys.load(path: keyFile) else { return false }
-        return other.signing.publicKey.rawRepresentation == database.keys.signing.publicKey.rawRepresentation
+    /// A real `host.key` is about 300 bytes; the scan reads no more than this of one it did not make.
+    static let keyFileReadLimit = 4096
+
+    /// Whether a billboard database another VM process has open is a copy of this store: its
+    /// directory (by the name the kernel reports) holds this host's signing key. The key file is
+    /// read as something an attacker planted: at most `keyFileReadLimit` bytes, a regular file
+    /// only, its last component not a symbolic link. Anything else makes the store foreign,
+    /// with the reason as evidence; the database itself is never opened or read.
+    func judgeOtherStore(_ file: HostProcesses.OpenFile) -> (isCopy: Bool, evidence: String) {
+        guard let status = file.status else {
+            return (false, "runs a VM with another billboard open (\(file.name)), which could not be examined")
+        }
+        guard status.isRegularFile else {
+            return (false, "runs a VM with \(file.name) open, which is \(status.kindDescription), not a billboard")
+        }
+        let keyFile = (file.name as NSString).deletingLastPathComponent + "/" + BillboardStore.keyFileName
+        let bytes: [UInt8]
+        do { bytes = try readSmallRegularFile(keyFile, limit: Self.keyFileReadLimit) } catch {
+            return (false, "runs a VM with another billboard open (\(file.name)); its key file was not read: \(error)")
+        }
+        guard let other = try? HostKeys.decode(Data(bytes), path: keyFile) else {
+            return (false, "runs a VM with another billboard open (\(file.name)); its key file is not a host key")
+        }
+        guard other.signing.publicKey.rawRepresentation == database.keys.signing.publicKey.rawRepresentation else {
+            return (false, "runs a VM with another billboard open (\(file.name))")
+        }
+        return (true, "runs a VM against \(file.name), a copy of this host's billboard (same host key)")
     }
 
     /// Records that this VMM found its own guest false or without a lease and is ending it.

@@ -31,6 +31,9 @@ public final class AdmittedGuest: Sendable {
         /// Whether the last `pauseForMigration` paused a running guest (only then may a failed
         /// migration resume it).
         var pausedByMigration = false
+        /// Runs at the start of every periodic scan; tests make a scan slow with it, to show
+        /// that lease renewal and beacons do not wait for the scan.
+        var beforePeriodicScan: (@Sendable () -> Void)?
     }
     private let shared = Mutex(Shared())
     private let wakeup = NSCondition()
@@ -47,11 +50,21 @@ public final class AdmittedGuest: Sendable {
         }
         // A weak reference taken again each round: a guest dropped without `end()` stops
         // renewing its lease (and `deinit` gives the lease back).
-        let settings = session.settings
         startOSThread(name: "billboard") { [weak self] in
-            var nextScan = Date().addingTimeInterval(settings.scanInterval)
-            while let guest = self, guest.housekeepingRound(nextScan: &nextScan) {}
+            while let guest = self, guest.housekeepingRound() {}
         }
+        // The scan on a thread of its own: it reads /proc and files other processes chose, and
+        // however long that takes, the lease is renewed and beacons recorded on time.
+        let settings = session.settings
+        startOSThread(name: "billboard-scan") { [weak self] in
+            var nextScan = Date().addingTimeInterval(settings.scanInterval)
+            while let guest = self, guest.scanRound(nextScan: &nextScan) {}
+        }
+    }
+
+    /// Tests only: runs `body` at the start of every periodic scan (see `Shared.beforePeriodicScan`).
+    func beforePeriodicScan(_ body: @escaping @Sendable () -> Void) {
+        shared.withLock { $0.beforePeriodicScan = body }
     }
 
     deinit { session.end() }
@@ -159,9 +172,9 @@ public final class AdmittedGuest: Sendable {
 
     /// One round of housekeeping (at most a second, less when a beacon is urgent); false when
     /// the guest has ended and housekeeping stops.
-    private func housekeepingRound(nextScan: inout Date) -> Bool {
+    private func housekeepingRound() -> Bool {
         let settings = session.settings
-        let tick = min(1.0, settings.leaseTimeout / 3, settings.scanInterval)
+        let tick = min(1.0, settings.leaseTimeout / 3)
         wakeup.lock()
         if !shared.withLock({ $0.urgent }) { _ = wakeup.wait(until: Date().addingTimeInterval(tick)) }
         shared.withLock { $0.urgent = false }
@@ -171,9 +184,20 @@ public final class AdmittedGuest: Sendable {
             evict(reason: "\(refusal)")
             return false
         }
+        return true
+    }
+
+    /// Waits at most a second (so a dropped guest is let go soon), and scans when `nextScan`
+    /// has come; false when the guest has ended.
+    private func scanRound(nextScan: inout Date) -> Bool {
+        let wait = min(1.0, nextScan.timeIntervalSinceNow)
+        if wait > 0 { usleep(useconds_t(wait * 1_000_000)) }
+        if session.hasEnded || machine.state == .finished { return false }
         if Date() >= nextScan {
-            nextScan = Date().addingTimeInterval(settings.scanInterval)
+            shared.withLock { $0.beforePeriodicScan }?()
             runScan()
+            // From the scan's end: a scan slower than the interval is not run back to back.
+            nextScan = Date().addingTimeInterval(session.settings.scanInterval)
         }
         return true
     }

@@ -259,13 +259,35 @@ struct BillboardCommand: ParsableCommand {
     }
 
     struct Audit: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the audit log; with --verify, check its hash chain and signed head.")
+        static let configuration = CommandConfiguration(
+            abstract: "Print the audit log; with --verify, check its hash chain and signed head.",
+            discussion: "--export FILE writes the chain with its signed head; anyone can check it with --verify-export FILE --host-identity HOSTFILE (the host's `vmm billboard host export`), without host.key or the store.")
         @OptionGroup var store: Store
         @Flag(help: "Verify the chain; exits 1 if an entry was edited, deleted, inserted or the tail cut.") var verify = false
         @Option(help: "Show only the last N entries.") var last: Int = 50
+        @Option(help: "Write the whole chain and its signed head to this new file (0600, never overwritten).") var export: String?
+        @Option(help: "Check an exported chain with the host's public identity only; exits 1 if it is not intact.") var verifyExport: String?
+        @Option(help: "The host identity file (from `vmm billboard host export`) that --verify-export checks against.") var hostIdentity: String?
         func run() throws {
             try BillboardCommand.run {
+                if let verifyExport {
+                    // Public material only: the store (and host.key) is never opened here.
+                    guard let hostIdentity else { throw CLIError("--verify-export needs --host-identity HOSTFILE (from `vmm billboard host export`)") }
+                    let identity = try HostIdentityDocument.load(path: hostIdentity)
+                    let result = try AuditExport.verify(try AuditExport.load(path: verifyExport), identity: identity)
+                    guard case .intact(let entries, let head) = result else {
+                        throw CLIError("the exported audit log has been tampered with: \(result)")
+                    }
+                    print("audit export intact: \(entries) entries, head \(head) signed by host '\(identity.hostName)'")
+                    return
+                }
                 let s = try store.open()
+                if let export {
+                    let data = try s.audit.export()
+                    try AuditExport.write(data, to: export)
+                    print("audit log of '\(s.hostName)' written to \(export) (\(data.count) bytes)")
+                    return
+                }
                 if verify {
                     let result = try s.audit.verify()
                     print(result.description)

@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import SystemCalls
 import Testing
 @testable import Billboard
 
@@ -164,10 +165,17 @@ struct ScanLogicTests {
         try FileManager.default.copyItem(atPath: f.storeDir, toPath: copy)
         let copied = try BillboardStore(directory: copy)
         #expect(refusal { try copied.ensureOriginal() } == .copiedStore(directory: copy))
-        #expect(copied.scan.isCopyOfThisStore(databaseFile: f.databasePath))
+        #expect(copied.scan.judgeOtherStore(openFile(f.databasePath)).isCopy)
+        #expect(f.store.scan.judgeOtherStore(openFile(copy + "/" + BillboardStore.databaseFileName)).isCopy)
         let other = try Fixture(hostName: "host2")
         defer { other.remove() }
-        #expect(!f.store.scan.isCopyOfThisStore(databaseFile: other.databasePath))
+        let judged = f.store.scan.judgeOtherStore(openFile(other.databasePath))
+        #expect(!judged.isCopy && judged.evidence.contains(other.databasePath))
+    }
+
+    /// A billboard database as the scan sees it open in another process (here by its path).
+    func openFile(_ path: String) -> HostProcesses.OpenFile {
+        HostProcesses.OpenFile(name: path, status: try? FileStatus.of(path: path))
     }
 
     @Test("a rollback authorisation is signed by an administrator, bound to one snapshot digest, and used once")
