@@ -74,10 +74,21 @@ public enum ControlRoute: CaseIterable, Sendable {
     public static let maximumBodyBytes = 64 << 10
 }
 
+/// The basic request context plus the connection, so that a request refused for its size can
+/// end the connection instead of leaving the server to drain a body nobody wants.
+public struct ControlRequestContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    let channel: any Channel
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
+    }
+}
+
 /// Refuses, before any handler runs or any body is buffered beyond the limit, what no route
 /// takes: unknown paths (404), methods a path does not serve (405), bodies over the limit (413).
-struct RouteGate<Context: RequestContext>: RouterMiddleware {
-    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+struct RouteGate: RouterMiddleware {
+    func handle(_ request: Request, context: ControlRequestContext, next: (Request, ControlRequestContext) async throws -> Response) async throws -> Response {
         let path = request.uri.path
         let methods = ControlRoute.allCases.filter { $0.path == path }.map(\.method)
         guard !methods.isEmpty else {
@@ -91,10 +102,18 @@ struct RouteGate<Context: RequestContext>: RouterMiddleware {
         let limit = ControlRoute.maximumBodyBytes
         let tooLarge = APIError(.contentTooLarge, "the request body is larger than \(limit) bytes; no request needs that much",
                                 headers: [.connection: "close"])
-        if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit { throw tooLarge }
+        // Reading no further ends the connection once the answer is written; otherwise the server
+        // would read (and drop) whatever the client goes on sending, however much that is.
+        if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
+            context.channel.close(mode: .input, promise: nil)
+            throw tooLarge
+        }
         // Bodies without a length (chunked) are buffered only up to the limit.
         var request = request
-        do { _ = try await request.collectBody(upTo: limit) } catch is NIOTooManyBytesError { throw tooLarge }
+        do { _ = try await request.collectBody(upTo: limit) } catch is NIOTooManyBytesError {
+            context.channel.close(mode: .input, promise: nil)
+            throw tooLarge
+        }
         return try await next(request, context)
     }
 }
@@ -157,7 +176,23 @@ struct RequestFields {
         do {
             return try JSONDecoder().decode(T.self, from: object.isEmpty ? Data("{}".utf8) : data)
         } catch let error as DecodingError {
+            if case let .dataCorrupted(context) = error, context.codingPath.isEmpty, let field = culprit(T.self) {
+                // Foundation names no field for a number out of range (-1 or 1.5 for an unsigned integer).
+                throw APIError(.badRequest, "the field '\(field)' has a value out of range for it (a whole number where one is needed, within the documented bounds)")
+            }
             throw APIError(.badRequest, Self.describe(error))
+        }
+    }
+
+    /// The field without which decoding `T` no longer fails as corrupt data.
+    private func culprit<T: Decodable>(_ type: T.Type) -> String? {
+        object.keys.sorted().first { key in
+            guard let data = try? JSONSerialization.data(withJSONObject: object.filter { $0.key != key }) else { return false }
+            do { _ = try JSONDecoder().decode(T.self, from: data); return true } catch DecodingError.dataCorrupted {
+                return false
+            } catch let DecodingError.keyNotFound(missing, _) {
+                return missing.stringValue != key  // only missing because it was taken out: no verdict
+            } catch { return true }
         }
     }
 
@@ -194,6 +229,9 @@ public final class ControlServer: Sendable {
         self.task = task
     }
 
+    /// Seconds a connection may send nothing while a request is incomplete, or between requests.
+    public static let idleTimeoutSeconds = 10
+
     /// Starts serving and returns once the socket listens, owner-only.
     public static func start(socketPath: String, controller: any VMControlling) throws -> ControlServer {
         if FileManager.default.fileExists(atPath: socketPath) {
@@ -201,7 +239,7 @@ public final class ControlServer: Sendable {
                 throw APIError(.conflict, "another VMM already serves '\(socketPath)'; choose another control socket path")
             }
         }
-        let router = Router()
+        let router = Router(context: ControlRequestContext.self)
         router.add(middleware: JSONErrorMiddleware())
         router.add(middleware: RouteGate())
         addRoutes(router, controller)
@@ -210,7 +248,8 @@ public final class ControlServer: Sendable {
         let ready = DispatchSemaphore(value: 0)
         // Sockets are created owner-only: only this user may drive the VMM.
         let oldMask = umask(0o077)
-        let app = Application(router: router,
+        // A client that stalls mid-request (a body announced but not sent) is cut off, not waited for.
+        let app = Application(router: router, server: .http1(configuration: .init(idleTimeout: .seconds(Int64(idleTimeoutSeconds)))),
                               configuration: .init(address: .unixDomainSocket(path: socketPath), serverName: "swift-vmm"),
                               onServerRunning: { _ in ready.signal() }, logger: logger)
         let task = Task.detached { try await app.run() }
@@ -231,7 +270,7 @@ public final class ControlServer: Sendable {
     }
 
     /// Builds the router from `ControlRoute`: every route gets its handler from `respond`.
-    static func addRoutes(_ router: Router<BasicRequestContext>, _ controller: any VMControlling) {
+    static func addRoutes(_ router: Router<ControlRequestContext>, _ controller: any VMControlling) {
         for route in ControlRoute.allCases {
             router.on(RouterPath(route.path), method: route.method) { request, _ in
                 try await respond(route, fields: try await RequestFields(request, route: route), controller)
