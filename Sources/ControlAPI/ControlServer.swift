@@ -100,21 +100,29 @@ struct RouteGate: RouterMiddleware {
                            headers: [.allow: allowed])
         }
         let limit = ControlRoute.maximumBodyBytes
-        let tooLarge = APIError(.contentTooLarge, "the request body is larger than \(limit) bytes; no request needs that much",
-                                headers: [.connection: "close"])
-        // Reading no further ends the connection once the answer is written; otherwise the server
-        // would read (and drop) whatever the client goes on sending, however much that is.
         if let length = request.headers[.contentLength].flatMap({ Int($0) }), length > limit {
-            context.channel.close(mode: .input, promise: nil)
-            throw tooLarge
+            return Self.tooLarge(limit, closing: context.channel)
         }
         // Bodies without a length (chunked) are buffered only up to the limit.
         var request = request
         do { _ = try await request.collectBody(upTo: limit) } catch is NIOTooManyBytesError {
-            context.channel.close(mode: .input, promise: nil)
-            throw tooLarge
+            return Self.tooLarge(limit, closing: context.channel)
         }
         return try await next(request, context)
+    }
+
+    /// A 413 that ends the connection once written: otherwise the server would go on reading (and
+    /// dropping) whatever the client sends, however much that is.
+    static func tooLarge(_ limit: Int, closing channel: any Channel) -> Response {
+        let body = ByteBuffer(bytes: ((try? JSONSerialization.data(withJSONObject: [
+            "error": "the request body is larger than \(limit) bytes; no request needs that much"])) ?? Data()) + Data("\n".utf8))
+        return Response(status: .contentTooLarge, headers: [.contentType: "application/json", .connection: "close"],
+                        body: ResponseBody(contentLength: body.readableBytes) { writer in
+                            try await writer.write(body)
+                            try await writer.finish(nil)
+                            // Queued on the event loop after the write it follows.
+                            channel.eventLoop.execute { channel.close(promise: nil) }
+                        })
     }
 }
 

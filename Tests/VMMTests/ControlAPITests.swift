@@ -242,6 +242,7 @@ struct ControlAPIHardeningTests {
         let announced = try rawExchange(vmm.socket, Array("PUT /vm/resume HTTP/1.1\r\nHost: l\r\nContent-Length: 1000000000\r\n\r\n{".utf8),
                                         timeout: 30)
         #expect(announced.hasPrefix("HTTP/1.1 413"), "\(announced)")
+        #expect(announced.hasSuffix("no request needs that much\"}\n"), "one answer, with its JSON error, and nothing after it: \(announced)")
         #expect(Date().timeIntervalSince(sent) < Double(ControlServer.idleTimeoutSeconds) / 2, "the refused connection was kept open")
         // A chunked body has no length to check: it is cut off at the limit.
         var chunked = Array("PUT /vm/resume HTTP/1.1\r\nHost: l\r\nTransfer-Encoding: chunked\r\n\r\n".utf8)
