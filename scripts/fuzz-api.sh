@@ -30,6 +30,9 @@ fi
 echo "schemathesis $("$VENV/bin/schemathesis" --version | awk '{print $NF}'), socat $(socat -V | awk '/socat version/ {print $3}')"
 
 TMP=$(mktemp -d /tmp/vmm-fuzz-api.XXXXXX)
+# Full schemathesis logs and JUnit reports stay here after the run.
+REPORTS=$ROOT/.build/fuzz-api-report
+rm -rf "$REPORTS"; mkdir -p "$REPORTS"
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -91,10 +94,10 @@ run_schemathesis() {
     "$VENV/bin/schemathesis" run "$TMP/api.yaml" --url "http://127.0.0.1:$port" --checks all \
         --exclude-checks positive_data_acceptance,ignored_auth,object_level_authorization,use_after_free,ensure_resource_availability \
         --max-examples "$EXAMPLES" --request-timeout 30 --workers 1 --seed 1 --no-color \
-        --report junit --report-junit-path "$TMP/$label.xml" "$@" 2>&1 | tee "$TMP/$label.log" | tail -n 40
+        --report junit --report-junit-path "$REPORTS/$label.xml" "$@" 2>&1 | tee "$REPORTS/$label.log" | tail -n 40
     local status=${PIPESTATUS[0]}
     set -e
-    python3 - "$TMP/$label.xml" "$label" >> "$SUMMARY" <<'EOF'
+    python3 - "$REPORTS/$label.xml" "$label" >> "$SUMMARY" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 root = ET.parse(sys.argv[1]).getroot()
 suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
@@ -102,13 +105,13 @@ tests = sum(int(s.get("tests", 0)) for s in suites)
 failures = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
 print(f"{sys.argv[2]}: {tests} operations and phases tested, {failures} failed")
 EOF
-    grep -A1 "Test cases:" "$TMP/$label.log" | tail -n 1 | sed "s/^ */$label: test cases: /" >> "$SUMMARY" || true
+    grep -A1 "Test cases:" "$REPORTS/$label.log" | tail -n 1 | sed "s/^ */$label: test cases: /" >> "$SUMMARY" || true
     return "$status"
 }
 
 FAILED=0
 # The namespace below runs a new bash: it needs these.
-export VMM VENV TMP EXAMPLES SUMMARY
+export VMM VENV TMP EXAMPLES SUMMARY REPORTS
 export -f run_schemathesis guest_alive
 
 # 1. Everything but shutdown and migrate, against one VMM whose guest runs throughout.
@@ -135,6 +138,7 @@ def exchange(raw, timeout=20):
     t0 = time.time()
     try: s.sendall(raw)
     except (BrokenPipeError, ConnectionResetError): pass  # refused before the body was read
+    except socket.timeout: return b"", time.time() - t0  # the server stopped reading and never answered
     data = b""
     try:
         while chunk := s.recv(65536): data += chunk
@@ -207,6 +211,7 @@ fi
 
 echo; echo "== summary"
 cat "$SUMMARY"
+echo "(full logs and JUnit reports in $REPORTS)"
 ls "$S" | tr '\n' ' '; echo "(the snapshot directory at the end)"
 if [ -n "$(ls -A "$TMP/outside" | grep -v link-to-snaps)" ] || [ -e /etc/vmm-fuzz.snap ] || [ -e "$TMP/escape.snap" ]; then
     echo "FAIL: a snapshot was written outside the snapshot directory"; FAILED=1
