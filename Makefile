@@ -5,7 +5,7 @@ SWIFT   ?= swift
 RELEASE := .build/release/vmm
 DEBUG   := .build/debug/vmm
 
-.PHONY: all deps guests build release test demo bench bench-migration fuzz soak clean
+.PHONY: all deps guests build release test demo bench bench-migration fuzz fuzz-api soak clean
 
 all: build
 
@@ -43,6 +43,11 @@ bench-migration: release
 FUZZ_SECONDS ?= 60
 fuzz: build
 	SNAPSHOT_FUZZ_SECONDS=$(FUZZ_SECONDS) $(SWIFT) test --filter mutationFuzz
+
+# schemathesis against the control API of a live VMM (installs socat and, from PyPI, schemathesis;
+# not part of `make test`). FUZZ_API_EXAMPLES cases per operation and phase (default 100).
+fuzz-api: build
+	@bash scripts/fuzz-api.sh $(DEBUG)
 
 # kill -9 of either side at random moments of a migration, SOAK_ROUNDS times (default 50).
 SOAK_ROUNDS ?= 50

@@ -58,17 +58,19 @@ step "refused: an image nobody registered (hello-protected with one byte changed
 step "refused: a registered guest with a configuration it was not registered with" "$VMM" run $G/hello-protected.bin --mode protected --memory 128M --name hello-protected $BB
 
 say "pause, snapshot and restore the counter through the control API"
-"$VMM" run $G/counter.elf --cmdline "count=0 ticks=200000000" --api-socket "$TMP/a.sock" --name counter $BB > "$TMP/a.out" 2>&1 &
+mkdir -p "$TMP/snapshots"
+"$VMM" run $G/counter.elf --cmdline "count=0 ticks=200000000" --api-socket "$TMP/a.sock" --snapshot-dir "$TMP/snapshots" --name counter $BB > "$TMP/a.out" 2>&1 &
 wait_socket "$TMP/a.sock"
 sleep 1
 echo "\$ vmm ctl pause";    "$VMM" ctl pause --api-socket "$TMP/a.sock"
-echo "\$ vmm ctl snapshot"; "$VMM" ctl snapshot "$TMP/counter.snap" --api-socket "$TMP/a.sock"
+echo "\$ vmm ctl snapshot counter.snap   (written inside the VMM's --snapshot-dir)"; "$VMM" ctl snapshot counter.snap --api-socket "$TMP/a.sock"
+echo "\$ vmm ctl snapshot /etc/counter.snap   (refused: API snapshots go only into --snapshot-dir)"; "$VMM" ctl snapshot /etc/counter.snap --api-socket "$TMP/a.sock"
 echo "\$ vmm ctl shutdown"; "$VMM" ctl shutdown --api-socket "$TMP/a.sock"
 sleep 0.5
 echo "the counter printed, before the snapshot:"; tail -n 3 "$TMP/a.out" | tr '\n' ' '; echo
 echo "\$ vmm restore counter.snap   (runs 1 s, then stopped)"
-timeout -s INT 1 "$VMM" restore "$TMP/counter.snap" $BB | head -n 3
-step "refused: the same snapshot again (its epoch is older than the guest's; a rollback needs an administrator)" "$VMM" restore "$TMP/counter.snap" $BB
+timeout -s INT 1 "$VMM" restore "$TMP/snapshots/counter.snap" $BB | head -n 3
+step "refused: the same snapshot again (its epoch is older than the guest's; a rollback needs an administrator)" "$VMM" restore "$TMP/snapshots/counter.snap" $BB
 
 say "a second host, host-b: its own store and administrator; each host enrolls the other from its exported identity"
 BBB="--billboard $TMP/host-b"
@@ -95,7 +97,7 @@ echo "last lines on this host: $(grep -E '^[0-9]+$' "$TMP/src.out" | tail -n 2 |
 echo "first lines on host-b:   $(grep -E '^[0-9]*$' "$TMP/b.out" | head -n 3 | tr '\n' ' ')"
 echo "\$ vmm billboard instances --billboard host-b   (the lease moved with GO: host-b holds the next epoch)"
 "$VMM" billboard instances $BBB | grep -v ended
-"$VMM" receive --listen 127.0.0.1:7778 --api-socket "$TMP/dst.sock" $BB --scan-interval 1 > "$TMP/dst.out" 2>&1 &
+"$VMM" receive --listen 127.0.0.1:7778 --api-socket "$TMP/dst.sock" --snapshot-dir "$TMP/snapshots" $BB --scan-interval 1 > "$TMP/dst.out" 2>&1 &
 sleep 1
 echo "\$ vmm ctl migrate 127.0.0.1:7778 --peer demo-host --api-socket b.sock   (back home)"
 "$VMM" ctl migrate 127.0.0.1:7778 --peer demo-host --api-socket "$TMP/b.sock" --quiet | python3 -c 'import json,sys; r=json.load(sys.stdin); print({k: r[k] for k in ("outcome","total_ms","downtime_ms","rounds")})'
@@ -105,9 +107,9 @@ echo "\$ vmm billboard instances   (back here at the epoch after host-b's)"
 
 say "ghosts: a second copy of the running guest, and a guest that lies about who it is"
 "$VMM" ctl pause --api-socket "$TMP/dst.sock" >/dev/null
-"$VMM" ctl snapshot "$TMP/mover.snap" --api-socket "$TMP/dst.sock" >/dev/null
+"$VMM" ctl snapshot mover.snap --api-socket "$TMP/dst.sock" >/dev/null
 "$VMM" ctl resume --api-socket "$TMP/dst.sock" >/dev/null
-cp "$TMP/mover.snap" "$TMP/stolen.snap"
+cp "$TMP/snapshots/mover.snap" "$TMP/stolen.snap"
 step "refused: a copied snapshot restored beside the running original" "$VMM" restore "$TMP/stolen.snap" $BB
 cp -a "$TMP/billboard" "$TMP/stolen-billboard"
 step "refused: a VMM started against a copy of the store" "$VMM" restore "$TMP/stolen.snap" --billboard "$TMP/stolen-billboard"

@@ -3,46 +3,45 @@ import Hummingbird
 import Migration
 import VMM
 
-/// `PUT /vm/migrate` and `GET /vm/migration`.
-public enum MigrationRoutes {
-    public static func add(_ router: Router<BasicRequestContext>, service: MigrationService) {
-        router.put("/vm/migrate") { request, _ in
-            let body = try await JSONReply.object(request)
-            guard body["destination"] is String else {
-                throw APIError(.badRequest, "give the destination as {\"destination\": \"HOST:PORT\"}")
-            }
-            let settings: MigrationSettings
-            do {
-                settings = try JSONDecoder().decode(MigrationSettings.self, from: JSONSerialization.data(withJSONObject: body))
-            } catch {
-                throw APIError(.badRequest, "bad migration settings: \(error); fields are destination, peer, transport (tls or plaintext), max_downtime_ms, max_bandwidth, auto_converge, timeout_s")
-            }
-            if settings.transport == .tls && settings.peer == nil {
-                throw APIError(.badRequest, "name the enrolled host expected at the destination as \"peer\", or choose \"transport\": \"plaintext\"")
-            }
-            do { _ = try parseHostPort(settings.destination) } catch { throw APIError(.badRequest, "\(error)") }
-            guard settings.maxDowntimeMs > 0, settings.timeoutSeconds > 0 else {
-                throw APIError(.badRequest, "max_downtime_ms and timeout_s must be positive")
-            }
-            let wait = body["wait"] as? Bool ?? false
-            let done = AsyncReport()
-            do {
-                try service.start(settings, completion: { report in done.set(report) })
-            } catch {
-                throw APIError(.conflict, "\(error)")
-            }
-            if wait {
-                let report = await done.value()
-                return JSONReply.make(report.outcome == .completed ? .ok : .conflict, try reportObject(report))
-            }
-            return JSONReply.make(.accepted, ["state": "migrating", "destination": settings.destination])
+/// The handlers of `PUT /vm/migrate` and `GET /vm/migration`.
+enum MigrationRoutes {
+    /// Limits that keep every later conversion of the settings (to milliseconds, to integers) in range.
+    static let maximumTimeoutSeconds = 86_400.0
+    static let maximumDowntimeMs = 3_600_000.0
+
+    static func migrate(_ fields: RequestFields, service: MigrationService) async throws -> Response {
+        guard fields.object["destination"] != nil else {
+            throw APIError(.badRequest, "give the destination as {\"destination\": \"HOST:PORT\"}")
         }
-        router.get("/vm/migration") { _, _ in
-            let (progress, report) = service.status
-            var object = try jsonObject(progress)
-            if let report { object["last_report"] = try reportObject(report) }
-            return JSONReply.make(.ok, object)
+        let settings = try fields.decode(MigrationSettings.self)
+        struct Wait: Decodable { var wait: Bool? }
+        let wait = try fields.decode(Wait.self).wait ?? false
+        if settings.transport == .tls && settings.peer == nil {
+            throw APIError(.badRequest, "name the enrolled host expected at the destination as \"peer\", or choose \"transport\": \"plaintext\"")
         }
+        do { _ = try parseHostPort(settings.destination) } catch { throw APIError(.badRequest, "\(error)") }
+        guard settings.maxDowntimeMs > 0, settings.maxDowntimeMs <= maximumDowntimeMs,
+              settings.timeoutSeconds > 0, settings.timeoutSeconds <= maximumTimeoutSeconds else {
+            throw APIError(.badRequest, "max_downtime_ms must be above 0 and at most \(Int(maximumDowntimeMs)), timeout_s above 0 and at most \(Int(maximumTimeoutSeconds))")
+        }
+        let done = AsyncReport()
+        do {
+            try service.start(settings, completion: { report in done.set(report) })
+        } catch {
+            throw APIError(.conflict, "\(error)")
+        }
+        if wait {
+            let report = await done.value()
+            return JSONReply.make(report.outcome == .completed ? .ok : .conflict, try reportObject(report))
+        }
+        return JSONReply.make(.accepted, ["state": "migrating", "destination": settings.destination])
+    }
+
+    static func status(_ service: MigrationService) throws -> Response {
+        let (progress, report) = service.status
+        var object = try jsonObject(progress)
+        if let report { object["last_report"] = try reportObject(report) }
+        return JSONReply.make(.ok, object)
     }
 
     static func jsonObject<T: Encodable>(_ value: T) throws -> [String: Any] {

@@ -52,11 +52,10 @@ struct Ctl: ParsableCommand {
     struct SnapshotCmd: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "snapshot", abstract: "Write a paused VM to a file (PUT /vm/snapshot).")
         @OptionGroup var socket: Socket
-        @Argument(help: "The snapshot file to write.") var path: String
-        func run() throws {
-            let absolute = URL(fileURLWithPath: path).path
-            try Ctl.call(socket, .PUT, "/vm/snapshot", body: ["path": absolute])
-        }
+        @Argument(help: "A file name, written inside the VMM's --snapshot-dir, or an absolute path directly in that directory.")
+        var path: String
+        // Sent as given: the VMM, not this process's working directory, decides where a name lands.
+        func run() throws { try Ctl.call(socket, .PUT, "/vm/snapshot", body: ["path": path]) }
     }
     struct Digest: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "SHA-256 of all guest RAM of a paused VM (GET /vm/digest).")

@@ -51,6 +51,9 @@ struct Run: ParsableCommand {
     @Option(help: "Serve the HTTP/JSON control API on this Unix socket.")
     var apiSocket: String?
 
+    @Option(help: "The only directory PUT /vm/snapshot (vmm ctl snapshot) may write to; without it API snapshots are refused.")
+    var snapshotDir: String?
+
     @Option(help: "Dirty tracker for live migration: bitmap (KVM_GET_DIRTY_LOG) or ring (per-vCPU dirty rings).")
     var dirtyTracker: DirtyTrackerKind = .bitmap
 
@@ -64,12 +67,14 @@ struct Run: ParsableCommand {
 
     func validate() throws {
         do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) }
+        try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
     }
 
     func run() throws {
         let memorySize = try MemorySize.parse(memory)
         let status = try CommandRunner.fail {
+            let snapshots = try snapshotDir.map(SnapshotDirectory.init)
             let bytes = try ImageFile.read(image, limit: memorySize)
             try ImageLoader.precheck(image: bytes, mode: mode, commandLine: cmdline)
             let output = try SerialOutput(path: serialLog)
@@ -78,7 +83,7 @@ struct Run: ParsableCommand {
             // The Billboard decides before KVM_CREATE_VM; there is no way around it.
             let guest = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, store: try billboard.open(),
                                             settings: billboard.settings, log: logLine, serialOutput: output.write)
-            return try Host.serve(guest, apiSocket: apiSocket, startPaused: false, reportDir: reportDir)
+            return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: false, reportDir: reportDir)
         }
         throw ExitCode(status)
     }
@@ -102,6 +107,9 @@ struct Restore: ParsableCommand {
     @Option(help: "Serve the HTTP/JSON control API on this Unix socket.")
     var apiSocket: String?
 
+    @Option(help: "The only directory PUT /vm/snapshot (vmm ctl snapshot) may write to; without it API snapshots are refused.")
+    var snapshotDir: String?
+
     @Flag(help: "Stay paused after restoring (resume with `vmm ctl resume`); needs --api-socket.")
     var paused = false
 
@@ -113,18 +121,20 @@ struct Restore: ParsableCommand {
     func validate() throws {
         if let memory { do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) } }
         if paused && apiSocket == nil { throw ValidationError("--paused needs --api-socket, or nothing could resume the guest") }
+        try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
     }
 
     func run() throws {
         let status = try CommandRunner.fail {
+            let snapshots = try snapshotDir.map(SnapshotDirectory.init)
             let output = try SerialOutput(path: serialLog)
             let requested = try memory.map { try MemorySize.parse($0) }
             let (guest, _) = try GuestDoors.restore(path: file, requestedMemory: requested, store: try billboard.open(),
                                                     settings: billboard.settings, log: logLine, serialOutput: output.write)
             // The lease is taken (and an authorised rollback used) only once nothing else can fail
             // before the guest runs: after the control API is up.
-            return try Host.serve(guest, apiSocket: apiSocket, startPaused: paused, reportDir: reportDir,
+            return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: paused, reportDir: reportDir,
                                   beforeStart: { try guest.takeRestoredLease() })
         }
         throw ExitCode(status)
@@ -144,6 +154,9 @@ struct Receive: ParsableCommand {
 
     @Option(help: "Serve the HTTP/JSON control API on this Unix socket once the guest runs here.")
     var apiSocket: String?
+
+    @Option(help: "The only directory PUT /vm/snapshot (vmm ctl snapshot) may write to; without it API snapshots are refused.")
+    var snapshotDir: String?
 
     @Option(help: "Dirty tracker for migrating the guest onward: bitmap or ring.")
     var dirtyTracker: DirtyTrackerKind = .bitmap
@@ -168,6 +181,7 @@ struct Receive: ParsableCommand {
 
     func validate() throws {
         guard listenTimeout > 0 && listenTimeout <= 86_400 else { throw ValidationError("--listen-timeout must be 1 to 86400 seconds") }
+        try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
     }
 
@@ -176,6 +190,7 @@ struct Receive: ParsableCommand {
 
     func run() throws {
         let status = try CommandRunner.fail {
+            let snapshots = try snapshotDir.map(SnapshotDirectory.init)
             let output = try SerialOutput(path: serialLog)
             let store = try billboard.open()
             let settings = billboard.settings
@@ -204,7 +219,8 @@ struct Receive: ParsableCommand {
                 return Self.listenTimeoutStatus
             }
             running.guest = guest
-            return try Host.serve(guest, apiSocket: apiSocket, startPaused: false, reportDir: reportDir, alreadyStarted: true)
+            return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: false, reportDir: reportDir,
+                                  alreadyStarted: true)
         }
         throw ExitCode(status)
     }
@@ -215,10 +231,9 @@ enum Host {
     final class Controller: VMControlling {
         let guest: AdmittedGuest
         let migrations: MigrationService
-        init(guest: AdmittedGuest, migrations: MigrationService) { self.guest = guest; self.migrations = migrations }
-
-        func extraRoutes(_ router: Router<BasicRequestContext>) {
-            MigrationRoutes.add(router, service: migrations)
+        let snapshotDirectory: SnapshotDirectory?
+        init(guest: AdmittedGuest, migrations: MigrationService, snapshotDirectory: SnapshotDirectory?) {
+            self.guest = guest; self.migrations = migrations; self.snapshotDirectory = snapshotDirectory
         }
 
         func beforeResume(force: Bool) throws {
@@ -234,7 +249,7 @@ enum Host {
         }
     }
 
-    static func serve(_ guest: AdmittedGuest, apiSocket: String?, startPaused: Bool, reportDir: String?,
+    static func serve(_ guest: AdmittedGuest, apiSocket: String?, snapshotDirectory: SnapshotDirectory?, startPaused: Bool, reportDir: String?,
                       alreadyStarted: Bool = false, beforeStart: () throws -> Void = {}) throws -> Int32 {
         // However this ends (an error included), the lease goes back and the record says so.
         defer { guest.end() }
@@ -253,7 +268,8 @@ enum Host {
         var server: ControlServer?
         if let apiSocket {
             do {
-                server = try ControlServer.start(socketPath: apiSocket, controller: Controller(guest: guest, migrations: migrations))
+                server = try ControlServer.start(socketPath: apiSocket, controller: Controller(guest: guest, migrations: migrations,
+                                                                                                   snapshotDirectory: snapshotDirectory))
             } catch where alreadyStarted {
                 // A guest that arrived by migration already runs here and is the only copy: keep it.
                 FileHandle.standardError.write(Data("vmm: warning: the control API could not start (\(error)); the guest keeps running without it\n".utf8))
@@ -304,6 +320,13 @@ struct BillboardOptions: ParsableArguments {
 
     var settings: BillboardSettings {
         BillboardSettings(scanInterval: scanInterval, beaconIntervalMs: beaconInterval, leaseTimeout: leaseTimeout)
+    }
+}
+
+/// --snapshot-dir only matters to the control API.
+func validateSnapshotDir(_ snapshotDir: String?, apiSocket: String?) throws {
+    if snapshotDir != nil && apiSocket == nil {
+        throw ValidationError("--snapshot-dir is where API snapshots go; it needs --api-socket")
     }
 }
 

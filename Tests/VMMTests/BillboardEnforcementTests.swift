@@ -17,14 +17,15 @@ func runCounter(_ store: TestBillboard, cmdline: String = "count=0 ticks=4000000
     let counter = try Fixtures.guest("counter.elf")
     let socket = temporaryPath("api") + ".sock"
     let reg = try registration ?? store.register(counter, cmdline: cmdline)
-    let vmm = try VMMProcess(["run", counter, "--cmdline", cmdline, "--api-socket", socket] + reg + extra, socket: socket)
+    let vmm = try VMMProcess(["run", counter, "--cmdline", cmdline, "--api-socket", socket] + snapshotDirArguments + reg + extra,
+                             socket: socket)
     try vmm.waitForSocket()
     return vmm
 }
 
 /// Pauses, snapshots to a new file and shuts the VMM down; returns the file.
 func snapshotAndStop(_ vmm: VMMProcess) throws -> String {
-    let file = temporaryPath("guest.snap")
+    let file = snapshotPath("guest.snap")
     #expect(try vmm.call(.PUT, "/vm/pause").status == 200)
     let r = try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"\(file)\"}")
     #expect(r.status == 200, "\(r.body)")
@@ -178,7 +179,7 @@ struct LeaseEnforcementTests {
 
         // A snapshot of the running guest, copied and restored beside it.
         #expect(try original.call(.PUT, "/vm/pause").status == 200)
-        let file = temporaryPath("dup.snap")
+        let file = snapshotPath("dup.snap")
         #expect(try original.call(.PUT, "/vm/snapshot", "{\"path\": \"\(file)\"}").status == 200)
         #expect(try original.call(.PUT, "/vm/resume").status == 200)
         let copy = temporaryPath("dup-copy.snap")
@@ -259,7 +260,7 @@ struct LeaseEnforcementTests {
         let store = try TestBillboard(host: "runon")
         let vmm = try runCounter(store)
         #expect(try vmm.call(.PUT, "/vm/pause").status == 200)
-        let old = temporaryPath("runon.snap")
+        let old = snapshotPath("runon.snap")
         #expect(try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"\(old)\"}").status == 200)
         #expect(try vmm.call(.PUT, "/vm/resume").status == 200)
         #expect(try vmm.call(.GET, "/vm").json?["billboard"].flatMap { ($0 as? [String: Any])?["epoch"] as? Int } == 2)

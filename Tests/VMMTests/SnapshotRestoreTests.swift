@@ -71,6 +71,21 @@ enum HTTPMethodName { case GET, PUT
     var nio: HTTPMethod { self == .GET ? .GET : .PUT }
 }
 
+/// The one directory test VMMs may write API snapshots to (their --snapshot-dir).
+let snapshotDirectory: String = {
+    let dir = temporaryPath("snapshots")
+    try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    return dir
+}()
+
+/// `--snapshot-dir` for a test VMM that takes snapshots through the API.
+var snapshotDirArguments: [String] { ["--snapshot-dir", snapshotDirectory] }
+
+/// A fresh snapshot file path inside `snapshotDirectory`.
+func snapshotPath(_ name: String) -> String {
+    snapshotDirectory + "/\(name)-\(UInt32.random(in: 0...UInt32.max))"
+}
+
 func temporaryPath(_ name: String) -> String {
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vmm-tests-\(getpid())")
     try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
@@ -88,10 +103,10 @@ struct SnapshotRestoreTests {
           arguments: [1, 2, 3])
     func counterContinues(_ trial: Int) throws {
         let socket = temporaryPath("api") + ".sock"
-        let file = temporaryPath("counter.snap")
+        let file = snapshotPath("counter.snap")
         let count = 1500
         let counter = try Fixtures.guest("counter.elf")
-        let source = try VMMProcess(["run", counter, "--cmdline", "count=\(count) ticks=600000", "--api-socket", socket]
+        let source = try VMMProcess(["run", counter, "--cmdline", "count=\(count) ticks=600000", "--api-socket", socket] + snapshotDirArguments
                                     + billboard().register(counter, cmdline: "count=\(count) ticks=600000"), socket: socket)
         try source.waitForSocket()
         usleep(UInt32.random(in: 20_000...250_000))
@@ -112,10 +127,10 @@ struct SnapshotRestoreTests {
     @Test("the dirtier's memory digest at restore equals its digest at snapshot, each computed by its own process")
     func digestSurvivesRestore() throws {
         let socket = temporaryPath("api") + ".sock"
-        let file = temporaryPath("dirtier.snap")
+        let file = snapshotPath("dirtier.snap")
         let dirtier = try Fixtures.guest("dirtier.elf")
         let source = try VMMProcess(["run", dirtier, "--memory", "128M",
-                                     "--cmdline", "pages=4096 passes=0 mark_us=0 pattern=random", "--api-socket", socket]
+                                     "--cmdline", "pages=4096 passes=0 mark_us=0 pattern=random", "--api-socket", socket] + snapshotDirArguments
                                     + billboard().register(dirtier, memory: "128M", cmdline: "pages=4096 passes=0 mark_us=0 pattern=random"),
                                     socket: socket)
         try source.waitForSocket()
@@ -146,7 +161,7 @@ struct SnapshotRestoreTests {
     func apiErrors() throws {
         let socket = temporaryPath("api") + ".sock"
         let counter = try Fixtures.guest("counter.elf")
-        let vmm = try VMMProcess(["run", counter, "--cmdline", "count=0 ticks=5000000", "--api-socket", socket]
+        let vmm = try VMMProcess(["run", counter, "--cmdline", "count=0 ticks=5000000", "--api-socket", socket] + snapshotDirArguments
                                  + billboard().register(counter, cmdline: "count=0 ticks=5000000"), socket: socket)
         try vmm.waitForSocket()
         let attrs = try FileManager.default.attributesOfItem(atPath: socket)
@@ -160,15 +175,16 @@ struct SnapshotRestoreTests {
         #expect(badJSON.json?["error"] != nil)
         let noPath = try vmm.call(.PUT, "/vm/snapshot", "{}")
         #expect(noPath.status == 400)
-        let running = try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"/tmp/never\"}")
+        let never = snapshotPath("never")
+        let running = try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"\(never)\"}")
         #expect(running.status == 409)
         #expect((running.json?["error"] as? String)?.contains("pause it") == true)
         #expect(try vmm.call(.GET, "/vm/digest").status == 409)
         #expect(try vmm.call(.PUT, "/vm/resume").status == 409)
-        #expect(!FileManager.default.fileExists(atPath: "/tmp/never"))
+        #expect(!FileManager.default.fileExists(atPath: never))
         #expect(try vmm.call(.PUT, "/vm/pause").status == 200)
         #expect(try vmm.call(.GET, "/vm").json?["state"] as? String == "paused")
-        #expect(try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"/nonexistent-dir/x.snap\"}").status == 500)
+        #expect(try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"/nonexistent-dir/x.snap\"}").status == 403)
         #expect(try vmm.call(.PUT, "/vm/shutdown").status == 200)
         #expect(vmm.wait() == 0)
         #expect(!FileManager.default.fileExists(atPath: socket), "the socket was not removed on exit")
@@ -243,9 +259,9 @@ struct SnapshotRestoreTests {
     /// A snapshot of a paused counter, written through the API.
     func makeCounterSnapshot() throws -> String {
         let socket = temporaryPath("api") + ".sock"
-        let file = temporaryPath("counter.snap")
+        let file = snapshotPath("counter.snap")
         let counter = try Fixtures.guest("counter.elf")
-        let vmm = try VMMProcess(["run", counter, "--cmdline", "count=0 ticks=5000000", "--api-socket", socket]
+        let vmm = try VMMProcess(["run", counter, "--cmdline", "count=0 ticks=5000000", "--api-socket", socket] + snapshotDirArguments
                                  + billboard().register(counter, cmdline: "count=0 ticks=5000000"), socket: socket)
         try vmm.waitForSocket()
         _ = try vmm.call(.PUT, "/vm/pause")
