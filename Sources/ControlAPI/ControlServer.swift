@@ -64,7 +64,7 @@ public enum ControlRoute: CaseIterable, Sendable {
     public var bodyFields: Set<String> {
         switch self {
         case .resume: ["force"]
-        case .snapshot: ["path"]
+        case .snapshot: ["path", "unsealed"]
         case .migrate: ["destination", "peer", "transport", "max_downtime_ms", "max_bandwidth", "auto_converge", "timeout_s", "wait"]
         case .info, .scan, .pause, .digest, .shutdown, .migration: []
         }
@@ -334,11 +334,12 @@ public final class ControlServer: Sendable {
 
     /// `PUT /vm/snapshot`: only into the configured snapshot directory, only while paused.
     static func snapshot(_ fields: RequestFields, _ controller: any VMControlling) async throws -> Response {
-        struct Body: Decodable { var path: String }
+        struct Body: Decodable { var path: String; var unsealed: Bool? }
         guard fields.object["path"] != nil else {
             throw APIError(.badRequest, "give the snapshot file as {\"path\": \"NAME\"}; it is written inside the VMM's --snapshot-dir")
         }
-        let requested = try fields.decode(Body.self).path
+        let body = try fields.decode(Body.self)
+        let requested = body.path
         guard let directory = controller.snapshotDirectory else {
             throw APIError(.forbidden, "API snapshots are off in this VMM: start it with --snapshot-dir DIR to allow snapshots into DIR")
         }
@@ -354,9 +355,13 @@ public final class ControlServer: Sendable {
         guard guest.state == .paused else {
             throw APIError(.conflict, "the VM is \(guest.state.rawValue); pause it before taking a snapshot (PUT /vm/pause)")
         }
-        let stats = try await offPool { try guest.snapshot(to: path) }
-        return JSONReply.make(.ok, ["path": path, "bytes": stats.bytes, "pages": stats.pages,
-                                    "zero_pages": stats.zeroPages, "milliseconds": stats.milliseconds])
+        let sealed = !(body.unsealed ?? false)
+        let stats = try await offPool { try guest.snapshot(to: path, sealed: sealed) }
+        var reply: [String: Any] = ["path": path, "bytes": stats.bytes, "pages": stats.pages, "zero_pages": stats.zeroPages,
+                                    "milliseconds": stats.milliseconds, "sealed": sealed]
+        if let hosts = stats.sealedFor { reply["sealed_for"] = hosts }
+        if let warnings = stats.warnings { reply["warnings"] = warnings }
+        return JSONReply.make(.ok, reply)
     }
 }
 

@@ -55,7 +55,13 @@ struct Ctl: ParsableCommand {
         @Argument(help: "A file name, written inside the VMM's --snapshot-dir, or an absolute path directly in that directory.")
         var path: String
         // Sent as given: the VMM, not this process's working directory, decides where a name lands.
-        func run() throws { try Ctl.call(socket, .PUT, "/vm/snapshot", body: ["path": path]) }
+        @Flag(help: "Write the guest in clear, for debugging: anyone who can read the file reads the guest's memory. By default snapshots are sealed for this host and the guest's allowed peer hosts.")
+        var unsealed = false
+        func run() throws {
+            var body: [String: Any] = ["path": path]
+            if unsealed { body["unsealed"] = true }
+            try Ctl.call(socket, .PUT, "/vm/snapshot", body: body)
+        }
     }
     struct Digest: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "SHA-256 of all guest RAM of a paused VM (GET /vm/digest).")
