@@ -29,7 +29,7 @@ reg --name hello-long --image $G/hello-long.bin --mode long --memory 128M --cmdl
 reg --name hello-multiboot --image $G/hello-multiboot.elf --memory 256M --cmdline "console=ttyS0 demo=1" --beacons none
 [ -f $G/third-party/tboot.elf ] && reg --name tboot --image $G/third-party/tboot.elf --memory 128M --cmdline logging=serial --beacons none
 reg --name status42 --image $G/status42.bin --mode protected --beacons none
-reg --name counter --image $G/counter.elf --cmdline "count=0 ticks=200000000"
+reg --name counter --image $G/counter.elf --cmdline "count=0 ticks=200000000 secret=hunter2-demo"
 reg --name mover --image $G/counter.elf --cmdline "count=0 ticks=100000000" --allowed-host demo-host --allowed-host host-b
 reg --name liar --image $G/counter.elf --cmdline "count=0 ticks=200000000 beacon_token=12345"
 echo "\$ vmm billboard list"; "$VMM" billboard list $BB
@@ -59,18 +59,25 @@ step "refused: a registered guest with a configuration it was not registered wit
 
 say "pause, snapshot and restore the counter through the control API"
 mkdir -p "$TMP/snapshots"
-"$VMM" run $G/counter.elf --cmdline "count=0 ticks=200000000" --api-socket "$TMP/a.sock" --snapshot-dir "$TMP/snapshots" --name counter $BB > "$TMP/a.out" 2>&1 &
+"$VMM" run $G/counter.elf --cmdline "count=0 ticks=200000000 secret=hunter2-demo" --api-socket "$TMP/a.sock" --snapshot-dir "$TMP/snapshots" --name counter $BB > "$TMP/a.out" 2>&1 &
 wait_socket "$TMP/a.sock"
 sleep 1
 echo "\$ vmm ctl pause";    "$VMM" ctl pause --api-socket "$TMP/a.sock"
 echo "\$ vmm ctl snapshot counter.snap   (written inside the VMM's --snapshot-dir)"; "$VMM" ctl snapshot counter.snap --api-socket "$TMP/a.sock"
 echo "\$ vmm ctl snapshot /etc/counter.snap   (refused: API snapshots go only into --snapshot-dir)"; "$VMM" ctl snapshot /etc/counter.snap --api-socket "$TMP/a.sock"
+echo "\$ vmm ctl snapshot counter-clear.snap --unsealed   (for debugging only: the guest in clear)"; "$VMM" ctl snapshot counter-clear.snap --unsealed --api-socket "$TMP/a.sock" | python3 -c 'import json,sys; print(json.load(sys.stdin)["warnings"][0])'
+echo "snapshots are sealed by default (AES-256-GCM, the key wrapped for the hosts that may restore the guest):"
+echo "  lines holding the guest's secret 'secret=hunter2-demo' in counter.snap (sealed):         $(grep -a -c 'secret=hunter2-demo' "$TMP/snapshots/counter.snap")"
+echo "  lines holding the guest's secret 'secret=hunter2-demo' in counter-clear.snap (unsealed): $(grep -a -c 'secret=hunter2-demo' "$TMP/snapshots/counter-clear.snap")"
 echo "\$ vmm ctl shutdown"; "$VMM" ctl shutdown --api-socket "$TMP/a.sock"
 sleep 0.5
 echo "the counter printed, before the snapshot:"; tail -n 3 "$TMP/a.out" | tr '\n' ' '; echo
 echo "\$ vmm restore counter.snap   (runs 1 s, then stopped)"
 timeout -s INT 1 "$VMM" restore "$TMP/snapshots/counter.snap" $BB | head -n 3
 step "refused: the same snapshot again (its epoch is older than the guest's; a rollback needs an administrator)" "$VMM" restore "$TMP/snapshots/counter.snap" $BB
+cp "$TMP/snapshots/counter.snap" "$TMP/copied-elsewhere.snap"
+step "refused: a copy of the sealed snapshot on peer-host, which it is not sealed for (it cannot unwrap the key)" \
+  "$VMM" restore "$TMP/copied-elsewhere.snap" --billboard "$TMP/peer"
 
 say "a second host, host-b: its own store and administrator; each host enrolls the other from its exported identity"
 BBB="--billboard $TMP/host-b"

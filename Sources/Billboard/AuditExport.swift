@@ -56,7 +56,7 @@ public enum AuditExport {
 
     /// Writes an export to a new owner-only file; never overwrites one.
     public static func write(_ export: Data, to path: String) throws {
-        try SecureFile.write(export, to: path)
+        try SecureFile.write(export, to: path, what: "audit export")
     }
 
     /// Reads an export, refusing a file larger than `maximumSize` before reading it whole.

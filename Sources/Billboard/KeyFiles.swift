@@ -11,8 +11,9 @@ import SystemCalls
 /// moved into place only if nothing is at the path (AtomicFileWriter, `replacing: false`), so
 /// there is no window in which another user could open them, and no symlink is followed.
 enum SecureFile {
-    static func write(_ data: Data, to path: String) throws {
-        try AtomicFileWriter.write([UInt8](data), to: path, what: "key file", replacing: false)
+    /// Writes a new owner-only file; never replaces one. `what` names it in errors.
+    static func write(_ data: Data, to path: String, what: String = "key file") throws {
+        try AtomicFileWriter.write([UInt8](data), to: path, what: what, replacing: false)
     }
 
     /// Refuses a file or directory that group or others can access, or that another user owns.

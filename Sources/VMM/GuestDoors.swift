@@ -83,12 +83,7 @@ public enum GuestDoors {
                                serialOutput: @escaping (UInt8) -> Void) throws -> (AdmittedGuest, SnapshotStats) {
         let file: SnapshotFile.Opened
         do {
-            file = try SnapshotFile.Opened(path: path) { envelope in
-                try envelope.dataKey(thisHost: store.hostName, agreementKey: store.stateSealing.agreementKey) {
-                    try store.stateSealing.openWrappedKey(encapsulatedKey: $0, wrappedKey: $1, info: $2, associatedData: $3,
-                                                          ciphersuite: SealedFormat.keyWrapSuite)
-                }
-            }
+            file = try SnapshotFile.Opened(path: path, unwrap: SnapshotFile.unwrapper(for: store))
         } catch let error as SealedFileError {
             store.stateSignatures.auditRefused(guest: nil, reason: "\(path): \(error)")
             throw error

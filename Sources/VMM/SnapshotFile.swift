@@ -69,6 +69,17 @@ public enum SnapshotFile {
                              milliseconds: monotonicMilliseconds() - t0, sealedFor: sealedFor)
     }
 
+    /// How a host opens the sealed files written for it: its entry in the envelope, unwrapped
+    /// by its store (the private key never leaves the store).
+    public static func unwrapper(for store: BillboardStore) -> (SealedEnvelope) throws -> SymmetricKey {
+        { envelope in
+            try envelope.dataKey(thisHost: store.hostName, agreementKey: store.stateSealing.agreementKey) {
+                try store.stateSealing.openWrappedKey(encapsulatedKey: $0, wrappedKey: $1, info: $2, associatedData: $3,
+                                                      ciphersuite: SealedFormat.keyWrapSuite)
+            }
+        }
+    }
+
     /// A snapshot file opened for restore, its header read and nothing else: the caller admits
     /// the header, reserves a machine, then reads the body into it. Sealed files (version 2) are
     /// opened with `unwrap`, which returns the data key for this host or refuses; unsealed

@@ -245,7 +245,7 @@ func writeBenchJSON(_ report: [String: Any], to output: String) throws {
 struct SnapshotBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshot",
-        abstract: "Snapshot and restore time and file size for 64 MiB, 512 MiB and 2 GiB guests, mostly zero and fully written.")
+        abstract: "Snapshot and restore time and file size for 64 MiB, 512 MiB and 2 GiB guests, mostly zero and fully written, sealed and unsealed.")
 
     @Option(help: "The guest (a Multiboot kernel that runs until stopped).")
     var image: String = "GuestImages/build/counter.elf"
@@ -265,33 +265,44 @@ struct SnapshotBench: ParsableCommand {
             let billboard = try BenchBillboard()
             try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
             var rows: [[String: Any]] = []
-            print("snapshot and restore (\(runs) runs each; file written, fsynced, renamed; restore verifies every checksum)")
+            print("snapshot and restore, sealed (default) and --unsealed side by side (\(runs) runs each, alternating; file written, fsynced, renamed; restore verifies every block)")
             for sizeText in sizes.split(separator: ",") {
                 let size = try MemorySize.parse(String(sizeText))
                 for filled in [false, true] {
-                    var save: [Double] = [], load: [Double] = [], fileBytes: UInt64 = 0
+                    var save: [Bool: [Double]] = [:], load: [Bool: [Double]] = [:], fileBytes: [Bool: UInt64] = [:]
                     for _ in 0..<runs {
-                        let guest = try billboard.boot(bytes, MachineConfiguration(
-                            memorySize: size, commandLine: "count=0 ticks=100000000"), kvm: kvm, serialOutput: { _ in })
-                        if filled { try fillMemory(guest.memory, from: 16 << 20) }
-                        guest.startPaused()
-                        let path = directory + "/bench-\(getpid()).snap"
-                        let s = try guest.snapshot(to: path)
-                        finish(guest)
-                        let (restored, r) = try billboard.restore(path, kvm: kvm)
-                        restored.end(with: .shutdown)
-                        restored.end()
-                        save.append(s.milliseconds)
-                        load.append(r.milliseconds)
-                        fileBytes = s.bytes
-                        unlink(path)
+                        for sealed in [true, false] {
+                            let guest = try billboard.boot(bytes, MachineConfiguration(
+                                memorySize: size, commandLine: "count=0 ticks=100000000"), kvm: kvm, serialOutput: { _ in })
+                            if filled { try fillMemory(guest.memory, from: 16 << 20) }
+                            guest.startPaused()
+                            let path = directory + "/bench-\(getpid()).snap"
+                            let s = try guest.snapshot(to: path, sealed: sealed)
+                            finish(guest)
+                            let (restored, r) = try billboard.restore(path, kvm: kvm)
+                            restored.end(with: .shutdown)
+                            restored.end()
+                            save[sealed, default: []].append(s.milliseconds)
+                            load[sealed, default: []].append(r.milliseconds)
+                            fileBytes[sealed] = s.bytes
+                            unlink(path)
+                        }
                     }
-                    let a = Stats(save), b = Stats(load)
                     let label = "\(sizeText) \(filled ? "fully written" : "mostly zero ")"
-                    print(String(format: "  %@  snapshot %8.1f ms (min %.1f max %.1f)  restore %8.1f ms (min %.1f max %.1f)  file %8.1f MiB",
-                                 label, a.median, a.min, a.max, b.median, b.min, b.max, Double(fileBytes) / 1048576))
-                    rows.append(["memory": String(sizeText), "memory_bytes": size, "content": filled ? "fully-written" : "mostly-zero",
-                                 "snapshot_ms": toJSONObject(a), "restore_ms": toJSONObject(b), "file_bytes": fileBytes])
+                    var row: [String: Any] = ["memory": String(sizeText), "memory_bytes": size, "content": filled ? "fully-written" : "mostly-zero"]
+                    for sealed in [true, false] {
+                        let a = Stats(save[sealed] ?? []), b = Stats(load[sealed] ?? [])
+                        print(String(format: "  %@  %@  snapshot %8.1f ms (min %.1f max %.1f)  restore %8.1f ms (min %.1f max %.1f)  file %8.1f MiB",
+                                     label, sealed ? "sealed  " : "unsealed", a.median, a.min, a.max, b.median, b.min, b.max,
+                                     Double(fileBytes[sealed] ?? 0) / 1048576))
+                        let key = sealed ? "sealed" : "unsealed"
+                        row[key] = ["snapshot_ms": toJSONObject(a), "restore_ms": toJSONObject(b), "file_bytes": fileBytes[sealed] ?? 0]
+                    }
+                    let ratioSave = Stats(save[true] ?? []).median / Stats(save[false] ?? []).median
+                    let ratioLoad = Stats(load[true] ?? []).median / Stats(load[false] ?? []).median
+                    print(String(format: "  %@  sealed/unsealed: snapshot %.2fx, restore %.2fx", label, ratioSave, ratioLoad))
+                    row["sealed_over_unsealed"] = ["snapshot": ratioSave, "restore": ratioLoad]
+                    rows.append(row)
                 }
             }
             try writeBenchJSON(["benchmark": "snapshot-restore", "date": ISO8601DateFormatter().string(from: Date()),

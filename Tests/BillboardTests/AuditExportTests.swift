@@ -110,7 +110,9 @@ struct AuditExportTests {
         defer { f.remove() }
         let path = f.root + "/audit.json"
         try AuditExport.write(data, to: path)
-        #expect(throws: BillboardError.self) { try AuditExport.write(data, to: path) }
+        #expect { try AuditExport.write(data, to: path) } throws: { error in
+            "\(error)".contains("the audit export '\(path)' already exists and is not overwritten")
+        }
         let attributes = try FileManager.default.attributesOfItem(atPath: path)
         #expect((attributes[.posixPermissions] as? Int) == 0o600)
         #expect(try AuditExport.verify(try AuditExport.load(path: path), identity: identity).isIntact)

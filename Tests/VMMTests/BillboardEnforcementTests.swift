@@ -24,10 +24,10 @@ func runCounter(_ store: TestBillboard, cmdline: String = "count=0 ticks=4000000
 }
 
 /// Pauses, snapshots to a new file and shuts the VMM down; returns the file.
-func snapshotAndStop(_ vmm: VMMProcess) throws -> String {
+func snapshotAndStop(_ vmm: VMMProcess, unsealed: Bool = false) throws -> String {
     let file = snapshotPath("guest.snap")
     #expect(try vmm.call(.PUT, "/vm/pause").status == 200)
-    let r = try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"\(file)\"}")
+    let r = try vmm.call(.PUT, "/vm/snapshot", "{\"path\": \"\(file)\"\(unsealed ? ", \"unsealed\": true" : "")}")
     #expect(r.status == 200, "\(r.body)")
     #expect(try vmm.call(.PUT, "/vm/shutdown").status == 200)
     _ = vmm.wait()
@@ -272,10 +272,10 @@ struct LeaseEnforcementTests {
         #expect(try auditText(store).contains("lease.advance"))
     }
 
-    @Test("a snapshot edited after it was written (checksums and digest recomputed), stripped of its signature, with a malformed signature, or signed by an unknown host is refused")
+    @Test("an unsealed snapshot edited after it was written (checksums and digest recomputed), stripped of its signature, with a malformed signature, or signed by an unknown host is refused")
     func snapshotSignature() throws {
         let store = try TestBillboard(host: "signing")
-        let file = try snapshotAndStop(try runCounter(store))
+        let file = try snapshotAndStop(try runCounter(store), unsealed: true)
         let original = try readSections(file)
         let signature = try #require(original.first { $0.type == .signature })
 

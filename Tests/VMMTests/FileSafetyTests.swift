@@ -93,7 +93,7 @@ struct FileSafetyTests {
         #expect(written.st_mode == S_IFREG | 0o600)
         #expect(written.st_uid == 0)
         #expect(UInt64(written.st_size) == stats.bytes)
-        let reopened = try SnapshotFile.Opened(path: target)
+        let reopened = try SnapshotFile.Opened(path: target, unwrap: SnapshotFile.unwrapper(for: localHosts().source))
         #expect(reopened.header.identity == guest.stateHeader.identity)
 
         dirs.expectVictimUntouched()

@@ -26,6 +26,14 @@ final class PlantedVMProcess {
         // The VM stays alive in the child only.
     }
 
+    /// A ghost that opens `path` itself (fd 4), so that this test process, which holds VMs of
+    /// other tests, never has that file open: a scan that stops processes holding a VM and a
+    /// copy of its store must find only the child.
+    init(opening path: String) throws {
+        let vm = try KVMSystem().createVM()
+        pid = try spawn(["/bin/sh", "-c", "exec 4<\"$1\" && exec /bin/sleep 60", "sh", path], descriptors: [(vm.fd.raw, 3)])
+    }
+
     /// Alive and not a zombie (a killed child stays one until `deinit` reaps it).
     var isAlive: Bool {
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
@@ -178,8 +186,7 @@ struct ScanHardeningTests {
         defer { _ = try? original.call(.PUT, "/vm/shutdown"); _ = original.wait() }
         let copy = temporaryPath("stolen-store")
         try FileManager.default.copyItem(atPath: store.directory, toPath: copy)
-        let database = try OwnedFileDescriptor.open(copy + "/" + BillboardStore.databaseFileName, O_RDONLY | O_CLOEXEC)
-        let ghost = try PlantedVMProcess(holding: database)
+        let ghost = try PlantedVMProcess(opening: copy + "/" + BillboardStore.databaseFileName)
         #expect(waitUntil(30) { !ghost.isAlive }, "the ghost on a copied store is still running")
         #expect(try auditText(store).contains("copied-store"))
         #expect(stillRunning(original))
