@@ -187,25 +187,26 @@ struct TLSTransportTests {
     }
 
     @Test func idleConnectionsBeyondTheLimitDoNotLockOutAGoodClient() throws {
-        // A handshake deadline far beyond the test, so only the limit can make room.
+        // A handshake deadline (60 s) far beyond the client's own (30 s): if the client gets in,
+        // only the limit can have made room, however loaded the machine is.
         let listener = try listener(trusting: [source], handshakeTimeoutSeconds: 60, maxPendingHandshakes: 4)
         let log = RefusalLog()
         let idle = try (0 ..< 10).map { _ in try RawTCPClient(port: listener.port) }
-        Thread.sleep(forTimeInterval: 0.3)  // lets the listener take them all in first
-        let started = monotonicMilliseconds()
-        let accepting = acceptInBackground(listener, seconds: 10, log: log)
+        Thread.sleep(forTimeInterval: 0.3)  // lets the listener take them in first (on a busy machine, perhaps not all)
+        let accepting = acceptInBackground(listener, seconds: 40, log: log)
         let client = try TLSTransport.connect(to: "127.0.0.1:\(listener.port)", identity: source,
-                                              authorize: enrolled(destination), expectedPeer: "host-b", timeoutSeconds: 5)
+                                              authorize: enrolled(destination), expectedPeer: "host-b", timeoutSeconds: 30)
         let server = try accepting.result()
         defer { client.close(); server.close() }
-        #expect(monotonicMilliseconds() - started < 5000)
         #expect(server.peerHost == "host-a")
-        // Room for 4: at least 6 of the 10 idle connections were dropped, whichever order the
-        // event loops took them in. The last drop may be reported after the accept returned; a
-        // short second accept collects it.
-        expectNothingAccepted(acceptInBackground(listener, seconds: 0.3, log: log))
+        // Room for 4: once the listener has taken in all 11 connections, at least 6 of the 10
+        // idle ones were dropped, whichever order the event loops took them in. Drops are
+        // reported through accept, so keep short accepts running until they are all in.
+        for _ in 0 ..< 40 where log.all.filter({ $0.contains("handshakes were pending") }).count < 6 {
+            expectNothingAccepted(acceptInBackground(listener, seconds: 0.5, log: log))
+        }
         #expect(log.all.filter { $0.contains("handshakes were pending") }.count >= 6)
-        #expect(idle.filter { $0.readUntilClosed(within: 0.3) != nil }.count >= 6)
+        #expect(idle.filter { $0.readUntilClosed(within: 2) != nil }.count >= 6)
     }
 
     @Test func aClientThatStallsMidHandshakeIsDroppedAtTheHandshakeDeadline() throws {
@@ -215,9 +216,10 @@ struct TLSTransportTests {
         // The first bytes of a TLS handshake record header, then nothing.
         staller.send([0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
         let started = monotonicMilliseconds()
-        #expect(staller.readUntilClosed(within: 5) != nil, "the listener should close a stalled handshake")
+        // Upper bounds here are loose on purpose: only "not before the deadline" and "not never" matter.
+        #expect(staller.readUntilClosed(within: 30) != nil, "the listener should close a stalled handshake")
         let elapsed = monotonicMilliseconds() - started
-        #expect(elapsed >= 400 && elapsed < 4000)
+        #expect(elapsed >= 400)
         expectNothingAccepted(acceptInBackground(listener, seconds: 0.5, log: log))
         #expect(log.all.count == 1)
         #expect(log.all.first?.contains("no complete TLS handshake within 0.5 s") == true)
@@ -248,7 +250,7 @@ struct TLSTransportTests {
         server.close()
         let failure = #expect(throws: MigrationError.self) { _ = try receiving.result(within: 5) }
         #expect("\(failure!)".contains("closed on this side"))
-        #expect(monotonicMilliseconds() - closed < 1000)
+        #expect(monotonicMilliseconds() - closed < 5000)
         // The peer sees the end of the stream.
         #expect(throws: MigrationError.self) { _ = try client.receive(count: 1) }
         client.close()
@@ -258,7 +260,8 @@ struct TLSTransportTests {
         let (client, server) = try connectedPair(inactivityTimeoutSeconds: 1)
         defer { client.close(); server.close() }
         let trickling = BackgroundThread {
-            for _ in 0 ..< 20 {
+            // Trickles for 30 s: a receiver timed per read (not per whole receive) would wait all of it.
+            for _ in 0 ..< 150 {
                 guard (try? client.send([1])) != nil else { return }
                 Thread.sleep(forTimeInterval: 0.2)
             }
@@ -270,7 +273,7 @@ struct TLSTransportTests {
             return
         }
         let elapsed = monotonicMilliseconds() - started
-        #expect(elapsed >= 900 && elapsed < 3000)
+        #expect(elapsed >= 900 && elapsed < 20_000)
         client.close()
         _ = try? trickling.result()
     }

@@ -328,11 +328,67 @@ struct SecureMigrationTests {
         guest.end()
     }
 
-    @Test("a flood of idle and garbage connections does not keep a receiving VMM from the real migration")
+    @Test("a source whose enrolment the destination removed is refused at the handshake: no guest byte leaves, the source keeps its guest and lease")
+    func revokedSourceRefused() throws {
+        let hosts = try localHosts()
+        // A destination host of its own, so that removing the source there changes no other test.
+        let name = "dst-revoking-\(UInt16.random(in: 0...UInt16.max))"
+        let revoking = try BillboardStore.initialize(directory: temporaryPath(name), hostName: name, firstAdmin: hosts.admin)
+        try revoking.peerHosts.add(name: "src", signingKey: hosts.source.hostSigningKey, agreementKey: hosts.source.hostAgreementKey, signedBy: hosts.admin)
+        try hosts.source.peerHosts.add(name: name, signingKey: revoking.hostSigningKey, agreementKey: revoking.hostAgreementKey, signedBy: hosts.admin)
+        try revoking.peerHosts.remove(name: "src", signedBy: hosts.admin)
+
+        let image = try Fixtures.guestBytes("counter.elf")
+        let c = MachineConfiguration(commandLine: "count=0 ticks=400000 note=\(Self.canary)")
+        let guestName = "revoked-\(UInt32.random(in: 0...UInt32.max))"
+        for store in [hosts.source, revoking] {
+            try store.registry.register(GuestRegistration(name: guestName, imageSHA256: ImageDigest.sha256(Data(image)), memoryBytes: c.memorySize,
+                                                          vcpus: c.vcpuCount, commandLine: c.commandLine,
+                                                          allowedHosts: ["src", name], beacons: .required), signedBy: hosts.admin)
+        }
+        let capture = SerialCapture()
+        let guest = try GuestDoors.boot(image: image, name: guestName, configuration: c, store: hosts.source, settings: hosts.settings,
+                                        log: { _ in }, serialOutput: capture.append)
+        guest.start()
+        usleep(100_000)
+
+        let listener = try GuestDoors.listen("127.0.0.1:0", store: revoking, plaintext: false)
+        let refused = LockedLines()
+        let received = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            _ = try? GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + 4000, store: revoking,
+                                        settings: hosts.settings, dirtyTracker: .bitmap, log: { refused.append($0) }, serialOutput: { _ in })
+            received.signal()
+        }
+        let report = secureMigrate(guest, port: listener.port, peer: name)
+        #expect(report.outcome == .failed)
+        #expect(report.pagesSent == 0, "guest pages left for a destination that refuses the source")
+        expectStillRunning(guest, capture)
+        #expect(received.wait(timeout: .now() + 30) == .success)
+        #expect(refused.all.contains { $0.contains("removed") || $0.contains("not enrolled") }, "\(refused.all)")
+        #expect(try revoking.instances.list().isEmpty, "the destination reserved something for a refused source")
+        guest.requestStop()
+        guest.end()
+    }
+
+    @Test("a flood of idle and garbage connections does not keep a receiving VMM from the real migration, nor a guest already running on that host from its beacons")
     func floodDoesNotStarve() throws {
         let capture = SerialCapture()
         let guest = try canaryGuest(capture)
         usleep(100_000)
+        // A guest already running on the receiving host, in the receiving process: the flood
+        // must not make it late with its beacons or its lease.
+        let hosts = try localHosts()
+        let image = try Fixtures.guestBytes("counter.elf")
+        let c = MachineConfiguration(commandLine: "count=0 ticks=400000")
+        let resident = try GuestDoors.boot(image: image, name: try hosts.register(image, c), configuration: c, store: hosts.destination,
+                                           settings: hosts.settings, log: { _ in }, serialOutput: { _ in })
+        resident.start()
+        defer { resident.requestStop(); _ = resident.waitForExit(); resident.end() }
+        let residentName = resident.session.registration.name
+        func residentBeacons() throws -> Int64 {
+            try hosts.destination.instances.list().first { $0.pid == getpid() && $0.guestName == residentName }?.beaconCount ?? 0
+        }
         let destination = try SecureDestination()
         // More idle connections than the listener has handshake slots, and some that send junk.
         var flood: [OwnedFileDescriptor] = []
@@ -349,6 +405,12 @@ struct SecureMigrationTests {
         #expect(report.outcome == .completed, "\(report.error ?? "")")
         #expect(destination.wait())
         #expect(destination.guest?.state == .running)
+        let beaconsAfterMove = try residentBeacons()
+        #expect(try waitUntil(10) { try residentBeacons() > beaconsAfterMove }, "the resident guest's beacons stopped being recorded")
+        let stale = try hosts.destination.scan.run(staleAfter: Double(hosts.settings.beaconIntervalMs) / 1000 * 3)
+            .filter { $0.kind == .stale && $0.guest == residentName }
+        #expect(stale.isEmpty, "\(stale)")
+        #expect(resident.session.holdsLease && resident.state == .running)
         destination.guest?.requestStop()
         guest.end(with: .migrated)
         flood.forEach { $0.close() }
