@@ -32,6 +32,9 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CKVM", "GuestMemory", "SystemCalls"]),
         // Dirty-page tracking policy over KVM's dirty log and dirty ring.
         .target(name: "DirtyTrackers", dependencies: ["KVM", "GuestMemory"]),
+        // Ethernet/ARP/IPv4 frames from hostile bytes; announce frames and their schedule; the
+        // per-guest egress source filter. Pure: no KVM, no sockets, no clock.
+        .target(name: "NetworkFrames"),
         // Pure device state machines (UART, exit port, beacon port). No KVM, no threads.
         .target(name: "Devices"),
         // Image formats (flat, Multiboot) -> guest memory + initial CPU state.
@@ -96,6 +99,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "LoaderTests", dependencies: ["Loader", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
+        .testTarget(name: "NetworkFramesTests", dependencies: ["NetworkFrames"]),
         .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory"]),
         .testTarget(name: "SecureChannelTests", dependencies: [
