@@ -60,7 +60,7 @@ let package = Package(
         ]),
         // Signed guest registry, keys, leases, audit (SQLite through GRDB).
         .target(name: "Billboard", dependencies: [
-            "SystemCalls",
+            "SystemCalls", "NetworkFrames",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "X509", package: "swift-certificates"),
@@ -70,7 +70,7 @@ let package = Package(
         // snapshot files and the migration service.
         .target(name: "VMM", dependencies: [
             "MachineCore", "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard", "SystemCalls",
-            "SecureChannel",
+            "SecureChannel", "NetworkFrames",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.
@@ -86,6 +86,7 @@ let package = Package(
             name: "vmm",
             dependencies: [
                 "VMM", "MachineCore", "ControlAPI", "Migration", "KVM", "GuestMemory", "Loader", "Billboard", "SystemCalls",
+                "NetworkFrames",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -93,7 +94,7 @@ let package = Package(
             ]
         ),
         // Shared by the test targets that boot guests (not a test target itself).
-        .target(name: "TestSupport", dependencies: ["KVM"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["KVM", "SystemCalls"], path: "Tests/TestSupport"),
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
@@ -119,7 +120,7 @@ let package = Package(
             .product(name: "SwiftASN1", package: "swift-asn1"),
         ]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "VMMTests", dependencies: ["TestSupport", "SystemCalls", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
+        .testTarget(name: "VMMTests", dependencies: ["TestSupport", "SystemCalls", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices", "NetworkFrames",
                                                .product(name: "GRDB", package: "GRDB.swift")]),
     ]
 )
