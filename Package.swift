@@ -32,6 +32,9 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CKVM", "GuestMemory", "SystemCalls"]),
         // Dirty-page tracking policy over KVM's dirty log and dirty ring.
         .target(name: "DirtyTrackers", dependencies: ["KVM", "GuestMemory"]),
+        // Ethernet/ARP/IPv4 frames from hostile bytes; announce frames and their schedule; the
+        // per-guest egress source filter. Pure: no KVM, no sockets, no clock.
+        .target(name: "NetworkFrames"),
         // Pure device state machines (UART, exit port, beacon port). No KVM, no threads.
         .target(name: "Devices"),
         // Image formats (flat, Multiboot) -> guest memory + initial CPU state.
@@ -57,7 +60,7 @@ let package = Package(
         ]),
         // Signed guest registry, keys, leases, audit (SQLite through GRDB).
         .target(name: "Billboard", dependencies: [
-            "SystemCalls",
+            "SystemCalls", "NetworkFrames",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "GRDB", package: "GRDB.swift"),
             .product(name: "X509", package: "swift-certificates"),
@@ -67,7 +70,7 @@ let package = Package(
         // snapshot files and the migration service.
         .target(name: "VMM", dependencies: [
             "MachineCore", "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard", "SystemCalls",
-            "SecureChannel",
+            "SecureChannel", "NetworkFrames",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.
@@ -83,6 +86,7 @@ let package = Package(
             name: "vmm",
             dependencies: [
                 "VMM", "MachineCore", "ControlAPI", "Migration", "KVM", "GuestMemory", "Loader", "Billboard", "SystemCalls",
+                "NetworkFrames",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -90,12 +94,13 @@ let package = Package(
             ]
         ),
         // Shared by the test targets that boot guests (not a test target itself).
-        .target(name: "TestSupport", dependencies: ["KVM"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["KVM", "SystemCalls"], path: "Tests/TestSupport"),
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "LoaderTests", dependencies: ["Loader", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
+        .testTarget(name: "NetworkFramesTests", dependencies: ["NetworkFrames"]),
         .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory"]),
         .testTarget(name: "SecureChannelTests", dependencies: [
@@ -115,7 +120,7 @@ let package = Package(
             .product(name: "SwiftASN1", package: "swift-asn1"),
         ]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "VMMTests", dependencies: ["TestSupport", "SystemCalls", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices",
+        .testTarget(name: "VMMTests", dependencies: ["TestSupport", "SystemCalls", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices", "NetworkFrames",
                                                .product(name: "GRDB", package: "GRDB.swift")]),
     ]
 )

@@ -1,4 +1,5 @@
 import Foundation
+import NetworkFrames
 
 /// Whether a guest must send liveness beacons while it runs.
 public enum BeaconPolicy: String, Sendable, Codable, Equatable {
@@ -81,6 +82,22 @@ public struct GuestRegistration: Sendable, Equatable {
         guard memoryBytes > 0 else { throw BillboardError.invalidRegistration("memoryBytes must be positive") }
         guard vcpus > 0 else { throw BillboardError.invalidRegistration("vcpus must be positive") }
         for host in allowedHosts { try validateName(host) }
+        if let mac, MACAddress(parsing: mac)?.isUnicast != true {
+            throw BillboardError.invalidRegistration("mac must be a unicast MAC address like 52:54:00:12:34:56, not '\(mac)'")
+        }
+        if let ip, IPv4Address(parsing: ip) == nil {
+            throw BillboardError.invalidRegistration("ip must be an IPv4 address like 10.0.0.5, not '\(ip)'")
+        }
+        if ip != nil && mac == nil {
+            throw BillboardError.invalidRegistration("an ip needs a mac: the ip is what the guest's network card may speak for")
+        }
+    }
+
+    /// The network card this registration allows: its MAC and, when registered, its IPv4
+    /// address; nil for a guest registered without a MAC, which may have no network card.
+    public var network: (mac: MACAddress, ip: IPv4Address?)? {
+        guard let mac = mac.flatMap(MACAddress.init(parsing:)), mac.isUnicast else { return nil }
+        return (mac, ip.flatMap(IPv4Address.init(parsing:)))
     }
 }
 

@@ -30,14 +30,24 @@ public struct ScanFinding: Sendable, Equatable, CustomStringConvertible {
         /// A process with a KVM VM and some other host's billboard open (another store on this
         /// machine, e.g. a test's): reported only; that store's own scan judges it.
         case foreignStore = "foreign-store"
+        /// The guest's network card sent frames that claim another MAC or IP than its
+        /// registration's, past the threshold: the guest is not who it claims.
+        case spoofedTraffic = "spoofed-traffic"
     }
     public let kind: Kind
     public let pid: Int32
     public let guest: String?
     public let evidence: String
 
+    public init(kind: Kind, pid: Int32, guest: String?, evidence: String) {
+        self.kind = kind
+        self.pid = pid
+        self.guest = guest
+        self.evidence = evidence
+    }
+
     /// Whether the process is a false or duplicate VM that must be stopped.
-    public var mustStop: Bool { [.falseBeacon, .duplicate, .noLease, .unrecorded, .copiedStore].contains(kind) }
+    public var mustStop: Bool { [.falseBeacon, .duplicate, .noLease, .unrecorded, .copiedStore, .spoofedTraffic].contains(kind) }
 
     public var description: String { "\(kind.rawValue): pid \(pid)\(guest.map { " guest '\($0)'" } ?? ""): \(evidence)" }
 }
@@ -235,6 +245,18 @@ public struct Scan: Sendable {
             return (false, "runs a VM with another billboard open (\(file.name))")
         }
         return (true, "runs a VM against \(file.name), a copy of this host's billboard (same host key)")
+    }
+
+    /// Records a frame the guest's network card sent and the VMM dropped because it claimed
+    /// another MAC or IP than the registration's (`evidence`: what it claimed and its first
+    /// bytes), with how many were dropped so far out of the `threshold` that makes it false.
+    public func recordSpoofedFrame(guest: String, evidence: String, dropped: Int, threshold: Int) throws {
+        try database.write { db in
+            try database.appendAudit(db, actor: database.processActor, event: "network.spoof", guest: guest, details: [
+                "pid": .int(Int64(getpid())), "evidence": .string(evidence),
+                "dropped": .int(Int64(dropped)), "threshold": .int(Int64(threshold)),
+            ])
+        }
     }
 
     /// Records that this VMM found its own guest false or without a lease and is ending it.

@@ -10,6 +10,19 @@ public enum DirtyTrackerKind: String, Sendable, Equatable, Codable, CaseIterable
     case bitmap, ring
 }
 
+/// The machine's network card: its MAC (from the guest's registration, never chosen on the
+/// command line) and the host tap interface it is attached to.
+public struct NetworkConfiguration: Sendable, Equatable {
+    /// Six bytes.
+    public var mac: [UInt8]
+    public var tap: String
+
+    public init(mac: [UInt8], tap: String) {
+        self.mac = mac
+        self.tap = tap
+    }
+}
+
 /// What a machine is built from.
 public struct MachineConfiguration: Sendable, Equatable {
     public var memorySize: UInt64
@@ -19,9 +32,13 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var dirtyTracker: DirtyTrackerKind
     /// Size of each KVM memory slot (guest RAM is split into slots of this size).
     public var slotSize: UInt64
+    /// A network card, or none.
+    public var network: NetworkConfiguration?
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, mode: BootMode? = nil, commandLine: String? = nil,
-                dirtyTracker: DirtyTrackerKind = .bitmap, slotSize: UInt64 = GuestMemory.maxRegionSize) {
+                dirtyTracker: DirtyTrackerKind = .bitmap, slotSize: UInt64 = GuestMemory.maxRegionSize,
+                network: NetworkConfiguration? = nil) {
+        self.network = network
         self.slotSize = slotSize
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount

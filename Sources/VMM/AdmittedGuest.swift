@@ -6,8 +6,10 @@ import Devices
 import Foundation
 import GuestMemory
 import MachineCore
+import NetworkFrames
 import Snapshot
 import Synchronization
+import SystemCalls
 
 /// A guest the Billboard admitted, with the one machine it runs in. It owns both, in one
 /// direction: the machine never learns of the session. It reacts to the machine's events
@@ -24,6 +26,9 @@ public final class AdmittedGuest: Sendable {
     /// The description the state came with (restore, migration): the machine the saved vCPUs
     /// ran on (its TSC rate, above all), which may differ from this host's defaults.
     let carriedDescription: MachineDescription?
+    /// The egress filter of the guest's network card, from its registration; nil for a guest
+    /// registered without a MAC (which may have no card).
+    public let egressPolicy: EgressPolicy?
 
     private struct Shared {
         /// Wakes housekeeping early: a beacon with a foreign token is evidence to record at once.
@@ -34,6 +39,11 @@ public final class AdmittedGuest: Sendable {
         /// Runs at the start of every periodic scan; tests make a scan slow with it, to show
         /// that lease renewal and beacons do not wait for the scan.
         var beforePeriodicScan: (@Sendable () -> Void)?
+        /// Where frames for the host's network go (the tap's writer), once the card's backend is up.
+        var hostFrameSink: (@Sendable ([UInt8]) -> Void)?
+        /// How a guest arriving by migration announces itself once it runs here.
+        var announceSchedule = AnnounceSchedule.qemuDefault
+        var announcer: Announcer?
     }
     private let shared = Mutex(Shared())
     private let wakeup = NSCondition()
@@ -44,6 +54,23 @@ public final class AdmittedGuest: Sendable {
         self.machine = machine
         self.session = session
         self.carriedDescription = carriedDescription
+        let registration = session.registration
+        egressPolicy = registration.network.map { network in
+            EgressPolicy(guest: registration.name, mac: network.mac, ip: network.ip, threshold: session.settings.spoofThreshold,
+                         scan: session.store.scan, log: session.log) { [weak machine] finding in
+                guard let machine else { return }
+                // Off the vCPU thread that sent the frame (a pause waits for every vCPU to park).
+                // As the false-VM stopper: frozen first, the evidence recorded, then ended.
+                startOSThread(name: "spoof-stop") {
+                    machine.pause()
+                    session.log("billboard: \(finding)")
+                    do { try session.store.scan.recordSelfEviction(finding) } catch {
+                        session.log("billboard: could not record the stop of '\(registration.name)': \(error)")
+                    }
+                    machine.end(with: .stoppedByOwner(reason: AdmittedGuest.evictionText(finding.description)))
+                }
+            }
+        }
         machine.onBeacon { [weak self] message in
             guard let self, session.noteBeacon(message) else { return }
             wakeup.lock(); shared.withLock { $0.urgent = true }; wakeup.signal(); wakeup.unlock()
@@ -125,7 +152,58 @@ public final class AdmittedGuest: Sendable {
 
     /// The guest is gone from this process: the lease goes back (unless handed over) and the
     /// record says so. Idempotent.
-    public func end() { session.end() }
+    public func end() {
+        shared.withLock { $0.announcer }?.cancel()
+        session.end()
+    }
+
+    // MARK: - Network
+
+    /// Whether a frame the guest's network card sent may leave for the host's network: only
+    /// frames from its registered MAC and IP (`EgressPolicy.admit`). A guest registered without
+    /// a MAC sends nothing. The device calls this for every transmitted frame.
+    public func admitEgress(_ frame: [UInt8]) -> Bool {
+        egressPolicy?.admit(frame) ?? false
+    }
+
+    /// Connects the host side of the guest's network card: `sink` writes one frame to the
+    /// host's network (the tap). The announcement after a migration goes through it.
+    public func connectHostNetwork(_ sink: @escaping @Sendable ([UInt8]) -> Void) {
+        shared.withLock { $0.hostFrameSink = sink }
+    }
+
+    /// How this guest announces itself after it arrives by migration (`vmm receive --announce-*`).
+    func setAnnounceSchedule(_ schedule: AnnounceSchedule) {
+        shared.withLock { $0.announceSchedule = schedule }
+    }
+
+    /// Starts announcing the guest's MAC (RARP) and registered IP (gratuitous ARP) on
+    /// `schedule` through `sink`, times counted from `resumedAt` (monotonic ms); nil when the
+    /// guest has no network card, no registered MAC, or the schedule has no rounds.
+    @discardableResult
+    public func startAnnouncing(_ schedule: AnnounceSchedule, resumedAt: Double = monotonicMilliseconds(),
+                                sink: @escaping @Sendable ([UInt8]) -> Void) -> Announcer? {
+        guard machine.configuration.network != nil, let policy = egressPolicy, schedule.rounds > 0 else { return nil }
+        let announcer = Announcer(schedule: schedule, mac: policy.mac, ip: policy.ip, sink: sink)
+        let previous = shared.withLock { s in defer { s.announcer = announcer }; return s.announcer }
+        previous?.cancel()
+        announcer.start(resumedAt: resumedAt)
+        return announcer
+    }
+
+    /// The announcement after the last resume here, if one was made.
+    public var announcer: Announcer? { shared.withLock { $0.announcer } }
+
+    /// The destination resumed the guest at `resumedAt`: announce it, if it has a network card.
+    func announceArrival(resumedAt: Double) {
+        guard machine.configuration.network != nil else { return }
+        let (schedule, sink) = shared.withLock { ($0.announceSchedule, $0.hostFrameSink) }
+        guard schedule.rounds > 0 else { return }
+        guard let sink else {
+            return session.log("network: '\(name)' has a network card but no host network is connected; it was not announced")
+        }
+        startAnnouncing(schedule, resumedAt: resumedAt, sink: sink)
+    }
 
     // MARK: - Snapshots and restore
 

@@ -4,6 +4,7 @@ import Foundation
 import KVM
 import MachineCore
 import Migration
+import NetworkFrames
 import Snapshot
 import Synchronization
 import SystemCalls
@@ -15,11 +16,25 @@ import SystemCalls
 public enum GuestDoors {
     /// Admits `image` with `configuration`, then creates and loads the machine, with its beacon
     /// block written. The lease is held from admission on.
-    public static func boot(image: [UInt8], name: String?, configuration: MachineConfiguration, store: BillboardStore,
-                            settings: BillboardSettings, kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
+    ///
+    /// `tap`: the host tap interface of a network card (`vmm run --net tap=NAME`); the card's MAC
+    /// is the registration's, and a guest registered without one is refused a card.
+    public static func boot(image: [UInt8], name: String?, configuration: MachineConfiguration, tap: String? = nil,
+                            store: BillboardStore, settings: BillboardSettings, kvm: KVMSystem? = nil,
+                            log: @escaping @Sendable (String) -> Void,
                             serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         let session = try GuestSession.admitBoot(store: store, name: name, image: image, configuration: configuration,
                                                  settings: settings, log: log)
+        var configuration = configuration
+        do {
+            if let tap { configuration.network = try session.networkConfiguration(tap: tap) }
+            guard networkMatches(configuration.network, session.registration) else {
+                throw NetworkRefusal(description: "guest '\(session.registration.name)' may have a network card only with its registered MAC (\(session.registration.mac ?? "none registered"))")
+            }
+        } catch {
+            session.end()
+            throw error
+        }
         // Admitted just now for these very bytes: no need to check them again.
         return try make(session: session, image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
     }
@@ -121,6 +136,13 @@ public enum GuestDoors {
     static func matches(_ c: MachineConfiguration, _ r: GuestRegistration) -> Bool {
         c.memorySize == r.memoryBytes && c.vcpuCount == r.vcpus && sameBytes(c.mode?.rawValue, r.mode)
             && sameBytes(c.commandLine.flatMap { $0.isEmpty ? nil : $0 }, r.commandLine)
+            && networkMatches(c.network, r)
+    }
+
+    /// A network card only for a guest registered with a MAC, and only with that MAC.
+    static func networkMatches(_ network: NetworkConfiguration?, _ r: GuestRegistration) -> Bool {
+        guard let network else { return true }
+        return r.network?.mac.bytes == network.mac
     }
 
     /// Waits for one incoming migration, connection after connection, until one completes or
@@ -132,7 +154,7 @@ public enum GuestDoors {
     /// READY; the lease is taken on GO before the guest runs. Returns the running guest.
     public static func receive(listener: any MigrationListener, deadline: Double?, store: BillboardStore, settings: BillboardSettings,
                                dirtyTracker: DirtyTrackerKind, kvm: KVMSystem? = nil,
-                               manifestTimeoutSeconds: Double = 10,
+                               manifestTimeoutSeconds: Double = 10, announce: AnnounceSchedule = .qemuDefault,
                                wrapTransport: @escaping (any MigrationTransport) -> any MigrationTransport = { $0 },
                                log: @escaping @Sendable (String) -> Void,
                                serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> AdmittedGuest {
@@ -145,8 +167,10 @@ public enum GuestDoors {
             let session = try GuestSession.admitIncoming(store: store, header: header, source: source, settings: settings, log: log)
             var configuration = header.description.configuration
             configuration.dirtyTracker = dirtyTracker
-            return try reserveIncoming(session: session, configuration: configuration, description: header.description,
-                                       kvm: kvm, serialOutput: serialOutput)
+            let guest = try reserveIncoming(session: session, configuration: configuration, description: header.description,
+                                            kvm: kvm, serialOutput: serialOutput)
+            guest.setAnnounceSchedule(announce)
+            return guest
         }
         while true {
             let transport = wrapTransport(try listener.nextConnection(deadline: deadline, onRefused: { log("refused a connection: \($0)") }))

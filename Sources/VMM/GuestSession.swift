@@ -18,8 +18,12 @@ public struct BillboardSettings: Sendable, Equatable {
     public var leaseTimeout: Double = 10
     /// Seconds without a beacon before a running guest that must beacon is stale.
     public var staleAfter: Double { max(3 * Double(beaconIntervalMs) / 1000, 2 * scanInterval) }
+    /// Frames with another MAC or IP than registered that a guest's network card may send
+    /// (each dropped and audited) before the guest is found false and stopped.
+    public var spoofThreshold: Int = 8
 
-    public init(scanInterval: Double = 5, beaconIntervalMs: UInt32 = 1000, leaseTimeout: Double = 10) {
+    public init(scanInterval: Double = 5, beaconIntervalMs: UInt32 = 1000, leaseTimeout: Double = 10, spoofThreshold: Int = 8) {
+        self.spoofThreshold = spoofThreshold
         self.scanInterval = scanInterval
         self.beaconIntervalMs = beaconIntervalMs
         self.leaseTimeout = leaseTimeout

@@ -7,6 +7,7 @@ import GuestMemory
 import MachineCore
 import Migration
 import Snapshot
+import SystemCalls
 
 /// An admitted guest as a migration source: the machine gives memory, dirty pages and state;
 /// the session signs the stream and hands the lease over at the commit point.
@@ -56,7 +57,13 @@ extension AdmittedGuest: MigrationDestinationVM {
     public func startGuest() throws {
         // The lease first: a guest that may not own itself here must not run (the source stays
         // paused and in doubt, and can take its lease back). One transaction of downtime.
-        try session.commitIncoming(beaconToken: try machine.beaconToken(), start: machine.start)
+        var resumedAt = 0.0
+        try session.commitIncoming(beaconToken: try machine.beaconToken()) {
+            resumedAt = monotonicMilliseconds()
+            machine.start()
+        }
+        // Off the downtime path: the switches learn where the guest is now.
+        announceArrival(resumedAt: resumedAt)
     }
 
     public func discard() {

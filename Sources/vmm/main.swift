@@ -7,6 +7,7 @@ import Migration
 import KVM
 import Loader
 import MachineCore
+import NetworkFrames
 import SystemCalls
 import Synchronization
 import VMM
@@ -63,9 +64,22 @@ struct Run: ParsableCommand {
     @Option(help: "The registered guest name (default: the one registration with this image's digest).")
     var name: String?
 
+    @Option(help: "Give the guest a network card on this host's tap interface: tap=NAME. Its MAC (and the IP it may use) are the guest's registration's; a guest registered without --mac is refused.")
+    var net: String?
+
     @OptionGroup var billboard: BillboardOptions
 
+    /// The tap named by --net tap=NAME.
+    static func tapName(_ net: String?) throws -> String? {
+        guard let net else { return nil }
+        guard net.hasPrefix("tap="), net.count > 4 else {
+            throw ValidationError("--net takes tap=NAME (the host's tap interface); the MAC is the guest's registration's and cannot be given here")
+        }
+        return String(net.dropFirst(4))
+    }
+
     func validate() throws {
+        _ = try Self.tapName(net)
         do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
@@ -81,7 +95,8 @@ struct Run: ParsableCommand {
             warnAboutRing(dirtyTracker)
             let configuration = MachineConfiguration(memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker)
             // The Billboard decides before KVM_CREATE_VM; there is no way around it.
-            let guest = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, store: try billboard.open(),
+            let guest = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, tap: try Self.tapName(net),
+                                            store: try billboard.open(),
                                             settings: billboard.settings, log: logLine, serialOutput: output.write)
             return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: false, reportDir: reportDir)
         }
@@ -173,6 +188,22 @@ struct Receive: ParsableCommand {
     @Flag(help: "Accept plain TCP instead of mutually authenticated TLS (for benchmarks; the source must consent too). The stream stays signed and checksummed, but anyone on the path can read the guest.")
     var insecurePlaintext = false
 
+    @Option(help: "Rounds of the announcement (a RARP from the guest's MAC and a gratuitous ARP for its registered IP) sent once a guest with a network card runs here, so switches learn its new port; 0 turns it off.")
+    var announceRounds: Int = AnnounceSchedule.qemuDefault.rounds
+
+    @Option(help: "Milliseconds between the first and second rounds.")
+    var announceInitialMs: Int = AnnounceSchedule.qemuDefault.initialMs
+
+    @Option(help: "Milliseconds each later gap grows by.")
+    var announceStepMs: Int = AnnounceSchedule.qemuDefault.stepMs
+
+    @Option(help: "The longest gap between rounds, in milliseconds.")
+    var announceMaxMs: Int = AnnounceSchedule.qemuDefault.maxMs
+
+    var announceSchedule: AnnounceSchedule {
+        AnnounceSchedule(initialMs: announceInitialMs, stepMs: announceStepMs, rounds: announceRounds, maxMs: announceMaxMs)
+    }
+
     /// Test-only: the destination commits this fault (a transport wraps the connection), so the
     /// subprocess tests can prove what the source does about it.
     @Option(help: .hidden) var injectFault: InjectedFault?
@@ -181,6 +212,7 @@ struct Receive: ParsableCommand {
 
     func validate() throws {
         guard listenTimeout > 0 && listenTimeout <= 86_400 else { throw ValidationError("--listen-timeout must be 1 to 86400 seconds") }
+        if let problem = announceSchedule.problem { throw ValidationError("--announce-*: \(problem)") }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
     }
@@ -212,6 +244,7 @@ struct Receive: ParsableCommand {
             do {
                 guest = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenTimeout * 1000,
                                                store: store, settings: settings, dirtyTracker: dirtyTracker,
+                                               announce: announceSchedule,
                                                wrapTransport: { transport in fault.map { FaultInjectingTransport(transport, fault: $0) } ?? transport },
                                                log: logLine, serialOutput: output.write)
             } catch MigrationError.timedOut(let what) {
@@ -219,6 +252,12 @@ struct Receive: ParsableCommand {
                 return Self.listenTimeoutStatus
             }
             running.guest = guest
+            if let announcer = guest.announcer {
+                Thread.detachNewThread {
+                    guard announcer.waitUntilFinished(timeout: 600) else { return }
+                    logLine("network: announced '\(guest.name)' at \(announcer.sentMs.map { String(Int($0)) }.joined(separator: ", ")) ms after it resumed")
+                }
+            }
             return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: false, reportDir: reportDir,
                                   alreadyStarted: true)
         }
@@ -310,16 +349,21 @@ struct BillboardOptions: ParsableArguments {
     @Option(help: "Milliseconds between the guest's beacons (written into its beacon block).")
     var beaconInterval: UInt32 = 1000
 
+    @Option(help: "Frames with another MAC or IP than registered that a guest's network card may send (each dropped and audited) before it is stopped as a false VM.")
+    var spoofThreshold: Int = 8
+
     func validate() throws {
         guard scanInterval >= 0.1 && scanInterval <= 3600 else { throw ValidationError("--scan-interval must be 0.1 to 3600 seconds") }
         guard leaseTimeout >= 1 && leaseTimeout <= 3600 else { throw ValidationError("--lease-timeout must be 1 to 3600 seconds") }
         guard beaconInterval >= 10 && beaconInterval <= 600_000 else { throw ValidationError("--beacon-interval must be 10 to 600000 ms") }
+        guard spoofThreshold >= 1 && spoofThreshold <= 10_000 else { throw ValidationError("--spoof-threshold must be 1 to 10000 frames") }
     }
 
     func open() throws -> BillboardStore { try BillboardStore(directory: billboard) }
 
     var settings: BillboardSettings {
-        BillboardSettings(scanInterval: scanInterval, beaconIntervalMs: beaconInterval, leaseTimeout: leaseTimeout)
+        BillboardSettings(scanInterval: scanInterval, beaconIntervalMs: beaconInterval, leaseTimeout: leaseTimeout,
+                          spoofThreshold: spoofThreshold)
     }
 }
 

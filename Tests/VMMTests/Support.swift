@@ -35,12 +35,13 @@ final class LocalHosts: @unchecked Sendable {
     }
 
     /// Registers `image` with `configuration` under a fresh name on both hosts (either may run it).
-    func register(_ image: [UInt8], _ c: MachineConfiguration) throws -> String {
+    /// `mac`, `ip`: the network card the registration allows (none by default).
+    func register(_ image: [UInt8], _ c: MachineConfiguration, mac: String? = nil, ip: String? = nil) throws -> String {
         let name = lock.withLock { serial += 1; return "local\(serial)" }
         for store in [source, destination] {
             try store.registry.register(GuestRegistration(name: name, imageSHA256: ImageDigest.sha256(Data(image)), memoryBytes: c.memorySize,
                                                  vcpus: c.vcpuCount, mode: c.mode?.rawValue, commandLine: c.commandLine,
-                                                 allowedHosts: ["src", "dst"], beacons: .required), signedBy: admin)
+                                                 mac: mac, ip: ip, allowedHosts: ["src", "dst"], beacons: .required), signedBy: admin)
         }
         return name
     }

@@ -15,4 +15,18 @@ int csystemcalls_o_path(void);
 /// not exist, atomically (EEXIST otherwise). Returns -1 with errno set on failure.
 int csystemcalls_renameat_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
 
+/// TUNSETIFF with IFF_TAP | IFF_NO_PI on an open /dev/net/tun: attaches `fd` to the tap
+/// interface `name` (created if absent, in the calling thread's network namespace). The
+/// kernel's name for it (at most 15 bytes and a NUL) goes to `actual` (16 bytes).
+/// Returns -1 with errno set on failure (a name of 16 bytes or more: ENAMETOOLONG).
+int csystemcalls_tun_set_tap(int fd, const char *name, char *actual);
+
+/// setns(fd, CLONE_NEWNET): moves the calling thread into the network namespace `fd` names.
+int csystemcalls_setns_net(int fd);
+
+/// An AF_PACKET raw socket (ETH_P_ALL, close-on-exec) bound to interface `name` of the calling
+/// thread's network namespace: every frame the interface sends or receives. -1 with errno set
+/// on failure (an unknown interface: ENODEV).
+int csystemcalls_packet_socket(const char *name);
+
 #endif
