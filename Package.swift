@@ -84,7 +84,7 @@ let package = Package(
         .executableTarget(
             name: "vmm",
             dependencies: [
-                "VMM", "MachineCore", "ControlAPI", "Migration", "KVM", "GuestMemory", "Loader", "Billboard", "SystemCalls",
+                "VMM", "MachineCore", "ControlAPI", "Migration", "KVM", "GuestMemory", "Loader", "Billboard", "SystemCalls", "PageFaults",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
