@@ -287,6 +287,11 @@ public final class FaultServer: Sendable {
     // MARK: - The filler
 
     private func fillLoop() {
+        // The first faults are on the guest's way to its first instruction: let them have the
+        // CPU (two cores are shared) until one unit came in on fault, or for 20 ms at most.
+        let deadline = monotonicMilliseconds() + 20
+        while monotonicMilliseconds() < deadline,
+              state.withLock({ $0.stats.unitsOnFault == 0 && !$0.stopping && $0.failure == nil }) { usleep(200) }
         while let unit = nextUnitToFill() {
             if !fetchAndInstall(unit, byFiller: true) { return }
         }
