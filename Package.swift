@@ -28,6 +28,8 @@ let package = Package(
         .target(name: "CSystemCalls"),
         // Guest-physical address space; bounds-checked access; dirty bitmaps and the tracker protocol.
         .target(name: "GuestMemory", dependencies: ["SystemCalls"]),
+        // Missing-page faults served through a userfaultfd from a page source (lazy restore, post-copy).
+        .target(name: "PageFaults", dependencies: ["GuestMemory", "SystemCalls"]),
         // One Swift method per ioctl, from one table of requests; typed errors. No policy.
         .target(name: "KVM", dependencies: ["CKVM", "GuestMemory", "SystemCalls"]),
         // Dirty-page tracking policy over KVM's dirty log and dirty ring.
@@ -70,7 +72,7 @@ let package = Package(
         // snapshot files and the migration service.
         .target(name: "VMM", dependencies: [
             "MachineCore", "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "Migration", "Billboard", "SystemCalls",
-            "SecureChannel", "NetworkFrames",
+            "SecureChannel", "NetworkFrames", "PageFaults",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // HTTP/JSON control API on a Unix socket, and its client.
@@ -86,7 +88,7 @@ let package = Package(
             name: "vmm",
             dependencies: [
                 "VMM", "MachineCore", "ControlAPI", "Migration", "KVM", "GuestMemory", "Loader", "Billboard", "SystemCalls",
-                "NetworkFrames",
+                "NetworkFrames", "PageFaults",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -97,6 +99,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["KVM", "SystemCalls"], path: "Tests/TestSupport"),
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "PageFaultsTests", dependencies: ["PageFaults", "GuestMemory", "SystemCalls"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "LoaderTests", dependencies: ["Loader", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices"]),

@@ -196,3 +196,84 @@ public final class GuestMemory: @unchecked Sendable {
         }
     }
 }
+
+// MARK: - Pages installed by a userfaultfd (lazy restore, post-copy migration)
+
+extension GuestMemory {
+    /// Registers every region with `uffd` in MISSING mode: from now on a missing page faults to
+    /// whoever serves `uffd`, for the guest (KVM reads through these very mappings) and for this
+    /// process alike. Call before anything touches the memory; nothing here writes to it.
+    public func registerMissingPages(with uffd: UserFaultFD) throws(SystemCallError) {
+        for region in regions { try uffd.register(address: UInt64(region.hostAddress), length: region.size) }
+    }
+
+    /// Undoes `registerMissingPages`: pages still missing read as zeros from now on, and threads
+    /// sleeping on them retry.
+    public func unregisterMissingPages(from uffd: UserFaultFD) throws(SystemCallError) {
+        for region in regions { try uffd.unregister(address: UInt64(region.hostAddress), length: region.size) }
+    }
+
+    /// The guest page a host address reported by a fault lies in; nil if it is not guest RAM.
+    public func pageFrame(ofHostAddress address: UInt64) -> UInt64? {
+        for region in regions {
+            let base = UInt64(region.hostAddress)
+            if address >= base && address - base < region.size {
+                return (region.guestBase.raw + (address - base)) / Self.pageSize
+            }
+        }
+        return nil
+    }
+
+    /// Calls `body` with the host address and length of each region-bounded piece of the whole
+    /// pages `[pfn, pfn+count)`, and the offset of the piece into the range.
+    private func forEachHostPiece(pfn: UInt64, count: UInt64,
+                                  _ body: (UInt64, UInt64, UInt64) throws(SystemCallError) -> Void) throws {
+        let (address, o1) = pfn.multipliedReportingOverflow(by: Self.pageSize)
+        let (length, o2) = count.multipliedReportingOverflow(by: Self.pageSize)
+        guard !o1, !o2 else { throw GuestMemoryError.outOfBounds(address: UInt64.max, length: UInt64.max, size: size) }
+        try checkRange(GuestAddress(address), length)
+        var done: UInt64 = 0
+        while done < length {
+            let gpa = address + done
+            let region = regions[min(Int(gpa / regionSize), regions.count - 1)]
+            let inRegion = gpa - region.guestBase.raw
+            let n = min(length - done, region.size - inRegion)
+            try body(UInt64(region.hostAddress) + inRegion, n, done)
+            done += n
+        }
+    }
+
+    /// Installs whole pages at `pfn` from `bytes` (a multiple of the page size) through `uffd`
+    /// (`UFFDIO_COPY`): each page appears complete or not at all, and threads waiting on it wake.
+    /// Pages already present are left as they are and counted.
+    @discardableResult
+    public func installPages(_ bytes: UnsafeRawBufferPointer, atPageFrame pfn: UInt64, through uffd: UserFaultFD) throws -> UserFaultInstall {
+        guard bytes.count % Int(Self.pageSize) == 0, let source = bytes.baseAddress else {
+            throw GuestMemoryError.invalidSize(UInt64(bytes.count))
+        }
+        var total = UserFaultInstall()
+        try forEachHostPiece(pfn: pfn, count: UInt64(bytes.count) / Self.pageSize) { host, n, offset throws(SystemCallError) in
+            let r = try uffd.copy(from: source + Int(offset), to: host, length: n)
+            total.installedBytes += r.installedBytes
+            total.alreadyPresentBytes += r.alreadyPresentBytes
+        }
+        return total
+    }
+
+    /// Maps zero pages over `[pfn, pfn+count)` through `uffd` (`UFFDIO_ZEROPAGE`); present pages stay.
+    @discardableResult
+    public func installZeroPages(atPageFrame pfn: UInt64, count: UInt64, through uffd: UserFaultFD) throws -> UserFaultInstall {
+        var total = UserFaultInstall()
+        try forEachHostPiece(pfn: pfn, count: count) { host, n, _ throws(SystemCallError) in
+            let r = try uffd.zeroPages(at: host, length: n)
+            total.installedBytes += r.installedBytes
+            total.alreadyPresentBytes += r.alreadyPresentBytes
+        }
+        return total
+    }
+
+    /// Wakes threads waiting on faults in `[pfn, pfn+count)` (after someone else installed them).
+    public func wakePages(atPageFrame pfn: UInt64, count: UInt64, through uffd: UserFaultFD) throws {
+        try forEachHostPiece(pfn: pfn, count: count) { host, n, _ throws(SystemCallError) in try uffd.wake(address: host, length: n) }
+    }
+}

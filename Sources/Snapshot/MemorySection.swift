@@ -73,6 +73,37 @@ public enum MemorySection {
         return GuestAddress(address)
     }
 
+    /// One page of a decoded payload: its frame, and where its 4 KiB lie in the payload (nil: zero).
+    public struct DecodedPage: Sendable, Equatable {
+        public var pfn: UInt64
+        public var dataOffset: Int?
+    }
+
+    /// Validates a payload (structure, ordering, every page inside `memorySize`) and says where
+    /// each page's bytes are, without writing anything: for installing the pages some other way
+    /// (a lazy restore's `UFFDIO_COPY`).
+    public static func decode(_ payload: [UInt8], memorySize: UInt64, sectionOffset: UInt64?) throws -> [DecodedPage] {
+        let parsed: Parsed
+        do { parsed = try parse(payload) } catch {
+            throw SnapshotFormatError.malformedMemorySection(reason: error, offset: sectionOffset)
+        }
+        var pages: [DecodedPage] = []
+        pages.reserveCapacity(parsed.entries.count)
+        var dataOffset = parsed.dataStart
+        for entry in parsed.entries {
+            guard pageAddress(entry.pfn, memorySize: memorySize) != nil else {
+                throw SnapshotFormatError.pageOutOfRange(pfn: entry.pfn, memorySize: memorySize)
+            }
+            if entry.isZero {
+                pages.append(DecodedPage(pfn: entry.pfn, dataOffset: nil))
+            } else {
+                pages.append(DecodedPage(pfn: entry.pfn, dataOffset: dataOffset))
+                dataOffset += Int(SnapshotFormat.pageSize)
+            }
+        }
+        return pages
+    }
+
     /// Validates a memory payload (structure, ordering, bounds against `memory.size`)
     /// and applies it: data pages written, zero pages zeroed. Nothing is written
     /// unless the whole payload is valid, so a refused section leaves memory untouched.

@@ -224,7 +224,22 @@ public final class SealedReader<Source: RandomAccessSource> {
         entries.first { $0.kind == .memory && $0.firstPage <= pfn && pfn <= $0.lastPage }
     }
 
-    /// Decrypts one memory chunk and applies it to `memory` (a lazy restore's page fault).
+    /// The memory chunks, in page order (what a lazy restore fetches one at a time).
+    public var memoryChunks: [SealedIndexEntry] { entries.filter { $0.kind == .memory } }
+
+    /// Decrypts and checks one memory chunk without writing it anywhere: its plaintext payload and
+    /// where each page lies in it. Nothing of a chunk that fails is returned.
+    public func openChunk(_ entry: SealedIndexEntry, memorySize: UInt64) throws -> (payload: [UInt8], pages: [MemorySection.DecodedPage]) {
+        guard entry.kind == .memory else { throw SnapshotFormatError.writerMisuse("openChunk was given a \(entry.kind) block") }
+        let payload = try readBlock(entry)
+        let pages = try MemorySection.decode(payload, memorySize: memorySize, sectionOffset: entry.offset)
+        guard pages.first?.pfn == entry.firstPage, pages.last?.pfn == entry.lastPage else {
+            throw SealedFileError.malformed("memory block \(entry.ordinal) holds other pages than its index entry says")
+        }
+        return (payload, pages)
+    }
+
+    /// Decrypts one memory chunk and applies it to `memory`.
     @discardableResult
     public func readChunk(_ entry: SealedIndexEntry, into memory: GuestMemory) throws -> (pages: Int, zeroPages: Int) {
         guard entry.kind == .memory else { throw SnapshotFormatError.writerMisuse("readChunk was given a \(entry.kind) block") }

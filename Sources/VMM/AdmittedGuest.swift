@@ -7,6 +7,7 @@ import Foundation
 import GuestMemory
 import MachineCore
 import NetworkFrames
+import PageFaults
 import Snapshot
 import Synchronization
 import SystemCalls
@@ -29,6 +30,8 @@ public final class AdmittedGuest: Sendable {
     /// The egress filter of the guest's network card, from its registration; nil for a guest
     /// registered without a MAC (which may have no card).
     public let egressPolicy: EgressPolicy?
+    /// A lazy restore's fault server, which fills the machine's memory while the guest runs.
+    let lazyMemory: FaultServer?
 
     private struct Shared {
         /// Wakes housekeeping early: a beacon with a foreign token is evidence to record at once.
@@ -50,7 +53,7 @@ public final class AdmittedGuest: Sendable {
 
     /// Connects `session` to its freshly made `machine` and starts housekeeping. From here on
     /// whatever fails ends the session with the machine.
-    init(machine: Machine, session: GuestSession, carriedDescription: MachineDescription? = nil) {
+    init(machine: Machine, session: GuestSession, carriedDescription: MachineDescription? = nil, lazyMemory: FaultServer? = nil) {
         self.machine = machine
         self.session = session
         self.carriedDescription = carriedDescription
@@ -71,6 +74,7 @@ public final class AdmittedGuest: Sendable {
                 }
             }
         }
+        self.lazyMemory = lazyMemory
         machine.onBeacon { [weak self] message in
             guard let self, session.noteBeacon(message) else { return }
             wakeup.lock(); shared.withLock { $0.urgent = true }; wakeup.signal(); wakeup.unlock()
@@ -94,7 +98,10 @@ public final class AdmittedGuest: Sendable {
         shared.withLock { $0.beforePeriodicScan = body }
     }
 
-    deinit { session.end() }
+    deinit {
+        lazyMemory?.stop()
+        session.end()
+    }
 
     /// The guest's registered name.
     public var name: String { session.registration.name }
@@ -154,6 +161,8 @@ public final class AdmittedGuest: Sendable {
     /// record says so. Idempotent.
     public func end() {
         shared.withLock { $0.announcer }?.cancel()
+        // The machine has ended (or was told to): a vCPU still asleep on a missing page wakes and leaves.
+        lazyMemory?.stop()
         session.end()
     }
 
@@ -205,6 +214,19 @@ public final class AdmittedGuest: Sendable {
         startAnnouncing(schedule, resumedAt: resumedAt, sink: sink)
     }
 
+    // MARK: - Lazy restore
+
+    /// A lazy restore's figures (faults, latency, time to the last page); nil for an eager one.
+    public var lazyRestoreStats: FaultStats? { lazyMemory?.stats }
+
+    /// Waits until a lazy restore has brought in every page (snapshots and migration read memory
+    /// by what is resident, so a page still missing would read as absent); throws if it failed.
+    public func awaitCompleteMemory() throws {
+        guard let lazyMemory else { return }
+        _ = lazyMemory.waitUntilFinished(timeout: 365 * 86_400)
+        if let failure = lazyMemory.failure { throw MachineError.io("lazy restore failed: \(failure)") }
+    }
+
     // MARK: - Snapshots and restore
 
     /// The header (machine section, migration hello) for this guest's state.
@@ -228,6 +250,7 @@ public final class AdmittedGuest: Sendable {
         } else {
             warnings = ["the snapshot is unsealed: anyone who can read '\(path)' can read the guest's memory"]
         }
+        try awaitCompleteMemory()
         session.noteSnapshot()
         var stats = try SnapshotFile.write(machine, header: stateHeader, to: path, sealing: sealing) { digest in
             try StateJSON.encode(try store.stateSignatures.sign(digest: digest))
@@ -240,7 +263,11 @@ public final class AdmittedGuest: Sendable {
     /// an authorised rollback is used) just before it runs, so that nothing that can still fail
     /// consumes either.
     public func takeRestoredLease() throws {
-        try session.takeRestoredLease(beaconToken: try machine.beaconToken())
+        // Lazily restored, reading the beacon block may fault in its chunk: one that fails its
+        // check stops the guest here, before the lease is taken and before it ever runs.
+        let token = try machine.beaconToken()
+        if let failure = lazyMemory?.failure { throw MachineError.io("lazy restore refused before the guest ran: \(failure)") }
+        try session.takeRestoredLease(beaconToken: token)
     }
 
     /// Source, resuming after an in-doubt migration: only if the lease can be taken back.

@@ -5,6 +5,7 @@ import KVM
 import MachineCore
 import Migration
 import NetworkFrames
+import PageFaults
 import Snapshot
 import Synchronization
 import SystemCalls
@@ -93,9 +94,24 @@ public enum GuestDoors {
     /// signature is checked (a missing or foreign one is refused and audited) before any state
     /// is applied. The guest has not taken its lease yet: call `takeRestoredLease` just before
     /// it runs, so that nothing that can still fail consumes an epoch or an authorisation.
+    ///
+    /// `lazy` (sealed files only): the same checks of the header, the index, the vcpu and devices
+    /// blocks and the signature happen before anything runs, but memory is not read: it is
+    /// registered with a userfaultfd and each chunk is read, checked and decrypted on its first
+    /// fault, while a filler brings in the rest (see docs/lazy-restore.md). A chunk that fails its
+    /// check is never installed: the machine ends with a fatal exit naming it.
     public static func restore(path: String, requestedMemory: UInt64?, store: BillboardStore, settings: BillboardSettings,
-                               kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
+                               lazy: Bool = false, kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
                                serialOutput: @escaping (UInt8) -> Void) throws -> (AdmittedGuest, SnapshotStats) {
+        try restore(path: path, requestedMemory: requestedMemory, store: store, settings: settings, lazy: lazy, fillLazily: true,
+                    kvm: kvm, log: log, serialOutput: serialOutput)
+    }
+
+    /// `fillLazily: false` (tests): no background filler, so pages arrive only on fault and the
+    /// guest, not the filler, is the first to meet an edited chunk.
+    static func restore(path: String, requestedMemory: UInt64?, store: BillboardStore, settings: BillboardSettings,
+                        lazy: Bool, fillLazily: Bool, kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
+                        serialOutput: @escaping (UInt8) -> Void) throws -> (AdmittedGuest, SnapshotStats) {
         let file: SnapshotFile.Opened
         do {
             file = try SnapshotFile.Opened(path: path, unwrap: SnapshotFile.unwrapper(for: store))
@@ -104,6 +120,9 @@ public enum GuestDoors {
             throw error
         }
         let description = file.header.description
+        if lazy && !file.isSealed {
+            throw MachineError.io("--lazy needs a sealed snapshot; '\(path)' is unsealed (version 1), which has no index to find a page by: restore it without --lazy")
+        }
         if let requestedMemory, requestedMemory != description.memorySize {
             throw SnapshotError.memoryMismatch(snapshot: description.memorySize, requested: requestedMemory)
         }
@@ -113,18 +132,35 @@ public enum GuestDoors {
         do {
             guard session.claimMachine() else { throw oneMachineOnly(session) }
             let machine = try Machine(configuration: description.configuration, kvm: kvm, serialOutput: serialOutput)
+            func verifySignature(_ body: StateBody) throws {
+                do {
+                    guard let signature = body.signature else {
+                        throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
+                    }
+                    try store.stateSignatures.verify(try StateJSON.decode(StateSignature.self, from: signature, what: "signature section"),
+                                          digest: body.signedDigest)
+                } catch {
+                    store.stateSignatures.auditRefused(guest: session.registration.name, reason: "\(path): \(error)")
+                    throw error
+                }
+            }
+            if lazy {
+                let (body, source) = try file.lazyBody(memorySize: description.memorySize)
+                try verifySignature(body)
+                let state = try MachineStateCodec.decode(body, description: description)
+                // Registered before anything touches the memory; the server keeps the file open.
+                let server = try FaultServer(memory: machine.memory, source: source) { [weak machine] failure in
+                    store.stateSignatures.auditRefused(guest: session.registration.name, reason: "\(path): \(failure)")
+                    machine?.end(with: .fatal(reason: "lazy restore of '\(path)' stopped: \(failure)", details: ""))
+                }
+                let guest = AdmittedGuest(machine: machine, session: session, carriedDescription: description, lazyMemory: server)
+                try machine.restoreState(state)
+                server.start(fill: fillLazily)
+                return (guest, file.lazyStats())
+            }
             let guest = AdmittedGuest(machine: machine, session: session, carriedDescription: description)
             let body = try file.readBody(into: machine.memory)
-            do {
-                guard let signature = body.signature else {
-                    throw BillboardRefusal.badSnapshotSignature(reason: "the snapshot carries no signature")
-                }
-                try store.stateSignatures.verify(try StateJSON.decode(StateSignature.self, from: signature, what: "signature section"),
-                                      digest: body.signedDigest)
-            } catch {
-                store.stateSignatures.auditRefused(guest: session.registration.name, reason: "\(path): \(error)")
-                throw error
-            }
+            try verifySignature(body)
             try machine.restoreState(try MachineStateCodec.decode(body, description: description))
             return (guest, file.stats(body))
         } catch {

@@ -54,6 +54,8 @@ public final class MigrationService: Sendable {
             s.sender = sender
         }
         startOSThread(name: "migration") { [self] in
+            // A lazily restored guest's missing pages would read as absent (not resident): all in first.
+            try? guest.awaitCompleteMemory()
             let report = sender.run(connect: connect)
             shared.withLock { $0.lastReport = report; $0.lastProgress = sender.progress }
             writeReport(report)

@@ -92,6 +92,8 @@ public enum SnapshotFile {
         private let file: OwnedFileDescriptor
         private var stream: StreamReader<FileDescriptorSource>?
         private let sealed: SealedReader<FileRandomAccessSource>?
+        /// The sealed file's reader (nil for version 1), for a lazy restore.
+        var sealedReader: SealedReader<FileRandomAccessSource>? { sealed }
         private let t0 = monotonicMilliseconds()
         private var fd: Int32 { file.raw }
 
@@ -143,6 +145,13 @@ public enum SnapshotFile {
             guard var reader = stream else { throw MachineError.io("the snapshot body was already read") }
             stream = nil
             return try StateSequence.readBody(from: &reader, into: memory)
+        }
+
+        /// Figures for a lazy restore, when the guest can start: the file's size, no page read yet.
+        public func lazyStats() -> SnapshotStats {
+            var st = stat()
+            fstat(fd, &st)
+            return SnapshotStats(bytes: UInt64(st.st_size), pages: 0, zeroPages: 0, milliseconds: monotonicMilliseconds() - t0)
         }
 
         /// Figures for a restore that read the whole file.

@@ -12,7 +12,7 @@ import SystemCalls
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print figures and write JSON.",
-        subcommands: [BootBench.self, SnapshotBench.self, DirtyLogBench.self, GhostBench.self])
+        subcommands: [BootBench.self, SnapshotBench.self, LazyRestoreBench.self, DirtyLogBench.self, GhostBench.self])
 }
 
 /// Summary statistics of a series of timings, in milliseconds.

@@ -107,7 +107,7 @@ struct Run: ParsableCommand {
 struct Restore: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Start a new VMM from a snapshot file and resume the guest where it was.",
-        discussion: "The snapshot is verified completely (every section's checksum and the stream digest) before the guest runs. A different --memory or a host CPU lacking the guest's features is refused."
+        discussion: "The snapshot is verified completely (every section's checksum and the stream digest) before the guest runs. A different --memory or a host CPU lacking the guest's features is refused. With --lazy (sealed files only) the index, signature, vCPU and device state are verified before the guest runs and each memory chunk is verified and decrypted on its first page fault (userfaultfd) while the rest is filled in behind; a chunk that fails stops the guest with a fatal error, and it never runs on it."
     )
 
     @Argument(help: "The snapshot file written by PUT /vm/snapshot or `vmm ctl snapshot`.")
@@ -128,6 +128,9 @@ struct Restore: ParsableCommand {
     @Flag(help: "Stay paused after restoring (resume with `vmm ctl resume`); needs --api-socket.")
     var paused = false
 
+    @Flag(help: "Start the guest at once and bring its memory in on demand (userfaultfd), each chunk verified on first touch; sealed files only.")
+    var lazy = false
+
     @Option(help: "Directory for migration reports (JSON).")
     var reportDir: String = "migration-reports"
 
@@ -146,7 +149,7 @@ struct Restore: ParsableCommand {
             let output = try SerialOutput(path: serialLog)
             let requested = try memory.map { try MemorySize.parse($0) }
             let (guest, _) = try GuestDoors.restore(path: file, requestedMemory: requested, store: try billboard.open(),
-                                                    settings: billboard.settings, log: logLine, serialOutput: output.write)
+                                                    settings: billboard.settings, lazy: lazy, log: logLine, serialOutput: output.write)
             // The lease is taken (and an authorised rollback used) only once nothing else can fail
             // before the guest runs: after the control API is up.
             return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: paused, reportDir: reportDir,

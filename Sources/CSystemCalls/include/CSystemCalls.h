@@ -3,6 +3,9 @@
 #ifndef CSYSTEMCALLS_H
 #define CSYSTEMCALLS_H
 
+// The ioctl argument structs (uffdio_api, uffdio_register, uffdio_copy, ...), for Swift.
+#include <linux/userfaultfd.h>
+
 /// The symbolic name of an errno value ("ENOENT"), from glibc's strerrorname_np;
 /// NULL when glibc does not know the value.
 const char *csystemcalls_errno_name(int errnum);
@@ -28,5 +31,30 @@ int csystemcalls_setns_net(int fd);
 /// thread's network namespace: every frame the interface sends or receives. -1 with errno set
 /// on failure (an unknown interface: ENODEV).
 int csystemcalls_packet_socket(const char *name);
+/// userfaultfd(2) with `flags` (O_CLOEXEC, O_NONBLOCK): glibc has no wrapper. Returns -1 with
+/// errno set on failure.
+int csystemcalls_userfaultfd(int flags);
+
+/// ioctl(2) with one pointer argument (Swift cannot call the variadic one). -1 with errno set.
+int csystemcalls_ioctl_pointer(int fd, unsigned long request, void *argument);
+
+/// <linux/userfaultfd.h>'s values, which are macros Swift cannot import (_IOWR and shifts).
+unsigned long csystemcalls_uffdio_api(void);
+unsigned long csystemcalls_uffdio_register(void);
+unsigned long csystemcalls_uffdio_unregister(void);
+unsigned long csystemcalls_uffdio_copy(void);
+unsigned long csystemcalls_uffdio_zeropage(void);
+unsigned long csystemcalls_uffdio_wake(void);
+unsigned long long csystemcalls_uffd_api_version(void);
+unsigned long long csystemcalls_uffdio_register_mode_missing(void);
+/// Bit numbers of the ioctls UFFDIO_REGISTER reports as usable on a range.
+int csystemcalls_uffdio_copy_bit(void);
+int csystemcalls_uffdio_zeropage_bit(void);
+unsigned char csystemcalls_uffd_event_pagefault(void);
+unsigned long long csystemcalls_uffd_pagefault_flag_write(void);
+/// Bytes in one struct uffd_msg, and the offsets of the fields a page fault uses.
+int csystemcalls_uffd_msg_size(void);
+int csystemcalls_uffd_msg_pagefault_flags_offset(void);
+int csystemcalls_uffd_msg_pagefault_address_offset(void);
 
 #endif
