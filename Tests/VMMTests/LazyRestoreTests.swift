@@ -71,7 +71,9 @@ struct LazyRestoreTests {
         let socket2 = temporaryPath("api") + ".sock"
         let restored = try VMMProcess(["restore", file, "--lazy", "--paused", "--api-socket", socket2] + billboard().storeArguments, socket: socket2)
         try restored.waitForSocket()
-        #expect(try restored.call(.GET, "/vm").json?["state"] as? String == "paused")
+        // The API is up before the vCPUs are started paused; they park moments later.
+        #expect(waitUntil(20) { (try? restored.call(.GET, "/vm").json?["state"] as? String) == "paused" },
+                "the restored guest never reported paused")
         let after = try #require(try restored.call(.GET, "/vm/digest").json?["sha256"] as? String)
         #expect(after == before)
         #expect(try restored.call(.PUT, "/vm/resume").status == 200)
