@@ -180,6 +180,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             for pfn in source.frames { try vm.memory.discardPages(atPageFrame: pfn, count: 1) }
             let server = try FaultServer(memory: vm.memory, source: source) { [weak vm] failure in
                 vm?.postCopyLost(reason: "post-copy migration failed: \(failure); the guest is lost unless the link is recovered")
+                // The push cannot help any more: unblock its reader.
+                transport.close()
             }
             vm.attachPostCopy(server)
             server.start(fill: false)

@@ -214,7 +214,8 @@ public final class PreCopySender: Sendable {
             round += 1
             // Post-copy switches after its rounds whatever is left.
             if settings.postcopy && round >= settings.postcopyAfterRounds { break }
-            if expectedMs <= settings.maxDowntimeMs {
+            // (Post-copy switches by rounds, not by what is left.)
+            if !settings.postcopy && expectedMs <= settings.maxDowntimeMs {
                 // The limit is a ceiling, not a target: while another round still shrinks
                 // what is left by a quarter, it buys a shorter pause for little time.
                 let shrinking = Double(pending.count) < Double(sent) * 0.75
