@@ -44,7 +44,7 @@ let package = Package(
         // The versioned, checksummed stream shared by snapshot files and migration.
         .target(name: "Snapshot", dependencies: ["GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
         // Pre-copy protocol, sender and receiver, transport behind one interface.
-        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "Migration", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", "PageFaults", .product(name: "Crypto", package: "swift-crypto")]),
         // Mutually authenticated TLS 1.3 transport for migration: pinned Ed25519 host keys, no CA.
         .target(name: "SecureChannel", dependencies: [
             "Migration", "SystemCalls",
@@ -105,7 +105,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
         .testTarget(name: "NetworkFramesTests", dependencies: ["NetworkFrames"]),
         .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers"]),
-        .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory"]),
+        .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory", "PageFaults"]),
         .testTarget(name: "SecureChannelTests", dependencies: [
             "SecureChannel", "Migration", "SystemCalls",
             .product(name: "NIOCore", package: "swift-nio"),
@@ -123,7 +123,7 @@ let package = Package(
             .product(name: "SwiftASN1", package: "swift-asn1"),
         ]),
         .testTarget(name: "SnapshotTests", dependencies: ["Snapshot", "GuestMemory", "SystemCalls", .product(name: "Crypto", package: "swift-crypto")]),
-        .testTarget(name: "VMMTests", dependencies: ["TestSupport", "SystemCalls", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices", "NetworkFrames",
+        .testTarget(name: "VMMTests", dependencies: ["TestSupport", "SystemCalls", "VMM", "MachineCore", "KVM", "Loader", "GuestMemory", "ControlAPI", "Snapshot", "Migration", "CKVM", "Billboard", "Devices", "NetworkFrames", "PageFaults",
                                                .product(name: "GRDB", package: "GRDB.swift")]),
     ]
 )

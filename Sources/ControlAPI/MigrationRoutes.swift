@@ -24,6 +24,9 @@ enum MigrationRoutes {
               settings.timeoutSeconds > 0, settings.timeoutSeconds <= maximumTimeoutSeconds else {
             throw APIError(.badRequest, "max_downtime_ms must be above 0 and at most \(Int(maximumDowntimeMs)), timeout_s above 0 and at most \(Int(maximumTimeoutSeconds))")
         }
+        guard settings.postcopyAfterRounds >= 0, settings.postcopyAfterRounds <= 1000 else {
+            throw APIError(.badRequest, "postcopy_after_rounds must be between 0 and 1000")
+        }
         let done = AsyncReport()
         do {
             try service.start(settings, completion: { report in done.set(report) })
@@ -32,10 +35,17 @@ enum MigrationRoutes {
         }
         if wait {
             let report = await done.value()
-            return JSONReply.make(report.outcome == .completed ? .ok : .conflict, try reportObject(report))
+            var object = try reportObject(report)
+            if settings.postcopy { object["warning"] = postcopyWarning }
+            return JSONReply.make(report.outcome == .completed ? .ok : .conflict, object)
         }
-        return JSONReply.make(.accepted, ["state": "migrating", "destination": settings.destination])
+        var object: [String: Any] = ["state": "migrating", "destination": settings.destination]
+        if settings.postcopy { object["warning"] = postcopyWarning }
+        return JSONReply.make(.accepted, object)
     }
+
+    /// Said whenever post-copy is asked for (QEMU warns the same way).
+    static let postcopyWarning = "post-copy: once the guest switches to the destination, neither side has all of it until the last page has moved; if the link fails then, the guest is lost (recovery is not implemented)"
 
     static func status(_ service: MigrationService) throws -> Response {
         let (progress, report) = service.status

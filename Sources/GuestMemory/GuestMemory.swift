@@ -224,6 +224,25 @@ extension GuestMemory {
         return nil
     }
 
+    /// Drops the pages `[pfn, pfn+count)` (`MADV_DONTNEED`): each reads as missing again, so with
+    /// the memory registered for missing pages the next touch faults to the userfaultfd's server
+    /// (post-copy migration discards the pages that changed after they were sent).
+    public func discardPages(atPageFrame pfn: UInt64, count: UInt64) throws {
+        let (address, o1) = pfn.multipliedReportingOverflow(by: Self.pageSize)
+        let (length, o2) = count.multipliedReportingOverflow(by: Self.pageSize)
+        guard !o1, !o2 else { throw GuestMemoryError.outOfBounds(address: UInt64.max, length: UInt64.max, size: size) }
+        try checkRange(GuestAddress(address), length)
+        var done: UInt64 = 0
+        while done < length {
+            let gpa = address + done
+            let index = min(Int(gpa / regionSize), regions.count - 1)
+            let inRegion = gpa - regions[index].guestBase.raw
+            let n = min(length - done, regions[index].size - inRegion)
+            try mappings[index].discard(offset: Int(inRegion), length: Int(n))
+            done += n
+        }
+    }
+
     /// Calls `body` with the host address and length of each region-bounded piece of the whole
     /// pages `[pfn, pfn+count)`, and the offset of the piece into the range.
     private func forEachHostPiece(pfn: UInt64, count: UInt64,

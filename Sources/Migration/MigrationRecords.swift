@@ -21,9 +21,18 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
     public var maxBandwidth: UInt64 = 0
     public var autoConverge: Bool = false
     public var timeoutSeconds: Double = 60
+    /// Post-copy: after `postcopyAfterRounds` pre-copy rounds the guest moves to the destination
+    /// at once and its remaining pages follow (pushed, and pulled on fault). If the link fails
+    /// after that switch, neither side has the whole guest: it is lost (no recovery yet).
+    public var postcopy: Bool = false
+    /// Pre-copy rounds before the switch (1: after round 0; 0: no pre-copy at all).
+    public var postcopyAfterRounds: Int = 1
 
     public init(destination: String, peer: String? = nil, transport: TransportKind = .tls, maxDowntimeMs: Double = 300,
-                maxBandwidth: UInt64 = 0, autoConverge: Bool = false, timeoutSeconds: Double = 60) {
+                maxBandwidth: UInt64 = 0, autoConverge: Bool = false, timeoutSeconds: Double = 60,
+                postcopy: Bool = false, postcopyAfterRounds: Int = 1) {
+        self.postcopy = postcopy
+        self.postcopyAfterRounds = postcopyAfterRounds
         self.destination = destination
         self.peer = peer
         self.transport = transport
@@ -39,6 +48,8 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         case maxBandwidth = "max_bandwidth"
         case autoConverge = "auto_converge"
         case timeoutSeconds = "timeout_s"
+        case postcopy
+        case postcopyAfterRounds = "postcopy_after_rounds"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -50,13 +61,15 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         maxBandwidth = try c.decodeIfPresent(UInt64.self, forKey: .maxBandwidth) ?? 0
         autoConverge = try c.decodeIfPresent(Bool.self, forKey: .autoConverge) ?? false
         timeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .timeoutSeconds) ?? 60
+        postcopy = try c.decodeIfPresent(Bool.self, forKey: .postcopy) ?? false
+        postcopyAfterRounds = try c.decodeIfPresent(Int.self, forKey: .postcopyAfterRounds) ?? 1
     }
 }
 
 /// Where a migration stands (`GET /vm/migration`).
 public struct MigrationProgress: Codable, Sendable, Equatable {
     public enum Phase: String, Codable, Sendable {
-        case none, setup, precopy, stopAndCopy = "stop-and-copy", handover, completed, failed, inDoubt = "in-doubt"
+        case none, setup, precopy, stopAndCopy = "stop-and-copy", handover, postcopy, completed, failed, inDoubt = "in-doubt"
     }
     public var phase: Phase = .none
     public var round: Int = 0
@@ -114,9 +127,12 @@ public struct MigrationReport: Codable, Sendable {
     public var handoverMs: Double = 0
     public var settings: MigrationSettings
     public var error: String?
+    /// The post-copy phase's figures, when the guest switched to the destination before all its
+    /// pages had moved.
+    public var postcopy: PostCopyFigures?
 
     enum CodingKeys: String, CodingKey {
-        case destination, tracker, converged, outcome, rounds, settings, error
+        case destination, tracker, converged, outcome, rounds, settings, error, postcopy
         case setupMs = "setup_ms"
         case totalMs = "total_ms"
         case downtimeMs = "downtime_ms"
@@ -127,5 +143,39 @@ public struct MigrationReport: Codable, Sendable {
         case throughputBytesPerSecond = "throughput_bytes_per_s"
         case memoryBytes = "memory_bytes"
         case handoverMs = "handover_ms"
+    }
+}
+
+/// What post-copy did: the destination measures the faults (sent back when the last page is in),
+/// the source counts what it pushed and what was asked for.
+public struct PostCopyFigures: Codable, Sendable, Equatable {
+    /// Pre-copy rounds before the switch.
+    public var switchedAfterRounds: Int = 0
+    /// Pages the destination did not have at the switch (dirty since sent, or never sent).
+    public var pagesMissingAtSwitch: Int = 0
+    /// Pages sent in order on the main connection, and pages sent because a fault asked.
+    public var pagesPushed: Int = 0
+    public var pagesRequested: Int = 0
+    /// Missing-page faults at the destination (its vCPUs' and its own threads').
+    public var faults: Int = 0
+    public var medianFaultMs: Double = 0
+    public var p99FaultMs: Double = 0
+    /// Sum of the fault latencies: roughly how long the guest's vCPUs were blocked.
+    public var blockedMs: Double = 0
+    /// From the destination's resume to its last page installed.
+    public var lastPageAfterMs: Double = 0
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case faults
+        case switchedAfterRounds = "switched_after_rounds"
+        case pagesMissingAtSwitch = "pages_missing_at_switch"
+        case pagesPushed = "pages_pushed"
+        case pagesRequested = "pages_requested"
+        case medianFaultMs = "median_fault_ms"
+        case p99FaultMs = "p99_fault_ms"
+        case blockedMs = "vcpu_blocked_ms"
+        case lastPageAfterMs = "last_page_after_ms"
     }
 }

@@ -44,6 +44,9 @@ public final class PreCopySender: Sendable {
         /// Set, under the lock, at the moment GO is about to be written: from then on a cancel
         /// is refused and a failure leaves the migration in doubt.
         var goSent = false
+        /// Set with `goSent` when the guest switches to the destination before all its pages
+        /// moved (post-copy): from then on no failure resumes it here.
+        var postcopy = false
     }
     private let state = Mutex<Shared>(Shared())
     /// Rounds beyond the first that met the downtime limit, while they keep shrinking the rest.
@@ -97,6 +100,10 @@ public final class PreCopySender: Sendable {
         var pauseTime = 0.0
         var paused = false
         var tracking = false
+        /// Post-copy: the pages the destination lacks at the switch, and the page channel.
+        var missing: DirtyBitmap?
+        var pageChannel: PageChannel?
+        var switchedAfterRounds = 0
     }
 
     /// Runs the whole migration. Never throws: the outcome is in the report, and
@@ -115,8 +122,15 @@ public final class PreCopySender: Sendable {
             var run = try setup(transport, t0: t0, report: report)
             defer { report = run.report; paused = run.paused; tracking = run.tracking }
             try precopy(&run)
-            try stopAndCopy(&run)
-            try handover(&run, transport: transport)
+            if run.missing == nil {
+                try stopAndCopy(&run)
+                try handover(&run, transport: transport)
+            } else {
+                try switchToPostCopy(&run, connect: connect)
+                defer { run.pageChannel?.transport.close() }
+                try handover(&run, transport: transport)
+                try postcopy(&run, transport: transport)
+            }
         } catch {
             fail(&report, error: error, paused: paused, tracking: tracking)
         }
@@ -148,7 +162,8 @@ public final class PreCopySender: Sendable {
         }
         var writer = try StreamWriter(sink: TransportSink(transport), integrity: integrity)
         let manifest = MigrationManifest(challenge: nonce, sourceHost: vm.hostName, destinationHost: host, sourcePid: getpid(),
-                                         machine: Data(try vm.machineDescriptionPayload()), guest: vm.migrationIdentity)
+                                         machine: Data(try vm.machineDescriptionPayload()), guest: vm.migrationIdentity,
+                                         postcopy: settings.postcopy ? true : nil)
         try writer.writeSection(.control, payload: WireMessage.manifest(manifest).encoded())
         try writer.sink.flush()
         guard case let .accept(acceptHost, pid) = try next(from: &reader, expecting: "accept") else {
@@ -177,7 +192,7 @@ public final class PreCopySender: Sendable {
         var round = 0
         var extraRounds = 0
         var rate = 0.0
-        while true {
+        while !(settings.postcopy && round >= settings.postcopyAfterRounds) {
             let roundStart = monotonicMilliseconds()
             let before = run.writer.bytesWritten
             let sent = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report, counts: &run.sent, t0: run.t0)
@@ -197,7 +212,10 @@ public final class PreCopySender: Sendable {
                 $0.elapsedSeconds = elapsed
             }
             round += 1
-            if expectedMs <= settings.maxDowntimeMs {
+            // Post-copy switches after its rounds whatever is left.
+            if settings.postcopy && round >= settings.postcopyAfterRounds { break }
+            // (Post-copy switches by rounds, not by what is left.)
+            if !settings.postcopy && expectedMs <= settings.maxDowntimeMs {
                 // The limit is a ceiling, not a target: while another round still shrinks
                 // what is left by a quarter, it buys a shorter pause for little time.
                 let shrinking = Double(pending.count) < Double(sent) * 0.75
@@ -218,6 +236,10 @@ public final class PreCopySender: Sendable {
             }
         }
         run.pending = pending
+        if settings.postcopy && round >= settings.postcopyAfterRounds {
+            run.missing = pending
+            run.switchedAfterRounds = round
+        }
     }
 
     /// Stop-and-copy: the guest pauses; the last dirty pages, vCPU and device state, the
@@ -252,15 +274,16 @@ public final class PreCopySender: Sendable {
         guard received == run.sent else {
             throw MigrationError.aborted("the destination applied \(received) but \(run.sent) were sent")
         }
+        let postcopy = run.missing != nil
         let cancelled: String? = state.withLock { s in
-            if s.cancelled == nil { s.goSent = true }
+            if s.cancelled == nil { s.goSent = true; s.postcopy = postcopy }
             return s.cancelled
         }
         if let cancelled { throw MigrationError.aborted(cancelled) }
         let handoverStart = monotonicMilliseconds()
         do { try vm.commitHandover(toHost: run.destinationHost, toPid: run.destinationPid) } catch {
             // Nothing of GO was written: the guest may still resume here.
-            state.withLock { $0.goSent = false }
+            state.withLock { $0.goSent = false; $0.postcopy = false }
             throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
         }
         run.report.handoverMs = monotonicMilliseconds() - handoverStart
@@ -268,6 +291,9 @@ public final class PreCopySender: Sendable {
             ? try vm.signState(digest: sha256(WireMessage.goPayload(challenge: run.challenge, counts: run.sent))).map { Data($0) }
             : nil
         var commit = try StreamWriter(sink: TransportSink(transport), integrity: run.integrity)
+        if let missing = run.missing {
+            try commit.writeSection(.control, payload: WireMessage.postcopy(missing: missing.wireBytes).encoded())
+        }
         try commit.writeSection(.control, payload: WireMessage.go(run.sent, signature: signature).encoded())
         try commit.finish()
         try commit.sink.flush()
@@ -276,9 +302,79 @@ public final class PreCopySender: Sendable {
             throw MigrationError.protocolViolation("expected running")
         }
         run.report.downtimeMs = resumedAt - run.pauseTime
-        run.report.outcome = .completed
         try? vm.dirtyTracker.disable()
+        if postcopy { return }
+        run.report.outcome = .completed
         update { $0.phase = .completed }
+    }
+
+    /// The switch to post-copy: the guest pauses here for good once GO goes out; the vCPU and
+    /// device state close the state stream without the last dirty pages (they stay missing at
+    /// the destination, with the pages never sent); the page channel opens and the destination
+    /// accepts it before READY.
+    private func switchToPostCopy(_ run: inout Run, connect: () throws -> any MigrationTransport) throws {
+        vm.setThrottle(percent: 0)
+        update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
+        try checkCancelled()
+        guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
+        run.paused = true
+        run.pauseTime = monotonicMilliseconds()
+        var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
+        missing.formUnion(try vm.dirtyTracker.collect())
+        run.missing = missing
+        run.report.pagesPerRound.append(0)
+        let (vcpu, devices) = try vm.statePayloads()
+        let signed = run.integrity.hasStreamDigest
+        try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { signed ? try vm.signState(digest: $0) : nil }
+        try run.writer.sink.flush()
+        run.report.bytesSent = run.writer.bytesWritten
+        run.pageChannel = try PageChannel.open(connect: connect, challenge: run.challenge,
+                                               mainPeer: state.withLock { $0.transport?.authenticatedPeer })
+        update { $0.phase = .handover; $0.dirtyPagesLeft = missing.count }
+    }
+
+    /// Post-copy: the destination runs the guest; this side answers page requests on the page
+    /// channel and pushes the rest on the main connection until the destination says every page
+    /// is in (COMPLETE). Only then is the migration completed and this copy may go.
+    private func postcopy(_ run: inout Run, transport: any MigrationTransport) throws {
+        guard let missing = run.missing, let channel = run.pageChannel else { return }
+        update { $0.phase = .postcopy }
+        let server = PostCopyPageServer(memory: vm.memory, missing: missing.words)
+        let served = DispatchSemaphore(value: 0)
+        let channelError = Mutex<String?>(nil)
+        let channelTransport = channel.transport
+        let box = ChannelBox(channel)
+        let thread = Thread {
+            do { try server.serve(reader: &box.reader, writer: &box.writer) } catch {
+                channelError.withLock { $0 = "\(error)" }
+            }
+            served.signal()
+        }
+        thread.name = "postcopy-pages"
+        thread.start()
+        defer {
+            channelTransport.close()
+            served.wait()
+        }
+        let pushedBytes = try server.push(on: transport, integrity: run.integrity, batchPages: 64)
+        run.report.bytesSent += pushedBytes
+        update { $0.dirtyPagesLeft = 0 }
+        let message: WireMessage
+        do { message = try next(from: &run.reader, expecting: "complete") } catch {
+            if let reason = channelError.withLock({ $0 }) { throw MigrationError.aborted("\(error) (the page channel: \(reason))") }
+            throw error
+        }
+        guard case let .complete(destinationFigures) = message else { throw MigrationError.protocolViolation("expected complete") }
+        var figures = destinationFigures
+        let counts = server.counts
+        figures.switchedAfterRounds = run.switchedAfterRounds
+        figures.pagesMissingAtSwitch = missing.count
+        figures.pagesPushed = counts.pushed
+        figures.pagesRequested = counts.requested
+        run.report.postcopy = figures
+        run.report.pagesSent += counts.pushed + counts.requested
+        run.report.outcome = .completed
+        update { $0.phase = .completed; $0.pagesSent = run.report.pagesSent }
     }
 
     /// A failure: before GO the guest runs here again; after GO the migration is in doubt.
@@ -286,7 +382,13 @@ public final class PreCopySender: Sendable {
         report.error = "\(error)"
         report.bytesSent = max(report.bytesSent, progress.bytesSent)
         vm.setThrottle(percent: 0)
-        if state.withLock({ $0.goSent }) {
+        if state.withLock({ $0.postcopy }) {
+            // After the switch the destination runs the guest: this copy never resumes.
+            report.outcome = .failed
+            let reason = "post-copy failed after the switch: \(error); neither side has the whole guest: it is lost unless the link is recovered (recovery is not implemented); this copy stays paused and never resumes"
+            report.error = reason
+            update { $0.phase = .failed; $0.error = reason }
+        } else if state.withLock({ $0.goSent }) {
             report.outcome = .inDoubt
             let reason = MigrationError.inDoubt("\(error)").description
             report.error = reason
@@ -361,4 +463,12 @@ public final class PreCopySender: Sendable {
         try flush()
         return sent
     }
+}
+
+/// Hands the page channel's streams to the thread that serves it.
+// @unchecked: after `init` only that one thread touches `channel`.
+private final class ChannelBox: @unchecked Sendable {
+    var reader: StreamReader<TransportSource>
+    var writer: StreamWriter<TransportSink>
+    init(_ channel: PageChannel) { reader = channel.reader; writer = channel.writer }
 }

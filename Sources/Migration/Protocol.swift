@@ -71,9 +71,12 @@ public struct MigrationManifest: Codable, Sendable, Equatable {
     public var machine: Data
     /// The guest's name, for logs (the admission reads the machine description).
     public var guest: String?
+    /// The source will switch to post-copy: the destination accepts a page channel before READY.
+    public var postcopy: Bool?
 
     public init(version: Int = migrationProtocolVersion, challenge: String, sourceHost: String, destinationHost: String,
-                sourcePid: Int32, machine: Data, guest: String?) {
+                sourcePid: Int32, machine: Data, guest: String?, postcopy: Bool? = nil) {
+        self.postcopy = postcopy
         self.version = version
         self.challenge = challenge
         self.sourceHost = sourceHost
@@ -111,6 +114,17 @@ public enum WireMessage: Sendable, Equatable {
     case go(TransferCounts, signature: Data?)
     /// When the destination resumed the guest (CLOCK_MONOTONIC ms; same host only).
     case running(resumedAt: Double)
+    /// Post-copy, in the commit stream before GO: the pages the destination must not take from
+    /// what it received (a bitmap, 64-bit little-endian words, one bit per guest page).
+    case postcopy(missing: Data)
+    /// The first message on a post-copy page channel: the main connection's challenge, which
+    /// binds this second connection to that migration.
+    case pageChannel(challenge: String)
+    /// Post-copy, destination to source on the page channel: send page `pfn` now.
+    case pageRequest(pfn: UInt64)
+    /// Post-copy, destination to source on the main connection: every page is in; the source
+    /// may drop its copy.
+    case complete(PostCopyFigures)
 
     /// The message's kind, for errors.
     public var kind: String {
@@ -122,6 +136,10 @@ public enum WireMessage: Sendable, Equatable {
         case .ready: "ready"
         case .go: "go"
         case .running: "running"
+        case .postcopy: "postcopy"
+        case .pageChannel: "page-channel"
+        case .pageRequest: "page-request"
+        case .complete: "complete"
         }
     }
 
@@ -152,6 +170,9 @@ public enum WireMessage: Sendable, Equatable {
         var counts: TransferCounts?
         var signature: Data?
         var resumedAt: Double?
+        var missingPages: Data?
+        var pfn: UInt64?
+        var figures: PostCopyFigures?
 
         init(kind: String) { self.kind = kind }
 
@@ -165,6 +186,10 @@ public enum WireMessage: Sendable, Equatable {
             case let .ready(counts): self.counts = counts
             case let .go(counts, signature): self.counts = counts; self.signature = signature
             case let .running(resumedAt): self.resumedAt = resumedAt
+            case let .postcopy(missing): missingPages = missing
+            case let .pageChannel(challenge): nonce = challenge
+            case let .pageRequest(pfn): self.pfn = pfn
+            case let .complete(figures): self.figures = figures
             }
         }
 
@@ -196,6 +221,18 @@ public enum WireMessage: Sendable, Equatable {
             case "running":
                 guard let resumedAt else { throw missing("resumedAt") }
                 return .running(resumedAt: resumedAt)
+            case "postcopy":
+                guard let missingPages else { throw missing("missingPages") }
+                return .postcopy(missing: missingPages)
+            case "page-channel":
+                guard let nonce else { throw missing("nonce") }
+                return .pageChannel(challenge: nonce)
+            case "page-request":
+                guard let pfn else { throw missing("pfn") }
+                return .pageRequest(pfn: pfn)
+            case "complete":
+                guard let figures else { throw missing("figures") }
+                return .complete(figures)
             default:
                 throw MigrationError.protocolViolation("unknown control message kind '\(kind)'")
             }

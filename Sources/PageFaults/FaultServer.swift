@@ -241,6 +241,11 @@ public final class FaultServer: Sendable {
             fail(unit: unit, reason: "\(error)")
             return false
         }
+        return install(batch, unit: unit, byFiller: byFiller)
+    }
+
+    /// Installs a fetched (or offered) unit and serves the faults that waited for it.
+    private func install(_ batch: PageBatch, unit: Int, byFiller: Bool) -> Bool {
         do {
             try batch.bytes.withUnsafeBytes { bytes in
                 for run in batch.runs {
@@ -282,6 +287,41 @@ public final class FaultServer: Sendable {
             record(waiter.readAt)
         }
         return true
+    }
+
+    // MARK: - Units pushed from outside (post-copy)
+
+    /// Installs `batch` as `unit`, which arrived without being asked for (a migration source
+    /// pushing the pages no fault needed yet), unless a fault already fetches or installed it.
+    /// False if the unit was not missing (nothing done) or installing failed (the server failed).
+    @discardableResult
+    public func offer(unit: Int, batch: PageBatch) -> Bool {
+        let mine = state.withLock { s -> Bool in
+            guard unit >= 0, unit < s.units.count, s.units[unit] == .missing, s.failure == nil, !s.stopping else { return false }
+            s.units[unit] = .inFlight
+            return true
+        }
+        guard mine else { return false }
+        return install(batch, unit: unit, byFiller: true)
+    }
+
+    /// For a server started without filler whose units are all offered: waits for the units a
+    /// fault is still fetching, then, if every unit is in, maps zero pages over the pages no unit
+    /// holds and finishes (the memory becomes ordinary memory). A unit still missing fails the
+    /// server instead: its page must never read as zero.
+    public func completeOnceUnitsAreIn() {
+        while state.withLock({ s in s.failure == nil && !s.stopping && s.units.contains(.inFlight) }) { usleep(200) }
+        if let missing = state.withLock({ $0.units.firstIndex(of: .missing) }) {
+            fail(unit: missing, reason: "it never arrived")
+            return
+        }
+        completeIfFilled()
+    }
+
+    /// Stops serving because the pages can no longer come (the link to their source failed):
+    /// the owner is told through `onFailure`, as for a unit that could not be fetched.
+    public func abandon(reason: String) {
+        fail(unit: -1, reason: reason)
     }
 
     // MARK: - The filler

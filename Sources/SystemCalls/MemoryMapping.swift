@@ -37,4 +37,14 @@ public final class MemoryMapping: Sendable {
     public var bytes: UnsafeMutableRawBufferPointer {
         UnsafeMutableRawBufferPointer(start: base, count: length)
     }
+
+    /// `madvise(MADV_DONTNEED)` over `[offset, offset+length)` (page-aligned, inside the mapping):
+    /// the pages are dropped, and a private anonymous page reads as missing again (zeros, or a
+    /// userfaultfd's fault when the range is registered).
+    public func discard(offset: Int, length: Int) throws(SystemCallError) {
+        precondition(offset >= 0 && length >= 0 && offset + length <= self.length, "discard outside the mapping")
+        guard length > 0 else { return }
+        // SAFETY: the range lies inside this owner's mapping (checked above).
+        if madvise(base + offset, length, MADV_DONTNEED) != 0 { throw SystemCallError.last("madvise(MADV_DONTNEED)") }
+    }
 }

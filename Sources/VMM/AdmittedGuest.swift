@@ -47,6 +47,9 @@ public final class AdmittedGuest: Sendable {
         /// How a guest arriving by migration announces itself once it runs here.
         var announceSchedule = AnnounceSchedule.qemuDefault
         var announcer: Announcer?
+        /// A post-copy migration's fault server, which fills the memory of a guest that arrived
+        /// before all its pages did.
+        var postCopyMemory: FaultServer?
     }
     private let shared = Mutex(Shared())
     private let wakeup = NSCondition()
@@ -163,6 +166,7 @@ public final class AdmittedGuest: Sendable {
         shared.withLock { $0.announcer }?.cancel()
         // The machine has ended (or was told to): a vCPU still asleep on a missing page wakes and leaves.
         lazyMemory?.stop()
+        shared.withLock { $0.postCopyMemory }?.stop()
         session.end()
     }
 
@@ -219,9 +223,19 @@ public final class AdmittedGuest: Sendable {
     /// A lazy restore's figures (faults, latency, time to the last page); nil for an eager one.
     public var lazyRestoreStats: FaultStats? { lazyMemory?.stats }
 
+    /// A post-copy arrival's figures (faults, latency, time to the last page); nil otherwise.
+    public var postCopyStats: FaultStats? { shared.withLock { $0.postCopyMemory }?.stats }
+
+    /// Post-copy: the fault server filling this guest's memory (it stops when the guest ends).
+    func attachPostCopyMemory(_ server: FaultServer) { shared.withLock { $0.postCopyMemory = server } }
+
     /// Waits until a lazy restore has brought in every page (snapshots and migration read memory
     /// by what is resident, so a page still missing would read as absent); throws if it failed.
     public func awaitCompleteMemory() throws {
+        if let postCopy = shared.withLock({ $0.postCopyMemory }) {
+            _ = postCopy.waitUntilFinished(timeout: 365 * 86_400)
+            if let failure = postCopy.failure { throw MachineError.io("post-copy migration failed: \(failure)") }
+        }
         guard let lazyMemory else { return }
         _ = lazyMemory.waitUntilFinished(timeout: 365 * 86_400)
         if let failure = lazyMemory.failure { throw MachineError.io("lazy restore failed: \(failure)") }

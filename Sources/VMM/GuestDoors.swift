@@ -215,8 +215,17 @@ public enum GuestDoors {
             // receiver goes back to listening.
             let watchdog = ManifestWatchdog(transport: transport, seconds: manifestTimeoutSeconds)
             do {
-                let (guest, _) = try receiver.run(transport: transport, onManifest: watchdog.disarm)
+                // A post-copy page channel is the next connection bound to this migration.
+                let acceptPageChannel = {
+                    try listener.nextConnection(deadline: monotonicMilliseconds() + manifestTimeoutSeconds * 1000,
+                                                onRefused: { log("refused a connection: \($0)") })
+                }
+                let (guest, result) = try receiver.run(transport: transport, onManifest: watchdog.disarm,
+                                                       acceptPageChannel: acceptPageChannel)
                 watchdog.disarm()
+                // Post-copy that lost its link: the guest has ended here with the reason, and
+                // it exists nowhere else complete; the caller sees the machine's exit.
+                if let failure = result.postcopyFailure { log("migration: \(failure)") }
                 return guest
             } catch {
                 watchdog.disarm()

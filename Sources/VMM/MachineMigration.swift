@@ -6,6 +6,7 @@ import Foundation
 import GuestMemory
 import MachineCore
 import Migration
+import PageFaults
 import Snapshot
 import SystemCalls
 
@@ -66,10 +67,25 @@ extension AdmittedGuest: MigrationDestinationVM {
         announceArrival(resumedAt: resumedAt)
     }
 
+    /// Tests only: as `startGuest`, but the vCPUs start parked, so that the memory a migration
+    /// brought can be compared with the source's before the guest changes it.
+    func startGuestParked() throws {
+        try session.commitIncoming(beaconToken: try machine.beaconToken()) { machine.startPaused() }
+    }
+
     public func discard() {
         machine.end(with: .stopped(signal: 0))
         session.end()
     }
 
     public var owner: (host: String, pid: Int32)? { (session.store.hostName, getpid()) }
+
+    public func attachPostCopy(_ server: FaultServer) { attachPostCopyMemory(server) }
+
+    /// The pages cannot come any more: the machine ends before any vCPU runs on without them
+    /// (ending kicks the vCPUs out of `KVM_RUN`; the fault server wakes its sleepers only after).
+    public func postCopyLost(reason: String) {
+        session.log("migration: \(reason)")
+        machine.end(with: .fatal(reason: reason, details: ""))
+    }
 }

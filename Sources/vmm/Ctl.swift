@@ -93,6 +93,8 @@ extension Ctl {
         @Option(help: "Bandwidth cap in bytes per second; 0 = unlimited.") var maxBandwidth: UInt64 = 0
         @Flag(help: "Throttle a guest that dirties memory faster than it can be sent.") var autoConverge = false
         @Option(help: "Give up (guest keeps running here) after this many seconds.") var timeout: Double = 60
+        @Flag(help: "Post-copy: after --postcopy-after-rounds pre-copy rounds the guest moves at once and its remaining pages follow. If the link fails after that, the guest is lost (no recovery).") var postcopy = false
+        @Option(help: "Pre-copy rounds before the post-copy switch.") var postcopyAfterRounds: Int = 1
         @Flag(help: "No progress line.") var quiet = false
 
         func validate() throws {
@@ -106,6 +108,7 @@ extension Ctl {
             var body: [String: Any] = ["destination": destination, "max_downtime_ms": maxDowntimeMs,
                                        "max_bandwidth": maxBandwidth, "auto_converge": autoConverge,
                                        "timeout_s": timeout, "wait": true,
+                                       "postcopy": postcopy, "postcopy_after_rounds": postcopyAfterRounds,
                                        "transport": insecurePlaintext ? "plaintext" : "tls"]
             if let peer { body["peer"] = peer }
             let text = String(decoding: try JSONSerialization.data(withJSONObject: body), as: UTF8.self)

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import GuestMemory
 import Migration
+import PageFaults
 import Snapshot
 import Synchronization
 
@@ -49,7 +50,7 @@ final class FakeSource: MigrationSourceVM {
 /// A destination VM with no KVM behind it: it records what the receiver gives it.
 final class FakeDestination: MigrationDestinationVM {
     let memory: GuestMemory
-    private struct Record { var vcpu: [UInt8] = []; var devices: [UInt8] = []; var signature: [UInt8]?; var digest: [UInt8] = []; var started = false; var discarded = false }
+    private struct Record { var vcpu: [UInt8] = []; var devices: [UInt8] = []; var signature: [UInt8]?; var digest: [UInt8] = []; var started = false; var discarded = false; var postCopyServers = 0; var lost: String? }
     private let record = Mutex(Record())
     init(memory: GuestMemory) { self.memory = memory }
     func applyState(vcpu: [UInt8], devices: [UInt8]) throws { record.withLock { $0.vcpu = vcpu; $0.devices = devices } }
@@ -60,6 +61,8 @@ final class FakeDestination: MigrationDestinationVM {
     func startGuest() throws { record.withLock { $0.started = true } }
     func discard() { record.withLock { $0.discarded = true } }
     var owner: (host: String, pid: Int32)? { ("dst", 4242) }
+    func attachPostCopy(_ server: FaultServer) { record.withLock { $0.postCopyServers += 1 } }
+    func postCopyLost(reason: String) { record.withLock { $0.lost = reason } }
     var started: Bool { record.withLock { $0.started } }
     var discarded: Bool { record.withLock { $0.discarded } }
     var vcpu: [UInt8] { record.withLock { $0.vcpu } }

@@ -8,6 +8,7 @@ import Billboard
 import Snapshot
 import SystemCalls
 import MachineCore
+import PageFaults
 import VMM
 
 /// A destination running `GuestDoors.receive` on a background thread; a fault, if given, is
@@ -322,6 +323,8 @@ final class DigestingDestination: MigrationDestinationVM, @unchecked Sendable {
     func startGuest() throws { try machine.startGuest() }
     func discard() { machine.discard() }
     var owner: (host: String, pid: Int32)? { machine.owner }
+    func attachPostCopy(_ server: FaultServer) { machine.attachPostCopy(server) }
+    func postCopyLost(reason: String) { machine.postCopyLost(reason: reason) }
     func verifyState(signature: [UInt8]?, digest: [UInt8]) throws { try machine.verifyState(signature: signature, digest: digest) }
 }
 
