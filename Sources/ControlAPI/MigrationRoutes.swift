@@ -24,8 +24,9 @@ enum MigrationRoutes {
               settings.timeoutSeconds > 0, settings.timeoutSeconds <= maximumTimeoutSeconds else {
             throw APIError(.badRequest, "max_downtime_ms must be above 0 and at most \(Int(maximumDowntimeMs)), timeout_s above 0 and at most \(Int(maximumTimeoutSeconds))")
         }
-        guard settings.postcopyAfterRounds >= 0, settings.postcopyAfterRounds <= 1000 else {
-            throw APIError(.badRequest, "postcopy_after_rounds must be between 0 and 1000")
+        // At least one pre-copy round: a switch before any page was sent is not supported yet.
+        guard settings.postcopyAfterRounds >= 1, settings.postcopyAfterRounds <= 1000 else {
+            throw APIError(.badRequest, "postcopy_after_rounds must be between 1 and 1000")
         }
         let done = AsyncReport()
         do {

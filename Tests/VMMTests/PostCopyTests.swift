@@ -100,7 +100,8 @@ struct PostCopyTests {
         #expect(digest != nil && digest == source.digestAtPause)
         let postcopy = try #require(report.postcopy)
         #expect(postcopy.switchedAfterRounds == afterRounds)
-        #expect(postcopy.pagesMissingAtSwitch > 0)
+        // How many pages the guest dirtied after they were sent depends on how fast it ran
+        // (on a loaded machine, possibly none); the digest above is the proof either way.
         #expect(postcopy.pagesPushed + postcopy.pagesRequested >= postcopy.pagesMissingAtSwitch)
         #expect(figures != nil)
         #expect(machine.state == .paused, "the source ran on after the switch")
