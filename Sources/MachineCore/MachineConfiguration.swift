@@ -19,9 +19,14 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var dirtyTracker: DirtyTrackerKind
     /// Size of each KVM memory slot (guest RAM is split into slots of this size).
     public var slotSize: UInt64
+    /// The network card and its tap, if the machine has one (a host resource: not part of the
+    /// machine description a snapshot or migration carries).
+    public var network: NetworkConfiguration?
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, mode: BootMode? = nil, commandLine: String? = nil,
-                dirtyTracker: DirtyTrackerKind = .bitmap, slotSize: UInt64 = GuestMemory.maxRegionSize) {
+                dirtyTracker: DirtyTrackerKind = .bitmap, slotSize: UInt64 = GuestMemory.maxRegionSize,
+                network: NetworkConfiguration? = nil) {
+        self.network = network
         self.slotSize = slotSize
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount

@@ -42,6 +42,10 @@ public struct MachineDescription: Sendable, Equatable, Codable {
 /// Device state section.
 public struct DeviceState: Sendable, Equatable, Codable {
     public var serial: Serial16550State
+    /// The PCI address latch (absent in files from before PCI: an idle latch).
+    public var pci: PCIHostBridgeState?
+    /// The virtio-net card, if the machine has one.
+    public var network: VirtioNetState?
 }
 
 /// Everything of a paused machine but its memory (which travels page by page in memory
@@ -144,7 +148,9 @@ extension Machine {
 
     /// The UART's and the other devices' state, read under the bus lock.
     public var deviceState: DeviceState {
-        portBus.withDevice(devices.serial) { DeviceState(serial: $0.saveState()) }
+        DeviceState(serial: portBus.withDevice(devices.serial) { $0.saveState() },
+                    pci: portBus.withDevice(devices.pci) { $0.saveState() },
+                    network: network?.saveState())
     }
 }
 
@@ -170,6 +176,14 @@ extension Machine: Persist {
         let description = saved.description
         guard !description.inKernelIRQChip else { throw SnapshotError.inKernelIRQChip }
         guard saved.vcpus.count == vcpus.count, description.vcpuCount == vcpus.count else { throw SnapshotError.vcpuMismatch(snapshot: description.vcpuCount, found: saved.vcpus.count) }
+        // The network card is a host resource named again here: it must be there exactly when
+        // the saved guest had one.
+        switch (saved.devices.network, network) {
+        case (nil, nil): break
+        case (let state?, let card?): try card.restoreState(state)
+        case (_?, nil): throw MachineError.invalidConfiguration("the saved guest has a network card; name the tap it gets here (--net tap=NAME)")
+        case (nil, _?): throw MachineError.invalidConfiguration("the saved guest has no network card, but this machine was given one (--net)")
+        }
         // What this host gives a new vCPU (KVM may add bits to what it reports as supported).
         let host = try vcpus[0].cpuid()
         for s in saved.vcpus {
@@ -187,5 +201,6 @@ extension Machine: Persist {
             try vcpu.restoreState(s)
         }
         portBus.withDevice(devices.serial) { $0.restoreState(saved.devices.serial) }
+        portBus.withDevice(devices.pci) { $0.restoreState(saved.devices.pci ?? PCIHostBridgeState()) }
     }
 }

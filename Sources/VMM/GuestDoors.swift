@@ -41,7 +41,7 @@ public enum GuestDoors {
                              serialOutput: @escaping (UInt8) -> Void) throws -> AdmittedGuest {
         do {
             guard session.claimMachine() else { throw oneMachineOnly(session) }
-            let machine = try Machine(image: image, configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+            let machine = try Machine(image: image, configuration: withMAC(configuration, session), kvm: kvm, serialOutput: serialOutput)
             try machine.writeBeaconBlock(BeaconBlock(token: session.token, intervalMs: session.beaconInterval, tscKHz: machine.tscKHz))
             return AdmittedGuest(machine: machine, session: session)
         } catch {
@@ -65,7 +65,7 @@ public enum GuestDoors {
                 throw SessionError.mismatch("this session admitted an incoming '\(r.name)' once, with its registered configuration; a machine must be exactly that, and only one")
             }
             guard session.claimMachine() else { throw oneMachineOnly(session) }
-            let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
+            let machine = try Machine(configuration: withMAC(configuration, session), kvm: kvm, serialOutput: serialOutput)
             return AdmittedGuest(machine: machine, session: session, carriedDescription: description)
         } catch {
             session.end()
@@ -78,7 +78,8 @@ public enum GuestDoors {
     /// signature is checked (a missing or foreign one is refused and audited) before any state
     /// is applied. The guest has not taken its lease yet: call `takeRestoredLease` just before
     /// it runs, so that nothing that can still fail consumes an epoch or an authorisation.
-    public static func restore(path: String, requestedMemory: UInt64?, store: BillboardStore, settings: BillboardSettings,
+    public static func restore(path: String, requestedMemory: UInt64?, network: NetworkConfiguration? = nil,
+                               store: BillboardStore, settings: BillboardSettings,
                                kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
                                serialOutput: @escaping (UInt8) -> Void) throws -> (AdmittedGuest, SnapshotStats) {
         let file: SnapshotFile.Opened
@@ -97,7 +98,9 @@ public enum GuestDoors {
                                                     settings: settings, log: log)
         do {
             guard session.claimMachine() else { throw oneMachineOnly(session) }
-            let machine = try Machine(configuration: description.configuration, kvm: kvm, serialOutput: serialOutput)
+            var configuration = description.configuration
+            configuration.network = network
+            let machine = try Machine(configuration: withMAC(configuration, session), kvm: kvm, serialOutput: serialOutput)
             let guest = AdmittedGuest(machine: machine, session: session, carriedDescription: description)
             let body = try file.readBody(into: machine.memory)
             do {
@@ -118,6 +121,17 @@ public enum GuestDoors {
         }
     }
 
+    /// `configuration` with its network card's MAC filled in where none was given: derived from
+    /// the admitted guest's name, so every door and every host gives a guest the same MAC.
+    static func withMAC(_ configuration: MachineConfiguration, _ session: GuestSession) -> MachineConfiguration {
+        var c = configuration
+        if var network = c.network, network.mac == nil {
+            network.mac = NetworkConfiguration.derivedMAC(guestName: session.registration.name)
+            c.network = network
+        }
+        return c
+    }
+
     static func matches(_ c: MachineConfiguration, _ r: GuestRegistration) -> Bool {
         c.memorySize == r.memoryBytes && c.vcpuCount == r.vcpus && sameBytes(c.mode?.rawValue, r.mode)
             && sameBytes(c.commandLine.flatMap { $0.isEmpty ? nil : $0 }, r.commandLine)
@@ -131,7 +145,7 @@ public enum GuestDoors {
     /// state is verified (by the channel, or by the source host's signature in plaintext) before
     /// READY; the lease is taken on GO before the guest runs. Returns the running guest.
     public static func receive(listener: any MigrationListener, deadline: Double?, store: BillboardStore, settings: BillboardSettings,
-                               dirtyTracker: DirtyTrackerKind, kvm: KVMSystem? = nil,
+                               dirtyTracker: DirtyTrackerKind, network: NetworkConfiguration? = nil, kvm: KVMSystem? = nil,
                                manifestTimeoutSeconds: Double = 10,
                                wrapTransport: @escaping (any MigrationTransport) -> any MigrationTransport = { $0 },
                                log: @escaping @Sendable (String) -> Void,
@@ -145,6 +159,7 @@ public enum GuestDoors {
             let session = try GuestSession.admitIncoming(store: store, header: header, source: source, settings: settings, log: log)
             var configuration = header.description.configuration
             configuration.dirtyTracker = dirtyTracker
+            configuration.network = network
             return try reserveIncoming(session: session, configuration: configuration, description: header.description,
                                        kvm: kvm, serialOutput: serialOutput)
         }

@@ -63,10 +63,13 @@ struct Run: ParsableCommand {
     @Option(help: "The registered guest name (default: the one registration with this image's digest).")
     var name: String?
 
+    @OptionGroup var net: NetworkOptions
+
     @OptionGroup var billboard: BillboardOptions
 
     func validate() throws {
         do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) }
+        try net.validate()
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
     }
@@ -79,7 +82,8 @@ struct Run: ParsableCommand {
             try ImageLoader.precheck(image: bytes, mode: mode, commandLine: cmdline)
             let output = try SerialOutput(path: serialLog)
             warnAboutRing(dirtyTracker)
-            let configuration = MachineConfiguration(memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker)
+            let configuration = MachineConfiguration(memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker,
+                                                     network: try net.configuration())
             // The Billboard decides before KVM_CREATE_VM; there is no way around it.
             let guest = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, store: try billboard.open(),
                                             settings: billboard.settings, log: logLine, serialOutput: output.write)
@@ -116,9 +120,12 @@ struct Restore: ParsableCommand {
     @Option(help: "Directory for migration reports (JSON).")
     var reportDir: String = "migration-reports"
 
+    @OptionGroup var net: NetworkOptions
+
     @OptionGroup var billboard: BillboardOptions
 
     func validate() throws {
+        try net.validate()
         if let memory { do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) } }
         if paused && apiSocket == nil { throw ValidationError("--paused needs --api-socket, or nothing could resume the guest") }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
@@ -130,7 +137,8 @@ struct Restore: ParsableCommand {
             let snapshots = try snapshotDir.map(SnapshotDirectory.init)
             let output = try SerialOutput(path: serialLog)
             let requested = try memory.map { try MemorySize.parse($0) }
-            let (guest, _) = try GuestDoors.restore(path: file, requestedMemory: requested, store: try billboard.open(),
+            let (guest, _) = try GuestDoors.restore(path: file, requestedMemory: requested, network: try net.configuration(),
+                                                    store: try billboard.open(),
                                                     settings: billboard.settings, log: logLine, serialOutput: output.write)
             // The lease is taken (and an authorised rollback used) only once nothing else can fail
             // before the guest runs: after the control API is up.
@@ -177,9 +185,12 @@ struct Receive: ParsableCommand {
     /// subprocess tests can prove what the source does about it.
     @Option(help: .hidden) var injectFault: InjectedFault?
 
+    @OptionGroup var net: NetworkOptions
+
     @OptionGroup var billboard: BillboardOptions
 
     func validate() throws {
+        try net.validate()
         guard listenTimeout > 0 && listenTimeout <= 86_400 else { throw ValidationError("--listen-timeout must be 1 to 86400 seconds") }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
@@ -212,6 +223,7 @@ struct Receive: ParsableCommand {
             do {
                 guest = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenTimeout * 1000,
                                                store: store, settings: settings, dirtyTracker: dirtyTracker,
+                                               network: try net.configuration(),
                                                wrapTransport: { transport in fault.map { FaultInjectingTransport(transport, fault: $0) } ?? transport },
                                                log: logLine, serialOutput: output.write)
             } catch MigrationError.timedOut(let what) {
@@ -320,6 +332,23 @@ struct BillboardOptions: ParsableArguments {
 
     var settings: BillboardSettings {
         BillboardSettings(scanInterval: scanInterval, beaconIntervalMs: beaconInterval, leaseTimeout: leaseTimeout)
+    }
+}
+
+/// `--net tap=NAME`: the guest's network card, on a tap that exists on this host. The MAC is
+/// not an option: the VMM gives it (see `NetworkConfiguration.mac`).
+struct NetworkOptions: ParsableArguments {
+    @Option(help: "Give the guest a virtio-net card on an existing tap interface: tap=NAME. A restored or received guest that had a card needs it again.")
+    var net: String?
+
+    func validate() throws { _ = try configuration() }
+
+    func configuration() throws -> NetworkConfiguration? {
+        guard let net else { return nil }
+        guard net.hasPrefix("tap="), case let name = String(net.dropFirst(4)), TapDevice.isValidName(name) else {
+            throw ValidationError("--net takes tap=NAME, NAME an interface name of 1 to 15 characters (got '\(net)')")
+        }
+        return NetworkConfiguration(tap: name)
     }
 }
 

@@ -15,4 +15,15 @@ int csystemcalls_o_path(void);
 /// not exist, atomically (EEXIST otherwise). Returns -1 with errno set on failure.
 int csystemcalls_renameat_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
 
+/// ioctl(fd, TUNSETIFF) with IFF_TAP | IFF_NO_PI: attaches an open /dev/net/tun to the
+/// existing tap `name` (frames without a packet-information prefix). Returns -1 with errno set.
+int csystemcalls_tunsetiff_tap(int fd, const char *name);
+
+/// setns(fd, CLONE_NEWNET): moves the calling thread into the network namespace `fd` names.
+/// Returns -1 with errno set.
+int csystemcalls_setns_net(int fd);
+
+/// IFNAMSIZ: interface names are shorter than this (the terminating NUL included).
+int csystemcalls_ifnamsiz(void);
+
 #endif
