@@ -96,7 +96,8 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "LoaderTests", dependencies: ["Loader", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
-        .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers"]),
+        .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers",
+                                                     "Devices", "SystemCalls"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory"]),
         .testTarget(name: "SecureChannelTests", dependencies: [
             "SecureChannel", "Migration", "SystemCalls",
