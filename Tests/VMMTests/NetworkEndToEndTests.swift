@@ -1,0 +1,140 @@
+import Billboard
+import Foundation
+import MachineCore
+import NetworkFrames
+import Synchronization
+import Testing
+import TestSupport
+@testable import VMM
+
+/// netecho on a real card and tap, admitted by the Billboard: what it sends passes the egress
+/// policy on its way to the tap. The tap lives in a namespace of a `NetworkLab`.
+@Suite("netecho through the Billboard's egress policy on a tap", .serialized)
+struct NetworkEndToEndTests {
+    static let hostAddress = "10.200.7.1"
+
+    /// Serial output, collected.
+    final class Console: Sendable {
+        private let text = Mutex("")
+        func append(_ byte: UInt8) { text.withLock { $0.unicodeScalars.append(UnicodeScalar(byte)) } }
+        var contents: String { text.withLock { $0 } }
+        func wait(for needle: String, timeout: Double) -> Bool {
+            let deadline = Date(timeIntervalSinceNow: timeout)
+            while Date() < deadline {
+                if contents.lowercased().contains(needle.lowercased()) { return true }
+                usleep(20_000)
+            }
+            return false
+        }
+    }
+
+    /// Registers netecho with `mac` and `ip` and boots it with `guestIP` on its command line
+    /// (its own idea of its address), on tap `tap0` inside `namespace`, the host side of the
+    /// tap 10.200.7.1/24 and up.
+    func boot(mac: String, ip: String, guestIP: String, note: String, lab: NetworkLab, namespace: String,
+              console: Console) throws -> AdmittedGuest {
+        let hosts = try localHosts()
+        let c = MachineConfiguration(commandLine: "ip=\(guestIP)/24 note=\(note)")
+        let image = try Fixtures.guestBytes("netecho.elf")
+        let name = try hosts.register(image, c, mac: mac, ip: ip)
+        let guest = try lab.inside(namespace) {
+            try GuestDoors.boot(image: image, name: name, configuration: c, tap: "tap0", store: hosts.source,
+                                settings: hosts.settings, log: { _ in }, serialOutput: console.append)
+        }
+        try lab.address("\(Self.hostAddress)/24", on: "tap0", in: namespace)
+        try lab.ip(["-n", namespace, "link", "set", "dev", "tap0", "up"])
+        return guest
+    }
+
+    /// Pings `address` `count` times from inside `namespace` (a raw ICMP socket in python3);
+    /// true if every echo came back.
+    func ping(_ address: String, count: Int, wait: Int = 3, in namespace: String) throws -> (ok: Bool, output: String) {
+        let script = """
+        import os, socket, struct, sys, time
+        def csum(b):
+            if len(b) % 2: b += b'\\0'
+            s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+            while s >> 16: s = (s & 0xffff) + (s >> 16)
+            return ~s & 0xffff
+        ip, n, wait = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        s.settimeout(wait)
+        ok = 0
+        for seq in range(n):
+            payload = os.urandom(32)
+            h = struct.pack('!BBHHH', 8, 0, 0, 0x4e46, seq)
+            try: s.sendto(struct.pack('!BBHHH', 8, 0, csum(h + payload), 0x4e46, seq) + payload, (ip, 0))
+            except OSError: break  # the tap went with a stopped guest
+            end = time.time() + wait
+            while time.time() < end:
+                try: d, a = s.recvfrom(4096)
+                except socket.timeout: break
+                ihl = (d[0] & 15) * 4
+                t, _, _, ident, sq = struct.unpack('!BBHHH', d[ihl:ihl + 8])
+                if a[0] == ip and t == 0 and ident == 0x4e46 and sq == seq and d[ihl + 8:] == payload:
+                    ok += 1
+                    break
+        print('%d/%d' % (ok, n))
+        sys.exit(0 if ok == n else 1)
+        """
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        p.arguments = ["ip", "netns", "exec", namespace, "python3", "-c", script, address, String(count), String(wait)]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus == 0, String(decoding: data, as: UTF8.self))
+    }
+
+    @Test("netecho registered with a MAC and an IP boots with a card on a tap and answers ping; nothing it sends is refused",
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
+    func honestGuestAnswers() throws {
+        let lab = try NetworkLab()
+        defer { lab.close() }
+        let namespace = try lab.namespace("e2e")
+        let console = Console()
+        let guest = try boot(mac: "52:54:00:c8:07:02", ip: "10.200.7.2", guestIP: "10.200.7.2", note: "honest",
+                             lab: lab, namespace: namespace, console: console)
+        defer { guest.requestStop(); _ = guest.waitForExit(timeout: 10); guest.end() }
+        guest.start()
+        #expect(console.wait(for: "netecho mac=52:54:00:c8:07:02 ip=10.200.7.2/24", timeout: 20), "\(console.contents)")
+        let (ok, output) = try ping("10.200.7.2", count: 3, in: namespace)
+        #expect(ok, "\(output)\n\(console.contents)")
+        #expect(guest.exitResult == nil)
+        #expect(guest.machine.network?.statistics.filtered == 0)
+        #expect(try localHosts().source.audit.entries().filter { $0.event == "network.spoof" && $0.guest == guest.name }.isEmpty)
+    }
+
+    @Test("netecho that answers for an IP it was not registered with: its replies never reach the tap, and past the threshold it is stopped",
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
+    func spoofingGuestIsFilteredAndStopped() throws {
+        let lab = try NetworkLab()
+        defer { lab.close() }
+        let namespace = try lab.namespace("e2e-spoof")
+        let console = Console()
+        let guest = try boot(mac: "52:54:00:c8:07:03", ip: "10.200.7.3", guestIP: "10.200.7.9", note: "spoof",
+                             lab: lab, namespace: namespace, console: console)
+        defer { guest.requestStop(); _ = guest.waitForExit(timeout: 10); guest.end() }
+        guest.start()
+        #expect(console.wait(for: "netecho mac=52:54:00:c8:07:03 ip=10.200.7.9/24", timeout: 20), "\(console.contents)")
+        // The host knows where .9 is without asking (the guest's ARP replies would be refused too).
+        try lab.ip(["-n", namespace, "neigh", "replace", "10.200.7.9", "lladdr", "52:54:00:c8:07:03", "dev", "tap0", "nud", "permanent"])
+        let threshold = try #require(guest.egressPolicy?.threshold)
+        let (ok, output) = try ping("10.200.7.9", count: threshold + 2, wait: 1, in: namespace)
+        #expect(!ok && output.hasPrefix("0/"), "\(output)")
+        // The replies were refused before the tap: the card counted them as filtered.
+        #expect((guest.machine.network?.statistics.filtered ?? 0) >= threshold)
+        let exit = guest.waitForExit(timeout: 20)
+        guard case let .stoppedByOwner(reason)? = exit else {
+            Issue.record("the guest was not stopped by the billboard: \(String(describing: exit))")
+            return
+        }
+        #expect(reason.contains("spoofed-traffic"))
+        let spoofs = try localHosts().source.audit.entries().filter { $0.event == "network.spoof" && $0.guest == guest.name }
+        #expect(spoofs.count == threshold)
+        #expect(spoofs.first?.details.contains("ip=10.200.7.9") == true, "\(spoofs.first?.details ?? "")")
+    }
+}
