@@ -138,3 +138,52 @@ struct NetworkEndToEndTests {
         #expect(spoofs.first?.details.contains("ip=10.200.7.9") == true, "\(spoofs.first?.details ?? "")")
     }
 }
+
+@Suite("netecho migrated between hosts with its card", .serialized)
+struct NetworkMigrationEndToEndTests {
+    @Test("netecho migrated from host A's tap to host B's answers the LAN's ping there: its MAC travels, B names its own tap, the announcement goes out through it",
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
+    func migratedGuestAnswersOnTheNewHost() throws {
+        let lab = try NetworkLab()
+        defer { lab.close() }
+        let net = try MigrationNetwork(lab: lab)
+        let (hostA, hostB) = (net.hosts[0], net.hosts[1])
+        // Persistent taps, ports of each host's bridge, up before any guest attaches.
+        for host in [hostA, hostB] {
+            try lab.ip(["-n", host.namespace, "tuntap", "add", "dev", host.tap, "mode", "tap"])
+            try lab.ip(["-n", host.namespace, "link", "set", "dev", host.tap, "master", host.bridge])
+            try lab.ip(["-n", host.namespace, "link", "set", "dev", host.tap, "up"])
+        }
+        let mac = "52:54:00:c8:07:20", ip = "10.200.0.20"
+        let hosts = try localHosts()
+        let c = MachineConfiguration(commandLine: "ip=\(ip)/24 note=migrating")
+        let image = try Fixtures.guestBytes("netecho.elf")
+        let name = try hosts.register(image, c, mac: mac, ip: ip)
+        let console = NetworkEndToEndTests.Console()
+        let source = try lab.inside(hostA.namespace) {
+            try GuestDoors.boot(image: image, name: name, configuration: c, tap: hostA.tap, store: hosts.source,
+                                settings: hosts.settings, log: { _ in }, serialOutput: console.append)
+        }
+        defer { source.end() }
+        source.start()
+        #expect(console.wait(for: "netecho mac=\(mac)", timeout: 20), "\(console.contents)")
+        let e2e = NetworkEndToEndTests()
+        let before = try e2e.ping(ip, count: 2, wait: 2, in: net.lan)
+        #expect(before.ok, "on host A: \(before.output)")
+        #expect(try lab.port(of: mac, on: net.lanBridge, in: net.lan) == hostA.lanPort)
+
+        let destination = try Destination(tap: hostB.tap, namespace: hostB.namespace)
+        let report = migrate(source, to: destination)
+        #expect(report.outcome == .completed, "\(report.error ?? "")")
+        #expect(destination.wait())
+        let arrived = try #require(destination.machine)
+        defer { arrived.requestStop(); _ = arrived.waitForExit(timeout: 10); arrived.end() }
+        #expect(arrived.configuration.network == NetworkConfiguration(mac: MACAddress(parsing: mac)!.bytes, tap: hostB.tap))
+        // The announcement through B's tap moves the MAC to B's port; the LAN reaches it there.
+        #expect(waitUntil(5) { (try? lab.port(of: mac, on: net.lanBridge, in: net.lan)) == hostB.lanPort })
+        #expect(arrived.announcer?.waitUntilFinished(timeout: 10) == true)
+        let after = try e2e.ping(ip, count: 3, wait: 2, in: net.lan)
+        #expect(after.ok, "on host B: \(after.output)\n\(destination.capture.text)")
+        #expect(arrived.machine.network?.statistics.filtered == 0)
+    }
+}
