@@ -137,6 +137,56 @@ struct NetworkEndToEndTests {
         #expect(spoofs.count == threshold)
         #expect(spoofs.first?.details.contains("ip=10.200.7.9") == true, "\(spoofs.first?.details ?? "")")
     }
+    @Test("a snapshot of netecho with a card restores only onto a tap named here (--net), keeps its registered MAC and answers ping there",
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
+    func restoredGuestAnswers() throws {
+        let lab = try NetworkLab()
+        defer { lab.close() }
+        let namespace = try lab.namespace("e2e-restore")
+        // A persistent tap with the host's address: it outlives the source and serves the copy.
+        try lab.ip(["-n", namespace, "tuntap", "add", "dev", "tap0", "mode", "tap"])
+        try lab.address("\(Self.hostAddress)/24", on: "tap0", in: namespace)
+        try lab.ip(["-n", namespace, "link", "set", "dev", "tap0", "up"])
+        let hosts = try localHosts()
+        let mac = "52:54:00:c8:07:04", ip = "10.200.7.4"
+        let c = MachineConfiguration(commandLine: "ip=\(ip)/24 note=restore")
+        let image = try Fixtures.guestBytes("netecho.elf")
+        let name = try hosts.register(image, c, mac: mac, ip: ip)
+        let console = Console()
+        let source = try lab.inside(namespace) {
+            try GuestDoors.boot(image: image, name: name, configuration: c, tap: "tap0", store: hosts.source,
+                                settings: hosts.settings, log: { _ in }, serialOutput: console.append)
+        }
+        source.start()
+        #expect(console.wait(for: "netecho mac=\(mac)", timeout: 20), "\(console.contents)")
+        #expect(try ping(ip, count: 1, in: namespace).ok)
+        #expect(source.pause())
+        let path = temporaryPath("netecho-card.snap")
+        defer { unlink(path) }
+        _ = try source.snapshot(to: path)
+        source.requestStop(); _ = source.waitForExit(timeout: 10); source.end()
+
+        // The saved guest has a card: without a tap it is refused, and no other host gives it another MAC.
+        let refusal = #expect(throws: NetworkRefusal.self) {
+            _ = try GuestDoors.restore(path: path, requestedMemory: nil, store: hosts.destination, settings: hosts.settings,
+                                       log: { _ in }, serialOutput: { _ in })
+        }
+        #expect(refusal?.description.contains("--net tap=NAME") == true)
+
+        let restoredConsole = Console()
+        let (restored, _) = try lab.inside(namespace) {
+            try GuestDoors.restore(path: path, requestedMemory: nil, tap: "tap0", store: hosts.destination, settings: hosts.settings,
+                                   log: { _ in }, serialOutput: restoredConsole.append)
+        }
+        defer { restored.requestStop(); _ = restored.waitForExit(timeout: 10); restored.end() }
+        #expect(restored.configuration.network == NetworkConfiguration(mac: MACAddress(parsing: mac)!.bytes, tap: "tap0"))
+        try restored.takeRestoredLease()
+        restored.start()
+        let (ok, output) = try ping(ip, count: 3, in: namespace)
+        #expect(ok, "\(output)")
+        #expect(restored.machine.network?.statistics.filtered == 0)
+    }
+
 }
 
 @Suite("netecho migrated between hosts with its card", .serialized)
