@@ -237,3 +237,23 @@ struct NetworkMigrationEndToEndTests {
         #expect(arrived.machine.network?.statistics.filtered == 0)
     }
 }
+
+@Suite("The network card in the machine description")
+struct NetworkDescriptionTests {
+    @Test("the card's MAC travels in the state header; a header without one (an older file, or no card) reads as no card")
+    func macInTheHeader() throws {
+        let mac: [UInt8] = [0x52, 0x54, 0x00, 0xc8, 0x07, 0x30]
+        let header = StateHeader(description: MachineDescription(memorySize: 64 << 20, vcpuCount: 1, mode: nil, commandLine: "ip=10.0.0.2/24",
+                                                                 tscKHz: 1_000_000, networkMAC: mac), identity: nil)
+        let decoded = try StateHeader.decode(try header.encoded(), what: "header")
+        #expect(decoded == header && decoded.description.networkMAC == mac)
+        // Not a configuration of this host: the tap is named where the guest lands.
+        #expect(decoded.description.configuration.network == nil)
+
+        var plain = header
+        plain.description.networkMAC = nil
+        let text = String(decoding: try plain.encoded(), as: UTF8.self)
+        #expect(!text.contains("networkMAC"))
+        #expect(try StateHeader.decode(Array(text.utf8), what: "header").description.networkMAC == nil)
+    }
+}
