@@ -104,7 +104,8 @@ let package = Package(
         .testTarget(name: "LoaderTests", dependencies: ["Loader", "GuestMemory"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
         .testTarget(name: "NetworkFramesTests", dependencies: ["NetworkFrames"]),
-        .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers"]),
+        .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers",
+                                                     "Devices", "SystemCalls"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory", "PageFaults"]),
         .testTarget(name: "SecureChannelTests", dependencies: [
             "SecureChannel", "Migration", "SystemCalls",

@@ -43,7 +43,20 @@ public final class Machine: Sendable {
     final class PCDevices: @unchecked Sendable {
         let serial: Serial16550
         let beaconPort: BeaconPort
-        init(serial: Serial16550, beaconPort: BeaconPort) { self.serial = serial; self.beaconPort = beaconPort }
+        let pci: PCIHostBridge
+        init(serial: Serial16550, beaconPort: BeaconPort, pci: PCIHostBridge) {
+            self.serial = serial; self.beaconPort = beaconPort; self.pci = pci
+        }
+    }
+
+    /// The virtio-net card on a tap, when the configuration asks for one.
+    public let network: NetworkCard?
+
+    /// Sets what decides, for each frame the guest transmits, whether it reaches the tap (on
+    /// the vCPU thread that sent it; false drops it). The owner sets it before the machine
+    /// runs; until then every frame passes. No effect on a machine without a network card.
+    public func onTransmit(_ decide: @escaping @Sendable ([UInt8]) -> Bool) {
+        network?.setTransmitFilter(decide)
     }
 
     // `control` guards the run record and every runner's `state`, `target` and `thread`.
@@ -110,10 +123,15 @@ public final class Machine: Sendable {
         let serial = Serial16550(output: serialOutput)
         let slot = GuestAddress(BootLayout.beaconBlock + BeaconBlock.messageOffset)
         let beaconPort = BeaconPort(readSlot: { try? memory.read(at: slot, count: BeaconBlock.messageSize) })
-        devices = PCDevices(serial: serial, beaconPort: beaconPort)
+        let pci = PCIHostBridge()
+        devices = PCDevices(serial: serial, beaconPort: beaconPort, pci: pci)
         try portBus.insert(serial, named: "COM1", base: UInt64(Serial16550.com1Base), length: Serial16550.registerCount)
         try portBus.insert(DebugExitPort(), named: "exit port", base: UInt64(DebugExitPort.port), length: 1)
         try portBus.insert(beaconPort, named: "beacon port", base: UInt64(BeaconBlock.port), length: 1)
+        // PCI (configuration mechanism #1) and, if asked for, the network card in slot 1.
+        try portBus.insert(pci, named: "PCI host bridge", base: UInt64(PCIHostBridge.base), length: PCIHostBridge.length)
+        let ports = portBus
+        network = try configuration.network.map { try NetworkCard(configuration: $0, memory: memory, bus: ports, bridge: pci) }
 
         if let image {
             let loaded = try ImageLoader.load(image: image, mode: configuration.mode,
@@ -147,6 +165,7 @@ public final class Machine: Sendable {
 
     /// Starts one OS thread per vCPU and returns once all of them run.
     public func start() {
+        network?.start()
         KickSignal.install()
         control.lock()
         precondition(!run.started, "a machine starts once")
@@ -165,6 +184,7 @@ public final class Machine: Sendable {
     /// Starts the vCPU threads parked (a restored guest waiting for resume): no guest
     /// instruction runs until `resume()`.
     public func startPaused() {
+        network?.setPaused(true)
         control.lock()
         for runner in runners { runner.sendLocked(.pause) }
         control.unlock()
@@ -178,6 +198,8 @@ public final class Machine: Sendable {
     /// the machine has already finished.
     @discardableResult
     public func pause() -> Bool {
+        // The card first: once the vCPUs are parked, nothing writes guest memory.
+        network?.setPaused(true)
         control.lock(); defer { control.unlock() }
         guard run.started, run.result == nil else { return false }
         for runner in runners { runner.sendLocked(.pause) }
@@ -187,6 +209,7 @@ public final class Machine: Sendable {
 
     /// Resumes a paused machine.
     public func resume() {
+        network?.setPaused(false)
         control.lock(); defer { control.unlock() }
         for runner in runners { runner.sendLocked(.resume) }
         control.broadcast()
@@ -196,6 +219,7 @@ public final class Machine: Sendable {
     /// finished. Unlike `pause()`, the machine still reads as running, and `releaseHold()`
     /// leaves an owner's pause in place.
     func hold() -> Bool {
+        network?.setThrottled(true)
         control.lock(); defer { control.unlock() }
         guard run.started, run.result == nil else { return false }
         for runner in runners { runner.sendLocked(.hold) }
@@ -205,6 +229,7 @@ public final class Machine: Sendable {
 
     /// Ends the throttle's hold.
     func releaseHold() {
+        network?.setThrottled(false)
         control.lock(); defer { control.unlock() }
         for runner in runners { runner.sendLocked(.release) }
         control.broadcast()
@@ -218,6 +243,7 @@ public final class Machine: Sendable {
     /// Ends the run with `exit` (unless it already ended) and stops every vCPU,
     /// paused or running; works before `start()` too.
     public func end(with exit: MachineExit) {
+        network?.end()
         control.lock(); defer { control.unlock() }
         if run.result == nil { run.result = exit }
         for runner in runners { runner.sendLocked(.finish) }
@@ -232,19 +258,26 @@ public final class Machine: Sendable {
 
     /// Blocks until every vCPU thread has stopped; returns how the run ended.
     public func waitForExit() -> MachineExit {
-        control.lock(); defer { control.unlock() }
+        control.lock()
         while run.result == nil || runners.contains(where: { $0.state != .finished && $0.state != .created }) { control.wait() }
-        return run.result!
+        let result = run.result!
+        control.unlock()
+        // The tap is let go too, so whoever waited can attach another machine to it.
+        network?.waitUntilStopped()
+        return result
     }
 
     /// Waits up to `timeout` seconds; nil if the machine is still running.
     public func waitForExit(timeout: Double) -> MachineExit? {
         let deadline = Date(timeIntervalSinceNow: timeout)
-        control.lock(); defer { control.unlock() }
+        control.lock()
         while run.result == nil || runners.contains(where: { $0.state != .finished && $0.state != .created }) {
-            if !control.wait(until: deadline) { return nil }
+            if !control.wait(until: deadline) { control.unlock(); return nil }
         }
-        return run.result
+        let result = run.result
+        control.unlock()
+        network?.waitUntilStopped()
+        return result
     }
 
     // MARK: - Exits

@@ -32,7 +32,9 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var dirtyTracker: DirtyTrackerKind
     /// Size of each KVM memory slot (guest RAM is split into slots of this size).
     public var slotSize: UInt64
-    /// A network card, or none.
+    /// The network card and the tap it is attached to on this host, or none. The tap is a host
+    /// resource (a restored or migrated guest names its tap again where it lands); the MAC
+    /// travels in the machine description (`MachineDescription.networkMAC`).
     public var network: NetworkConfiguration?
 
     public init(memorySize: UInt64 = 64 << 20, vcpuCount: Int = 1, mode: BootMode? = nil, commandLine: String? = nil,

@@ -23,8 +23,13 @@ public struct MachineDescription: Sendable, Equatable, Codable {
     public var tscKHz: UInt32
     /// Whether the VM had KVM's in-kernel interrupt controller (never, for now).
     public var inKernelIRQChip: Bool
+    /// The network card's MAC (6 bytes), if the machine has a card; absent in older files (no
+    /// card). The tap is not carried: it is this host's, named where the guest lands.
+    public var networkMAC: [UInt8]?
 
-    public init(memorySize: UInt64, vcpuCount: Int, mode: String?, commandLine: String?, tscKHz: UInt32, inKernelIRQChip: Bool = false) {
+    public init(memorySize: UInt64, vcpuCount: Int, mode: String?, commandLine: String?, tscKHz: UInt32, inKernelIRQChip: Bool = false,
+                networkMAC: [UInt8]? = nil) {
+        self.networkMAC = networkMAC
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount
         self.mode = mode
@@ -33,6 +38,8 @@ public struct MachineDescription: Sendable, Equatable, Codable {
         self.inKernelIRQChip = inKernelIRQChip
     }
 
+    /// What to build, less the network card: its tap is the host's to name
+    /// (`NetworkConfiguration(mac: networkMAC, tap: ...)`).
     public var configuration: MachineConfiguration {
         MachineConfiguration(memorySize: memorySize, vcpuCount: vcpuCount,
                              mode: mode.flatMap(BootMode.init(rawValue:)), commandLine: commandLine)
@@ -42,6 +49,10 @@ public struct MachineDescription: Sendable, Equatable, Codable {
 /// Device state section.
 public struct DeviceState: Sendable, Equatable, Codable {
     public var serial: Serial16550State
+    /// The PCI address latch (absent in files from before PCI: an idle latch).
+    public var pci: PCIHostBridgeState?
+    /// The virtio-net card, if the machine has one.
+    public var network: VirtioNetState?
 }
 
 /// Everything of a paused machine but its memory (which travels page by page in memory
@@ -133,7 +144,7 @@ extension Machine {
     public var machineDescription: MachineDescription {
         MachineDescription(memorySize: configuration.memorySize, vcpuCount: vcpus.count,
                            mode: configuration.mode?.rawValue, commandLine: configuration.commandLine,
-                           tscKHz: tscKHz, inKernelIRQChip: false)
+                           tscKHz: tscKHz, inKernelIRQChip: false, networkMAC: configuration.network?.mac)
     }
 
     /// The MSRs saved with each vCPU: KVM's saveable list, less those this host cannot
@@ -144,7 +155,9 @@ extension Machine {
 
     /// The UART's and the other devices' state, read under the bus lock.
     public var deviceState: DeviceState {
-        portBus.withDevice(devices.serial) { DeviceState(serial: $0.saveState()) }
+        DeviceState(serial: portBus.withDevice(devices.serial) { $0.saveState() },
+                    pci: portBus.withDevice(devices.pci) { $0.saveState() },
+                    network: network?.saveState())
     }
 }
 
@@ -170,6 +183,14 @@ extension Machine: Persist {
         let description = saved.description
         guard !description.inKernelIRQChip else { throw SnapshotError.inKernelIRQChip }
         guard saved.vcpus.count == vcpus.count, description.vcpuCount == vcpus.count else { throw SnapshotError.vcpuMismatch(snapshot: description.vcpuCount, found: saved.vcpus.count) }
+        // The network card is a host resource named again here: it must be there exactly when
+        // the saved guest had one.
+        switch (saved.devices.network, network) {
+        case (nil, nil): break
+        case (let state?, let card?): try card.restoreState(state)
+        case (_?, nil): throw MachineError.invalidConfiguration("the saved guest has a network card; name the tap it gets here (--net tap=NAME)")
+        case (nil, _?): throw MachineError.invalidConfiguration("the saved guest has no network card, but this machine was given one (--net)")
+        }
         // What this host gives a new vCPU (KVM may add bits to what it reports as supported).
         let host = try vcpus[0].cpuid()
         for s in saved.vcpus {
@@ -187,5 +208,6 @@ extension Machine: Persist {
             try vcpu.restoreState(s)
         }
         portBus.withDevice(devices.serial) { $0.restoreState(saved.devices.serial) }
+        portBus.withDevice(devices.pci) { $0.restoreState(saved.devices.pci ?? PCIHostBridgeState()) }
     }
 }

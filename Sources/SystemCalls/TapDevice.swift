@@ -15,8 +15,17 @@ public final class TapDevice: Sendable {
     /// Frames longer than this are not read whole: Ethernet's 1514 plus room for a VLAN tag.
     public static let maximumFrameLength = 1522
 
+    /// Whether `name` can name a network interface: 1 to 15 bytes (IFNAMSIZ less the NUL), not
+    /// "." or "..", no '/', ':', blanks or control characters.
+    public static func isValidName(_ name: String) -> Bool {
+        let bytes = Array(name.utf8)
+        return !bytes.isEmpty && bytes.count < 16 && name != "." && name != ".."
+            && !bytes.contains { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: ":") || $0 <= 0x20 || $0 == 0x7F }
+    }
+
     /// Opens /dev/net/tun and attaches it to tap `name` (at most 15 bytes).
     public init(name: String) throws(SystemCallError) {
+        guard Self.isValidName(name) else { throw SystemCallError("TUNSETIFF(\(name))", errno: EINVAL) }
         let fd = try OwnedFileDescriptor.open("/dev/net/tun", O_RDWR | O_CLOEXEC)
         var actual = [CChar](repeating: 0, count: 16)
         _ = try retryingOnInterrupt("TUNSETIFF(\(name))") { csystemcalls_tun_set_tap(fd.raw, name, &actual) }

@@ -78,6 +78,9 @@ public final class AdmittedGuest: Sendable {
             }
         }
         self.lazyMemory = lazyMemory
+        // Every frame the guest sends passes the Billboard's egress policy (its registered MAC
+        // and IP) before it reaches the tap; a refused frame is dropped and counted as evidence.
+        machine.onTransmit { [weak self] frame in self?.admitEgress(frame) ?? false }
         machine.onBeacon { [weak self] message in
             guard let self, session.noteBeacon(message) else { return }
             wakeup.lock(); shared.withLock { $0.urgent = true }; wakeup.signal(); wakeup.unlock()
@@ -93,6 +96,10 @@ public final class AdmittedGuest: Sendable {
         startOSThread(name: "billboard-scan") { [weak self] in
             var nextScan = Date().addingTimeInterval(settings.scanInterval)
             while let guest = self, guest.scanRound(nextScan: &nextScan) {}
+        }
+        // The host's own frames (the announcement after a migration) go out through the card's tap.
+        if let card = machine.network {
+            connectHostNetwork { frame in card.writeHostFrame(frame) }
         }
     }
 

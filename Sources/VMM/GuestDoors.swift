@@ -100,16 +100,20 @@ public enum GuestDoors {
     /// registered with a userfaultfd and each chunk is read, checked and decrypted on its first
     /// fault, while a filler brings in the rest (see docs/lazy-restore.md). A chunk that fails its
     /// check is never installed: the machine ends with a fatal exit naming it.
-    public static func restore(path: String, requestedMemory: UInt64?, store: BillboardStore, settings: BillboardSettings,
+    ///
+    /// `tap`: this host's tap for the guest's network card (`vmm restore --net tap=NAME`),
+    /// needed exactly when the saved guest had a card; its MAC is the one the file carries,
+    /// which must be the registration's.
+    public static func restore(path: String, requestedMemory: UInt64?, tap: String? = nil, store: BillboardStore, settings: BillboardSettings,
                                lazy: Bool = false, kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
                                serialOutput: @escaping (UInt8) -> Void) throws -> (AdmittedGuest, SnapshotStats) {
-        try restore(path: path, requestedMemory: requestedMemory, store: store, settings: settings, lazy: lazy, fillLazily: true,
+        try restore(path: path, requestedMemory: requestedMemory, tap: tap, store: store, settings: settings, lazy: lazy, fillLazily: true,
                     kvm: kvm, log: log, serialOutput: serialOutput)
     }
 
     /// `fillLazily: false` (tests): no background filler, so pages arrive only on fault and the
     /// guest, not the filler, is the first to meet an edited chunk.
-    static func restore(path: String, requestedMemory: UInt64?, store: BillboardStore, settings: BillboardSettings,
+    static func restore(path: String, requestedMemory: UInt64?, tap: String? = nil, store: BillboardStore, settings: BillboardSettings,
                         lazy: Bool, fillLazily: Bool, kvm: KVMSystem? = nil, log: @escaping @Sendable (String) -> Void,
                         serialOutput: @escaping (UInt8) -> Void) throws -> (AdmittedGuest, SnapshotStats) {
         let file: SnapshotFile.Opened
@@ -131,7 +135,9 @@ public enum GuestDoors {
                                                     settings: settings, log: log)
         do {
             guard session.claimMachine() else { throw oneMachineOnly(session) }
-            let machine = try Machine(configuration: description.configuration, kvm: kvm, serialOutput: serialOutput)
+            var configuration = description.configuration
+            configuration.network = try arrivingNetwork(description, tap: tap, session: session)
+            let machine = try Machine(configuration: configuration, kvm: kvm, serialOutput: serialOutput)
             func verifySignature(_ body: StateBody) throws {
                 do {
                     guard let signature = body.signature else {
@@ -169,6 +175,27 @@ public enum GuestDoors {
         }
     }
 
+    /// The network card of a guest restored or arriving here: the MAC its description carries,
+    /// which must be its registration's, on this host's `tap`. A guest that had a card needs a
+    /// tap here; one that had none cannot be given one.
+    static func arrivingNetwork(_ description: MachineDescription, tap: String?, session: GuestSession) throws -> NetworkConfiguration? {
+        let name = session.registration.name
+        switch (description.networkMAC, tap) {
+        case (nil, nil):
+            return nil
+        case (nil, _?):
+            throw NetworkRefusal(description: "guest '\(name)' had no network card; --net cannot give it one here")
+        case (_?, nil):
+            throw NetworkRefusal(description: "guest '\(name)' has a network card; name this host's tap for it with --net tap=NAME")
+        case let (carried?, tap?):
+            let network = try session.networkConfiguration(tap: tap)
+            guard network.mac == carried else {
+                throw NetworkRefusal(description: "guest '\(name)' carries the MAC \(carried.map { String(format: "%02x", $0) }.joined(separator: ":")), not its registered \(session.registration.mac ?? "none")")
+            }
+            return network
+        }
+    }
+
     static func matches(_ c: MachineConfiguration, _ r: GuestRegistration) -> Bool {
         c.memorySize == r.memoryBytes && c.vcpuCount == r.vcpus && sameBytes(c.mode?.rawValue, r.mode)
             && sameBytes(c.commandLine.flatMap { $0.isEmpty ? nil : $0 }, r.commandLine)
@@ -189,7 +216,7 @@ public enum GuestDoors {
     /// state is verified (by the channel, or by the source host's signature in plaintext) before
     /// READY; the lease is taken on GO before the guest runs. Returns the running guest.
     public static func receive(listener: any MigrationListener, deadline: Double?, store: BillboardStore, settings: BillboardSettings,
-                               dirtyTracker: DirtyTrackerKind, kvm: KVMSystem? = nil,
+                               dirtyTracker: DirtyTrackerKind, tap: String? = nil, kvm: KVMSystem? = nil,
                                manifestTimeoutSeconds: Double = 10, announce: AnnounceSchedule = .qemuDefault,
                                wrapTransport: @escaping (any MigrationTransport) -> any MigrationTransport = { $0 },
                                log: @escaping @Sendable (String) -> Void,
@@ -203,6 +230,10 @@ public enum GuestDoors {
             let session = try GuestSession.admitIncoming(store: store, header: header, source: source, settings: settings, log: log)
             var configuration = header.description.configuration
             configuration.dirtyTracker = dirtyTracker
+            do { configuration.network = try arrivingNetwork(header.description, tap: tap, session: session) } catch {
+                session.end()
+                throw error
+            }
             let guest = try reserveIncoming(session: session, configuration: configuration, description: header.description,
                                             kvm: kvm, serialOutput: serialOutput)
             guest.setAnnounceSchedule(announce)

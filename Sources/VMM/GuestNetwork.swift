@@ -5,6 +5,7 @@ import Billboard
 import Foundation
 import MachineCore
 import NetworkFrames
+import SystemCalls
 import Synchronization
 
 /// The Billboard on the wire for one admitted guest's network card: the MAC and IP its signed
@@ -68,7 +69,7 @@ extension GuestSession {
         guard let network = registration.network else {
             throw NetworkRefusal(description: "guest '\(registration.name)' is registered without a MAC address, so it cannot be given a network card; an administrator must register it with --mac (and --ip) first")
         }
-        guard !tap.isEmpty, tap.utf8.count < 16, !tap.contains("/"), tap.allSatisfy({ !$0.isWhitespace }) else {
+        guard TapDevice.isValidName(tap) else {
             throw NetworkRefusal(description: "'\(tap)' is not a tap interface name (1 to 15 bytes, no '/' or spaces)")
         }
         return NetworkConfiguration(mac: network.mac.bytes, tap: tap)

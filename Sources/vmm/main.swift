@@ -64,23 +64,13 @@ struct Run: ParsableCommand {
     @Option(help: "The registered guest name (default: the one registration with this image's digest).")
     var name: String?
 
-    @Option(help: "Give the guest a network card on this host's tap interface: tap=NAME. Its MAC (and the IP it may use) are the guest's registration's; a guest registered without --mac is refused.")
-    var net: String?
+    @OptionGroup var net: NetworkOptions
 
     @OptionGroup var billboard: BillboardOptions
 
-    /// The tap named by --net tap=NAME.
-    static func tapName(_ net: String?) throws -> String? {
-        guard let net else { return nil }
-        guard net.hasPrefix("tap="), net.count > 4 else {
-            throw ValidationError("--net takes tap=NAME (the host's tap interface); the MAC is the guest's registration's and cannot be given here")
-        }
-        return String(net.dropFirst(4))
-    }
-
     func validate() throws {
-        _ = try Self.tapName(net)
         do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) }
+        try net.validate()
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
     }
@@ -95,7 +85,7 @@ struct Run: ParsableCommand {
             warnAboutRing(dirtyTracker)
             let configuration = MachineConfiguration(memorySize: memorySize, mode: mode, commandLine: cmdline, dirtyTracker: dirtyTracker)
             // The Billboard decides before KVM_CREATE_VM; there is no way around it.
-            let guest = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, tap: try Self.tapName(net),
+            let guest = try GuestDoors.boot(image: bytes, name: name, configuration: configuration, tap: try net.tap(),
                                             store: try billboard.open(),
                                             settings: billboard.settings, log: logLine, serialOutput: output.write)
             return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: false, reportDir: reportDir)
@@ -134,9 +124,12 @@ struct Restore: ParsableCommand {
     @Option(help: "Directory for migration reports (JSON).")
     var reportDir: String = "migration-reports"
 
+    @OptionGroup var net: NetworkOptions
+
     @OptionGroup var billboard: BillboardOptions
 
     func validate() throws {
+        try net.validate()
         if let memory { do { _ = try MemorySize.parse(memory) } catch { throw ValidationError(error.description) } }
         if paused && apiSocket == nil { throw ValidationError("--paused needs --api-socket, or nothing could resume the guest") }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
@@ -148,7 +141,8 @@ struct Restore: ParsableCommand {
             let snapshots = try snapshotDir.map(SnapshotDirectory.init)
             let output = try SerialOutput(path: serialLog)
             let requested = try memory.map { try MemorySize.parse($0) }
-            let (guest, _) = try GuestDoors.restore(path: file, requestedMemory: requested, store: try billboard.open(),
+            let (guest, _) = try GuestDoors.restore(path: file, requestedMemory: requested, tap: try net.tap(),
+                                                    store: try billboard.open(),
                                                     settings: billboard.settings, lazy: lazy, log: logLine, serialOutput: output.write)
             // The lease is taken (and an authorised rollback used) only once nothing else can fail
             // before the guest runs: after the control API is up.
@@ -211,9 +205,12 @@ struct Receive: ParsableCommand {
     /// subprocess tests can prove what the source does about it.
     @Option(help: .hidden) var injectFault: InjectedFault?
 
+    @OptionGroup var net: NetworkOptions
+
     @OptionGroup var billboard: BillboardOptions
 
     func validate() throws {
+        try net.validate()
         guard listenTimeout > 0 && listenTimeout <= 86_400 else { throw ValidationError("--listen-timeout must be 1 to 86400 seconds") }
         if let problem = announceSchedule.problem { throw ValidationError("--announce-*: \(problem)") }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
@@ -247,7 +244,7 @@ struct Receive: ParsableCommand {
             do {
                 guest = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenTimeout * 1000,
                                                store: store, settings: settings, dirtyTracker: dirtyTracker,
-                                               announce: announceSchedule,
+                                               tap: try net.tap(), announce: announceSchedule,
                                                wrapTransport: { transport in fault.map { FaultInjectingTransport(transport, fault: $0) } ?? transport },
                                                log: logLine, serialOutput: output.write)
             } catch MigrationError.timedOut(let what) {
@@ -367,6 +364,24 @@ struct BillboardOptions: ParsableArguments {
     var settings: BillboardSettings {
         BillboardSettings(scanInterval: scanInterval, beaconIntervalMs: beaconInterval, leaseTimeout: leaseTimeout,
                           spoofThreshold: spoofThreshold)
+    }
+}
+
+/// `--net tap=NAME`: the guest's network card, on a tap that exists on this host. The MAC is
+/// not an option: the VMM gives it (see `NetworkConfiguration.mac`).
+struct NetworkOptions: ParsableArguments {
+    @Option(help: "Give the guest a network card on this host's tap interface: tap=NAME. Its MAC (and the IP it may use) are the guest's registration's; a guest registered without --mac is refused a card. A restored or received guest that had a card needs one here (its MAC travels with it).")
+    var net: String?
+
+    func validate() throws { _ = try tap() }
+
+    /// The tap named by --net tap=NAME.
+    func tap() throws -> String? {
+        guard let net else { return nil }
+        guard net.hasPrefix("tap="), case let name = String(net.dropFirst(4)), TapDevice.isValidName(name) else {
+            throw ValidationError("--net takes tap=NAME, NAME the host's tap interface (1 to 15 bytes); the MAC is the guest's registration's and cannot be given here (got '\(net)')")
+        }
+        return name
     }
 }
 

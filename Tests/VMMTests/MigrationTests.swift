@@ -25,7 +25,10 @@ final class Destination: @unchecked Sendable {
 
     /// `onSource`: receive on the source host (a guest coming back); by default on the destination host.
     /// `listenSeconds`: how long it keeps listening for a migration that completes.
-    init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil, onSource: Bool = false, listenSeconds: Double = 60) throws {
+    /// `tap`, `namespace`: the arriving guest's card goes on `tap`, opened in network namespace
+    /// `namespace` (/run/netns/NAME; the receiving thread enters it).
+    init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil, onSource: Bool = false, listenSeconds: Double = 60,
+         tap: String? = nil, namespace: String? = nil) throws {
         let hosts = try localHosts()
         let store = onSource ? hosts.source : hosts.destination
         listener = try GuestDoors.listen("127.0.0.1:0", store: store, plaintext: false)
@@ -33,8 +36,9 @@ final class Destination: @unchecked Sendable {
         let capture = self.capture
         Thread.detachNewThread { [self] in
             do {
+                if let namespace { try NetworkNamespace.enter(path: "/run/netns/\(namespace)") }
                 machine = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenSeconds * 1000,
-                                                 store: store, settings: hosts.settings, dirtyTracker: tracker,
+                                                 store: store, settings: hosts.settings, dirtyTracker: tracker, tap: tap,
                                                  wrapTransport: { t in fault.map { FaultInjectingTransport(t, fault: $0) } ?? t },
                                                  log: { _ in }, serialOutput: capture.append)
             } catch {

@@ -12,14 +12,25 @@ struct NetworkBillboardTests {
 
     /// Registers counter.elf under a fresh name (with a distinct command line, so the digest and
     /// configuration pick this registration) and boots it on the source host with a card on `tap`.
-    func boot(mac: String?, ip: String?, tap: String?, note: String) throws -> AdmittedGuest {
+    /// A card's tap is opened inside `namespace` of `lab` (nothing appears in the host's own).
+    func boot(mac: String?, ip: String?, tap: String?, note: String, in lab: (NetworkLab, String)? = nil) throws -> AdmittedGuest {
         let hosts = try localHosts()
         var c = Self.counter
         c.commandLine! += " note=\(note)"
         let image = try Fixtures.guestBytes("counter.elf")
         let name = try hosts.register(image, c, mac: mac, ip: ip)
-        return try GuestDoors.boot(image: image, name: name, configuration: c, tap: tap, store: hosts.source,
-                                   settings: hosts.settings, log: { _ in }, serialOutput: { _ in })
+        let make = { [c] in
+            try GuestDoors.boot(image: image, name: name, configuration: c, tap: tap, store: hosts.source,
+                                settings: hosts.settings, log: { _ in }, serialOutput: { _ in })
+        }
+        guard let (lab, namespace) = lab else { return try make() }
+        return try lab.inside(namespace, make)
+    }
+
+    /// A lab with one namespace for the cards' taps.
+    static func tapNamespace() throws -> (NetworkLab, String) {
+        let lab = try NetworkLab()
+        return (lab, try lab.namespace("cards"))
     }
 
     func entries(_ event: String, guest: String) throws -> [AuditEntry] {
@@ -27,10 +38,12 @@ struct NetworkBillboardTests {
     }
 
     @Test("a spoofing guest's dropped frames are audited with what they claimed, and the one that reaches the threshold stops it as a false VM; an honest guest beside it keeps running and sending",
-          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
     func spoofingGuestIsStopped() throws {
-        let honest = try boot(mac: "52:54:00:c8:00:01", ip: "10.200.0.11", tap: "tap-honest", note: "honest")
-        let spoofer = try boot(mac: "52:54:00:c8:00:02", ip: "10.200.0.12", tap: "tap-spoof", note: "spoofer")
+        let lab = try Self.tapNamespace()
+        defer { lab.0.close() }
+        let honest = try boot(mac: "52:54:00:c8:00:01", ip: "10.200.0.11", tap: "tap-honest", note: "honest", in: lab)
+        let spoofer = try boot(mac: "52:54:00:c8:00:02", ip: "10.200.0.12", tap: "tap-spoof", note: "spoofer", in: lab)
         defer { honest.requestStop(); _ = honest.waitForExit(timeout: 10); honest.end(); spoofer.end() }
         honest.start()
         spoofer.start()
@@ -76,9 +89,11 @@ struct NetworkBillboardTests {
     }
 
     @Test("a guest registered without a MAC is refused a network card, and no card may carry another MAC than the registered one",
-          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
     func cardOnlyAsRegistered() throws {
-        let refusal = #expect(throws: NetworkRefusal.self) { _ = try boot(mac: nil, ip: nil, tap: "tap0", note: "nomac") }
+        let lab = try Self.tapNamespace()
+        defer { lab.0.close() }
+        let refusal = #expect(throws: NetworkRefusal.self) { _ = try boot(mac: nil, ip: nil, tap: "tap0", note: "nomac", in: lab) }
         #expect(refusal?.description.contains("registered without a MAC address") == true)
 
         let hosts = try localHosts()
@@ -92,16 +107,20 @@ struct NetworkBillboardTests {
                                     log: { _ in }, serialOutput: { _ in })
         }
         // The refused boot gave its lease back: the guest boots with its own MAC.
-        let guest = try GuestDoors.boot(image: image, name: name, configuration: c, tap: "tap0", store: hosts.source,
-                                        settings: hosts.settings, log: { _ in }, serialOutput: { _ in })
+        let guest = try lab.0.inside(lab.1) { [c] in
+            try GuestDoors.boot(image: image, name: name, configuration: c, tap: "tap0", store: hosts.source,
+                                settings: hosts.settings, log: { _ in }, serialOutput: { _ in })
+        }
         defer { guest.end() }
         #expect(guest.configuration.network?.mac == [0x52, 0x54, 0x00, 0xc8, 0x00, 0x03])
         #expect(guest.egressPolicy?.ip == nil)
     }
 
     @Test("without a card no frame leaves and nothing is announced; with one, the announcement carries the registered MAC and IP",
-          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
     func announceThroughTheGuest() throws {
+        let lab = try Self.tapNamespace()
+        defer { lab.0.close() }
         let plain = try boot(mac: "52:54:00:c8:00:04", ip: nil, tap: nil, note: "nocard")
         defer { plain.end() }
         #expect(plain.startAnnouncing(.qemuDefault, sink: { _ in }) == nil)
@@ -109,7 +128,7 @@ struct NetworkBillboardTests {
         defer { noRegistration.end() }
         #expect(!noRegistration.admitEgress(Announcement.rarp(mac: MACAddress(parsing: "52:54:00:c8:00:05")!)))
 
-        let guest = try boot(mac: "52:54:00:c8:00:06", ip: "10.200.0.16", tap: "tap0", note: "card")
+        let guest = try boot(mac: "52:54:00:c8:00:06", ip: "10.200.0.16", tap: "tap0", note: "card", in: lab)
         defer { guest.end() }
         let sent = FrameLog()
         let announcer = try #require(guest.startAnnouncing(AnnounceSchedule(initialMs: 1, stepMs: 1, rounds: 2), sink: sent.append))
