@@ -32,6 +32,7 @@ reg --name status42 --image $G/status42.bin --mode protected --beacons none
 reg --name counter --image $G/counter.elf --cmdline "count=0 ticks=200000000 secret=hunter2-demo"
 reg --name mover --image $G/counter.elf --cmdline "count=0 ticks=100000000" --allowed-host demo-host --allowed-host host-b
 reg --name liar --image $G/counter.elf --cmdline "count=0 ticks=200000000 beacon_token=12345"
+reg --name busy --image $G/dirtier.elf --memory 128M --cmdline "pages=8192 passes=0 mark_us=0 pattern=random" --allowed-host demo-host --allowed-host host-b
 echo "\$ vmm billboard list"; "$VMM" billboard list $BB
 
 say "peer hosts: a host's identity (its public keys and TLS certificate) travels as a file an administrator adds"
@@ -111,6 +112,25 @@ echo "\$ vmm ctl migrate 127.0.0.1:7778 --peer demo-host --api-socket b.sock   (
 wait_socket "$TMP/dst.sock"
 echo "\$ vmm billboard instances   (back here at the epoch after host-b's)"
 "$VMM" billboard instances $BB | grep -v ended
+
+say "post-copy: a busy guest (rewriting 32 MiB at random) moves to host-b after one pre-copy round; its pages follow on demand"
+"$VMM" billboard register $BBB --signed-by "$TMP/admin-b.key" --name busy --image $G/dirtier.elf --memory 128M \
+  --cmdline "pages=8192 passes=0 mark_us=0 pattern=random" --allowed-host demo-host --allowed-host host-b >/dev/null
+"$VMM" run $G/dirtier.elf --memory 128M --cmdline "pages=8192 passes=0 mark_us=0 pattern=random" --api-socket "$TMP/busy.sock" --name busy $BB > "$TMP/busy.out" 2>&1 &
+"$VMM" receive --listen 127.0.0.1:7779 --api-socket "$TMP/busy-b.sock" $BBB > "$TMP/busy-b.out" 2>&1 &
+wait_socket "$TMP/busy.sock"
+sleep 1
+echo "\$ vmm ctl migrate 127.0.0.1:7779 --peer host-b --postcopy --postcopy-after-rounds 1 --api-socket busy.sock"
+"$VMM" ctl migrate 127.0.0.1:7779 --peer host-b --postcopy --postcopy-after-rounds 1 --api-socket "$TMP/busy.sock" --quiet | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+p = r.get("postcopy") or {}
+print("outcome %s, total %.0f ms, downtime %.1f ms, %d pre-copy round(s)" % (r["outcome"], r["total_ms"], r["downtime_ms"], p.get("switched_after_rounds", 0)))
+print("at the switch host-b lacked %d pages: %d pushed in the background, %d asked for by %d faults" % (p.get("pages_missing_at_switch", 0), p.get("pages_pushed", 0), p.get("pages_requested", 0), p.get("faults", 0)))
+print("fault latency median %.2f ms, p99 %.2f ms; vCPUs blocked %.1f ms in all; last page %.0f ms after the resume" % (p.get("median_fault_ms", 0), p.get("p99_fault_ms", 0), p.get("vcpu_blocked_ms", 0), p.get("last_page_after_ms", 0)))'
+wait_socket "$TMP/busy-b.sock"
+echo "the busy guest runs on host-b: $("$VMM" ctl info --api-socket "$TMP/busy-b.sock" | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')"
+"$VMM" ctl shutdown --api-socket "$TMP/busy-b.sock" >/dev/null
 
 say "ghosts: a second copy of the running guest, and a guest that lies about who it is"
 "$VMM" ctl pause --api-socket "$TMP/dst.sock" >/dev/null
