@@ -138,11 +138,10 @@ for k in lost:
 print('sent %d echo requests, 10 ms apart (%d before the migration started, %d after)' % (len(sent), sum(1 for k in sent if k < m), sum(1 for k in sent if k >= m)))
 print('replies before the migration: %d' % before)
 print('replies after it started:     %d' % after)
-print('lost:                         %d (longest run: %d requests, about %d ms without an answer)' % (len(lost), gap, gap * 10))
+print('lost:                         %d (the longest gap: %d in a row, about %d ms without an answer)' % (len(lost), gap, gap * 10))
 EOF
 
 say "the client pings netecho every 10 ms while it migrates live from host A to host B over TLS"
-echo "the LAN bridge learned the guest's MAC on port: $(fdb_port $MAC)   (to-hosta: host A's uplink)"
 echo "\$ ip netns exec hostB vmm receive --listen 10.200.255.2:7790 --net tap=tap-b --billboard host-b --api-socket nb.sock"
 ip netns exec "$HOSTB" "$VMM" receive --listen 10.200.255.2:7790 --net tap=tap-b --api-socket "$TMP/nb.sock" $BBB \
   --listen-timeout 60 > "$TMP/nb.out" 2>&1 &
@@ -151,10 +150,11 @@ wait_line "$TMP/nb.out" "listening on" >/dev/null || exit 1
 ip netns exec "$LAN" python3 "$TMP/pinger.py" $IP > "$TMP/pinger.out" 2>&1 &
 PIDS+=($!); PINGER=$!
 sleep 1.5
+echo "the LAN bridge learned the guest's MAC on port: $(fdb_port $MAC)   (to-hosta: host A's uplink)"
 kill -USR1 $PINGER
 echo "\$ vmm ctl migrate 10.200.255.2:7790 --peer host-b --api-socket na.sock   (host A's VMM connects over the hosts' own link)"
 "$VMM" ctl migrate 10.200.255.2:7790 --peer host-b --api-socket "$TMP/na.sock" --quiet > "$TMP/migrate.json"
-python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("  " + ", ".join("%s=%s" % (k, r[k]) for k in ("outcome","total_ms","downtime_ms","rounds") if k in r))' "$TMP/migrate.json" \
+python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("  " + ", ".join("%s=%s" % (k, round(r[k], 1) if isinstance(r[k], float) else r[k]) for k in ("outcome","total_ms","downtime_ms","rounds") if k in r))' "$TMP/migrate.json" \
   || cat "$TMP/migrate.json"
 wait_socket "$TMP/nb.sock" >/dev/null
 sleep 1.5
@@ -201,10 +201,18 @@ print('  %d of 10 answered' % ok)
 EOF
 for _ in $(seq 100); do kill -0 $SPOOFER 2>/dev/null || break; sleep 0.1; done
 wait $SPOOFER; status=$?
-echo "the spoofer's VMM ended with status $status; it said:"
-grep -v -E '^netecho' "$TMP/spoof.out" | sed 's/^/  /' | cut -c 1-200
-echo "\$ vmm billboard audit | grep -E 'network.spoof|scan.stopped'"
-"$VMM" billboard audit $BB --last 30 | grep -E "network\.spoof|scan\.stopped" | grep spoofer | cut -f 4-6 | cut -c 1-190
+echo "the spoofer's VMM ended with status $status (3: stopped by the billboard); its last words:"
+grep "stopped by the billboard" "$TMP/spoof.out" | sed "s/ head=[0-9a-f]*//" | fold -s -w 110 | sed 's/^/  /'
+echo "\$ vmm billboard audit | grep -E 'network.spoof|scan.stopped'   (event, guest, details abridged)"
+"$VMM" billboard audit $BB --last 30 | grep -E "network\.spoof|scan\.stopped" | grep spoofer | cut -f 4-6 | python3 -c '
+import json, re, sys
+for line in sys.stdin:
+    event, guest, details = line.rstrip("\n").split("\t", 2)
+    try: d = json.loads(details)
+    except ValueError: d = {}
+    evidence = re.sub(r" head=[0-9a-f]+", "", d.get("evidence", details))
+    extra = "dropped=%s " % d["dropped"] if "dropped" in d else ""
+    print("  %-14s %-8s %s%s" % (event, guest, extra, evidence[:150]))'
 
 "$VMM" ctl shutdown --api-socket "$TMP/nb.sock" >/dev/null
 exit 0
