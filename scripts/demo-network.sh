@@ -49,6 +49,12 @@ fdb_port() { bridge -n "$LAN" fdb show br brLAN | awk -v m="$1" 'tolower($1)==m 
 wait_socket() { for _ in $(seq 100); do "$VMM" ctl info --api-socket "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "socket $1 did not come up"; return 1; }
 wait_line() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "'$2' did not appear in $1:"; cat "$1"; return 1; }
 
+# Namespaces left by an earlier run that was killed outright (its PID is in their names).
+for ns in $(ip netns list | awk '$1 ~ /^vmmdemo-[0-9]+-/ {print $1}'); do
+  pid=${ns#vmmdemo-}; pid=${pid%%-*}
+  kill -0 "$pid" 2>/dev/null || ip netns delete "$ns"
+done
+
 say "the network: a LAN with a client, host A and host B each with a bridge, a tap and an uplink (namespaces $NS-*)"
 for ns in "$LAN" "$HOSTA" "$HOSTB"; do net netns add "$ns"; net -n "$ns" link set lo up; done
 net -n "$LAN" link add brLAN type bridge stp_state 0
