@@ -166,4 +166,9 @@ sed 's/"event":"guest.register"/"event":"guest.rename"/' "$TMP/audit.json" > "$T
 step "refused: the same export with one entry edited" \
   "$VMM" billboard audit --verify-export "$TMP/audit-edited.json" --host-identity "$TMP/demo-host.json"
 "$VMM" ctl shutdown --api-socket "$TMP/dst.sock" >/dev/null
+# The network section (scripts/demo-network.sh) builds namespaces, bridges and taps: root only.
+if [ "$(id -u)" != 0 ]; then say "the network section is skipped: it needs root (network namespaces and taps)"
+elif [ ! -c /dev/net/tun ]; then say "the network section is skipped: /dev/net/tun is missing"
+elif ! ip netns list >/dev/null 2>&1; then say "the network section is skipped: \`ip netns\` is not available"
+else VMM="$VMM" TMP="$TMP" G="$G" BB="$BB" BBB="$BBB" bash "$(dirname "$0")/demo-network.sh"; fi
 exit 0
