@@ -29,11 +29,20 @@ public enum MemorySection {
     /// Checks everything that does not depend on guest memory size. Every
     /// size computation is checked, so hostile counts and lengths are refused, not trapped on.
     static func parse(_ payload: [UInt8]) throws(MemorySectionDefect) -> Parsed {
+        // withUnsafeBytes rethrows untyped: carry the typed defect out as a value.
+        let result: Result<Parsed, MemorySectionDefect> = payload.withUnsafeBytes { raw in
+            do throws(MemorySectionDefect) { return .success(try parse(raw)) } catch { return .failure(error) }
+        }
+        return try result.get()
+    }
+
+    /// `parse` over bytes held anywhere (a decrypted chunk is not an array).
+    static func parse(_ payload: UnsafeRawBufferPointer) throws(MemorySectionDefect) -> Parsed {
         let length = UInt64(payload.count)
         guard length >= 8 else { throw .tooShort(length: length) }
-        let count = payload.loadLittleEndian(UInt32.self, at: 0)
+        let count = UInt32(littleEndian: payload.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
         guard count >= 1, count <= SnapshotFormat.maxPagesPerSection else { throw .countOutOfRange(count: count) }
-        let reserved = payload.loadLittleEndian(UInt32.self, at: 4)
+        let reserved = UInt32(littleEndian: payload.loadUnaligned(fromByteOffset: 4, as: UInt32.self))
         guard reserved == 0 else { throw .reservedFieldNonZero(value: reserved) }
 
         let (tableBytes, overflow1) = UInt64(count).multipliedReportingOverflow(by: 8)
@@ -46,7 +55,7 @@ public enum MemorySection {
         entries.reserveCapacity(Int(count))
         var dataPages: UInt64 = 0
         for index in 0..<Int(count) {
-            let raw = payload.loadLittleEndian(UInt64.self, at: 8 + 8 * index)
+            let raw = UInt64(littleEndian: payload.loadUnaligned(fromByteOffset: 8 + 8 * index, as: UInt64.self))
             guard raw & reservedEntryMask == 0 else { throw .reservedEntryBits(index: index, entry: raw) }
             let pfn = raw & pageFrameMask
             if let previous = entries.last?.pfn, pfn <= previous {
@@ -120,6 +129,11 @@ public enum MemorySection {
     }
 
     static func apply(_ payload: [UInt8], to memory: GuestMemory, sectionOffset: UInt64?) throws -> (pages: Int, zeroPages: Int) {
+        try payload.withUnsafeBytes { try apply($0, to: memory, sectionOffset: sectionOffset) }
+    }
+
+    /// `apply` over bytes held anywhere (a decrypted chunk, applied without another copy).
+    static func apply(_ payload: UnsafeRawBufferPointer, to memory: GuestMemory, sectionOffset: UInt64?) throws -> (pages: Int, zeroPages: Int) {
         let parsed: Parsed
         do {
             parsed = try parse(payload)
@@ -144,10 +158,7 @@ public enum MemorySection {
                 if try !memory.isZeroPage(address) { try memory.zero(at: address, length: SnapshotFormat.pageSize) }
                 zeroPages += 1
             } else {
-                let offset = dataOffset
-                try payload.withUnsafeBytes { raw in
-                    try memory.write(bytes: UnsafeRawBufferPointer(rebasing: raw[offset..<offset + page]), at: address)
-                }
+                try memory.write(bytes: UnsafeRawBufferPointer(rebasing: payload[dataOffset..<dataOffset + page]), at: address)
                 dataOffset += page
             }
         }
