@@ -105,38 +105,36 @@ public final class UserFaultFD: Sendable {
     /// already present are skipped and counted (`EEXIST`); `EAGAIN` (the mappings changing) is
     /// retried from where the kernel stopped.
     public func copy(from source: UnsafeRawPointer, to address: UInt64, length: UInt64) throws(SystemCallError) -> UserFaultInstall {
-        var outcome = UserFaultInstall()
-        var done: UInt64 = 0
-        while done < length {
+        try install("UFFDIO_COPY", length: length) { done in
             var c = uffdio_copy(dst: address + done, src: UInt64(UInt(bitPattern: source + Int(done))), len: length - done,
                                 mode: 0, copy: 0)
             let result = withUnsafeMutablePointer(to: &c) { csystemcalls_ioctl_pointer(descriptor.raw, csystemcalls_uffdio_copy(), $0) }
-            let code = result < 0 ? Glibc.errno : 0
-            let progressed = c.copy > 0 ? UInt64(c.copy) : 0
-            outcome.installedBytes += progressed
-            done += progressed
-            if result >= 0 { continue }
-            switch code {
-            case EINTR, EAGAIN: continue
-            case EEXIST:
-                outcome.alreadyPresentBytes += Self.pageSize
-                done += Self.pageSize
-            default: throw SystemCallError("UFFDIO_COPY", errno: code)
-            }
+            return (result, c.copy)
         }
-        return outcome
     }
 
     /// Maps the zero page over `length` bytes at `address` (`UFFDIO_ZEROPAGE`: nothing allocated
     /// until the guest writes) and wakes waiters; present pages skipped, as for `copy`.
     public func zeroPages(at address: UInt64, length: UInt64) throws(SystemCallError) -> UserFaultInstall {
+        try install("UFFDIO_ZEROPAGE", length: length) { done in
+            var z = uffdio_zeropage(range: uffdio_range(start: address + done, len: length - done), mode: 0, zeropage: 0)
+            let result = withUnsafeMutablePointer(to: &z) { csystemcalls_ioctl_pointer(descriptor.raw, csystemcalls_uffdio_zeropage(), $0) }
+            return (result, z.zeropage)
+        }
+    }
+
+    /// The retry loop both installs share: `attempt(done)` issues the ioctl for the bytes from
+    /// `done` on and returns its result and the kernel's progress field (bytes, or -errno).
+    /// Progress counts even when the call fails; `EEXIST` skips one present page; `EINTR` and
+    /// `EAGAIN` retry from where the kernel stopped.
+    private func install(_ call: String, length: UInt64,
+                         attempt: (UInt64) -> (result: Int32, progress: Int64)) throws(SystemCallError) -> UserFaultInstall {
         var outcome = UserFaultInstall()
         var done: UInt64 = 0
         while done < length {
-            var z = uffdio_zeropage(range: uffdio_range(start: address + done, len: length - done), mode: 0, zeropage: 0)
-            let result = withUnsafeMutablePointer(to: &z) { csystemcalls_ioctl_pointer(descriptor.raw, csystemcalls_uffdio_zeropage(), $0) }
+            let (result, progress) = attempt(done)
             let code = result < 0 ? Glibc.errno : 0
-            let progressed = z.zeropage > 0 ? UInt64(z.zeropage) : 0
+            let progressed = progress > 0 ? UInt64(progress) : 0
             outcome.installedBytes += progressed
             done += progressed
             if result >= 0 { continue }
@@ -145,7 +143,7 @@ public final class UserFaultFD: Sendable {
             case EEXIST:
                 outcome.alreadyPresentBytes += Self.pageSize
                 done += Self.pageSize
-            default: throw SystemCallError("UFFDIO_ZEROPAGE", errno: code)
+            default: throw SystemCallError(call, errno: code)
             }
         }
         return outcome
