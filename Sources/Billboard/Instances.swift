@@ -18,6 +18,12 @@ public enum InstanceState: String, Sendable, Codable, Equatable {
     case paused
     /// The lease was handed to a migration destination; this copy must never run again.
     case migrated
+    /// The lease went to the destination with a post-copy GO, but this process keeps the
+    /// guest's memory (paused for good) to serve the pages the destination still lacks.
+    case pageServer = "page-server"
+    /// As `pageServer`, while the post-copy link is down: it waits for the migration to be
+    /// resumed (the guest is lost if this process ends before).
+    case pageServerAwaitingRecovery = "page-server-awaiting-recovery"
     /// The guest has stopped; the process is tearing its VM down and exiting.
     case ended
 }

@@ -156,9 +156,10 @@ public struct Scan: Sendable {
                     continue
                 }
                 recordedPids.insert(pid)
-                // In flight: a destination before GO owns nothing yet; a source after GO is ending.
+                // In flight: a destination before GO owns nothing yet; a source after GO is ending,
+                // or (post-copy) serves the pages its destination lacks and never runs the guest.
                 // An ended guest's process is only tearing its VM down.
-                if state == .incoming || state == .migrated || state == .ended { continue }
+                if [.incoming, .migrated, .pageServer, .pageServerAwaitingRecovery, .ended].contains(state) { continue }
                 if let evidence: String = row["false_beacon"] {
                     findings.append(ScanFinding(kind: .falseBeacon, pid: pid, guest: name, evidence: evidence))
                 }

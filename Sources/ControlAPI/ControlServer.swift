@@ -36,12 +36,12 @@ public protocol VMControlling: AnyObject, Sendable {
 /// Every route the control API serves. The router is built from this table, requests for other
 /// paths and methods are refused from it, and a test holds docs/api.yaml to it.
 public enum ControlRoute: CaseIterable, Sendable {
-    case info, scan, pause, resume, snapshot, digest, shutdown, migrate, migration
+    case info, scan, pause, resume, snapshot, digest, shutdown, migrate, migration, migrationRecover, migrationCancel
 
     public var method: HTTPRequest.Method {
         switch self {
         case .info, .digest, .migration: .get
-        case .scan, .pause, .resume, .snapshot, .shutdown, .migrate: .put
+        case .scan, .pause, .resume, .snapshot, .shutdown, .migrate, .migrationRecover, .migrationCancel: .put
         }
     }
 
@@ -56,6 +56,8 @@ public enum ControlRoute: CaseIterable, Sendable {
         case .shutdown: "/vm/shutdown"
         case .migrate: "/vm/migrate"
         case .migration: "/vm/migration"
+        case .migrationRecover: "/vm/migration/recover"
+        case .migrationCancel: "/vm/migration/cancel"
         }
     }
 
@@ -65,8 +67,9 @@ public enum ControlRoute: CaseIterable, Sendable {
         switch self {
         case .resume: ["force"]
         case .snapshot: ["path", "unsealed"]
-        case .migrate: ["destination", "peer", "transport", "max_downtime_ms", "max_bandwidth", "auto_converge", "timeout_s", "postcopy", "postcopy_after_rounds", "wait"]
-        case .info, .scan, .pause, .digest, .shutdown, .migration: []
+        case .migrate: ["destination", "peer", "transport", "max_downtime_ms", "max_bandwidth", "auto_converge", "timeout_s", "postcopy", "postcopy_after_rounds", "resume", "wait"]
+        case .migrationRecover: ["listen", "timeout_s"]
+        case .info, .scan, .pause, .digest, .shutdown, .migration, .migrationCancel: []
         }
     }
 
@@ -306,6 +309,12 @@ public final class ControlServer: Sendable {
         case .resume:
             struct Body: Decodable { var force: Bool? }
             let force = try fields.decode(Body.self).force ?? false
+            if guest.incomingPostCopy?.status.phase == .postcopyPaused {
+                throw APIError(.conflict, "the guest is paused because the link of its post-copy migration failed; it resumes by itself once the migration is recovered (PUT /vm/migration/recover here, then a migrate with resume at the source)")
+            }
+            if controller.migrations.servesPostCopyPages {
+                throw APIError(.conflict, "this copy went to its destination by post-copy and only serves the pages the destination lacks; it never resumes (the destination runs the guest)")
+            }
             guard guest.state == .paused else {
                 throw APIError(.conflict, "the VM is \(guest.state.rawValue), not paused; nothing to resume")
             }
@@ -317,6 +326,7 @@ public final class ControlServer: Sendable {
         case .snapshot:
             return try await snapshot(fields, controller)
         case .digest:
+            try refuseWhilePagesArrive(guest, "digested")
             guard guest.state == .paused else {
                 throw APIError(.conflict, "the VM is \(guest.state.rawValue); pause it to digest its memory consistently")
             }
@@ -328,8 +338,20 @@ public final class ControlServer: Sendable {
         case .migrate:
             return try await MigrationRoutes.migrate(fields, service: controller.migrations)
         case .migration:
-            return try MigrationRoutes.status(controller.migrations)
+            return try MigrationRoutes.status(controller.migrations, guest: guest)
+        case .migrationRecover:
+            return try await MigrationRoutes.recover(fields, guest: guest)
+        case .migrationCancel:
+            return try await MigrationRoutes.cancel(controller.migrations, guest: guest)
         }
+    }
+
+    /// A guest whose pages still arrive by post-copy cannot be read whole: a digest or snapshot
+    /// would wait for pages that may not come while the link is down.
+    static func refuseWhilePagesArrive(_ guest: AdmittedGuest, _ what: String) throws {
+        guard guest.awaitsPostCopyPages else { return }
+        let missing = guest.incomingPostCopy?.status.pagesMissing ?? 0
+        throw APIError(.conflict, "pages of this guest are still arriving by post-copy (\(missing) missing); it can be \(what) once GET /vm/migration shows the incoming migration completed")
     }
 
     /// `PUT /vm/snapshot`: only into the configured snapshot directory, only while paused.
@@ -352,6 +374,7 @@ public final class ControlServer: Sendable {
             }
         }
         let guest = controller.guest
+        try refuseWhilePagesArrive(guest, "snapshotted")
         guard guest.state == .paused else {
             throw APIError(.conflict, "the VM is \(guest.state.rawValue); pause it before taking a snapshot (PUT /vm/pause)")
         }

@@ -3,7 +3,8 @@ import Hummingbird
 import Migration
 import VMM
 
-/// The handlers of `PUT /vm/migrate` and `GET /vm/migration`.
+/// The handlers of `PUT /vm/migrate`, `GET /vm/migration`, `PUT /vm/migration/recover` and
+/// `PUT /vm/migration/cancel`.
 enum MigrationRoutes {
     /// Limits that keep every later conversion of the settings (to milliseconds, to integers) in range.
     static let maximumTimeoutSeconds = 86_400.0
@@ -20,6 +21,9 @@ enum MigrationRoutes {
             throw APIError(.badRequest, "name the enrolled host expected at the destination as \"peer\", or choose \"transport\": \"plaintext\"")
         }
         do { _ = try parseHostPort(settings.destination) } catch { throw APIError(.badRequest, "\(error)") }
+        if settings.resume && settings.transport != .tls {
+            throw APIError(.badRequest, "a post-copy migration resumes over mutually authenticated TLS only: name the destination host as \"peer\"")
+        }
         guard settings.maxDowntimeMs > 0, settings.maxDowntimeMs <= maximumDowntimeMs,
               settings.timeoutSeconds > 0, settings.timeoutSeconds <= maximumTimeoutSeconds else {
             throw APIError(.badRequest, "max_downtime_ms must be above 0 and at most \(Int(maximumDowntimeMs)), timeout_s above 0 and at most \(Int(maximumTimeoutSeconds))")
@@ -40,19 +44,67 @@ enum MigrationRoutes {
             if settings.postcopy { object["warning"] = postcopyWarning }
             return JSONReply.make(report.outcome == .completed ? .ok : .conflict, object)
         }
-        var object: [String: Any] = ["state": "migrating", "destination": settings.destination]
+        var object: [String: Any] = ["state": settings.resume ? "resuming" : "migrating", "destination": settings.destination]
         if settings.postcopy { object["warning"] = postcopyWarning }
         return JSONReply.make(.accepted, object)
     }
 
     /// Said whenever post-copy is asked for (QEMU warns the same way).
-    static let postcopyWarning = "post-copy: once the guest switches to the destination, neither side has all of it until the last page has moved; if the link fails then, the guest is lost (recovery is not implemented)"
+    static let postcopyWarning = "post-copy: once the guest switches to the destination, neither side has all of it until the last page has moved. If the link fails then, both sides pause and keep what they have; recover with migrate-recover at the destination and migrate --resume here. If either VMM dies or is stopped before the last page moved (this one above all: it holds pages the destination lacks), the guest is lost"
 
-    static func status(_ service: MigrationService) throws -> Response {
+    static func status(_ service: MigrationService, guest: AdmittedGuest) throws -> Response {
         let (progress, report) = service.status
         var object = try jsonObject(progress)
         if let report { object["last_report"] = try reportObject(report) }
+        if let incoming = guest.incomingPostCopy { object["incoming"] = try jsonObject(incoming.status) }
         return JSONReply.make(.ok, object)
+    }
+
+    /// `PUT /vm/migration/recover`: the destination of a paused post-copy migration listens for
+    /// its source's resume.
+    static func recover(_ fields: RequestFields, guest: AdmittedGuest) async throws -> Response {
+        struct Body: Decodable {
+            var listen: String
+            var timeoutSeconds: Double?
+            enum CodingKeys: String, CodingKey { case listen; case timeoutSeconds = "timeout_s" }
+        }
+        guard fields.object["listen"] != nil else {
+            throw APIError(.badRequest, "give the address to listen on for the source's resume as {\"listen\": \"HOST:PORT\"} (port 0 picks one)")
+        }
+        let body = try fields.decode(Body.self)
+        do { _ = try parseHostPort(body.listen, allowAnyPort: true) } catch { throw APIError(.badRequest, "\(error)") }
+        let timeout = body.timeoutSeconds ?? 600
+        guard timeout > 0, timeout <= maximumTimeoutSeconds else {
+            throw APIError(.badRequest, "timeout_s must be above 0 and at most \(Int(maximumTimeoutSeconds))")
+        }
+        let address: String
+        do { address = try await offPool { try guest.recoverIncomingMigration(listen: body.listen, timeoutSeconds: timeout) } } catch {
+            throw APIError(.conflict, "\(error)")
+        }
+        return JSONReply.make(.accepted, ["state": "listening", "listen": address])
+    }
+
+    /// `PUT /vm/migration/cancel`: aborts an outgoing migration that has not committed, or gives
+    /// up a paused incoming post-copy migration (its guest is then lost).
+    static func cancel(_ service: MigrationService, guest: AdmittedGuest) async throws -> Response {
+        if let incoming = guest.incomingPostCopy, incoming.status.phase == .postcopyPaused {
+            do {
+                try await offPool { try guest.giveUpIncomingMigration(reason: "given up by the operator (PUT /vm/migration/cancel)") }
+            } catch {
+                throw APIError(.conflict, "\(error)")
+            }
+            return JSONReply.make(.ok, ["state": "lost"])
+        }
+        if service.cancel(reason: "cancelled through the API (PUT /vm/migration/cancel)") {
+            return JSONReply.make(.ok, ["state": "cancelling"])
+        }
+        if service.servesPostCopyPages {
+            throw APIError(.conflict, "the destination runs this guest with pages only this copy has; cancelling here would lose it. If the link failed, recover it; if the destination is gone the guest is lost anyway: stop this VMM (PUT /vm/shutdown)")
+        }
+        if let incoming = guest.incomingPostCopy, incoming.status.phase == .postcopy {
+            throw APIError(.conflict, "the incoming post-copy migration is bringing this guest's last pages; only a paused one (its link failed) can be given up")
+        }
+        throw APIError(.conflict, "no migration to cancel: an outgoing one can be cancelled before it commits, an incoming post-copy one once it is paused")
     }
 
     static func jsonObject<T: Encodable>(_ value: T) throws -> [String: Any] {

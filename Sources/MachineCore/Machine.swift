@@ -207,6 +207,17 @@ public final class Machine: Sendable {
         return run.result == nil
     }
 
+    /// Asks every vCPU to park and returns at once, without waiting for them. A vCPU asleep in
+    /// the kernel on a guest page that is not there yet (post-copy) may not see the kick until
+    /// that page is installed; it then parks before running another guest instruction (the kick
+    /// left `immediate_exit` set and a signal pending). `state` reads paused once all have parked.
+    public func requestPause() {
+        network?.setPaused(true)
+        control.lock(); defer { control.unlock() }
+        guard run.started, run.result == nil else { return }
+        for runner in runners { runner.sendLocked(.pause) }
+    }
+
     /// Resumes a paused machine.
     public func resume() {
         network?.setPaused(false)

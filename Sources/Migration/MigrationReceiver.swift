@@ -19,9 +19,14 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     func discard()
     /// The host and process that will own the guest (sent in the accept), if it has an owner record.
     var owner: (host: String, pid: Int32)? { get }
-    /// Post-copy: the fault server that fills this VM's missing pages from now on (its figures
-    /// are the VM's, and it stops when the VM ends).
-    func attachPostCopy(_ server: FaultServer)
+    /// Post-copy: the migration that fills this VM's missing pages from now on (its figures are
+    /// the VM's; the VM tells it when it ends).
+    func attachPostCopy(_ incoming: PostCopyIncoming)
+    /// Post-copy: the link failed. Pause the guest without waiting for a vCPU asleep on a
+    /// missing page (it parks once its page came); nothing else changes.
+    func postCopyPaused(reason: String)
+    /// Post-copy: the migration was recovered; resume the guest if `postCopyPaused` paused it.
+    func postCopyResumed()
     /// Post-copy: the missing pages can no longer come. The guest must never run again: its
     /// vCPUs stay where they are and the machine ends with `reason`.
     func postCopyLost(reason: String)
@@ -57,9 +62,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         public var resumedAt: Double
         /// The host the guest came from.
         public var sourceHost: String
-        /// Post-copy: the fault figures once every page is in, or why the guest was lost.
-        public var postcopy: PostCopyFigures?
-        public var postcopyFailure: String?
+        /// Post-copy: the migration that goes on bringing the missing pages after this returned.
+        public var incoming: PostCopyIncoming?
     }
 
     /// Receives one migration. Returns once the guest runs here; throws (with the
@@ -68,10 +72,11 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
     ///
     /// Post-copy (the manifest says so): `acceptPageChannel` gives the next incoming connection,
     /// of which the one bound to this migration becomes the page channel; the guest runs from GO
-    /// while its missing pages arrive, and this returns once every page is in, or once the link
-    /// failed and the guest was lost (`Result.postcopyFailure`; the machine has ended).
+    /// and this returns then, while its missing pages go on arriving (`Result.incoming` owns
+    /// `transport` from then on).
     public func run(transport: any MigrationTransport, onManifest: () -> Void = {},
-                    acceptPageChannel: (() throws -> any MigrationTransport)? = nil) throws -> (vm: VM, result: Result) {
+                    acceptPageChannel: (() throws -> any MigrationTransport)? = nil,
+                    postcopyOptions: PostCopyIncoming.Options = .init()) throws -> (vm: VM, result: Result) {
         let integrity = transport.streamIntegrity
         let authenticated = transport.authenticatedPeer
         var replies = try StreamWriter(sink: TransportSink(transport), integrity: integrity)
@@ -130,7 +135,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
                 throw MigrationError.refused("post-copy asked of a receiver without a page channel")
             }
             do {
-                pageChannel = try self.acceptPageChannel(acceptPageChannel, challenge: challenge, mainPeer: authenticated, owner: owner)
+                pageChannel = try PageChannelDoor.accept(acceptPageChannel, challenge: challenge, mainPeer: authenticated, owner: owner)
             } catch {
                 refuse("no page channel: \(error)")
                 throw error
@@ -171,78 +176,34 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         guard let end = try commit.nextSection(), end.type == .end else {
             throw MigrationError.protocolViolation("GO was not followed by the end of its stream")
         }
-        var postcopy: (server: FaultServer, source: PostCopyPageSource)?
+        var incoming: PostCopyIncoming?
         if let missing, let channel = pageChannel {
-            let source = PostCopyPageSource(missing: missing, memorySize: vm.memory.size, transport: channel.transport,
-                                            reader: channel.reader, writer: channel.writer)
-            // The pages that changed after they were sent go, so that they fault; then the
-            // memory is registered and every missing page comes from the source.
-            for pfn in source.frames { try vm.memory.discardPages(atPageFrame: pfn, count: 1) }
-            let server = try FaultServer(memory: vm.memory, source: source) { [weak vm] failure in
-                vm?.postCopyLost(reason: "post-copy migration failed: \(failure); the guest is lost unless the link is recovered")
-                // The push cannot help any more: unblock its reader.
-                transport.close()
-            }
-            vm.attachPostCopy(server)
-            server.start(fill: false)
-            postcopy = (server, source)
+            let binding = PostCopyIncoming.Binding(challenge: challenge, sourceHost: authenticated ?? manifest.sourceHost,
+                                                   authenticated: authenticated != nil, destinationHost: hostName,
+                                                   guest: manifest.guest, ownerHost: owner.host, ownerPid: owner.pid)
+            let made = try PostCopyIncoming(vm: vm, missing: missing, binding: binding, integrity: integrity,
+                                            options: postcopyOptions, pageChannel: channel)
+            vm.attachPostCopy(made)
+            incoming = made
         }
         do { try vm.startGuest() } catch {
-            postcopy?.server.stop()
+            incoming?.server.stop()
             throw error
         }
         committed = true
         let resumedAt = monotonicMilliseconds()
         // The guest runs here now, whatever happens to this reply.
         try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt).encoded())
-        if postcopy == nil { try? replies.finish() }
+        if incoming == nil { try? replies.finish() }
         try? replies.sink.flush()
         var result = Result(pages: body.pages, zeroPages: body.zeroPages, bytes: reader.offset + commit.offset,
                             resumedAt: resumedAt, sourceHost: authenticated ?? manifest.sourceHost)
-        if let postcopy {
-            defer { postcopy.source.close() }
-            do {
-                result.postcopy = try receivePushedPages(transport: transport, integrity: integrity, postcopy: postcopy)
-                result.postcopy?.lastPageAfterMs = postcopy.server.stats.completeAfterMs ?? 0
-                if let figures = result.postcopy {
-                    try? replies.writeSection(.control, payload: WireMessage.complete(figures).encoded())
-                    try? replies.finish()
-                    try? replies.sink.flush()
-                }
-            } catch {
-                let reason = "post-copy migration failed: \(error); the guest is lost unless the link is recovered"
-                postcopy.server.abandon(reason: reason)
-                _ = postcopy.server.waitUntilFinished(timeout: 60)
-                result.postcopyFailure = postcopy.server.failure.map { "\($0)" } ?? reason
-            }
+        if let incoming {
+            // COMPLETE goes on the same reply stream, once every page is in.
+            incoming.start(main: transport, replies: replies)
+            result.incoming = incoming
         }
         return (vm, result)
-    }
-
-    /// Post-copy, after RUNNING: installs the pages the source pushes on the main connection
-    /// until its push stream ends, then waits for the last faults and finishes the memory.
-    /// Throws if the link fails or the source breaks the protocol (the guest is then lost).
-    private func receivePushedPages(transport: any MigrationTransport, integrity: SectionIntegrity,
-                                    postcopy: (server: FaultServer, source: PostCopyPageSource)) throws -> PostCopyFigures {
-        var push = try StreamReader(source: TransportSource(transport), integrity: integrity)
-        while let section = try push.nextSection() {
-            switch section.type {
-            case .memory: try postcopy.source.offerPushed(section, to: postcopy.server)
-            case .end: break
-            default: throw MigrationError.protocolViolation("the post-copy push carries memory sections only, not \(section.type)")
-            }
-            if section.type == .end { break }
-        }
-        postcopy.server.completeOnceUnitsAreIn()
-        _ = postcopy.server.waitUntilFinished(timeout: 365 * 86_400)
-        if let failure = postcopy.server.failure { throw MigrationError.aborted("\(failure)") }
-        let stats = postcopy.server.stats
-        var figures = PostCopyFigures()
-        figures.faults = stats.faults
-        figures.medianFaultMs = stats.medianFaultMs
-        figures.p99FaultMs = stats.p99FaultMs
-        figures.blockedMs = stats.blockedMs
-        return figures
     }
 
     /// The manifest must answer this connection's challenge, name this host, and (on an

@@ -23,14 +23,19 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
     public var timeoutSeconds: Double = 60
     /// Post-copy: after `postcopyAfterRounds` pre-copy rounds the guest moves to the destination
     /// at once and its remaining pages follow (pushed, and pulled on fault). If the link fails
-    /// after that switch, neither side has the whole guest: it is lost (no recovery yet).
+    /// after that switch, neither side has the whole guest: both pause and keep what they have
+    /// until the migration is recovered (`resume`); if either side dies then, the guest is lost.
     public var postcopy: Bool = false
     /// Pre-copy rounds before the switch (1: after round 0; 0: no pre-copy at all).
     public var postcopyAfterRounds: Int = 1
+    /// Resume this guest's post-copy migration, paused after its link failed, on a new
+    /// connection to `destination` (where the destination listens after `migration/recover`).
+    public var resume: Bool = false
 
     public init(destination: String, peer: String? = nil, transport: TransportKind = .tls, maxDowntimeMs: Double = 300,
                 maxBandwidth: UInt64 = 0, autoConverge: Bool = false, timeoutSeconds: Double = 60,
-                postcopy: Bool = false, postcopyAfterRounds: Int = 1) {
+                postcopy: Bool = false, postcopyAfterRounds: Int = 1, resume: Bool = false) {
+        self.resume = resume
         self.postcopy = postcopy
         self.postcopyAfterRounds = postcopyAfterRounds
         self.destination = destination
@@ -50,6 +55,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         case timeoutSeconds = "timeout_s"
         case postcopy
         case postcopyAfterRounds = "postcopy_after_rounds"
+        case resume
     }
 
     public init(from decoder: any Decoder) throws {
@@ -63,6 +69,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         timeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .timeoutSeconds) ?? 60
         postcopy = try c.decodeIfPresent(Bool.self, forKey: .postcopy) ?? false
         postcopyAfterRounds = try c.decodeIfPresent(Int.self, forKey: .postcopyAfterRounds) ?? 1
+        resume = try c.decodeIfPresent(Bool.self, forKey: .resume) ?? false
     }
 }
 
@@ -70,6 +77,9 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
 public struct MigrationProgress: Codable, Sendable, Equatable {
     public enum Phase: String, Codable, Sendable {
         case none, setup, precopy, stopAndCopy = "stop-and-copy", handover, postcopy, completed, failed, inDoubt = "in-doubt"
+        /// After the post-copy switch the link failed: this copy keeps the pages the destination
+        /// lacks, paused for good, until the migration is resumed.
+        case postcopyPaused = "postcopy-paused"
     }
     public var phase: Phase = .none
     public var round: Int = 0
@@ -104,6 +114,9 @@ public enum MigrationOutcome: String, Codable, Sendable {
     case failed
     /// It failed after GO: the guest stays paused here; exactly one side may run it.
     case inDoubt = "in-doubt"
+    /// Post-copy, after the switch, the link failed: the destination runs (paused) the guest,
+    /// this copy keeps the pages it lacks, until the migration is resumed.
+    case postcopyPaused = "postcopy-paused"
 }
 
 /// The figures of one migration, written as JSON when it ends.
@@ -164,6 +177,10 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
     public var blockedMs: Double = 0
     /// From the destination's resume to its last page installed.
     public var lastPageAfterMs: Double = 0
+    /// Times the post-copy phase was resumed after its link failed.
+    public var recoveries: Int = 0
+    /// Faults that waited for a recovery (their page could not be asked for while the link was down).
+    public var faultsPostponed: Int = 0
 
     public init() {}
 
@@ -177,5 +194,62 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
         case p99FaultMs = "p99_fault_ms"
         case blockedMs = "vcpu_blocked_ms"
         case lastPageAfterMs = "last_page_after_ms"
+        case recoveries
+        case faultsPostponed = "faults_postponed"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        switchedAfterRounds = try c.decodeIfPresent(Int.self, forKey: .switchedAfterRounds) ?? 0
+        pagesMissingAtSwitch = try c.decodeIfPresent(Int.self, forKey: .pagesMissingAtSwitch) ?? 0
+        pagesPushed = try c.decodeIfPresent(Int.self, forKey: .pagesPushed) ?? 0
+        pagesRequested = try c.decodeIfPresent(Int.self, forKey: .pagesRequested) ?? 0
+        faults = try c.decodeIfPresent(Int.self, forKey: .faults) ?? 0
+        medianFaultMs = try c.decodeIfPresent(Double.self, forKey: .medianFaultMs) ?? 0
+        p99FaultMs = try c.decodeIfPresent(Double.self, forKey: .p99FaultMs) ?? 0
+        blockedMs = try c.decodeIfPresent(Double.self, forKey: .blockedMs) ?? 0
+        lastPageAfterMs = try c.decodeIfPresent(Double.self, forKey: .lastPageAfterMs) ?? 0
+        recoveries = try c.decodeIfPresent(Int.self, forKey: .recoveries) ?? 0
+        faultsPostponed = try c.decodeIfPresent(Int.self, forKey: .faultsPostponed) ?? 0
+    }
+}
+
+/// The destination's side of a post-copy migration, as `GET /vm/migration` shows it (`incoming`).
+public struct IncomingPostCopyStatus: Codable, Sendable, Equatable {
+    public enum Phase: String, Codable, Sendable {
+        /// The guest runs here; its missing pages arrive.
+        case postcopy
+        /// The link failed: the guest is paused here (a vCPU asleep on a missing page stays so),
+        /// nothing is discarded, and the migration waits for `migration/recover`.
+        case postcopyPaused = "postcopy-paused"
+        /// Every page is in.
+        case completed
+        /// Given up while paused (or a page could not be installed): the guest is lost; it never
+        /// ran on without its pages.
+        case lost
+    }
+    public var phase: Phase
+    /// The host the guest came from.
+    public var source: String
+    /// Pages not installed yet.
+    public var pagesMissing: Int
+    public var recoveries: Int
+    /// Why it paused (or was lost).
+    public var error: String?
+    /// Where it listens for the source's resume, after `migration/recover`.
+    public var listening: String?
+
+    public init(phase: Phase, source: String, pagesMissing: Int, recoveries: Int, error: String?, listening: String?) {
+        self.phase = phase
+        self.source = source
+        self.pagesMissing = pagesMissing
+        self.recoveries = recoveries
+        self.error = error
+        self.listening = listening
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case phase, source, recoveries, error, listening
+        case pagesMissing = "pages_missing"
     }
 }

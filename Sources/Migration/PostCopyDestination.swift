@@ -2,6 +2,7 @@ import Foundation
 import GuestMemory
 import PageFaults
 import Snapshot
+import Synchronization
 import SystemCalls
 
 /// The destination's side of post-copy: the pages it lacks at the switch come from the source,
@@ -12,28 +13,37 @@ import SystemCalls
 /// One unit per missing page. A page that is not missing was received in pre-copy and is
 /// present, or was never sent because it is zero at the source (and not dirtied since, or it
 /// would be missing): a fault on it gets a zero page.
+///
+/// The page channel can fail and be replaced (a recovery): each connection has a generation.
+/// While there is none, or once it failed, `fetch` throws `PageSourceUnavailable` (the fault
+/// waits) and the failure is reported once, with its generation, through `onBroken`.
 final class PostCopyPageSource: PageSource {
     /// The missing page frames, in increasing order: unit `i` is `frames[i]`.
     let frames: [UInt64]
     let memorySize: UInt64
     private let channel: ChannelLock
+    /// Hears every answer on the page channel (replies and heartbeats).
+    let clock: LinkClock
+    /// A page channel failed (its generation, why). Set once, before the first fetch.
+    private let broken = Mutex<(@Sendable (Int, String) -> Void)?>(nil)
+    /// The current connection's transport, to close it while a fetch holds the lock.
+    private let current = Mutex<(transport: any MigrationTransport, generation: Int)?>(nil)
 
     /// Serialises the request/reply pairs on the page channel.
-    // @unchecked: `reader` and `writer` are used only under `lock`.
+    // @unchecked: `connection` (and the streams in it) are used only under `lock`.
     private final class ChannelLock: @unchecked Sendable {
         let lock = NSLock()
+        var connection: Connection?
+    }
+
+    struct Connection {
         let transport: any MigrationTransport
         var reader: StreamReader<TransportSource>
         var writer: StreamWriter<TransportSink>
-        init(transport: any MigrationTransport, reader: StreamReader<TransportSource>, writer: StreamWriter<TransportSink>) {
-            self.transport = transport
-            self.reader = reader
-            self.writer = writer
-        }
+        let generation: Int
     }
 
-    init(missing: [UInt64], memorySize: UInt64, transport: any MigrationTransport,
-         reader: StreamReader<TransportSource>, writer: StreamWriter<TransportSink>) {
+    init(missing: [UInt64], memorySize: UInt64, clock: LinkClock) {
         var frames: [UInt64] = []
         for (index, word) in missing.enumerated() where word != 0 {
             var w = word
@@ -44,7 +54,27 @@ final class PostCopyPageSource: PageSource {
         }
         self.frames = frames
         self.memorySize = memorySize
-        channel = ChannelLock(transport: transport, reader: reader, writer: writer)
+        self.clock = clock
+        channel = ChannelLock()
+    }
+
+    func onBroken(_ body: @escaping @Sendable (Int, String) -> Void) { broken.withLock { $0 = body } }
+
+    /// Takes `connection` as the page channel (the first, or one a recovery opened).
+    func connect(_ connection: Connection) {
+        current.withLock { $0 = (connection.transport, connection.generation) }
+        channel.lock.lock(); defer { channel.lock.unlock() }
+        channel.connection = connection
+        clock.heard()
+    }
+
+    /// Drops the page channel (the link failed, or every page is in): a fetch blocked on it fails
+    /// at once, and later ones throw `PageSourceUnavailable` until `connect`.
+    func disconnect() {
+        let transport = current.withLock { c in defer { c = nil }; return c?.transport }
+        transport?.close()
+        channel.lock.lock(); defer { channel.lock.unlock() }
+        channel.connection = nil
     }
 
     var unitCount: Int { frames.count }
@@ -58,34 +88,71 @@ final class PostCopyPageSource: PageSource {
         return low < frames.count && frames[low] == pfn ? low : nil
     }
 
-    /// Asks the source for the unit's page and waits for it.
+    /// Asks the source for the unit's page and waits for it. Any failure of the page channel
+    /// (the link cut, the connection closed, a source that breaks the protocol) makes the page
+    /// unavailable, not failed: nothing of a bad answer is installed, and the page may still
+    /// come after a recovery.
     func fetch(unit: Int) throws -> PageBatch {
         let pfn = frames[unit]
-        channel.lock.lock(); defer { channel.lock.unlock() }
-        try channel.writer.writeSection(.control, payload: WireMessage.pageRequest(pfn: pfn).encoded())
-        try channel.writer.sink.flush()
-        guard let section = try channel.reader.nextSection() else {
-            throw MigrationError.connection("the source ended the page channel")
-        }
-        switch section.type {
-        case .memory:
-            let batch = try Self.batches(fromSection: section.payload, offset: section.offset, memorySize: memorySize)
-            guard batch.count == 1, batch[0].pfn == pfn else {
-                throw MigrationError.protocolViolation("the source answered the request for page \(pfn) with other pages")
+        return try exchange(.pageRequest(pfn: pfn), what: "page \(pfn)") { section in
+            switch section.type {
+            case .memory:
+                let batch = try Self.batches(fromSection: section.payload, offset: section.offset, memorySize: memorySize)
+                guard batch.count == 1, batch[0].pfn == pfn else {
+                    throw MigrationError.protocolViolation("the source answered the request for page \(pfn) with other pages")
+                }
+                return batch[0].batch
+            case .control:
+                if case let .refuse(reason) = try WireMessage.decode(section.payload) {
+                    throw MigrationError.refused("page \(pfn): \(reason)")
+                }
+                throw MigrationError.protocolViolation("the page channel answered with a control message, not page \(pfn)")
+            default:
+                throw MigrationError.protocolViolation("the page channel answered with a \(section.type) section")
             }
-            return batch[0].batch
-        case .control:
-            if case let .refuse(reason) = try WireMessage.decode(section.payload) {
-                throw MigrationError.refused("page \(pfn): \(reason)")
-            }
-            throw MigrationError.protocolViolation("the page channel answered with a control message, not page \(pfn)")
-        default:
-            throw MigrationError.protocolViolation("the page channel answered with a \(section.type) section")
         }
     }
 
-    /// Closes the page channel (every page is in, or the migration failed).
-    func close() { channel.transport.close() }
+    /// A heartbeat: asks, and waits for the source's answer (under the same lock as the pages, so
+    /// it never comes between a request and its page).
+    func heartbeat() throws {
+        try exchange(.heartbeat, what: "a heartbeat") { section in
+            guard section.type == .control, case .heartbeat = try WireMessage.decode(section.payload) else {
+                throw MigrationError.protocolViolation("the source answered a heartbeat with something else")
+            }
+        }
+    }
+
+    private func exchange<T>(_ message: WireMessage, what: String, _ answer: (Section) throws -> T) throws -> T {
+        let outcome: Result<T, any Error>
+        var failed: (generation: Int, reason: String)?
+        do {
+            channel.lock.lock(); defer { channel.lock.unlock() }
+            guard var connection = channel.connection else {
+                throw PageSourceUnavailable(reason: "\(what) cannot be asked for: the link to the source is down")
+            }
+            do {
+                try connection.writer.writeSection(.control, payload: message.encoded())
+                try connection.writer.sink.flush()
+                guard let section = try connection.reader.nextSection() else {
+                    throw MigrationError.connection("the source ended the page channel")
+                }
+                clock.heard()
+                let value = try answer(section)
+                channel.connection = connection
+                outcome = .success(value)
+            } catch {
+                channel.connection = nil
+                connection.transport.close()
+                let reason = "the page channel failed while asking for \(what): \(error)"
+                failed = (connection.generation, reason)
+                outcome = .failure(PageSourceUnavailable(reason: reason))
+            }
+        }
+        // Told outside the lock: the owner drops the channel in return.
+        if let failed { broken.withLock { $0 }?(failed.generation, failed.reason) }
+        return try outcome.get()
+    }
 
     /// The pages of a memory section from the source, each as a one-page batch: the section
     /// decoder checks its structure and that every page lies inside guest memory, so a hostile
@@ -117,11 +184,12 @@ final class PostCopyPageSource: PageSource {
     }
 }
 
-extension MigrationReceiver {
+enum PageChannelDoor {
     /// Accepts the post-copy page channel: the next connection whose peer is the main
-    /// connection's and whose first message answers this migration's challenge. Others are
-    /// closed and the next awaited (`accept` throws once its deadline passes).
-    func acceptPageChannel(_ accept: () throws -> any MigrationTransport, challenge: String, mainPeer: String?,
+    /// connection's and whose first message answers this migration's challenge (or, after a
+    /// recovery, the recovery connection's). Others are closed and the next awaited (`accept`
+    /// throws once its deadline passes).
+    static func accept(_ accept: () throws -> any MigrationTransport, challenge: String, mainPeer: String?,
                            owner: (host: String, pid: Int32)) throws
         -> (transport: any MigrationTransport, reader: StreamReader<TransportSource>, writer: StreamWriter<TransportSink>) {
         while true {

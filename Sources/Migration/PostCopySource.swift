@@ -86,37 +86,49 @@ final class PostCopyPageServer: Sendable {
         }
     }
 
-    /// Answers page requests on the page channel until it ends (the destination closes it once
-    /// every page is in, or the link fails). A request for a frame outside guest memory is
-    /// refused with a message and the channel goes on; anything that is not a request ends it.
-    func serve(reader: inout StreamReader<TransportSource>, writer: inout StreamWriter<TransportSink>) throws {
+    /// Answers page requests (and heartbeats) on the page channel until it ends (the destination
+    /// closes it once every page is in, or the link fails). A request for a frame outside guest
+    /// memory is refused with a message and the channel goes on; anything else ends it.
+    /// `clock` hears every message.
+    func serve(reader: inout StreamReader<TransportSource>, writer: inout StreamWriter<TransportSink>, clock: LinkClock? = nil) throws {
         while let section = try reader.nextSection() {
+            clock?.heard()
             guard section.type == .control else {
                 throw MigrationError.protocolViolation("the page channel carries page requests only, not a \(section.type) section")
             }
-            guard case let .pageRequest(pfn) = try WireMessage.decode(section.payload) else {
-                throw MigrationError.protocolViolation("the page channel carries page requests only")
-            }
-            if noteRequest(pfn) {
-                _ = try writer.writeMemoryPages([pfn], from: memory)
-            } else {
-                let reason = "page frame \(pfn) lies outside guest memory (\(memory.pageCount) pages)"
-                try writer.writeSection(.control, payload: WireMessage.refuse(reason: reason).encoded())
+            switch try WireMessage.decode(section.payload) {
+            case .heartbeat:
+                try writer.writeSection(.control, payload: WireMessage.heartbeat.encoded())
+            case let .pageRequest(pfn):
+                if noteRequest(pfn) {
+                    _ = try writer.writeMemoryPages([pfn], from: memory)
+                } else {
+                    let reason = "page frame \(pfn) lies outside guest memory (\(memory.pageCount) pages)"
+                    try writer.writeSection(.control, payload: WireMessage.refuse(reason: reason).encoded())
+                }
+            default:
+                throw MigrationError.protocolViolation("the page channel carries page requests and heartbeats only")
             }
             try writer.sink.flush()
         }
     }
 
     /// Pushes every page left, in batches, on the main connection (a stream of its own: header,
-    /// memory sections, end).
-    func push(on transport: any MigrationTransport, integrity: SectionIntegrity, batchPages: Int) throws -> UInt64 {
+    /// memory sections, end), at most `maxBandwidth` bytes per second on average (0: no cap).
+    func push(on transport: any MigrationTransport, integrity: SectionIntegrity, batchPages: Int, maxBandwidth: UInt64 = 0) throws -> UInt64 {
         var writer = try StreamWriter(sink: TransportSink(transport), integrity: integrity)
+        let start = monotonicMilliseconds()
         while true {
             let batch = nextPushBatch(limit: batchPages)
             if batch.isEmpty { break }
             _ = try writer.writeMemoryPages(batch, from: memory)
             // Each batch goes out at once: a page request's reply shares the link with it.
             try writer.sink.flush()
+            if maxBandwidth > 0 {
+                let due = Double(writer.bytesWritten) / Double(maxBandwidth) * 1000
+                let spent = monotonicMilliseconds() - start
+                if due > spent { usleep(UInt32(min((due - spent) * 1000, 1_000_000))) }
+            }
         }
         try writer.finish()
         try writer.sink.flush()

@@ -28,6 +28,10 @@ public protocol MigrationSourceVM: AnyObject, Sendable {
     func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8])
     /// Slows the guest: the share of time its vCPUs are held paused (0 = off).
     func setThrottle(percent: Int)
+    /// Post-copy, after GO: this copy now only serves the pages the destination lacks (paused
+    /// for good, without the lease); `awaitingRecovery` while the link is down. For the
+    /// Billboard's record of this process.
+    func notePostCopyPageServer(awaitingRecovery: Bool)
 }
 
 /// Iterative pre-copy: round 0 sends all memory while the guest runs; each later
@@ -47,6 +51,25 @@ public final class PreCopySender: Sendable {
         /// Set with `goSent` when the guest switches to the destination before all its pages
         /// moved (post-copy): from then on no failure resumes it here.
         var postcopy = false
+        /// Post-copy: what a resume after a failed link needs (set with GO).
+        var postcopyContext: PostCopyContext?
+        /// A resume is under way.
+        var resuming = false
+    }
+
+    /// What a post-copy migration keeps, from GO on, for a resume after its link failed.
+    struct PostCopyContext: Sendable {
+        /// The original connection's challenge: names the migration to the destination.
+        let challenge: String
+        let destinationHost: String
+        /// The pages the destination lacked at the switch: it can ask for no others.
+        let missingAtSwitch: [UInt64]
+        let switchedAfterRounds: Int
+        let t0: Double
+        var report: MigrationReport
+        var pushed = 0
+        var requested = 0
+        var recoveries = 0
     }
     private let state = Mutex<Shared>(Shared())
     /// Rounds beyond the first that met the downtime limit, while they keep shrinking the rest.
@@ -54,24 +77,35 @@ public final class PreCopySender: Sendable {
     /// Pages per memory section (the format's limit).
     static let batchPages = 512
 
-    public init(vm: any MigrationSourceVM, settings: MigrationSettings) {
+    /// How long a post-copy link may stay quiet before it counts as failed.
+    let postcopyLiveness: PostCopyLiveness
+
+    public init(vm: any MigrationSourceVM, settings: MigrationSettings, postcopyLiveness: PostCopyLiveness = .standard) {
         self.vm = vm
         self.settings = settings
+        self.postcopyLiveness = postcopyLiveness
     }
 
     /// A copy of the current progress.
     public var progress: MigrationProgress { state.withLock { $0.progress } }
 
-    /// Aborts the migration unless GO was already sent (SIGINT/SIGTERM, or the API).
-    public func cancel(reason: String) {
-        let transport: (any MigrationTransport)? = state.withLock { s in
+    /// The identity of the post-copy migration (its original challenge), from GO on; tests forge
+    /// resumes with it.
+    var postcopyMigrationChallenge: String? { state.withLock { $0.postcopyContext?.challenge } }
+
+    /// Aborts the migration unless GO was already sent (SIGINT/SIGTERM, or the API); false if
+    /// it was (then nothing changes).
+    @discardableResult
+    public func cancel(reason: String) -> Bool {
+        let taken: (transport: (any MigrationTransport)?, Void)? = state.withLock { s in
             // After GO, the hand-over must finish: cancelling then would leave no copy running.
             guard !s.goSent else { return nil }
             s.cancelled = reason
-            return s.transport
+            return (s.transport, ())
         }
         // Closing the socket unblocks any send or receive in progress.
-        transport?.close()
+        taken?.transport?.close()
+        return taken != nil
     }
 
     private func update(_ body: (inout MigrationProgress) -> Void) {
@@ -275,17 +309,22 @@ public final class PreCopySender: Sendable {
             throw MigrationError.aborted("the destination applied \(received) but \(run.sent) were sent")
         }
         let postcopy = run.missing != nil
+        let context = run.missing.map { missing in
+            PostCopyContext(challenge: run.challenge, destinationHost: run.destinationHost, missingAtSwitch: missing.words,
+                            switchedAfterRounds: run.switchedAfterRounds, t0: run.t0, report: run.report)
+        }
         let cancelled: String? = state.withLock { s in
-            if s.cancelled == nil { s.goSent = true; s.postcopy = postcopy }
+            if s.cancelled == nil { s.goSent = true; s.postcopy = postcopy; s.postcopyContext = context }
             return s.cancelled
         }
         if let cancelled { throw MigrationError.aborted(cancelled) }
         let handoverStart = monotonicMilliseconds()
         do { try vm.commitHandover(toHost: run.destinationHost, toPid: run.destinationPid) } catch {
             // Nothing of GO was written: the guest may still resume here.
-            state.withLock { $0.goSent = false; $0.postcopy = false }
+            state.withLock { $0.goSent = false; $0.postcopy = false; $0.postcopyContext = nil }
             throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
         }
+        if postcopy { vm.notePostCopyPageServer(awaitingRecovery: false) }
         run.report.handoverMs = monotonicMilliseconds() - handoverStart
         let signature = run.integrity.hasStreamDigest
             ? try vm.signState(digest: sha256(WireMessage.goPayload(challenge: run.challenge, counts: run.sent))).map { Data($0) }
@@ -339,42 +378,170 @@ public final class PreCopySender: Sendable {
     private func postcopy(_ run: inout Run, transport: any MigrationTransport) throws {
         guard let missing = run.missing, let channel = run.pageChannel else { return }
         update { $0.phase = .postcopy }
-        let server = PostCopyPageServer(memory: vm.memory, missing: missing.words)
+        let served = try servePostCopy(main: transport, reader: &run.reader, channel: channel, missing: missing.words,
+                                       integrity: run.integrity, maxBandwidth: settings.maxBandwidth)
+        run.report.bytesSent += served.bytes
+        complete(&run.report, destinationFigures: served.figures, switchedAfterRounds: run.switchedAfterRounds,
+                 missingAtSwitch: missing.count)
+    }
+
+    /// The migration is complete: the destination's figures with this side's counts.
+    private func complete(_ report: inout MigrationReport, destinationFigures: PostCopyFigures, switchedAfterRounds: Int,
+                          missingAtSwitch: Int) {
+        let context = state.withLock { $0.postcopyContext }
+        var figures = destinationFigures
+        figures.switchedAfterRounds = switchedAfterRounds
+        figures.pagesMissingAtSwitch = missingAtSwitch
+        figures.pagesPushed = context?.pushed ?? 0
+        figures.pagesRequested = context?.requested ?? 0
+        figures.recoveries = context?.recoveries ?? 0
+        report.postcopy = figures
+        report.pagesSent += figures.pagesPushed + figures.pagesRequested
+        report.outcome = .completed
+        report.error = nil
+        update { $0.phase = .completed; $0.pagesSent = report.pagesSent; $0.dirtyPagesLeft = 0; $0.error = nil }
+    }
+
+    /// Serves one post-copy connection pair until COMPLETE: page requests and heartbeats on the
+    /// page channel (a thread of its own), the push on `main`. If the destination falls silent
+    /// (no request or heartbeat for the liveness limit) both connections are closed. Throws on
+    /// any failure; the pages served are counted either way.
+    private func servePostCopy(main: any MigrationTransport, reader: inout StreamReader<TransportSource>, channel: PageChannel,
+                               missing: [UInt64], integrity: SectionIntegrity, maxBandwidth: UInt64) throws
+        -> (figures: PostCopyFigures, bytes: UInt64) {
+        let server = PostCopyPageServer(memory: vm.memory, missing: missing)
+        let clock = LinkClock()
         let served = DispatchSemaphore(value: 0)
         let channelError = Mutex<String?>(nil)
+        let silence = Mutex<String?>(nil)
         let channelTransport = channel.transport
         let box = ChannelBox(channel)
         let thread = Thread {
-            do { try server.serve(reader: &box.reader, writer: &box.writer) } catch {
+            do { try server.serve(reader: &box.reader, writer: &box.writer, clock: clock) } catch {
                 channelError.withLock { $0 = "\(error)" }
             }
             served.signal()
         }
         thread.name = "postcopy-pages"
         thread.start()
+        let watch = SilenceWatch(clock: clock, liveness: postcopyLiveness, name: "postcopy-silence") { silent in
+            silence.withLock { $0 = "nothing heard from the destination for \(Int(silent)) s" }
+            main.close()
+            channelTransport.close()
+        }
         defer {
+            watch.stop()
             channelTransport.close()
             served.wait()
+            let counts = server.counts
+            state.withLock { s in
+                s.postcopyContext?.pushed += counts.pushed
+                s.postcopyContext?.requested += counts.requested
+            }
         }
-        let pushedBytes = try server.push(on: transport, integrity: run.integrity, batchPages: 64)
-        run.report.bytesSent += pushedBytes
-        update { $0.dirtyPagesLeft = 0 }
-        let message: WireMessage
-        do { message = try next(from: &run.reader, expecting: "complete") } catch {
-            if let reason = channelError.withLock({ $0 }) { throw MigrationError.aborted("\(error) (the page channel: \(reason))") }
+        do {
+            let bytes = try server.push(on: main, integrity: integrity, batchPages: 64, maxBandwidth: maxBandwidth)
+            update { $0.dirtyPagesLeft = 0 }
+            guard case let .complete(figures) = try next(from: &reader, expecting: "complete") else {
+                throw MigrationError.protocolViolation("expected complete")
+            }
+            return (figures, bytes)
+        } catch {
+            if let reason = silence.withLock({ $0 }) { throw MigrationError.connection("\(reason) (\(error))") }
+            if let reason = channelError.withLock({ $0 }) { throw MigrationError.connection("\(error) (the page channel: \(reason))") }
             throw error
         }
-        guard case let .complete(destinationFigures) = message else { throw MigrationError.protocolViolation("expected complete") }
-        var figures = destinationFigures
-        let counts = server.counts
-        figures.switchedAfterRounds = run.switchedAfterRounds
-        figures.pagesMissingAtSwitch = missing.count
-        figures.pagesPushed = counts.pushed
-        figures.pagesRequested = counts.requested
-        run.report.postcopy = figures
-        run.report.pagesSent += counts.pushed + counts.requested
-        run.report.outcome = .completed
-        update { $0.phase = .completed; $0.pagesSent = run.report.pagesSent }
+    }
+
+
+    // MARK: - Post-copy recovery
+
+    /// Resumes this guest's post-copy migration, paused after its link failed, over a new
+    /// connection (`connect`, to where the destination listens after `migration/recover`): the
+    /// destination's fresh challenge is answered with the original migration's identity, the
+    /// destination says which pages it still lacks, a new page channel opens, and exactly those
+    /// pages are sent (pushed, and on request). Never throws: a failure leaves it paused, as before.
+    public func resumePostCopy(settings resumeSettings: MigrationSettings, connect: () throws -> any MigrationTransport) -> MigrationReport {
+        let claimed = state.withLock { s -> PostCopyContext? in
+            guard s.progress.phase == .postcopyPaused, !s.resuming, let context = s.postcopyContext else { return nil }
+            s.resuming = true
+            return context
+        }
+        guard let context = claimed else {
+            var report = MigrationReport(destination: resumeSettings.destination, tracker: vm.dirtyTracker.name, converged: false,
+                                         outcome: .failed, settings: resumeSettings)
+            report.error = "there is no paused post-copy migration to resume (the last migration is \(progress.phase.rawValue))"
+            return report
+        }
+        defer { state.withLock { $0.resuming = false } }
+        var report = context.report
+        report.error = nil
+        do {
+            guard resumeSettings.transport == .tls else {
+                throw MigrationError.refused("a post-copy migration resumes over mutually authenticated TLS only: name the destination host as the peer")
+            }
+            guard let peer = resumeSettings.peer, sameBytes(peer, context.destinationHost) else {
+                throw MigrationError.refused("the guest went to '\(context.destinationHost)'; its migration can only resume there, not at '\(resumeSettings.peer ?? "?")'")
+            }
+            let transport = try connect()
+            state.withLock { $0.transport = transport }
+            defer {
+                transport.close()
+                state.withLock { $0.transport = nil }
+            }
+            let integrity = transport.streamIntegrity
+            var reader = try StreamReader(source: TransportSource(transport), integrity: integrity)
+            guard case let .challenge(version, nonce, host) = try next(from: &reader, expecting: "challenge") else {
+                throw MigrationError.protocolViolation("the destination did not open with a challenge")
+            }
+            guard version == migrationProtocolVersion else {
+                throw MigrationError.refused("the destination speaks protocol version \(version), this VMM \(migrationProtocolVersion)")
+            }
+            guard let authenticated = transport.authenticatedPeer, sameBytes(host, authenticated), sameBytes(host, context.destinationHost) else {
+                throw MigrationError.refused("the destination calls itself '\(host)' (the channel authenticated '\(transport.authenticatedPeer ?? "nobody")'), not '\(context.destinationHost)'")
+            }
+            var writer = try StreamWriter(sink: TransportSink(transport), integrity: integrity)
+            let resume = PostCopyResume(challenge: nonce, migration: context.challenge, sourceHost: vm.hostName,
+                                        destinationHost: host, guest: vm.migrationIdentity)
+            try writer.writeSection(.control, payload: WireMessage.resume(resume).encoded())
+            try writer.sink.flush()
+            guard case let .stillMissing(bitmap) = try next(from: &reader, expecting: "still-missing") else {
+                throw MigrationError.protocolViolation("expected still-missing")
+            }
+            guard let missing = missingPages(fromWire: bitmap, pageCount: vm.memory.pageCount) else {
+                throw MigrationError.protocolViolation("the destination's bitmap of missing pages is not this memory's")
+            }
+            // It can lack only pages it lacked at the switch: anything else was sent before.
+            guard zip(missing, context.missingAtSwitch).allSatisfy({ $0 & ~$1 == 0 }) else {
+                throw MigrationError.protocolViolation("the destination asks for pages it was sent before the switch")
+            }
+            let stillMissing = missing.reduce(0) { $0 + $1.nonzeroBitCount }
+            let channel = try PageChannel.open(connect: connect, challenge: nonce, mainPeer: authenticated)
+            state.withLock { $0.postcopyContext?.recoveries += 1 }
+            vm.notePostCopyPageServer(awaitingRecovery: false)
+            update { $0.phase = .postcopy; $0.dirtyPagesLeft = stillMissing; $0.error = nil }
+            let served = try servePostCopy(main: transport, reader: &reader, channel: channel, missing: missing,
+                                           integrity: integrity, maxBandwidth: resumeSettings.maxBandwidth)
+            report.bytesSent += served.bytes
+            complete(&report, destinationFigures: served.figures, switchedAfterRounds: context.switchedAfterRounds, missingAtSwitch: context.missingAtSwitch.reduce(0) { $0 + $1.nonzeroBitCount })
+        } catch {
+            pausePostCopy(&report, error: error)
+        }
+        report.totalMs = monotonicMilliseconds() - context.t0
+        report.throughputBytesPerSecond = report.totalMs > 0 ? Double(report.bytesSent) / (report.totalMs / 1000) : 0
+        return report
+    }
+
+    /// After the post-copy switch the link failed (or a resume did): this copy keeps the pages
+    /// the destination lacks, paused for good, until the migration is resumed.
+    private func pausePostCopy(_ report: inout MigrationReport, error: any Error) {
+        report.outcome = .postcopyPaused
+        let reason = "post-copy paused after the switch: \(error). The destination has the guest and this copy the pages it still lacks; both keep them (this copy stays paused for good: its lease went with GO). Recover with `vmm ctl migrate-recover` at the destination, then `vmm ctl migrate --resume` here; if either VMM ends first, the guest is lost"
+        report.error = reason
+        let recorded = report
+        state.withLock { $0.postcopyContext?.report = recorded }
+        vm.notePostCopyPageServer(awaitingRecovery: true)
+        update { $0.phase = .postcopyPaused; $0.error = reason }
     }
 
     /// A failure: before GO the guest runs here again; after GO the migration is in doubt.
@@ -383,11 +550,10 @@ public final class PreCopySender: Sendable {
         report.bytesSent = max(report.bytesSent, progress.bytesSent)
         vm.setThrottle(percent: 0)
         if state.withLock({ $0.postcopy }) {
-            // After the switch the destination runs the guest: this copy never resumes.
-            report.outcome = .failed
-            let reason = "post-copy failed after the switch: \(error); neither side has the whole guest: it is lost unless the link is recovered (recovery is not implemented); this copy stays paused and never resumes"
-            report.error = reason
-            update { $0.phase = .failed; $0.error = reason }
+            // After the switch the destination runs the guest: this copy never resumes, and keeps
+            // the pages the destination lacks until the migration is resumed.
+            report.rounds = report.pagesPerRound.count
+            pausePostCopy(&report, error: error)
         } else if state.withLock({ $0.goSent }) {
             report.outcome = .inDoubt
             let reason = MigrationError.inDoubt("\(error)").description

@@ -37,6 +37,32 @@ import Snapshot
 //     (from here the source never resumes on its own)
 //   destination -> source: control{running: resumed_at}, end
 //
+// Post-copy (the manifest says so; docs/migration.md "Post-copy" draws it): the state stream
+// closes without the last dirty pages; before READY the source opens a second connection, the
+// page channel (control{page-channel: the challenge}, control{accept}); stream 2 carries
+// control{postcopy: the bitmap of missing pages} before GO. After RUNNING:
+//
+//   page channel:  destination -> control{page-request: pfn} | control{heartbeat}
+//                  source      -> memory section (that one page) | control{refuse} | control{heartbeat}
+//   main:          source -> stream 3 (push): header, memory sections, end
+//                  destination -> control{complete: figures}, end (on its reply stream)
+//
+// The destination asks for a heartbeat whenever the page channel was quiet for a second; each
+// side gives the link up after a few seconds without a word (PostCopyLink.swift). Then both
+// pause (`postcopy-paused`), keep everything, and a recovery reconnects, on a new listener the
+// destination opens, with mutually authenticated TLS only:
+//
+//   destination -> source, reply stream: header, control{challenge: version, fresh nonce, host}
+//   source -> destination: header, control{resume: version, the fresh nonce, the original
+//     challenge (which migration), source and destination hosts, guest}
+//   destination: the channel's host must be the migration's source, the nonce this
+//     connection's, the original challenge, hosts and guest this migration's; then
+//     -> control{still-missing: bitmap of the pages not installed} (or control{refuse: reason})
+//   source: checks the bitmap lies within the pages missing at the switch; opens a new page
+//     channel answering the fresh nonce (control{page-channel}, control{accept})
+//   then as after RUNNING: requests and heartbeats on the page channel; on the main
+//     connection the push of exactly the still-missing pages, end; control{complete}, end.
+//
 // A failure before GO leaves the guest running on the source and the destination discards
 // what it had. A failure after GO leaves the source paused and the migration "in doubt":
 // exactly one side may run, and it is not the source. A recorded migration cannot be replayed:
@@ -55,8 +81,9 @@ import Snapshot
 //   any error before GO: the reserved VM is discarded      refuse, discard       committed: lease taken,
 //                                                                                guest started, RUNNING sent
 
-/// Version of this protocol; the destination refuses any other.
-public let migrationProtocolVersion = 2
+/// Version of this protocol; the destination refuses any other. (3: post-copy heartbeats and
+/// recovery.)
+public let migrationProtocolVersion = 3
 
 /// What the source says of the migration it starts, bound to the destination's challenge.
 public struct MigrationManifest: Codable, Sendable, Equatable {
@@ -83,6 +110,32 @@ public struct MigrationManifest: Codable, Sendable, Equatable {
         self.destinationHost = destinationHost
         self.sourcePid = sourcePid
         self.machine = machine
+        self.guest = guest
+    }
+}
+
+/// What a source says when it reconnects to a post-copy migration whose link failed, bound to
+/// the destination's fresh challenge on the new connection and to the migration it resumes.
+public struct PostCopyResume: Codable, Sendable, Equatable {
+    public var version: Int
+    /// The recovery connection's challenge, echoed: a resume recorded on another connection
+    /// answers another challenge.
+    public var challenge: String
+    /// The original migration's challenge: which migration this resumes. Only its two hosts
+    /// ever saw it, inside their TLS channel.
+    public var migration: String
+    public var sourceHost: String
+    public var destinationHost: String
+    /// The guest, as the original manifest named it.
+    public var guest: String?
+
+    public init(version: Int = migrationProtocolVersion, challenge: String, migration: String, sourceHost: String,
+                destinationHost: String, guest: String?) {
+        self.version = version
+        self.challenge = challenge
+        self.migration = migration
+        self.sourceHost = sourceHost
+        self.destinationHost = destinationHost
         self.guest = guest
     }
 }
@@ -125,6 +178,14 @@ public enum WireMessage: Sendable, Equatable {
     /// Post-copy, destination to source on the main connection: every page is in; the source
     /// may drop its copy.
     case complete(PostCopyFigures)
+    /// Post-copy, on the page channel: the destination asks, the source answers at once. Keeps a
+    /// quiet link proven alive, so that both sides notice a failed one within seconds.
+    case heartbeat
+    /// Post-copy recovery, source to destination, first on the new main connection.
+    case resume(PostCopyResume)
+    /// Post-copy recovery, destination to source: the resume is accepted, and these are the
+    /// pages it still lacks (a bitmap as in `postcopy`); the source sends exactly those.
+    case stillMissing(missing: Data)
 
     /// The message's kind, for errors.
     public var kind: String {
@@ -140,6 +201,9 @@ public enum WireMessage: Sendable, Equatable {
         case .pageChannel: "page-channel"
         case .pageRequest: "page-request"
         case .complete: "complete"
+        case .heartbeat: "heartbeat"
+        case .resume: "resume"
+        case .stillMissing: "still-missing"
         }
     }
 
@@ -173,6 +237,7 @@ public enum WireMessage: Sendable, Equatable {
         var missingPages: Data?
         var pfn: UInt64?
         var figures: PostCopyFigures?
+        var resume: PostCopyResume?
 
         init(kind: String) { self.kind = kind }
 
@@ -190,6 +255,9 @@ public enum WireMessage: Sendable, Equatable {
             case let .pageChannel(challenge): nonce = challenge
             case let .pageRequest(pfn): self.pfn = pfn
             case let .complete(figures): self.figures = figures
+            case .heartbeat: break
+            case let .resume(r): resume = r
+            case let .stillMissing(missing): missingPages = missing
             }
         }
 
@@ -233,6 +301,14 @@ public enum WireMessage: Sendable, Equatable {
             case "complete":
                 guard let figures else { throw missing("figures") }
                 return .complete(figures)
+            case "heartbeat":
+                return .heartbeat
+            case "resume":
+                guard let resume else { throw missing("resume") }
+                return .resume(resume)
+            case "still-missing":
+                guard let missingPages else { throw missing("missingPages") }
+                return .stillMissing(missing: missingPages)
             default:
                 throw MigrationError.protocolViolation("unknown control message kind '\(kind)'")
             }

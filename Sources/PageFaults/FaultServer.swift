@@ -12,6 +12,9 @@ public struct FaultStats: Sendable, Codable, Equatable {
     public var faults = 0
     /// Of those, faults on a unit the other thread was already fetching (they waited for it).
     public var faultsOnUnitInFlight = 0
+    /// Faults whose unit could not be fetched because the source was unavailable: they waited
+    /// until it came back (post-copy after a failed link).
+    public var faultsPostponed = 0
     /// Units fetched because a fault needed them, and by the background filler.
     public var unitsOnFault = 0
     public var unitsByFiller = 0
@@ -31,6 +34,16 @@ public struct PageSourceFailure: Error, CustomStringConvertible, Sendable {
     public var unit: Int
     public var reason: String
     public var description: String { "the pages of unit \(unit) could not be fetched and verified: \(reason)" }
+}
+
+/// Thrown by a page source whose pages cannot come now but may come later (a post-copy source
+/// whose link failed). A server made with `onUnavailable` keeps such a fault waiting (its thread
+/// stays asleep on the page) instead of failing, until the unit is offered or `retryPostponed()`
+/// fetches it again; without `onUnavailable` it is a failure like any other.
+public struct PageSourceUnavailable: Error, CustomStringConvertible, Sendable {
+    public var reason: String
+    public init(reason: String) { self.reason = reason }
+    public var description: String { reason }
 }
 
 /// Serves missing-page faults of a guest memory from a `PageSource`, through a userfaultfd.
@@ -56,6 +69,8 @@ public final class FaultServer: Sendable {
     public let source: any PageSource
     private let uffd: UserFaultFD
     private let onFailure: @Sendable (PageSourceFailure) -> Void
+    /// Told when a fetch found the source unavailable (nil: that is a failure).
+    private let onUnavailable: (@Sendable (String) -> Void)?
     /// Poked to make the fault thread tear down (complete, failed or stopped).
     private let wakePipe: (read: OwnedFileDescriptor, write: OwnedFileDescriptor)
 
@@ -86,11 +101,17 @@ public final class FaultServer: Sendable {
 
     /// Creates a userfaultfd and registers all of `memory` with it: call before anything touches
     /// the memory. Nothing runs until `start()`.
+    ///
+    /// `onUnavailable`: for a server started without the filler whose source may go away for a
+    /// while (post-copy): a fetch that throws `PageSourceUnavailable` leaves its unit missing and
+    /// its faults waiting, and this is told why (nothing fails).
     public init(memory: GuestMemory, source: any PageSource,
+                onUnavailable: (@Sendable (String) -> Void)? = nil,
                 onFailure: @escaping @Sendable (PageSourceFailure) -> Void) throws {
         self.memory = memory
         self.source = source
         self.onFailure = onFailure
+        self.onUnavailable = onUnavailable
         uffd = try UserFaultFD()
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else { throw SystemCallError.last("pipe") }
@@ -220,8 +241,9 @@ public final class FaultServer: Sendable {
                 fail(unit: unit ?? -1, reason: "mapping a zero page at frame \(pfn): \(error)")
             }
         case let .fetch(unit):
-            if fetchAndInstall(unit, byFiller: false) {
-                record(readAt)
+            switch fetchAndInstall(unit, byFiller: false, waiter: (pfn, readAt)) {
+            case .installed: record(readAt)
+            case .failed, .postponed: break
             }
         }
     }
@@ -233,15 +255,27 @@ public final class FaultServer: Sendable {
 
     // MARK: - Fetching and installing a unit (both threads)
 
+    private enum FetchOutcome { case installed, failed, postponed }
+
     /// Fetches `unit` (marked in flight by the caller), installs it, and serves the faults that
-    /// waited for it. False if it failed (the server is then failed).
-    private func fetchAndInstall(_ unit: Int, byFiller: Bool) -> Bool {
+    /// waited for it. `failed`: the server is failed. `postponed`: the source is unavailable for
+    /// now; the unit is missing again and `waiter` (the fault that asked for it, if a fault did)
+    /// waits with the others until the unit comes.
+    private func fetchAndInstall(_ unit: Int, byFiller: Bool, waiter: (pfn: UInt64, readAt: Double)? = nil) -> FetchOutcome {
         let batch: PageBatch
-        do { batch = try source.fetch(unit: unit) } catch {
+        do { batch = try source.fetch(unit: unit) } catch let unavailable as PageSourceUnavailable where onUnavailable != nil {
+            state.withLock { s in
+                s.units[unit] = .missing
+                if let waiter { s.waiters[unit, default: []].append(waiter) }
+                s.stats.faultsPostponed += waiter == nil ? 0 : 1
+            }
+            onUnavailable?(unavailable.reason)
+            return .postponed
+        } catch {
             fail(unit: unit, reason: "\(error)")
-            return false
+            return .failed
         }
-        return install(batch, unit: unit, byFiller: byFiller)
+        return install(batch, unit: unit, byFiller: byFiller) ? .installed : .failed
     }
 
     /// Installs a fetched (or offered) unit and serves the faults that waited for it.
@@ -307,15 +341,35 @@ public final class FaultServer: Sendable {
 
     /// For a server started without filler whose units are all offered: waits for the units a
     /// fault is still fetching, then, if every unit is in, maps zero pages over the pages no unit
-    /// holds and finishes (the memory becomes ordinary memory). A unit still missing fails the
-    /// server instead: its page must never read as zero.
-    public func completeOnceUnitsAreIn() {
+    /// holds and finishes (the memory becomes ordinary memory; `waitUntilFinished` returns).
+    /// False, with nothing changed, while a unit is still missing (a page that was asked for when
+    /// its source went away): its page must never read as zero, so the memory stays registered.
+    @discardableResult
+    public func completeOnceUnitsAreIn() -> Bool {
         while state.withLock({ s in s.failure == nil && !s.stopping && s.units.contains(.inFlight) }) { usleep(200) }
-        if let missing = state.withLock({ $0.units.firstIndex(of: .missing) }) {
-            fail(unit: missing, reason: "it never arrived")
-            return
-        }
+        if state.withLock({ $0.failure != nil || $0.stopping || $0.units.contains(.missing) }) { return false }
         completeIfFilled()
+        return true
+    }
+
+    /// The units not installed yet (missing, or being fetched or installed).
+    public var unitsNotInstalled: [Int] {
+        state.withLock { s in s.units.indices.filter { s.units[$0] != .installed } }
+    }
+
+    /// The source is back: fetches again, one after another, the units whose faults were
+    /// postponed (they wait first), and returns once each is in or the source went away again.
+    public func retryPostponed() {
+        while true {
+            let unit = state.withLock { s -> Int? in
+                guard s.failure == nil, !s.stopping,
+                      let unit = s.waiters.keys.sorted().first(where: { s.units[$0] == .missing }) else { return nil }
+                s.units[unit] = .inFlight
+                return unit
+            }
+            guard let unit else { return }
+            if fetchAndInstall(unit, byFiller: false) != .installed { return }
+        }
     }
 
     /// Stops serving because the pages can no longer come (the link to their source failed):
@@ -333,7 +387,8 @@ public final class FaultServer: Sendable {
         while monotonicMilliseconds() < deadline,
               state.withLock({ $0.stats.unitsOnFault == 0 && !$0.stopping && $0.failure == nil }) { usleep(200) }
         while let unit = nextUnitToFill() {
-            if !fetchAndInstall(unit, byFiller: true) { return }
+            // Postponed: the source went away; pages then come by fault or offer only.
+            if fetchAndInstall(unit, byFiller: true) != .installed { return }
         }
         completeIfFilled()
     }

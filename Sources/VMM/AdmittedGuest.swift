@@ -6,6 +6,7 @@ import Devices
 import Foundation
 import GuestMemory
 import MachineCore
+import Migration
 import NetworkFrames
 import PageFaults
 import Snapshot
@@ -47,9 +48,14 @@ public final class AdmittedGuest: Sendable {
         /// How a guest arriving by migration announces itself once it runs here.
         var announceSchedule = AnnounceSchedule.qemuDefault
         var announcer: Announcer?
-        /// A post-copy migration's fault server, which fills the memory of a guest that arrived
-        /// before all its pages did.
-        var postCopyMemory: FaultServer?
+        /// A post-copy migration that fills the memory of a guest that arrived before all its
+        /// pages did.
+        var postCopyIncoming: PostCopyIncoming?
+        /// Its link failed: the guest is paused for it (housekeeping reports it paused, even
+        /// while a vCPU still sleeps on a missing page).
+        var postCopyPaused = false
+        /// Whether that pause paused a running guest (only then does a recovery resume it).
+        var pausedByPostCopy = false
     }
     private let shared = Mutex(Shared())
     private let wakeup = NSCondition()
@@ -173,7 +179,7 @@ public final class AdmittedGuest: Sendable {
         shared.withLock { $0.announcer }?.cancel()
         // The machine has ended (or was told to): a vCPU still asleep on a missing page wakes and leaves.
         lazyMemory?.stop()
-        shared.withLock { $0.postCopyMemory }?.stop()
+        shared.withLock { $0.postCopyIncoming }?.guestEnded()
         session.end()
     }
 
@@ -231,15 +237,59 @@ public final class AdmittedGuest: Sendable {
     public var lazyRestoreStats: FaultStats? { lazyMemory?.stats }
 
     /// A post-copy arrival's figures (faults, latency, time to the last page); nil otherwise.
-    public var postCopyStats: FaultStats? { shared.withLock { $0.postCopyMemory }?.stats }
+    public var postCopyStats: FaultStats? { shared.withLock { $0.postCopyIncoming }?.server.stats }
 
-    /// Post-copy: the fault server filling this guest's memory (it stops when the guest ends).
-    func attachPostCopyMemory(_ server: FaultServer) { shared.withLock { $0.postCopyMemory = server } }
+    /// The post-copy migration that brought this guest here, while it goes on and after.
+    public var incomingPostCopy: PostCopyIncoming? { shared.withLock { $0.postCopyIncoming } }
+
+    /// Whether pages of this guest are still to arrive by post-copy (its memory cannot be read
+    /// whole yet: a snapshot, a digest or an onward migration would wait for them).
+    public var awaitsPostCopyPages: Bool {
+        guard let incoming = incomingPostCopy else { return false }
+        return !incoming.server.isFinished
+    }
+
+    /// Post-copy: the migration filling this guest's memory (it ends when the guest ends).
+    func attachPostCopyIncoming(_ incoming: PostCopyIncoming) { shared.withLock { $0.postCopyIncoming = incoming } }
+
+    /// Post-copy, the link failed: asks the vCPUs to park, without waiting for one asleep on a
+    /// missing page (it parks once that page came).
+    func pauseForPostCopy() {
+        let running = machine.state != .paused
+        shared.withLock { $0.postCopyPaused = true; $0.pausedByPostCopy = running }
+        machine.requestPause()
+    }
+
+    /// Post-copy, recovered: resumes the guest if the failure paused it.
+    func resumeAfterPostCopy() {
+        let mine = shared.withLock { s in defer { s.postCopyPaused = false; s.pausedByPostCopy = false }; return s.pausedByPostCopy }
+        if mine { machine.resume() }
+    }
+
+    /// Listens at `listen` (mutually authenticated TLS with this host's identity) for the source's
+    /// resume of this guest's paused post-copy migration; returns the address it listens on.
+    public func recoverIncomingMigration(listen: String, timeoutSeconds: Double) throws -> String {
+        guard let incoming = incomingPostCopy else {
+            throw PostCopyIncoming.Refusal(description: "this guest did not arrive by post-copy; there is no migration to recover")
+        }
+        let store = session.store
+        return try incoming.recover(timeoutSeconds: timeoutSeconds) {
+            try GuestDoors.listen(listen, store: store, plaintext: false)
+        }
+    }
+
+    /// Gives up this guest's paused post-copy migration: the guest is lost (its source is gone).
+    public func giveUpIncomingMigration(reason: String) throws {
+        guard let incoming = incomingPostCopy else {
+            throw PostCopyIncoming.Refusal(description: "this guest did not arrive by post-copy; there is no incoming migration to give up")
+        }
+        try incoming.giveUp(reason: reason)
+    }
 
     /// Waits until a lazy restore has brought in every page (snapshots and migration read memory
     /// by what is resident, so a page still missing would read as absent); throws if it failed.
     public func awaitCompleteMemory() throws {
-        if let postCopy = shared.withLock({ $0.postCopyMemory }) {
+        if let postCopy = shared.withLock({ $0.postCopyIncoming })?.server {
             _ = postCopy.waitUntilFinished(timeout: 365 * 86_400)
             if let failure = postCopy.failure { throw MachineError.io("post-copy migration failed: \(failure)") }
         }
@@ -306,7 +356,10 @@ public final class AdmittedGuest: Sendable {
         shared.withLock { $0.urgent = false }
         wakeup.unlock()
         if session.hasEnded || machine.state == .finished { return false }
-        if let refusal = session.housekeepingRound(machineState: machine.state) {
+        // Paused for a failed post-copy link, the guest counts as paused (not silent) even while
+        // a vCPU still sleeps on a missing page.
+        let state = shared.withLock { $0.postCopyPaused } ? .paused : machine.state
+        if let refusal = session.housekeepingRound(machineState: state) {
             evict(reason: "\(refusal)")
             return false
         }

@@ -214,10 +214,14 @@ public enum GuestDoors {
     /// the manifest must answer it and name this host (and, on TLS, come from the host the
     /// channel authenticated); the guest's identity is admitted before memory is reserved; the
     /// state is verified (by the channel, or by the source host's signature in plaintext) before
-    /// READY; the lease is taken on GO before the guest runs. Returns the running guest.
+    /// READY; the lease is taken on GO before the guest runs. Returns the running guest; after a
+    /// post-copy switch that is at once, while its missing pages go on arriving
+    /// (`AdmittedGuest.incomingPostCopy`), and paused while the link is down until
+    /// recovered or given up (`postcopyRecoverTimeout`: seconds before it gives up by itself).
     public static func receive(listener: any MigrationListener, deadline: Double?, store: BillboardStore, settings: BillboardSettings,
                                dirtyTracker: DirtyTrackerKind, tap: String? = nil, kvm: KVMSystem? = nil,
                                manifestTimeoutSeconds: Double = 10, announce: AnnounceSchedule = .qemuDefault,
+                               postcopyRecoverTimeout: Double? = nil, postcopyLiveness: PostCopyLiveness = .standard,
                                wrapTransport: @escaping (any MigrationTransport) -> any MigrationTransport = { $0 },
                                log: @escaping @Sendable (String) -> Void,
                                serialOutput: @escaping @Sendable (UInt8) -> Void) throws -> AdmittedGuest {
@@ -239,9 +243,12 @@ public enum GuestDoors {
             guest.setAnnounceSchedule(announce)
             return guest
         }
+        let postcopyOptions = PostCopyIncoming.Options(liveness: postcopyLiveness, recoverTimeoutSeconds: postcopyRecoverTimeout, log: log)
         while true {
             let transport = wrapTransport(try listener.nextConnection(deadline: deadline, onRefused: { log("refused a connection: \($0)") }))
-            defer { transport.close() }
+            // Post-copy keeps the connection for the pages still to come.
+            var handedOn = false
+            defer { if !handedOn { transport.close() } }
             // A peer that does not send its manifest in time loses the connection; the
             // receiver goes back to listening.
             let watchdog = ManifestWatchdog(transport: transport, seconds: manifestTimeoutSeconds)
@@ -252,11 +259,9 @@ public enum GuestDoors {
                                                 onRefused: { log("refused a connection: \($0)") })
                 }
                 let (guest, result) = try receiver.run(transport: transport, onManifest: watchdog.disarm,
-                                                       acceptPageChannel: acceptPageChannel)
+                                                       acceptPageChannel: acceptPageChannel, postcopyOptions: postcopyOptions)
                 watchdog.disarm()
-                // Post-copy that lost its link: the guest has ended here with the reason, and
-                // it exists nowhere else complete; the caller sees the machine's exit.
-                if let failure = result.postcopyFailure { log("migration: \(failure)") }
+                handedOn = result.incoming != nil
                 return guest
             } catch {
                 watchdog.disarm()

@@ -56,6 +56,9 @@ public final class GuestSession: @unchecked Sendable {
         var pendingToken: UInt64?
         var snapshotSinceEpoch = false
         var reportedState: InstanceState?
+        /// Post-copy: the guest runs before its beacon token could be read (its beacon block may
+        /// be among the pages still to come); its beacons are not recorded until it is.
+        var tokenUnknown = false
     }
     private let shared = Mutex(Shared())
     /// The identity the state carried at admission (restore, incoming); nil for a boot.
@@ -244,7 +247,7 @@ public final class GuestSession: @unchecked Sendable {
         shared.withLock { s in
             s.latestBeacon = (message, Date())
             s.beaconsSinceFlush += 1
-            return message.token != s.token
+            return !s.tokenUnknown && message.token != s.token
         }
     }
 
@@ -266,6 +269,42 @@ public final class GuestSession: @unchecked Sendable {
                 // The guest runs here now, whatever happens; housekeeping writes the record later.
                 shared.withLock { $0.pendingToken = token }
                 log("billboard: could not record '\(registration.name)' as running here yet: \(error)")
+            }
+        }
+    }
+
+    /// Destination, on a post-copy GO: as `commitIncoming`, but the guest's beacon token is
+    /// learnt once its memory can be read (`learnBeaconToken`): reading the beacon block may wait
+    /// for a page that is still to come, and the guest must not wait for that to start, nor the
+    /// migration to be recoverable. Until then no beacon is recorded, so none is judged false.
+    func commitIncomingTokenLater(start: () -> Void) throws {
+        try storeLock.withLock {
+            try naming(registration) { try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: source) }
+            let placeholder = Self.newToken()
+            shared.withLock { $0.token = placeholder; $0.reportedState = .running; $0.tokenUnknown = true }
+            start()
+            do { try store.instances.update(guestID: registration.id, state: .running, token: placeholder) } catch {
+                shared.withLock { $0.pendingToken = placeholder }
+                log("billboard: could not record '\(registration.name)' as running here yet: \(error)")
+            }
+        }
+    }
+
+    /// The token the arrived guest's memory holds (nil: it has no beacon block); from now on its
+    /// beacons must carry it.
+    func learnBeaconToken(_ beaconToken: UInt64?) {
+        let token = beaconToken ?? Self.newToken()
+        storeLock.withLock {
+            let state = shared.withLock { s -> InstanceState? in
+                guard !s.ended, s.tokenUnknown else { return nil }
+                s.token = token
+                s.tokenUnknown = false
+                return s.reportedState ?? .running
+            }
+            guard let state else { return }
+            do { try store.instances.update(guestID: registration.id, state: state, token: token) } catch {
+                shared.withLock { $0.pendingToken = token }
+                log("billboard: could not record the beacon token of '\(registration.name)' yet: \(error)")
             }
         }
     }
@@ -294,6 +333,20 @@ public final class GuestSession: @unchecked Sendable {
             return epoch
         }
         log("billboard: lease of '\(registration.name)' handed to pid \(pid) on \(host) at epoch \(epoch)")
+    }
+
+    /// Source, post-copy, after GO: this process now only serves the guest's pages to its
+    /// destination (`awaitingRecovery` while the link is down). Recorded so that a scan neither
+    /// takes it for a ghost nor expects it to run.
+    func notePageServer(awaitingRecovery: Bool) {
+        let state: InstanceState = awaitingRecovery ? .pageServerAwaitingRecovery : .pageServer
+        storeLock.withLock {
+            guard !shared.withLock({ $0.ended || $0.holdsLease }) else { return }
+            shared.withLock { $0.reportedState = state }
+            do { try store.instances.update(guestID: registration.id, state: state) } catch {
+                log("billboard: could not record '\(registration.name)' as \(state.rawValue): \(error)")
+            }
+        }
     }
 
     /// Source, resuming after an in-doubt migration: only if the lease can be taken back (the
@@ -326,7 +379,7 @@ public final class GuestSession: @unchecked Sendable {
            (try? store.instances.update(guestID: registration.id, state: .running, token: pending)) != nil {
             shared.withLock { $0.pendingToken = nil }
         }
-        if let (message, time) = beacon, shared.withLock({ $0.pendingToken == nil }) {
+        if let (message, time) = beacon, shared.withLock({ $0.pendingToken == nil && !$0.tokenUnknown }) {
             do { try store.instances.recordBeacon(guestID: registration.id, token: message.token, counter: message.counter, received: received, at: time) } catch {
                 log("billboard: cannot record a beacon: \(error)")
             }
@@ -344,7 +397,8 @@ public final class GuestSession: @unchecked Sendable {
         // Running or paused only: an incoming guest has no say yet, a handed-over one none any more.
         let state: InstanceState = machineState == .paused ? .paused : .running
         let changed = shared.withLock { s -> Bool in
-            guard s.reportedState != .incoming, s.reportedState != .migrated, s.reportedState != state else { return false }
+            let noSay: [InstanceState?] = [.incoming, .migrated, .pageServer, .pageServerAwaitingRecovery]
+            guard !noSay.contains(s.reportedState), s.reportedState != state else { return false }
             s.reportedState = state
             return true
         }

@@ -14,6 +14,11 @@ enum HostChannel {
     static func authorizer(_ store: BillboardStore) -> PeerAuthorizer {
         { key in store.peerHosts.authorizedHost(signingKey: key) }
     }
+
+    /// Mutually authenticated TLS from this host to `destination`, which must be the enrolled `peer`.
+    static func connect(_ store: BillboardStore, to destination: String, peer: String) throws -> any MigrationTransport {
+        try TLSTransport.connect(to: destination, identity: try identity(store), authorize: authorizer(store), expectedPeer: peer)
+    }
 }
 
 extension GuestDoors {
@@ -36,9 +41,7 @@ extension AdmittedGuest {
             guard let peer = settings.peer else {
                 throw MigrationError.refused("name the enrolled host expected at \(settings.destination) (the peer), or choose the plaintext transport")
             }
-            let store = session.store
-            return try TLSTransport.connect(to: settings.destination, identity: try HostChannel.identity(store),
-                                            authorize: HostChannel.authorizer(store), expectedPeer: peer)
+            return try HostChannel.connect(session.store, to: settings.destination, peer: peer)
         }
     }
 }

@@ -39,6 +39,8 @@ extension AdmittedGuest: MigrationSourceVM {
     }
 
     public func setThrottle(percent: Int) { machine.setThrottle(percent: percent) }
+
+    public func notePostCopyPageServer(awaitingRecovery: Bool) { session.notePageServer(awaitingRecovery: awaitingRecovery) }
 }
 
 /// An admitted guest reserved at a migration destination: memory filled by the receiver, state
@@ -59,9 +61,17 @@ extension AdmittedGuest: MigrationDestinationVM {
         // The lease first: a guest that may not own itself here must not run (the source stays
         // paused and in doubt, and can take its lease back). One transaction of downtime.
         var resumedAt = 0.0
-        try session.commitIncoming(beaconToken: try machine.beaconToken()) {
-            resumedAt = monotonicMilliseconds()
-            machine.start()
+        if incomingPostCopy != nil {
+            try session.commitIncomingTokenLater {
+                resumedAt = monotonicMilliseconds()
+                machine.start()
+            }
+            learnBeaconTokenWhenReadable()
+        } else {
+            try session.commitIncoming(beaconToken: try machine.beaconToken()) {
+                resumedAt = monotonicMilliseconds()
+                machine.start()
+            }
         }
         // Off the downtime path: the switches learn where the guest is now.
         announceArrival(resumedAt: resumedAt)
@@ -70,7 +80,21 @@ extension AdmittedGuest: MigrationDestinationVM {
     /// Tests only: as `startGuest`, but the vCPUs start parked, so that the memory a migration
     /// brought can be compared with the source's before the guest changes it.
     func startGuestParked() throws {
-        try session.commitIncoming(beaconToken: try machine.beaconToken()) { machine.startPaused() }
+        if incomingPostCopy != nil {
+            try session.commitIncomingTokenLater { machine.startPaused() }
+            learnBeaconTokenWhenReadable()
+        } else {
+            try session.commitIncoming(beaconToken: try machine.beaconToken()) { machine.startPaused() }
+        }
+    }
+
+    /// Post-copy: reads the beacon token on a thread of its own, which may wait for the beacon
+    /// block's page (through a recovery, if the link fails meanwhile).
+    private func learnBeaconTokenWhenReadable() {
+        let machine = self.machine, session = self.session
+        startOSThread(name: "beacon-token") {
+            session.learnBeaconToken(try? machine.beaconToken())
+        }
     }
 
     public func discard() {
@@ -80,7 +104,14 @@ extension AdmittedGuest: MigrationDestinationVM {
 
     public var owner: (host: String, pid: Int32)? { (session.store.hostName, getpid()) }
 
-    public func attachPostCopy(_ server: FaultServer) { attachPostCopyMemory(server) }
+    public func attachPostCopy(_ incoming: PostCopyIncoming) { attachPostCopyIncoming(incoming) }
+
+    public func postCopyPaused(reason: String) {
+        session.log("migration: \(reason)")
+        pauseForPostCopy()
+    }
+
+    public func postCopyResumed() { resumeAfterPostCopy() }
 
     /// The pages cannot come any more: the machine ends before any vCPU runs on without them
     /// (ending kicks the vCPUs out of `KVM_RUN`; the fault server wakes its sleepers only after).

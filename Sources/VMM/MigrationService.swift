@@ -16,6 +16,8 @@ public final class MigrationService: Sendable {
         var sender: PreCopySender?
         var lastReport: MigrationReport?
         var lastProgress = MigrationProgress()
+        /// A resume of a paused post-copy migration is under way.
+        var resuming = false
     }
     private let shared = Mutex<Shared>(Shared())
 
@@ -25,10 +27,13 @@ public final class MigrationService: Sendable {
     }
 
     public enum StartError: Error, CustomStringConvertible {
-        case busy, notRunning(String), inDoubt
+        case busy, notRunning(String), inDoubt, servingPages, nothingToResume(String), pagesArriving
         public var description: String {
             switch self {
             case .busy: "a migration is already in progress"
+            case .servingPages: "this guest went to its destination by post-copy and this copy only serves its pages (paused for good); resume that migration with \"resume\": true if its link failed"
+            case let .nothingToResume(phase): "there is no paused post-copy migration to resume (the last migration is \(phase))"
+            case .pagesArriving: "pages of this guest are still arriving by post-copy; it can migrate on once they are all in"
             case .inDoubt: "the last migration is in doubt (the destination may run this guest): resolve it first, by resuming here with force only if the destination does not run it"
             case let .notRunning(s): "the VM is \(s); only a running or paused VM can migrate"
             }
@@ -45,11 +50,14 @@ public final class MigrationService: Sendable {
 
     public func start(_ settings: MigrationSettings, connect: @escaping @Sendable () throws -> any MigrationTransport,
                       completion: @escaping @Sendable (MigrationReport) -> Void = { _ in }) throws {
+        if settings.resume { return try resume(settings, connect: connect, completion: completion) }
         let state = guest.state
         guard state == .running || state == .paused else { throw StartError.notRunning(state.rawValue) }
         guard !inDoubt else { throw StartError.inDoubt }
+        guard !guest.awaitsPostCopyPages else { throw StartError.pagesArriving }
         let sender = PreCopySender(vm: guest, settings: settings)
         try shared.withLock { s in
+            if let current = s.sender, [.postcopy, .postcopyPaused].contains(current.progress.phase) { throw StartError.servingPages }
             if let current = s.sender, ![.completed, .failed, .inDoubt].contains(current.progress.phase) { throw StartError.busy }
             s.sender = sender
         }
@@ -64,10 +72,38 @@ public final class MigrationService: Sendable {
         }
     }
 
-    /// Aborts a migration that has not sent GO (signals, shutdown).
-    public func cancel(reason: String) {
-        shared.withLock { $0.sender }?.cancel(reason: reason)
+    /// Resumes the paused post-copy migration over the connection `connect` opens (to where its
+    /// destination listens after `migration/recover`); returns at once.
+    private func resume(_ settings: MigrationSettings, connect: @escaping @Sendable () throws -> any MigrationTransport,
+                        completion: @escaping @Sendable (MigrationReport) -> Void) throws {
+        let sender = try shared.withLock { s -> PreCopySender in
+            guard let current = s.sender, current.progress.phase == .postcopyPaused else {
+                throw StartError.nothingToResume((s.sender?.progress ?? s.lastProgress).phase.rawValue)
+            }
+            guard !s.resuming else { throw StartError.busy }
+            s.resuming = true
+            return current
+        }
+        let guest = self.guest
+        startOSThread(name: "migration-resume") { [self] in
+            let report = sender.resumePostCopy(settings: settings, connect: connect)
+            shared.withLock { $0.lastReport = report; $0.lastProgress = sender.progress; $0.resuming = false }
+            writeReport(report)
+            completion(report)
+            if report.outcome == .completed { guest.end(with: .migrated) }
+        }
     }
+
+    /// Aborts a migration that has not sent GO (signals, shutdown); false if there is none.
+    @discardableResult
+    public func cancel(reason: String) -> Bool {
+        guard let sender = shared.withLock({ $0.sender }),
+              [.none, .setup, .precopy, .stopAndCopy, .handover].contains(sender.progress.phase) else { return false }
+        return sender.cancel(reason: reason)
+    }
+
+    /// Whether this copy, after a post-copy switch, only serves the guest's pages to its destination.
+    public var servesPostCopyPages: Bool { [.postcopy, .postcopyPaused].contains(status.progress.phase) }
 
     /// Current progress, or the last migration's final state.
     public var status: (progress: MigrationProgress, report: MigrationReport?) {

@@ -7,7 +7,8 @@ import Synchronization
 struct Ctl: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Control a running VMM through its API socket.",
-        subcommands: [Info.self, Pause.self, Resume.self, SnapshotCmd.self, Digest.self, Shutdown.self, Migrate.self, MigrationStatus.self, Scan.self])
+        subcommands: [Info.self, Pause.self, Resume.self, SnapshotCmd.self, Digest.self, Shutdown.self, Migrate.self, MigrationStatus.self,
+                      MigrateRecover.self, MigrateCancel.self, Scan.self])
 
     struct Socket: ParsableArguments {
         @Option(help: "The VMM's control socket (vmm run --api-socket PATH).")
@@ -84,7 +85,7 @@ extension Ctl {
     struct Migrate: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Live-migrate the VM to `vmm receive` at HOST:PORT (PUT /vm/migrate), showing progress.",
-            discussion: "Exits 0 when the guest runs on the destination; 1 if the migration failed (the guest keeps running here) or is in doubt.")
+            discussion: "Exits 0 when the guest runs on the destination; 1 if the migration failed (the guest keeps running here), is in doubt, or (post-copy) paused because its link failed. A paused post-copy migration is resumed with --resume, to where the destination listens after `vmm ctl migrate-recover`.")
         @OptionGroup var socket: Socket
         @Argument(help: "The destination, HOST:PORT.") var destination: String
         @Option(help: "The enrolled host expected at the destination (vmm billboard host add); its TLS certificate must be that host's.") var peer: String?
@@ -93,13 +94,17 @@ extension Ctl {
         @Option(help: "Bandwidth cap in bytes per second; 0 = unlimited.") var maxBandwidth: UInt64 = 0
         @Flag(help: "Throttle a guest that dirties memory faster than it can be sent.") var autoConverge = false
         @Option(help: "Give up (guest keeps running here) after this many seconds.") var timeout: Double = 60
-        @Flag(help: "Post-copy: after --postcopy-after-rounds pre-copy rounds the guest moves at once and its remaining pages follow. If the link fails after that, the guest is lost (no recovery).") var postcopy = false
+        @Flag(help: "Post-copy: after --postcopy-after-rounds pre-copy rounds the guest moves at once and its remaining pages follow. If the link fails after that, both sides pause and keep what they have until recovered (migrate-recover there, --resume here); if either VMM dies before the last page moved, the guest is lost.") var postcopy = false
         @Option(help: "Pre-copy rounds before the post-copy switch.") var postcopyAfterRounds: Int = 1
+        @Flag(help: "Resume this guest's post-copy migration, paused after its link failed, at HOST:PORT (where `vmm ctl migrate-recover` made the destination listen); the same --peer as before.") var resume = false
         @Flag(help: "No progress line.") var quiet = false
 
         func validate() throws {
             if peer == nil && !insecurePlaintext {
                 throw ValidationError("name the destination host with --peer NAME (an enrolled peer), or migrate in plaintext with --insecure-plaintext")
+            }
+            if resume && (insecurePlaintext || postcopy) {
+                throw ValidationError("--resume resumes a paused post-copy migration over TLS: give it the destination, --peer and optionally --max-bandwidth, not --insecure-plaintext or --postcopy")
             }
         }
 
@@ -110,6 +115,7 @@ extension Ctl {
                                        "timeout_s": timeout, "wait": true,
                                        "postcopy": postcopy, "postcopy_after_rounds": postcopyAfterRounds,
                                        "transport": insecurePlaintext ? "plaintext" : "tls"]
+            if resume { body["resume"] = true }
             if let peer { body["peer"] = peer }
             let text = String(decoding: try JSONSerialization.data(withJSONObject: body), as: UTF8.self)
             // The request waits for the end; a second connection polls progress meanwhile.
@@ -154,6 +160,26 @@ extension Ctl {
         static let configuration = CommandConfiguration(commandName: "migration", abstract: "Show migration progress (GET /vm/migration).")
         @OptionGroup var socket: Socket
         func run() throws { try Ctl.call(socket, .GET, "/vm/migration") }
+    }
+
+    struct MigrateRecover: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "migrate-recover",
+            abstract: "At the destination of a post-copy migration paused after its link failed: listen for the source's resume (PUT /vm/migration/recover).",
+            discussion: "Only the migration's own source host gets in (mutually authenticated TLS), answering a fresh challenge with the migration's identity; then run `vmm ctl migrate HOST:PORT --resume --peer THIS-HOST` at the source. Prints the address it listens on.")
+        @OptionGroup var socket: Socket
+        @Option(help: "Address to listen on, HOST:PORT (port 0 picks one).") var listen: String
+        @Option(help: "Seconds to listen; the migration stays paused if no resume came.") var timeout: Double = 600
+        func run() throws { try Ctl.call(socket, .PUT, "/vm/migration/recover", body: ["listen": listen, "timeout_s": timeout]) }
+    }
+
+    struct MigrateCancel: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "migrate-cancel",
+            abstract: "Cancel a migration (PUT /vm/migration/cancel).",
+            discussion: "At a source before the commit: the migration stops and the guest keeps running here. At the destination of a paused post-copy migration whose source is gone: gives it up, and the guest is lost (it never runs with missing pages; the VMM ends with status 2).")
+        @OptionGroup var socket: Socket
+        func run() throws { try Ctl.call(socket, .PUT, "/vm/migration/cancel") }
     }
 }
 

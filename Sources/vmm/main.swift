@@ -159,16 +159,19 @@ extension InjectedFault: ExpressibleByArgument {}
 struct Receive: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Wait for one incoming live migration, then run the guest here.",
-        discussion: "Only enrolled peer hosts get in: the connection is mutually authenticated TLS 1.3 unless both sides chose --insecure-plaintext. The VM is reserved (memory, vCPUs) once the source's manifest answered this connection's challenge and the Billboard admitted the guest, filled while the source runs, and resumed only after all state is verified and the source says GO. A failure before GO discards the reserved VM (the guest keeps running on the source) and the VMM goes on listening until a migration completes or --listen-timeout passes (exit status 4).")
+        discussion: "Only enrolled peer hosts get in: the connection is mutually authenticated TLS 1.3 unless both sides chose --insecure-plaintext. The VM is reserved (memory, vCPUs) once the source's manifest answered this connection's challenge and the Billboard admitted the guest, filled while the source runs, and resumed only after all state is verified and the source says GO. A failure before GO discards the reserved VM (the guest keeps running on the source) and the VMM goes on listening until a migration completes or --listen-timeout passes (exit status 4). After a post-copy switch the guest runs (and the API serves) at once while its last pages arrive; if the link fails then, the guest pauses until `vmm ctl migrate-recover` and the source's `migrate --resume`, or until it is given up (`vmm ctl migrate-cancel`, or --postcopy-recover-timeout): then it is lost and the VMM exits with status 2.")
 
     @Option(help: "Address to listen on, HOST:PORT (e.g. 127.0.0.1:7000; port 0 picks one and prints it).")
     var listen: String
 
-    @Option(help: "Serve the HTTP/JSON control API on this Unix socket once the guest runs here.")
+    @Option(help: "Serve the HTTP/JSON control API on this Unix socket once the guest runs here (post-copy: from the switch on, while its last pages arrive).")
     var apiSocket: String?
 
     @Option(help: "The only directory PUT /vm/snapshot (vmm ctl snapshot) may write to; without it API snapshots are refused.")
     var snapshotDir: String?
+
+    @Option(help: "Post-copy: seconds a migration paused by a failed link waits for its recovery before the guest is given up as lost; 0 waits for the operator (vmm ctl migrate-cancel).")
+    var postcopyRecoverTimeout: Double = 0
 
     @Option(help: "Dirty tracker for migrating the guest onward: bitmap or ring.")
     var dirtyTracker: DirtyTrackerKind = .bitmap
@@ -212,6 +215,9 @@ struct Receive: ParsableCommand {
     func validate() throws {
         try net.validate()
         guard listenTimeout > 0 && listenTimeout <= 86_400 else { throw ValidationError("--listen-timeout must be 1 to 86400 seconds") }
+        guard postcopyRecoverTimeout >= 0 && postcopyRecoverTimeout <= 604_800 else {
+            throw ValidationError("--postcopy-recover-timeout must be 0 (wait for the operator) to 604800 seconds")
+        }
         if let problem = announceSchedule.problem { throw ValidationError("--announce-*: \(problem)") }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
@@ -245,6 +251,7 @@ struct Receive: ParsableCommand {
                 guest = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenTimeout * 1000,
                                                store: store, settings: settings, dirtyTracker: dirtyTracker,
                                                tap: try net.tap(), announce: announceSchedule,
+                                               postcopyRecoverTimeout: postcopyRecoverTimeout > 0 ? postcopyRecoverTimeout : nil,
                                                wrapTransport: { transport in fault.map { FaultInjectingTransport(transport, fault: $0) } ?? transport },
                                                log: logLine, serialOutput: output.write)
             } catch MigrationError.timedOut(let what) {
@@ -324,8 +331,9 @@ enum Host {
             guest.start()
         }
         let exit = guest.waitForExit()
-        // Let the API answer the request that ended the VM before the socket goes away.
-        if exit == .migrated || exit == .shutdown { usleep(300_000) }
+        // Let the API answer the request that ended the VM before the socket goes away (a
+        // post-copy migration given up through it ends the VM too).
+        if exit == .migrated || exit == .shutdown || guest.incomingPostCopy?.status.phase == .lost { usleep(300_000) }
         switch exit {
         case .exitPort, .halted, .shutdown, .migrated: break
         default: FileHandle.standardError.write(Data("vmm: \(exit)\n".utf8))

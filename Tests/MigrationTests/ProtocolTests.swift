@@ -42,6 +42,7 @@ final class FakeSource: MigrationSourceVM {
     func resumeAfterMigration() { record.withLock { $0.resumed = true } }
     func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) { (Array("vcpus".utf8), Array("devices".utf8)) }
     func setThrottle(percent: Int) {}
+    func notePostCopyPageServer(awaitingRecovery: Bool) {}
     var paused: Bool { record.withLock { $0.paused } }
     var resumed: Bool { record.withLock { $0.resumed } }
     var handedTo: (String?, Int32?)? { record.withLock { $0.handedTo } }
@@ -61,7 +62,9 @@ final class FakeDestination: MigrationDestinationVM {
     func startGuest() throws { record.withLock { $0.started = true } }
     func discard() { record.withLock { $0.discarded = true } }
     var owner: (host: String, pid: Int32)? { ("dst", 4242) }
-    func attachPostCopy(_ server: FaultServer) { record.withLock { $0.postCopyServers += 1 } }
+    func attachPostCopy(_ incoming: PostCopyIncoming) { record.withLock { $0.postCopyServers += 1 } }
+    func postCopyPaused(reason: String) {}
+    func postCopyResumed() {}
     func postCopyLost(reason: String) { record.withLock { $0.lost = reason } }
     var started: Bool { record.withLock { $0.started } }
     var discarded: Bool { record.withLock { $0.discarded } }
@@ -186,6 +189,7 @@ struct ProtocolTests {
             func resumeAfterMigration() { inner.resumeAfterMigration() }
             func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8]) { try inner.statePayloads() }
             func setThrottle(percent: Int) {}
+            func notePostCopyPageServer(awaitingRecovery: Bool) {}
         }
         let inner = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])
         let (sourceEnd, destinationEnd) = InMemoryTransport.pair()

@@ -27,8 +27,9 @@ final class Destination: @unchecked Sendable {
     /// `listenSeconds`: how long it keeps listening for a migration that completes.
     /// `tap`, `namespace`: the arriving guest's card goes on `tap`, opened in network namespace
     /// `namespace` (/run/netns/NAME; the receiving thread enters it).
+    /// `postcopyRecoverTimeout`: seconds a paused post-copy migration waits before its guest is given up.
     init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil, onSource: Bool = false, listenSeconds: Double = 60,
-         tap: String? = nil, namespace: String? = nil) throws {
+         tap: String? = nil, namespace: String? = nil, postcopyRecoverTimeout: Double? = nil) throws {
         let hosts = try localHosts()
         let store = onSource ? hosts.source : hosts.destination
         listener = try GuestDoors.listen("127.0.0.1:0", store: store, plaintext: false)
@@ -39,6 +40,7 @@ final class Destination: @unchecked Sendable {
                 if let namespace { try NetworkNamespace.enter(path: "/run/netns/\(namespace)") }
                 machine = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenSeconds * 1000,
                                                  store: store, settings: hosts.settings, dirtyTracker: tracker, tap: tap,
+                                                 postcopyRecoverTimeout: postcopyRecoverTimeout,
                                                  wrapTransport: { t in fault.map { FaultInjectingTransport(t, fault: $0) } ?? t },
                                                  log: { _ in }, serialOutput: capture.append)
             } catch {
@@ -74,6 +76,7 @@ final class DigestingSource: MigrationSourceVM, @unchecked Sendable {
         return try machine.statePayloads()
     }
     func setThrottle(percent: Int) { machine.setThrottle(percent: percent) }
+    func notePostCopyPageServer(awaitingRecovery: Bool) { machine.notePostCopyPageServer(awaitingRecovery: awaitingRecovery) }
 }
 
 func bootCounter(count: Int = 0, ticks: Int = 400_000, tracker: DirtyTrackerKind = .bitmap,
@@ -327,7 +330,9 @@ final class DigestingDestination: MigrationDestinationVM, @unchecked Sendable {
     func startGuest() throws { try machine.startGuest() }
     func discard() { machine.discard() }
     var owner: (host: String, pid: Int32)? { machine.owner }
-    func attachPostCopy(_ server: FaultServer) { machine.attachPostCopy(server) }
+    func attachPostCopy(_ incoming: PostCopyIncoming) { machine.attachPostCopy(incoming) }
+    func postCopyPaused(reason: String) { machine.postCopyPaused(reason: reason) }
+    func postCopyResumed() { machine.postCopyResumed() }
     func postCopyLost(reason: String) { machine.postCopyLost(reason: reason) }
     func verifyState(signature: [UInt8]?, digest: [UInt8]) throws { try machine.verifyState(signature: signature, digest: digest) }
 }
