@@ -303,6 +303,10 @@ public final class ControlServer: Sendable {
             }])
         case .pause:
             guard guest.state != .finished else { throw APIError(.conflict, "the VM has stopped; it cannot be paused") }
+            if guest.incomingPostCopy?.status.phase == .postcopyPaused {
+                // Its vCPUs park at their next exit; one asleep on a missing page must not be kicked.
+                throw APIError(.conflict, "the guest is already paused: the link of its post-copy migration failed, and it waits for the migration to be recovered")
+            }
             let ok = try await offPool { guest.pause() }
             guard ok else { throw APIError(.conflict, "the VM stopped before it could be paused") }
             return JSONReply.make(.ok, ["state": guest.state.rawValue])

@@ -207,15 +207,18 @@ public final class Machine: Sendable {
         return run.result == nil
     }
 
-    /// Asks every vCPU to park and returns at once, without waiting for them. A vCPU asleep in
-    /// the kernel on a guest page that is not there yet (post-copy) may not see the kick until
-    /// that page is installed; it then parks before running another guest instruction (the kick
-    /// left `immediate_exit` set and a signal pending). `state` reads paused once all have parked.
+    /// Asks every vCPU to park at its next exit from the guest, and returns at once: no vCPU is
+    /// kicked. For a post-copy migration whose link failed: a vCPU asleep in the kernel on a
+    /// guest page that is not there yet must stay asleep, undisturbed, until that page is
+    /// installed (on some KVMs, kvm_pvm here among them, a signal makes such a vCPU retry its
+    /// fault in a busy loop instead of leaving `KVM_RUN`). The others park when they next exit
+    /// (port I/O, `HLT`, ...); one that never exits runs on on the pages it has until it needs
+    /// one that is missing. `state` reads paused once all have parked.
     public func requestPause() {
         network?.setPaused(true)
         control.lock(); defer { control.unlock() }
         guard run.started, run.result == nil else { return }
-        for runner in runners { runner.sendLocked(.pause) }
+        for runner in runners { runner.sendLocked(.parkAtNextExit) }
     }
 
     /// Resumes a paused machine.

@@ -23,8 +23,8 @@ import KVM
 /// condition, which every runner of the machine shares; `@unchecked` for that reason.
 final class VCPURunner: @unchecked Sendable {
     enum State: Equatable { case created, running, paused, finished }
-    /// What the machine asks of a runner.
-    enum Event: Equatable { case pause, resume, finish, hold, release }
+    /// What the machine asks of a runner. `parkAtNextExit` is a pause without the kick.
+    enum Event: Equatable { case pause, parkAtNextExit, resume, finish, hold, release }
 
     let vcpu: VCPU
     let index: Int
@@ -52,6 +52,10 @@ final class VCPURunner: @unchecked Sendable {
         case (.pause, _):
             target = .paused
             kickLocked()
+        case (.parkAtNextExit, _):
+            // No signal: the vCPU parks when it next leaves the guest (or enters `KVM_RUN`).
+            target = .paused
+            if state != .finished { vcpu.immediateExit = true }
         case (.resume, .paused):
             target = .running
         case (.resume, _):

@@ -22,8 +22,8 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     /// Post-copy: the migration that fills this VM's missing pages from now on (its figures are
     /// the VM's; the VM tells it when it ends).
     func attachPostCopy(_ incoming: PostCopyIncoming)
-    /// Post-copy: the link failed. Pause the guest without waiting for a vCPU asleep on a
-    /// missing page (it parks once its page came); nothing else changes.
+    /// Post-copy: the link failed. Pause the guest without kicking or waiting for a vCPU asleep
+    /// on a missing page (it stays asleep until its page comes); nothing else changes.
     func postCopyPaused(reason: String)
     /// Post-copy: the migration was recovered; resume the guest if `postCopyPaused` paused it.
     func postCopyResumed()

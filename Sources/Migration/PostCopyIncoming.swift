@@ -18,12 +18,12 @@ import SystemCalls
 ///        ▼      again; the guest resumes
 ///     postcopy-paused ──given up (the operator, or the recovery window passed)──▶ lost
 ///
-/// **Paused** means: both connections are closed, the guest is asked to pause (vCPUs park; a
-/// vCPU asleep in the kernel on a missing page, in `KVM_RUN` or in a device access, stays asleep
-/// until that page is installed and then parks before running another guest instruction), the
-/// faults that could not be asked for wait (their threads stay asleep on the page), and nothing
-/// is discarded: the fault server, the memory's registration and the lease stay. A page cannot
-/// read as zero or stale: it is installed from the source or never.
+/// **Paused** means: both connections are closed, the guest is asked to pause (its vCPUs park at
+/// their next exit; one asleep in the kernel on a missing page, in `KVM_RUN` or in a device
+/// access, is not kicked and stays asleep until that page is installed), the faults that could
+/// not be asked for wait (their threads stay asleep on the page), and nothing is discarded: the
+/// fault server, the memory's registration and the lease stay. A page cannot read as zero or
+/// stale: it is installed from the source or never.
 ///
 /// **Lost** (only from paused, or when a page cannot be installed at all): the machine ends
 /// first, so that a vCPU woken by the fault server's teardown leaves before running again.

@@ -266,8 +266,11 @@ public final class FaultServer: Sendable {
         do { batch = try source.fetch(unit: unit) } catch let unavailable as PageSourceUnavailable where onUnavailable != nil {
             state.withLock { s in
                 s.units[unit] = .missing
-                if let waiter { s.waiters[unit, default: []].append(waiter) }
-                s.stats.faultsPostponed += waiter == nil ? 0 : 1
+                // A thread may raise the same fault again while it waits: it is counted once.
+                if let waiter, !(s.waiters[unit] ?? []).contains(where: { $0.pfn == waiter.pfn }) {
+                    s.waiters[unit, default: []].append(waiter)
+                    s.stats.faultsPostponed += 1
+                }
             }
             onUnavailable?(unavailable.reason)
             return .postponed

@@ -252,8 +252,8 @@ public final class AdmittedGuest: Sendable {
     /// Post-copy: the migration filling this guest's memory (it ends when the guest ends).
     func attachPostCopyIncoming(_ incoming: PostCopyIncoming) { shared.withLock { $0.postCopyIncoming = incoming } }
 
-    /// Post-copy, the link failed: asks the vCPUs to park, without waiting for one asleep on a
-    /// missing page (it parks once that page came).
+    /// Post-copy, the link failed: asks the vCPUs to park at their next exit, without kicking or
+    /// waiting for one asleep on a missing page (`Machine.requestPause`).
     func pauseForPostCopy() {
         let running = machine.state != .paused
         shared.withLock { $0.postCopyPaused = true; $0.pausedByPostCopy = running }

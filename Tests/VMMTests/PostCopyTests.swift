@@ -234,9 +234,8 @@ struct PostCopyTests {
         #expect(m.machine.state == .paused, "the source resumed a guest the destination had taken")
         #expect(m.sourceInstanceState == .pageServerAwaitingRecovery)
         #expect(m.incoming.wait(for: [.postcopyPaused], timeout: 60) == .postcopyPaused)
-        let paused = m.incoming.status
-        #expect(paused.pagesMissing > 0)
-        #expect(paused.error != nil)
+        // (Every page may be in already: the push may have brought them before the link failed.)
+        #expect(m.incoming.status.error != nil)
         // Nothing of the guest was given up on either side.
         #expect(m.guest.exitResult == nil)
         #expect(m.guest.session.holdsLease)
@@ -247,7 +246,7 @@ struct PostCopyTests {
         #expect(m.incoming.wait(for: [.completed, .lost], timeout: 120) == .completed, "\(m.incoming.status.error ?? "")")
         let figures = try #require(resumed.postcopy)
         #expect(figures.recoveries == 1)
-        // The request cut short was asked for again once the link was back.
+        // The fault whose request the cut cut short waited for its page instead of failing.
         #expect(figures.faultsPostponed >= 1)
         #expect(figures.pagesPushed + figures.pagesRequested >= figures.pagesMissingAtSwitch)
         #expect(m.guest.postCopyStats?.completeAfterMs != nil)
