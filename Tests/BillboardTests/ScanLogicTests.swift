@@ -124,6 +124,30 @@ struct ScanLogicTests {
         #expect(try recordFindings(f.store, staleAfter: 0.1).isEmpty, "a paused guest is not stale")
     }
 
+    @Test("a post-copy source that serves pages (page-server, awaiting recovery) holds no lease, yet is neither a ghost nor stale; the same record claiming to run is one")
+    func postCopyPageServer() throws {
+        let f = try Fixture()
+        defer { f.remove() }
+        let r = try f.store.registry.register(web1(), signedBy: f.admin)
+        let destination = try LiveChild()
+        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+        try f.store.instances.record(r, token: 1, state: .running)
+        try f.store.instances.record(r, pid: destination.pid, token: 1, state: .incoming)
+        try f.store.leases.handOver(guestID: r.id, fromPid: getpid(), toHost: "host1", toPid: destination.pid)
+        try f.store.instances.update(guestID: r.id, pid: destination.pid, state: .running)
+        for state in [InstanceState.pageServer, .pageServerAwaitingRecovery] {
+            try f.store.instances.update(guestID: r.id, state: state)
+            #expect(try f.store.instances.list().first { $0.pid == getpid() }?.state == state)
+            usleep(300_000)
+            let findings = try recordFindings(f.store, staleAfter: 0.1)
+            #expect(!findings.contains { $0.pid == getpid() }, "\(state.rawValue): \(findings)")
+        }
+        // Without its post-copy state the same process, without the lease, is judged.
+        try f.store.instances.update(guestID: r.id, state: .running)
+        let judged = try recordFindings(f.store, staleAfter: 60)
+        #expect(judged.contains { $0.pid == getpid() && $0.mustStop }, "\(judged)")
+    }
+
     @Test("records of processes that are gone are removed; a clean exit silently, a crash with an audit entry")
     func goneProcesses() throws {
         let f = try Fixture()
