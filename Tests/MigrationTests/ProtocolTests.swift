@@ -314,6 +314,27 @@ struct ProtocolTests {
     }
 }
 
+@Suite("Post-copy recovery messages on the wire")
+struct PostCopyRecoveryMessageTests {
+    @Test("heartbeat, resume and still-missing round-trip; one without its field, or of an unknown kind, is refused")
+    func roundTripAndRefusals() throws {
+        let resume = PostCopyResume(challenge: "fresh", migration: "original", sourceHost: "src", destinationHost: "dst", guest: "web1")
+        #expect(resume.version == migrationProtocolVersion)
+        for message in [WireMessage.heartbeat, .resume(resume), .stillMissing(missing: Data([1, 0, 0, 0, 0, 0, 0, 0]))] {
+            #expect(try WireMessage.decode(try message.encoded()) == message)
+        }
+        for (json, field) in [(#"{"kind":"resume"}"#, "resume"), (#"{"kind":"still-missing"}"#, "missingPages")] {
+            #expect(throws: MigrationError.protocolViolation("a \(json.contains("resume") ? "resume" : "still-missing") message has no \(field)")) {
+                _ = try WireMessage.decode(Array(json.utf8))
+            }
+        }
+        #expect(throws: MigrationError.self) { _ = try WireMessage.decode(Array(#"{"kind":"resume","resume":{"version":3}}"#.utf8)) }
+        #expect(throws: MigrationError.protocolViolation("unknown control message kind 'recover-me'")) {
+            _ = try WireMessage.decode(Array(#"{"kind":"recover-me"}"#.utf8))
+        }
+    }
+}
+
 /// Passes everything through, keeping a copy of what was sent.
 final class Recorder: MigrationTransport {
     let inner: any MigrationTransport
