@@ -88,12 +88,13 @@ enum MigrationRoutes {
     /// up a paused incoming post-copy migration (its guest is then lost).
     static func cancel(_ service: MigrationService, guest: AdmittedGuest) async throws -> Response {
         if let incoming = guest.incomingPostCopy, incoming.status.phase == .postcopyPaused {
+            let phase: IncomingPostCopyStatus.Phase
             do {
-                try await offPool { try guest.giveUpIncomingMigration(reason: "given up by the operator (PUT /vm/migration/cancel)") }
+                phase = try await offPool { try guest.giveUpIncomingMigration(reason: "given up by the operator (PUT /vm/migration/cancel)") }
             } catch {
                 throw APIError(.conflict, "\(error)")
             }
-            return JSONReply.make(.ok, ["state": "lost"])
+            return JSONReply.make(.ok, ["state": phase.rawValue])
         }
         if service.cancel(reason: "cancelled through the API (PUT /vm/migration/cancel)") {
             return JSONReply.make(.ok, ["state": "cancelling"])

@@ -189,24 +189,35 @@ public final class PostCopyIncoming: Sendable {
             var figures = figures(from: server.stats)
             figures.lastPageAfterMs = server.stats.completeAfterMs ?? 0
             figures.recoveries = state.withLock { $0.recoveries }
-            let finished = state.withLock { s -> (SilenceWatch?, Bool) in
-                guard s.generation == generation, s.phase == .postcopy else { return (nil, false) }
+            // Every page is in. If the link failed meanwhile, the guest needs nothing more: it
+            // completes all the same (only the source cannot be told).
+            let finished = state.withLock { s -> (watch: SilenceWatch?, listener: (any MigrationListener)?, wasPaused: Bool)? in
+                guard s.generation == generation, s.phase == .postcopy || s.phase == .postcopyPaused else { return nil }
+                let wasPaused = s.phase == .postcopyPaused
                 s.phase = .completed
                 s.figures = figures
-                defer { s.watch = nil }
-                return (s.watch, true)
+                s.error = nil
+                s.pausedAt = nil
+                defer { s.watch = nil; s.listener = nil; s.listening = nil }
+                return (s.watch, s.listener, wasPaused)
             }
-            finished.0?.stop()
-            guard finished.1 else { return }
+            guard let finished else { return }
+            finished.watch?.stop()
+            finished.listener?.shutdownListening()
             source.disconnect()
-            do {
-                try replies.writer.writeSection(.control, payload: WireMessage.complete(figures).encoded())
-                try replies.writer.finish()
-                try replies.writer.sink.flush()
-            } catch {
-                // Every page is here; only the source does not know it: it stays paused until
-                // stopped (its copy is no longer needed).
-                options.log("migration: post-copy complete, but COMPLETE could not reach the source (\(error)); stop the source's VMM: its copy is no longer needed")
+            if finished.wasPaused {
+                guestLock.withLock { vm?.postCopyResumed() }
+                options.log("migration: post-copy complete: every page arrived just before the link failed; the source could not be told: stop its VMM, its copy is no longer needed")
+            } else {
+                do {
+                    try replies.writer.writeSection(.control, payload: WireMessage.complete(figures).encoded())
+                    try replies.writer.finish()
+                    try replies.writer.sink.flush()
+                } catch {
+                    // Every page is here; only the source does not know it: it stays paused until
+                    // stopped (its copy is no longer needed).
+                    options.log("migration: post-copy complete, but COMPLETE could not reach the source (\(error)); stop the source's VMM: its copy is no longer needed")
+                }
             }
             main.close()
             options.log("migration: post-copy complete: every page is in (\(figures.faults) faults, \(figures.recoveries) recoveries)")
@@ -264,18 +275,52 @@ public final class PostCopyIncoming: Sendable {
                     usleep(100_000)
                     guard let self, self.state.withLock({ $0.pausedAt == pausedAt }) else { return }
                 }
-                self?.lose("no recovery within the recovery window of \(Int(window)) s", onlyIfPaused: true, pausedAt: pausedAt)
+                guard let self, self.state.withLock({ $0.pausedAt == pausedAt }) else { return }
+                if !self.completeWithoutSource() {
+                    self.lose("no recovery within the recovery window of \(Int(window)) s", onlyIfPaused: true, pausedAt: pausedAt)
+                }
             }
         }
         announce()
     }
 
     /// Gives the guest up: its missing pages can no longer come (the source is gone). Only while
-    /// paused: during post-copy the pages are still coming.
-    public func giveUp(reason: String) throws {
+    /// paused: during post-copy the pages are still coming. Returns the phase it ends in: `lost`,
+    /// or `completed` if every page had arrived before the link failed.
+    @discardableResult
+    public func giveUp(reason: String) throws -> IncomingPostCopyStatus.Phase {
+        if completeWithoutSource() { return .completed }
         guard lose(reason, onlyIfPaused: true) else {
             throw Refusal(description: "the incoming post-copy migration is \(status.phase.rawValue), not paused; only a paused one can be given up (its guest is then lost)")
         }
+        return .lost
+    }
+
+    /// Paused, but every page had arrived before the link failed: the memory becomes ordinary,
+    /// the guest resumes, and the migration completes without its source. False otherwise.
+    private func completeWithoutSource() -> Bool {
+        guard state.withLock({ $0.phase == .postcopyPaused }), server.unitsNotInstalled.isEmpty,
+              server.completeOnceUnitsAreIn() else { return false }
+        _ = server.waitUntilFinished(timeout: 60)
+        guard server.isFinished, server.failure == nil else { return false }
+        var figures = figures(from: server.stats)
+        figures.lastPageAfterMs = server.stats.completeAfterMs ?? 0
+        let taken = state.withLock { s -> (listener: (any MigrationListener)?, Void)? in
+            guard s.phase == .postcopyPaused else { return nil }
+            figures.recoveries = s.recoveries
+            s.phase = .completed
+            s.figures = figures
+            s.error = nil
+            s.pausedAt = nil
+            defer { s.listener = nil; s.listening = nil }
+            return (s.listener, ())
+        }
+        guard let taken else { return false }
+        taken.listener?.shutdownListening()
+        guestLock.withLock { vm?.postCopyResumed() }
+        options.log("migration: post-copy complete: every page had arrived before the link failed; the guest goes on without its source (stop the source's VMM: its copy is no longer needed)")
+        announce()
+        return true
     }
 
     /// Ends the migration with the guest lost. False if it was not in a phase this may end.

@@ -278,12 +278,14 @@ public final class AdmittedGuest: Sendable {
         }
     }
 
-    /// Gives up this guest's paused post-copy migration: the guest is lost (its source is gone).
-    public func giveUpIncomingMigration(reason: String) throws {
+    /// Gives up this guest's paused post-copy migration: the guest is lost (its source is gone),
+    /// unless every page had arrived before the link failed (then it completes). Returns which.
+    @discardableResult
+    public func giveUpIncomingMigration(reason: String) throws -> IncomingPostCopyStatus.Phase {
         guard let incoming = incomingPostCopy else {
             throw PostCopyIncoming.Refusal(description: "this guest did not arrive by post-copy; there is no incoming migration to give up")
         }
-        try incoming.giveUp(reason: reason)
+        return try incoming.giveUp(reason: reason)
     }
 
     /// Waits until a lazy restore has brought in every page (snapshots and migration read memory
