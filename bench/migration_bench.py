@@ -567,8 +567,10 @@ class OurVMM:
             time.sleep(NET_AFTER_S)
             t_stop = probe.stop()
             rec.update(net_figures(probe, t_start, t_stop, t_resume))
-            rec["announce"] = (report or {}).get("announce") or destination_report_field(
-                os.path.join(self.workdir, "reports", tag), "announce")
+            # The announcement's schedule and times, where this build reports them (issue #16's
+            # `announce` field): in the migration report, the destination's API or its reports.
+            rec["announce"] = (report or {}).get("announce") or (destination_announce(dsock) if completed else None) \
+                or destination_report_field(os.path.join(self.workdir, "reports", tag), "announce")
             sent = announced_at(read_tail(derrpath, 4000))
             if sent is None:
                 # The announcement is logged when its last round has gone; give it a moment.
@@ -1440,6 +1442,37 @@ def net_figures(probe, t_start, t_stop, t_resume):
     return out
 
 
+def api_get(sock_path, path):
+    """GET `path` on a VMM's control socket. Returns (JSON body, when the request was sent, when
+    the answer began to arrive), both on CLOCK_MONOTONIC."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(sock_path)
+        t0 = time.monotonic()
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n" % path.encode())
+        data = s.recv(65536)
+        t1 = time.monotonic()
+        while b"\r\n\r\n" not in data or not complete_http(data):
+            more = s.recv(65536)
+            if not more:
+                break
+            data += more
+    body = data.split(b"\r\n\r\n", 1)[1]
+    return json.loads(body[body.find(b"{"):body.rfind(b"}") + 1]), t0, t1
+
+
+def complete_http(data):
+    """Whether `data` holds a whole HTTP response (Content-Length or chunked), whether or not the
+    server closes the connection after it."""
+    head, body = data.split(b"\r\n\r\n", 1)
+    m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if m:
+        return len(body) >= int(m.group(1))
+    if re.search(rb"(?im)^transfer-encoding:\s*chunked", head):
+        return body.endswith(b"0\r\n\r\n")
+    return False
+
+
 def our_resume_time(sock_path, timeout=10, requests=8):
     """When the destination's guest resumed, on this process's monotonic clock (the VMM's
     clock too, CLOCK_MONOTONIC). Each GET /vm answer says uptime_s (the VMM takes the start time
@@ -1451,23 +1484,10 @@ def our_resume_time(sock_path, timeout=10, requests=8):
     done = 0
     while done < requests and time.monotonic() < deadline:
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(5)
-                s.connect(sock_path)
-                t0 = time.monotonic()
-                s.sendall(b"GET /vm HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n")
-                data = s.recv(65536)
-                t1 = time.monotonic()
-                while not data.rstrip().endswith(b"}"):
-                    more = s.recv(65536)
-                    if not more:
-                        break
-                    data += more
-            body = data.split(b"\r\n\r\n", 1)[1]
-            uptime = json.loads(body[body.find(b"{"):body.rfind(b"}") + 1]).get("uptime_s")
-        except (OSError, ValueError, IndexError):
-            time.sleep(0.05)
-            continue
+            info, t0, t1 = api_get(sock_path, "/vm")
+            uptime = info.get("uptime_s")
+        except (OSError, ValueError, IndexError, AttributeError):
+            uptime = None
         if uptime is None:
             time.sleep(0.05)
             continue
@@ -1478,6 +1498,20 @@ def our_resume_time(sock_path, timeout=10, requests=8):
     if low is None or high < low:
         return None, None
     return (low + high) / 2, 1000 * (high - low) / 2
+
+
+def destination_announce(sock_path):
+    """The `announce` field (schedule and times sent) of the destination's GET /vm or
+    GET /vm/migration, where this build has one."""
+    for path in ("/vm/migration", "/vm"):
+        try:
+            doc = api_get(sock_path, path)[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        for holder in (doc, doc.get("report") if isinstance(doc.get("report"), dict) else {}):
+            if isinstance(holder, dict) and holder.get("announce") is not None:
+                return holder["announce"]
+    return None
 
 
 def announced_at(stderr_text):
