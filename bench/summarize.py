@@ -2,7 +2,8 @@
 """Prints a compact Markdown summary (one line per case and setting) from bench-results/migration.json:
 total time and observed hand-over downtime of the four systems (ours TLS, ours plain, QEMU plain,
 QEMU TLS), the ratios of total time, and how many runs converged. "-" = not run, skipped or no
-completed run."""
+completed run. Then, when they ran, one line per system for the post-copy case (vCPU blocked
+time, fault latency) and for the network case (replies lost, gaps, resume to first reply)."""
 import json
 import sys
 
@@ -47,3 +48,41 @@ for s in data["summary"]:
           + " / ".join(fmt(total[k]) for k, _ in SYSTEMS) + " | "
           + " / ".join(fmt(down[k], 1) for k, _ in SYSTEMS) + " | "
           + " | ".join(ratio(total[a], total[b]) for a, b, _ in RATIOS) + f" | {conv} |")
+
+
+def extra_table(case, title, columns):
+    """One line per system that ran `case`: the medians of `columns` ([(key, heading, digits)])."""
+    entry = next((e for e in data["summary"] if e["case"] == case), None)
+    if entry is None:
+        return
+    print(f"\n{title}\n")
+    print("| system | " + " | ".join(h for _, h, _ in columns) + " | converged |")
+    print("|---|" + "---:|" * len(columns) + "---|")
+    for key, label in SYSTEMS:
+        st = entry["systems"].get(key)
+        if st is None:
+            continue
+        cells = []
+        for k, _, digits in columns:
+            v = med(st, k)
+            cells.append("n/a" if v is None and key.startswith("qemu") and k in ("pc_fault_median_ms", "pc_fault_p99_ms")
+                         else fmt(v, digits))
+        print(f"| {label} | " + " | ".join(cells) + f" | {st['converged']}/{st['runs']} |")
+
+
+for case, why in data.get("meta", {}).get("skipped_cases", {}).items():
+    print(f"\nthe {case} case skipped: {why}  ")
+extra_table("postcopy", "Post-copy, 256 MiB unpaced (medians)", [
+    ("total_ms", "total ms", 0), ("handover_gap_ms", "observed downtime ms", 1),
+    ("pc_blocked_ms", "vCPU blocked ms", 1), ("pc_fault_median_ms", "fault median ms", 3),
+    ("pc_fault_p99_ms", "fault p99 ms", 3), ("pc_faults", "faults / requests", 0),
+    ("pc_last_page_ms", "resume to last page ms", 0)])
+extra_table("net", "Network: netecho pinged every 10 ms during the migration (medians)", [
+    ("net_icmp_lost", "pings lost", 0), ("net_udp_lost", "UDP lost", 0),
+    ("net_max_gap_ms", "longest gap ms", 1), ("net_first_reply_ms", "resume to first reply ms", 1),
+    ("pause_to_resume_ms", "pause to resume ms", 1)])
+goals = data.get("meta", {}).get("goals", [])
+if goals:
+    print()
+for line in goals:
+    print(f"- {line}")
