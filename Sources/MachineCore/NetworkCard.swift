@@ -4,6 +4,7 @@ import Glibc
 import Devices
 import Foundation
 import GuestMemory
+import NetworkFrames
 import Synchronization
 import SystemCalls
 
@@ -71,7 +72,7 @@ public final class NetworkCard: Sendable {
         guard let mac = MACAddress(configuration.mac) else {
             throw MachineError.invalidConfiguration("the network card's MAC must be 6 bytes (got \(configuration.mac.count))")
         }
-        guard mac.bytes[0] & 1 == 0 else {
+        guard !mac.isMulticast else {
             throw MachineError.invalidConfiguration("MAC \(mac) is a multicast address; a card needs a unicast one")
         }
         let tap = try TapDevice(name: configuration.tap)
