@@ -370,7 +370,7 @@ struct BillboardOptions: ParsableArguments {
 /// `--net tap=NAME`: the guest's network card, on a tap that exists on this host. The MAC is
 /// not an option: the VMM gives it (see `NetworkConfiguration.mac`).
 struct NetworkOptions: ParsableArguments {
-    @Option(help: "Give the guest a network card on this host's tap interface: tap=NAME. Its MAC (and the IP it may use) are the guest's registration's; a guest registered without --mac is refused a card. A restored or received guest that had a card needs one here (its MAC travels with it).")
+    @Option(help: "Give the guest a network card on this host's tap interface: tap=NAME. The tap must exist already (e.g. ip tuntap add dev NAME mode tap; ip link set NAME master BRIDGE up): a missing one is refused, never created. Its MAC (and the IP it may use) are the guest's registration's; a guest registered without --mac is refused a card. A restored or received guest that had a card needs one here (its MAC travels with it).")
     var net: String?
 
     func validate() throws { _ = try tap() }

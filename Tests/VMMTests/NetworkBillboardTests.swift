@@ -2,6 +2,7 @@ import Billboard
 import Foundation
 import MachineCore
 import NetworkFrames
+import SystemCalls
 import Testing
 import TestSupport
 import VMM
@@ -27,10 +28,13 @@ struct NetworkBillboardTests {
         return try lab.inside(namespace, make)
     }
 
-    /// A lab with one namespace for the cards' taps.
+    /// A lab with one namespace for the cards' taps, which are made there first (a VMM attaches
+    /// only to a tap that exists).
     static func tapNamespace() throws -> (NetworkLab, String) {
         let lab = try NetworkLab()
-        return (lab, try lab.namespace("cards"))
+        let namespace = try lab.namespace("cards")
+        for tap in ["tap0", "tap-honest", "tap-spoof"] { try lab.persistentTap(tap, in: namespace) }
+        return (lab, namespace)
     }
 
     func entries(_ event: String, guest: String) throws -> [AuditEntry] {
@@ -114,6 +118,33 @@ struct NetworkBillboardTests {
         defer { guest.end() }
         #expect(guest.configuration.network?.mac == [0x52, 0x54, 0x00, 0xc8, 0x00, 0x03])
         #expect(guest.egressPolicy?.ip == nil)
+    }
+
+    @Test("a card on a tap that does not exist is refused, naming the tap and how to make it; nothing is created, and the lease goes back",
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
+    func missingTapIsRefused() throws {
+        let lab = try Self.tapNamespace()
+        defer { lab.0.close() }
+        let hosts = try localHosts()
+        var c = Self.counter
+        c.commandLine! += " note=missingtap"
+        let image = try Fixtures.guestBytes("counter.elf")
+        let name = try hosts.register(image, c, mac: "52:54:00:c8:00:08")
+        let boot = { (tap: String) in
+            try lab.0.inside(lab.1) { [c] in
+                try GuestDoors.boot(image: image, name: name, configuration: c, tap: tap, store: hosts.source,
+                                    settings: hosts.settings, log: { _ in }, serialOutput: { _ in })
+            }
+        }
+        let error = #expect(throws: TapError.self) { _ = try boot("tap-nowhere") }
+        #expect(error?.reason == .missing)
+        #expect(error?.description.contains("there is no tap 'tap-nowhere'") == true && error?.description.contains("ip tuntap add") == true,
+                "\(error?.description ?? "")")
+        #expect(throws: LabError.self) { try lab.0.ip(["-n", lab.1, "link", "show", "dev", "tap-nowhere"]) }
+        // The refused boot gave its lease back: the guest boots on a tap that exists.
+        let guest = try boot("tap0")
+        defer { guest.end() }
+        #expect(guest.configuration.network?.tap == "tap0")
     }
 
     @Test("without a card no frame leaves and nothing is announced; with one, the announcement carries the registered MAC and IP",

@@ -37,12 +37,12 @@ struct NetworkEndToEndTests {
         let c = MachineConfiguration(commandLine: "ip=\(guestIP)/24 note=\(note)")
         let image = try Fixtures.guestBytes("netecho.elf")
         let name = try hosts.register(image, c, mac: mac, ip: ip)
+        try lab.persistentTap("tap0", in: namespace)
+        try lab.address("\(Self.hostAddress)/24", on: "tap0", in: namespace)
         let guest = try lab.inside(namespace) {
             try GuestDoors.boot(image: image, name: name, configuration: c, tap: "tap0", store: hosts.source,
                                 settings: hosts.settings, log: { _ in }, serialOutput: console.append)
         }
-        try lab.address("\(Self.hostAddress)/24", on: "tap0", in: namespace)
-        try lab.ip(["-n", namespace, "link", "set", "dev", "tap0", "up"])
         return guest
     }
 
