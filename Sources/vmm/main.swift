@@ -176,7 +176,7 @@ struct Receive: ParsableCommand {
     @Option(help: "Write the guest's serial output to this file instead of stdout.")
     var serialLog: String?
 
-    @Option(help: "Directory for migration reports (JSON) of onward migrations.")
+    @Option(help: "Directory for migration reports (JSON): the arrival report (incoming-*.json, with the announcement, once its last round went out) and those of onward migrations.")
     var reportDir: String = "migration-reports"
 
     @Option(help: "Seconds to wait for a migration that completes; failed or refused connections do not end the wait. When it passes, the VMM exits with status 4.")
@@ -252,12 +252,7 @@ struct Receive: ParsableCommand {
                 return Self.listenTimeoutStatus
             }
             running.guest = guest
-            if let announcer = guest.announcer {
-                Thread.detachNewThread {
-                    guard announcer.waitUntilFinished(timeout: 600) else { return }
-                    logLine("network: announced '\(guest.name)' at \(announcer.sentMs.map { String(Int($0)) }.joined(separator: ", ")) ms after it resumed")
-                }
-            }
+            MigrationService.reportArrival(of: guest, in: reportDir, log: logLine)
             return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: false, reportDir: reportDir,
                                   alreadyStarted: true)
         }
