@@ -185,8 +185,11 @@ struct Receive: ParsableCommand {
     @Flag(help: "Accept plain TCP instead of mutually authenticated TLS (for benchmarks; the source must consent too). The stream stays signed and checksummed, but anyone on the path can read the guest.")
     var insecurePlaintext = false
 
-    @Option(help: "Rounds of the announcement (a RARP from the guest's MAC and a gratuitous ARP for its registered IP) sent once a guest with a network card runs here, so switches learn its new port; 0 turns it off.")
-    var announceRounds: Int = AnnounceSchedule.qemuDefault.rounds
+    @Option(help: "Rounds of the announcement (a RARP from the guest's MAC and a gratuitous ARP for its registered IP) sent once a guest with a network card runs here, so switches learn its new port; 0 turns it off (as --no-announce). Default: 5, QEMU's.")
+    var announceRounds: Int?
+
+    @Flag(help: "Send no announcement (as --announce-rounds 0): the switches keep sending the guest's frames to its old port until it sends something itself.")
+    var noAnnounce = false
 
     @Option(help: "Milliseconds between the first and second rounds.")
     var announceInitialMs: Int = AnnounceSchedule.qemuDefault.initialMs
@@ -198,7 +201,7 @@ struct Receive: ParsableCommand {
     var announceMaxMs: Int = AnnounceSchedule.qemuDefault.maxMs
 
     var announceSchedule: AnnounceSchedule {
-        AnnounceSchedule(initialMs: announceInitialMs, stepMs: announceStepMs, rounds: announceRounds, maxMs: announceMaxMs)
+        AnnounceSchedule(initialMs: announceInitialMs, stepMs: announceStepMs, rounds: noAnnounce ? 0 : announceRounds ?? AnnounceSchedule.qemuDefault.rounds, maxMs: announceMaxMs)
     }
 
     /// Test-only: the destination commits this fault (a transport wraps the connection), so the
@@ -213,6 +216,9 @@ struct Receive: ParsableCommand {
         try net.validate()
         guard listenTimeout > 0 && listenTimeout <= 86_400 else { throw ValidationError("--listen-timeout must be 1 to 86400 seconds") }
         if let problem = announceSchedule.problem { throw ValidationError("--announce-*: \(problem)") }
+        if noAnnounce, let rounds = announceRounds, rounds != 0 {
+            throw ValidationError("--no-announce and --announce-rounds \(rounds) contradict each other: give one of them")
+        }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
     }

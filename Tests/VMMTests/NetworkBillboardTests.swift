@@ -180,7 +180,7 @@ struct NetworkBillboardTests {
         }
     }
 
-    @Test("vmm run --net names only a tap, and a guest registered without a MAC is refused a card")
+    @Test("vmm run --net names only a tap, and a guest registered without a MAC is refused a card; vmm receive takes --no-announce or --announce-rounds, not both")
     func cliNet() throws {
         let image = try Fixtures.guest("counter.elf")
         let args = try billboard().register(image, cmdline: "count=0 ticks=400000 note=clinet")
@@ -188,6 +188,10 @@ struct NetworkBillboardTests {
         #expect(r.status == 1 && r.stderr.contains("registered without a MAC address"), "\(r.stderr)")
         let bad = try runVMM(["run", image, "--net", "mac=52:54:00:00:00:01"] + args)
         #expect(bad.status != 0 && bad.stderr.contains("--net takes tap=NAME"), "\(bad.stderr)")
+        let both = try runVMM(["receive", "--listen", "127.0.0.1:0", "--no-announce", "--announce-rounds", "3"] + args)
+        #expect(both.status == 64 && both.stderr.contains("--no-announce and --announce-rounds 3 contradict each other"), "\(both.stderr)")
+        let help = try runVMM(["receive", "--help"])
+        #expect(help.stdout.contains("--no-announce") && help.stdout.contains("--announce-rounds"), "\(help.stdout)")
     }
 }
 
