@@ -47,6 +47,24 @@ int csystemcalls_tun_set_tap(int fd, const char *name, char *actual) {
     return result;
 }
 
+int csystemcalls_tun_get_flags(int fd, char *name) {
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    if (ioctl(fd, TUNGETIFF, &request) < 0) return -1;
+    memcpy(name, request.ifr_name, IFNAMSIZ);
+    name[IFNAMSIZ - 1] = 0;
+    return request.ifr_flags & 0xffff;
+}
+
+int csystemcalls_tun_flag_tap(void) { return IFF_TAP; }
+int csystemcalls_tun_flag_no_pi(void) { return IFF_NO_PI; }
+
+int csystemcalls_interface_index(const char *name) {
+    unsigned int index = if_nametoindex(name);
+    if (index == 0) return -1;
+    return index > 0x7fffffff ? 0x7fffffff : (int)index;
+}
+
 int csystemcalls_setns_net(int fd) {
     return setns(fd, CLONE_NEWNET);
 }

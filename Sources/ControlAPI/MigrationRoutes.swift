@@ -49,10 +49,17 @@ enum MigrationRoutes {
     static let postcopyWarning = "post-copy: once the guest switches to the destination, neither side has all of it until the last page has moved; if the link fails then, the guest is lost (recovery is not implemented)"
 
     static func status(_ service: MigrationService) throws -> Response {
+        JSONReply.make(.ok, try statusObject(service))
+    }
+
+    /// The body of `GET /vm/migration`.
+    static func statusObject(_ service: MigrationService) throws -> [String: Any] {
         let (progress, report) = service.status
         var object = try jsonObject(progress)
         if let report { object["last_report"] = try reportObject(report) }
-        return JSONReply.make(.ok, object)
+        // On a destination: the migration that brought the guest here, and its announcement.
+        if let incoming = service.incoming { object["incoming"] = try jsonObject(incoming) }
+        return object
     }
 
     static func jsonObject<T: Encodable>(_ value: T) throws -> [String: Any] {

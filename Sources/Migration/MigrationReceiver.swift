@@ -25,6 +25,18 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     /// Post-copy: the missing pages can no longer come. The guest must never run again: its
     /// vCPUs stay where they are and the machine ends with `reason`.
     func postCopyLost(reason: String)
+    /// After `startGuest`: the guest's announcement so far, for the RUNNING reply (nil: the
+    /// guest has no network card).
+    var announceSoFar: AnnounceReport? { get }
+    /// After `startGuest`: the moment (monotonic ms) the machine was started, when the VM knows
+    /// it; the work `startGuest` does after that (the first announcement round) is then not
+    /// counted as downtime.
+    var resumedAt: Double? { get }
+}
+
+extension MigrationDestinationVM {
+    public var announceSoFar: AnnounceReport? { nil }
+    public var resumedAt: Double? { nil }
 }
 
 /// The destination side: challenge, admission, reservation, verified reception, READY, and
@@ -192,9 +204,9 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             throw error
         }
         committed = true
-        let resumedAt = monotonicMilliseconds()
+        let resumedAt = vm.resumedAt ?? monotonicMilliseconds()
         // The guest runs here now, whatever happens to this reply.
-        try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt).encoded())
+        try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt, announce: vm.announceSoFar).encoded())
         if postcopy == nil { try? replies.finish() }
         try? replies.sink.flush()
         var result = Result(pages: body.pages, zeroPages: body.zeroPages, bytes: reader.offset + commit.offset,

@@ -130,9 +130,15 @@ public struct MigrationReport: Codable, Sendable {
     /// The post-copy phase's figures, when the guest switched to the destination before all its
     /// pages had moved.
     public var postcopy: PostCopyFigures?
+    /// The destination's announcement as it stood when the destination replied RUNNING: its
+    /// schedule and the first round, which goes out before that reply (state `sending`), or
+    /// state `off`. Absent when the guest has no network card, or the destination did not say.
+    /// The later rounds are in the destination's own report (`ArrivalReport.announce`).
+    public var destinationAnnounce: AnnounceReport?
 
     enum CodingKeys: String, CodingKey {
         case destination, tracker, converged, outcome, rounds, settings, error, postcopy
+        case destinationAnnounce = "destination_announce"
         case setupMs = "setup_ms"
         case totalMs = "total_ms"
         case downtimeMs = "downtime_ms"
@@ -177,5 +183,131 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
         case p99FaultMs = "p99_fault_ms"
         case blockedMs = "vcpu_blocked_ms"
         case lastPageAfterMs = "last_page_after_ms"
+    }
+}
+
+/// What a destination did to announce a guest with a network card after it resumed it there:
+/// QEMU's self-announce (a RARP from the guest's MAC and a gratuitous ARP for its registered IP,
+/// each round) on QEMU's schedule, so that the switches between it and its peers learn its new
+/// port. Times are milliseconds after the guest resumed on the destination's monotonic clock.
+public struct AnnounceReport: Codable, Sendable, Equatable {
+    public enum State: String, Codable, Sendable {
+        /// The destination was told not to announce (`vmm receive --no-announce` or
+        /// `--announce-rounds 0`): switches keep sending to the old port until the guest talks.
+        case off
+        /// Rounds are still to come.
+        case sending
+        /// Every round went out (some frames may have failed: `errors`).
+        case finished
+        /// Stopped before the last round: the guest ended or moved on.
+        case cancelled
+        /// The guest has a card but its host side was not connected: nothing was sent.
+        case notConnected = "not-connected"
+    }
+
+    /// The schedule's parameters (`vmm receive --announce-*`).
+    public struct Schedule: Codable, Sendable, Equatable {
+        public var rounds: Int
+        public var initialMs: Int
+        public var stepMs: Int
+        public var maxMs: Int
+
+        public init(rounds: Int, initialMs: Int, stepMs: Int, maxMs: Int) {
+            self.rounds = rounds
+            self.initialMs = initialMs
+            self.stepMs = stepMs
+            self.maxMs = maxMs
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case rounds
+            case initialMs = "initial_ms"
+            case stepMs = "step_ms"
+            case maxMs = "max_ms"
+        }
+    }
+
+    public var state: State
+    public var schedule: Schedule
+    /// When each round is due, by the schedule (`rounds` values; QEMU's defaults: 0, 50, 200, 450, 800).
+    public var plannedMs: [Int]
+    /// When each round went out so far.
+    public var sentMs: [Double]
+    public var framesPerRound: Int
+    /// Frames written to the tap, and frames the tap refused (each failure is also counted in
+    /// the card's tap write errors).
+    public var framesSent: Int
+    public var errors: Int
+    /// The last refusal, when there was one.
+    public var lastError: String?
+
+    public init(state: State, schedule: Schedule, plannedMs: [Int], sentMs: [Double] = [], framesPerRound: Int,
+                framesSent: Int = 0, errors: Int = 0, lastError: String? = nil) {
+        self.state = state
+        self.schedule = schedule
+        self.plannedMs = plannedMs
+        self.sentMs = sentMs
+        self.framesPerRound = framesPerRound
+        self.framesSent = framesSent
+        self.errors = errors
+        self.lastError = lastError
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case state, schedule, errors
+        case plannedMs = "planned_ms"
+        case sentMs = "sent_ms"
+        case framesPerRound = "frames_per_round"
+        case framesSent = "frames_sent"
+        case lastError = "last_error"
+    }
+}
+
+/// The destination's report of one incoming migration (`vmm receive`): where the guest came
+/// from, what arrived, and the announcement that followed its resume. The announcement goes on
+/// for about 800 ms after the resume (QEMU's schedule), so `announce` is read live: the
+/// control API shows where it stands, the report file is written once it has finished.
+public struct ArrivalReport: Codable, Sendable, Equatable {
+    public enum Outcome: String, Codable, Sendable {
+        /// The guest runs here.
+        case running
+        /// Post-copy lost its link after the switch: the guest ended here (`error` says why).
+        case lost
+    }
+
+    /// The host the guest came from (authenticated on TLS; claimed, then proven by the
+    /// stream's signature, in plaintext).
+    public var source: String
+    public var outcome: Outcome
+    /// When the guest resumed here (CLOCK_MONOTONIC ms: comparable only on one host).
+    public var resumedAtMs: Double
+    /// Page entries received (zero pages included), and stream bytes read.
+    public var pagesReceived: Int
+    public var zeroPages: Int
+    public var bytesReceived: UInt64
+    public var postcopy: PostCopyFigures?
+    public var error: String?
+    /// Absent when the guest has no network card.
+    public var announce: AnnounceReport?
+
+    public init(source: String, outcome: Outcome, resumedAtMs: Double, pagesReceived: Int, zeroPages: Int, bytesReceived: UInt64,
+                postcopy: PostCopyFigures? = nil, error: String? = nil, announce: AnnounceReport? = nil) {
+        self.source = source
+        self.outcome = outcome
+        self.resumedAtMs = resumedAtMs
+        self.pagesReceived = pagesReceived
+        self.zeroPages = zeroPages
+        self.bytesReceived = bytesReceived
+        self.postcopy = postcopy
+        self.error = error
+        self.announce = announce
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case source, outcome, postcopy, error, announce
+        case resumedAtMs = "resumed_at_ms"
+        case pagesReceived = "pages_received"
+        case zeroPages = "zero_pages"
+        case bytesReceived = "bytes_received"
     }
 }

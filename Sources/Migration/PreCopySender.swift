@@ -298,10 +298,11 @@ public final class PreCopySender: Sendable {
         try commit.finish()
         try commit.sink.flush()
         run.report.bytesSent += commit.bytesWritten
-        guard case let .running(resumedAt) = try next(from: &run.reader, expecting: "running") else {
+        guard case let .running(resumedAt, announce) = try next(from: &run.reader, expecting: "running") else {
             throw MigrationError.protocolViolation("expected running")
         }
         run.report.downtimeMs = resumedAt - run.pauseTime
+        run.report.destinationAnnounce = announce
         try? vm.dirtyTracker.disable()
         if postcopy { return }
         run.report.outcome = .completed

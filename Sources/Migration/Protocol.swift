@@ -35,7 +35,8 @@ import Snapshot
 //   source -> destination, stream 2 (commit): header, control{go: the counts, and in
 //     plaintext the source host's signature over the challenge and the counts}, end
 //     (from here the source never resumes on its own)
-//   destination -> source: control{running: resumed_at}, end
+//   destination -> source: control{running: resumed_at, [announce: the schedule and the
+//     first round, which the destination sends before this reply]}, end
 //
 // A failure before GO leaves the guest running on the source and the destination discards
 // what it had. A failure after GO leaves the source paused and the migration "in doubt":
@@ -112,8 +113,10 @@ public enum WireMessage: Sendable, Equatable {
     case ready(TransferCounts)
     /// The commit; in plaintext signed by the source host over the challenge and the counts.
     case go(TransferCounts, signature: Data?)
-    /// When the destination resumed the guest (CLOCK_MONOTONIC ms; same host only).
-    case running(resumedAt: Double)
+    /// When the destination resumed the guest (CLOCK_MONOTONIC ms; same host only), and its
+    /// announcement as it stood then (the schedule and the first round, sent before this
+    /// reply; nil without a network card). An older destination sends no announcement.
+    case running(resumedAt: Double, announce: AnnounceReport?)
     /// Post-copy, in the commit stream before GO: the pages the destination must not take from
     /// what it received (a bitmap, 64-bit little-endian words, one bit per guest page).
     case postcopy(missing: Data)
@@ -173,6 +176,7 @@ public enum WireMessage: Sendable, Equatable {
         var missingPages: Data?
         var pfn: UInt64?
         var figures: PostCopyFigures?
+        var announce: AnnounceReport?
 
         init(kind: String) { self.kind = kind }
 
@@ -185,7 +189,7 @@ public enum WireMessage: Sendable, Equatable {
             case let .refuse(reason): self.reason = reason
             case let .ready(counts): self.counts = counts
             case let .go(counts, signature): self.counts = counts; self.signature = signature
-            case let .running(resumedAt): self.resumedAt = resumedAt
+            case let .running(resumedAt, announce): self.resumedAt = resumedAt; self.announce = announce
             case let .postcopy(missing): missingPages = missing
             case let .pageChannel(challenge): nonce = challenge
             case let .pageRequest(pfn): self.pfn = pfn
@@ -220,7 +224,7 @@ public enum WireMessage: Sendable, Equatable {
                 return .go(counts, signature: signature)
             case "running":
                 guard let resumedAt else { throw missing("resumedAt") }
-                return .running(resumedAt: resumedAt)
+                return .running(resumedAt: resumedAt, announce: announce)
             case "postcopy":
                 guard let missingPages else { throw missing("missingPages") }
                 return .postcopy(missing: missingPages)

@@ -257,6 +257,10 @@ public enum GuestDoors {
                 // Post-copy that lost its link: the guest has ended here with the reason, and
                 // it exists nowhere else complete; the caller sees the machine's exit.
                 if let failure = result.postcopyFailure { log("migration: \(failure)") }
+                guest.recordArrival(ArrivalReport(source: result.sourceHost, outcome: result.postcopyFailure == nil ? .running : .lost,
+                                                  resumedAtMs: result.resumedAt, pagesReceived: result.pages,
+                                                  zeroPages: result.zeroPages, bytesReceived: result.bytes,
+                                                  postcopy: result.postcopy, error: result.postcopyFailure))
                 return guest
             } catch {
                 watchdog.disarm()

@@ -63,9 +63,15 @@ extension AdmittedGuest: MigrationDestinationVM {
             resumedAt = monotonicMilliseconds()
             machine.start()
         }
-        // Off the downtime path: the switches learn where the guest is now.
+        noteArrival(at: resumedAt)
+        // After the resume (not downtime): the switches learn where the guest is now. The
+        // first round goes before this returns, so the RUNNING reply can say when.
         announceArrival(resumedAt: resumedAt)
     }
+
+    public var announceSoFar: AnnounceReport? { arrivalAnnounce }
+
+    public var resumedAt: Double? { arrivedAt }
 
     /// Tests only: as `startGuest`, but the vCPUs start parked, so that the memory a migration
     /// brought can be compared with the source's before the guest changes it.

@@ -8,6 +8,7 @@ import Billboard
 import Snapshot
 import SystemCalls
 import MachineCore
+import NetworkFrames
 import PageFaults
 import VMM
 
@@ -26,9 +27,10 @@ final class Destination: @unchecked Sendable {
     /// `onSource`: receive on the source host (a guest coming back); by default on the destination host.
     /// `listenSeconds`: how long it keeps listening for a migration that completes.
     /// `tap`, `namespace`: the arriving guest's card goes on `tap`, opened in network namespace
-    /// `namespace` (/run/netns/NAME; the receiving thread enters it).
+    /// `namespace` (/run/netns/NAME; the receiving thread enters it), and is announced on
+    /// `announce` once it runs.
     init(tracker: DirtyTrackerKind = .bitmap, fault: InjectedFault? = nil, onSource: Bool = false, listenSeconds: Double = 60,
-         tap: String? = nil, namespace: String? = nil) throws {
+         tap: String? = nil, namespace: String? = nil, announce: AnnounceSchedule = .qemuDefault) throws {
         let hosts = try localHosts()
         let store = onSource ? hosts.source : hosts.destination
         listener = try GuestDoors.listen("127.0.0.1:0", store: store, plaintext: false)
@@ -39,7 +41,7 @@ final class Destination: @unchecked Sendable {
                 if let namespace { try NetworkNamespace.enter(path: "/run/netns/\(namespace)") }
                 machine = try GuestDoors.receive(listener: listener, deadline: monotonicMilliseconds() + listenSeconds * 1000,
                                                  store: store, settings: hosts.settings, dirtyTracker: tracker, tap: tap,
-                                                 wrapTransport: { t in fault.map { FaultInjectingTransport(t, fault: $0) } ?? t },
+                                                 announce: announce, wrapTransport: { t in fault.map { FaultInjectingTransport(t, fault: $0) } ?? t },
                                                  log: { _ in }, serialOutput: capture.append)
             } catch {
                 self.error = error
