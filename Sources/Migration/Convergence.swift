@@ -180,7 +180,7 @@ public struct ConvergenceEstimator: Sendable {
         let needsMs = ratio <= 0 ? predicted : predicted * (1 - pow(ratio, Double(rounds))) / (1 - ratio)
         if rounds > parameters.maxRoundsToFit {
             return .stalled(ConvergenceStall(kind: .tooSlowToFit, description: String(format:
-                "what is left shrinks by only %.0f%% a round: about %d more rounds to fit; %@", (1 - ratio) * 100, rounds, overLimit)))
+                "what is left shrinks by only %.1f%% a round: about %d more rounds to fit; %@", (1 - ratio) * 100, rounds, overLimit)))
         }
         if let secondsLeft, needsMs > secondsLeft * 1000 {
             return .stalled(ConvergenceStall(kind: .tooSlowToFit, description: String(format:

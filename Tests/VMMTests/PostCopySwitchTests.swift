@@ -328,7 +328,7 @@ struct PostCopySwitchAPITests {
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--api-socket", destinationSocket,
                                           "--listen-timeout", "600"] + store.storeArguments, socket: destinationSocket)
         defer { if destination.process.isRunning { _ = try? destination.call(.PUT, "/vm/shutdown"); _ = destination.wait(timeout: 10) } }
-        usleep(300_000)
+        #expect(waitUntil(60) { destination.errorText.contains("listening on") }, "vmm receive did not listen: \(destination.errorText)")
         let migrate = try source.call(.PUT, "/vm/migrate", """
             {"destination": "127.0.0.1:\(port)", "peer": "\(store.host)", "postcopy": true, "postcopy_after_rounds": "never",
              "max_bandwidth": 1000000, "max_downtime_ms": 1, "timeout_s": 3600}
