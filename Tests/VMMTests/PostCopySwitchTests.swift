@@ -128,7 +128,9 @@ final class SendHook: MigrationTransport {
     func close() { inner.close() }
 }
 
-@Suite("Post-copy switch points: on request, mid-round, on stall", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
+// Serialized: four 128 MiB guests rewriting 64 MiB at once would load the machine for every other test.
+@Suite("Post-copy switch points: on request, mid-round, on stall", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage),
+       .serialized)
 struct PostCopySwitchTests {
     /// Waits until the dirtier has touched its whole working set (round 0 then has it all to send).
     func waitForWorkingSet(_ machine: AdmittedGuest, pages: Int) {
@@ -328,7 +330,7 @@ struct PostCopySwitchAPITests {
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--api-socket", destinationSocket,
                                           "--listen-timeout", "600"] + store.storeArguments, socket: destinationSocket)
         defer { if destination.process.isRunning { _ = try? destination.call(.PUT, "/vm/shutdown"); _ = destination.wait(timeout: 10) } }
-        #expect(waitUntil(60) { destination.errorText.contains("listening on") }, "vmm receive did not listen: \(destination.errorText)")
+        #expect(destination.waitUntilListening(), "vmm receive did not listen: \(destination.errorText)")
         let migrate = try source.call(.PUT, "/vm/migrate", """
             {"destination": "127.0.0.1:\(port)", "peer": "\(store.host)", "postcopy": true, "postcopy_after_rounds": "never",
              "max_bandwidth": 1000000, "max_downtime_ms": 1, "timeout_s": 3600}
