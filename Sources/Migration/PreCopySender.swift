@@ -312,7 +312,16 @@ public final class PreCopySender: Sendable {
                 stall = why
                 break
             }
-            if elapsed >= settings.timeoutSeconds { throw MigrationError.notConverged(seconds: settings.timeoutSeconds) }
+            if elapsed >= settings.timeoutSeconds {
+                guard settings.postcopy && settings.postcopyOnStall else {
+                    throw MigrationError.notConverged(seconds: settings.timeoutSeconds)
+                }
+                // What is left fits, but the rounds promised are not done: the time limit decides.
+                trigger = .stall
+                stall = ConvergenceStall(kind: .timeout, description: String(
+                    format: "pre-copy reached its time limit (%.0f s) after %d rounds", settings.timeoutSeconds, round))
+                break
+            }
             try checkCancelled()
             if settings.autoConverge && round >= 2 {
                 let current = progress.throttlePercent
