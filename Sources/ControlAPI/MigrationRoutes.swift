@@ -24,9 +24,11 @@ enum MigrationRoutes {
               settings.timeoutSeconds > 0, settings.timeoutSeconds <= maximumTimeoutSeconds else {
             throw APIError(.badRequest, "max_downtime_ms must be above 0 and at most \(Int(maximumDowntimeMs)), timeout_s above 0 and at most \(Int(maximumTimeoutSeconds))")
         }
-        // At least one pre-copy round: a switch before any page was sent is not supported yet.
-        guard settings.postcopyAfterRounds >= 1, settings.postcopyAfterRounds <= 1000 else {
-            throw APIError(.badRequest, "postcopy_after_rounds must be between 1 and 1000")
+        if let rounds = settings.postcopyAfterRounds, rounds < 0 || rounds > 1000 {
+            throw APIError(.badRequest, "postcopy_after_rounds must be between 0 and 1000, or \"never\" (switch only on request or on stall)")
+        }
+        if settings.postcopyOnStall && !settings.postcopy {
+            throw APIError(.badRequest, "postcopy_on_stall switches to post-copy, which the migration must allow: add \"postcopy\": true")
         }
         let done = AsyncReport()
         do {
@@ -47,6 +49,17 @@ enum MigrationRoutes {
 
     /// Said whenever post-copy is asked for (QEMU warns the same way).
     static let postcopyWarning = "post-copy: once the guest switches to the destination, neither side has all of it until the last page has moved; if the link fails then, the guest is lost (recovery is not implemented)"
+
+    /// `PUT /vm/migration/postcopy`: the running post-copy migration switches as soon as it can.
+    static func switchToPostCopy(_ service: MigrationService) throws -> Response {
+        let progress: MigrationProgress
+        do { progress = try service.requestPostCopySwitch() } catch let refusal as PostCopySwitchRefusal {
+            throw APIError(.conflict, refusal.description)
+        }
+        var object = try jsonObject(progress)
+        object["warning"] = postcopyWarning
+        return JSONReply.make(.accepted, object)
+    }
 
     static func status(_ service: MigrationService) throws -> Response {
         JSONReply.make(.ok, try statusObject(service))

@@ -78,10 +78,11 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
     /// reserved VM discarded) on any failure before GO.
     /// `onManifest` runs once the manifest arrived (a caller's deadline for it can stop).
     ///
-    /// Post-copy (the manifest says so): `acceptPageChannel` gives the next incoming connection,
-    /// of which the one bound to this migration becomes the page channel; the guest runs from GO
-    /// while its missing pages arrive, and this returns once every page is in, or once the link
-    /// failed and the guest was lost (`Result.postcopyFailure`; the machine has ended).
+    /// Post-copy (the manifest allows it): `acceptPageChannel` gives the next incoming connection,
+    /// of which the one bound to this migration becomes the page channel; if the source switched,
+    /// the guest runs from GO while its missing pages arrive, and this returns once every page is
+    /// in, or once the link failed and the guest was lost (`Result.postcopyFailure`; the machine
+    /// has ended). If GO comes without a switch, pre-copy finished and the channel goes unused.
     public func run(transport: any MigrationTransport, onManifest: () -> Void = {},
                     acceptPageChannel: (() throws -> any MigrationTransport)? = nil) throws -> (vm: VM, result: Result) {
         let integrity = transport.streamIntegrity
@@ -170,9 +171,6 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         guard case let .go(sent, signature) = try WireMessage.decode(goSection.payload) else {
             throw MigrationError.protocolViolation("expected GO")
         }
-        if manifest.postcopy == true && missing == nil {
-            throw MigrationError.protocolViolation("the manifest announced post-copy but GO came without the switch")
-        }
         guard sent == received else {
             throw MigrationError.protocolViolation("the source sent \(sent) but \(received) arrived")
         }
@@ -182,6 +180,10 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         }
         guard let end = try commit.nextSection(), end.type == .end else {
             throw MigrationError.protocolViolation("GO was not followed by the end of its stream")
+        }
+        if missing == nil {
+            // Post-copy was allowed but pre-copy finished first: the page channel carries nothing.
+            pageChannel?.transport.close()
         }
         var postcopy: (server: FaultServer, source: PostCopyPageSource)?
         if let missing, let channel = pageChannel {

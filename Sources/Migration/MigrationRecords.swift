@@ -21,18 +21,26 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
     public var maxBandwidth: UInt64 = 0
     public var autoConverge: Bool = false
     public var timeoutSeconds: Double = 60
-    /// Post-copy: after `postcopyAfterRounds` pre-copy rounds the guest moves to the destination
-    /// at once and its remaining pages follow (pushed, and pulled on fault). If the link fails
-    /// after that switch, neither side has the whole guest: it is lost (no recovery yet).
+    /// Post-copy: the migration may switch the guest to the destination before all its pages
+    /// moved, and the rest follow (pushed, and pulled on fault). It switches after
+    /// `postcopyAfterRounds` rounds, when asked (`requestPostCopySwitch`), or, with
+    /// `postcopyOnStall`, when pre-copy stops converging. If the link fails after the switch,
+    /// neither side has the whole guest: it is lost (no recovery yet).
     public var postcopy: Bool = false
-    /// Pre-copy rounds before the switch (1: after round 0; 0: no pre-copy at all).
-    public var postcopyAfterRounds: Int = 1
+    /// Pre-copy rounds before the switch (0: none at all, 1: after round 0), whatever is left
+    /// then: pre-copy does not finish first. nil ("never" in JSON): no switch by count; it comes
+    /// on request or on a stall, and a pre-copy that converges first finishes as usual.
+    public var postcopyAfterRounds: Int? = 1
+    /// With `postcopy`: switch as soon as the convergence estimate says pre-copy will not fit
+    /// the downtime limit (or the time limit comes), instead of failing at the timeout.
+    public var postcopyOnStall: Bool = false
 
     public init(destination: String, peer: String? = nil, transport: TransportKind = .tls, maxDowntimeMs: Double = 300,
                 maxBandwidth: UInt64 = 0, autoConverge: Bool = false, timeoutSeconds: Double = 60,
-                postcopy: Bool = false, postcopyAfterRounds: Int = 1) {
+                postcopy: Bool = false, postcopyAfterRounds: Int? = 1, postcopyOnStall: Bool = false) {
         self.postcopy = postcopy
         self.postcopyAfterRounds = postcopyAfterRounds
+        self.postcopyOnStall = postcopyOnStall
         self.destination = destination
         self.peer = peer
         self.transport = transport
@@ -42,6 +50,9 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         self.timeoutSeconds = timeoutSeconds
     }
 
+    /// How `postcopy_after_rounds` spells "no switch by count".
+    public static let never = "never"
+
     enum CodingKeys: String, CodingKey {
         case destination, peer, transport
         case maxDowntimeMs = "max_downtime_ms"
@@ -50,6 +61,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         case timeoutSeconds = "timeout_s"
         case postcopy
         case postcopyAfterRounds = "postcopy_after_rounds"
+        case postcopyOnStall = "postcopy_on_stall"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -62,7 +74,65 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         autoConverge = try c.decodeIfPresent(Bool.self, forKey: .autoConverge) ?? false
         timeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .timeoutSeconds) ?? 60
         postcopy = try c.decodeIfPresent(Bool.self, forKey: .postcopy) ?? false
-        postcopyAfterRounds = try c.decodeIfPresent(Int.self, forKey: .postcopyAfterRounds) ?? 1
+        postcopyOnStall = try c.decodeIfPresent(Bool.self, forKey: .postcopyOnStall) ?? false
+        if !c.contains(.postcopyAfterRounds) {
+            // A switch on stall is what such a migration waits for: no switch by count unless asked.
+            postcopyAfterRounds = postcopyOnStall ? nil : 1
+        } else if let rounds = try? c.decode(Int.self, forKey: .postcopyAfterRounds) {
+            postcopyAfterRounds = rounds
+        } else if (try? c.decode(String.self, forKey: .postcopyAfterRounds)) == Self.never {
+            postcopyAfterRounds = nil
+        } else {
+            throw DecodingError.dataCorruptedError(forKey: .postcopyAfterRounds, in: c,
+                                                   debugDescription: "give a whole number of rounds or \"\(Self.never)\"")
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(destination, forKey: .destination)
+        try c.encodeIfPresent(peer, forKey: .peer)
+        try c.encode(transport, forKey: .transport)
+        try c.encode(maxDowntimeMs, forKey: .maxDowntimeMs)
+        try c.encode(maxBandwidth, forKey: .maxBandwidth)
+        try c.encode(autoConverge, forKey: .autoConverge)
+        try c.encode(timeoutSeconds, forKey: .timeoutSeconds)
+        try c.encode(postcopy, forKey: .postcopy)
+        if let postcopyAfterRounds { try c.encode(postcopyAfterRounds, forKey: .postcopyAfterRounds) } else {
+            try c.encode(Self.never, forKey: .postcopyAfterRounds)
+        }
+        try c.encode(postcopyOnStall, forKey: .postcopyOnStall)
+    }
+}
+
+/// What switched a migration to post-copy.
+public enum PostCopySwitch: String, Codable, Sendable {
+    /// `postcopyAfterRounds` rounds were done.
+    case afterRounds = "after-rounds"
+    /// Someone asked (`PUT /vm/migration/postcopy`, `vmm ctl migrate-postcopy`).
+    case requested
+    /// Pre-copy would not converge (`postcopyOnStall`).
+    case stall
+}
+
+/// Why a request to switch to post-copy now was refused.
+public enum PostCopySwitchRefusal: Error, Sendable, Equatable, CustomStringConvertible {
+    case noMigration
+    case notPostcopy
+    case alreadySwitched(PostCopySwitch)
+    case pastPrecopy(String)
+
+    public var description: String {
+        switch self {
+        case .noMigration:
+            "no migration is running; start one with post-copy allowed (vmm ctl migrate ... --postcopy, API \"postcopy\": true) first"
+        case .notPostcopy:
+            "this migration was not started with post-copy allowed (\"postcopy\": true, --postcopy); it can only finish as pre-copy or fail; to switch on demand, start the next one with --postcopy --postcopy-after-rounds never"
+        case let .alreadySwitched(trigger):
+            "this migration has already switched to post-copy (\(trigger.rawValue)); nothing more to ask"
+        case let .pastPrecopy(why):
+            "this migration is past pre-copy: \(why); it can no longer switch"
+        }
     }
 }
 
@@ -80,6 +150,8 @@ public struct MigrationProgress: Codable, Sendable, Equatable {
     public var expectedDowntimeMs: Double = 0
     public var throttlePercent: Int = 0
     public var elapsedSeconds: Double = 0
+    /// Post-copy: "requested" once a switch was asked for, then what switched it.
+    public var postcopySwitch: String?
     public var error: String?
 
     public init() {}
@@ -93,6 +165,7 @@ public struct MigrationProgress: Codable, Sendable, Equatable {
         case expectedDowntimeMs = "expected_downtime_ms"
         case throttlePercent = "throttle_percent"
         case elapsedSeconds = "elapsed_s"
+        case postcopySwitch = "postcopy_switch"
     }
 }
 
@@ -136,8 +209,11 @@ public struct MigrationReport: Codable, Sendable {
     /// The later rounds are in the destination's own report (`ArrivalReport.announce`).
     public var destinationAnnounce: AnnounceReport?
 
+    /// The convergence estimate after the last pre-copy round.
+    public var convergence: ConvergenceFigures?
+
     enum CodingKeys: String, CodingKey {
-        case destination, tracker, converged, outcome, rounds, settings, error, postcopy
+        case destination, tracker, converged, outcome, rounds, settings, error, postcopy, convergence
         case destinationAnnounce = "destination_announce"
         case setupMs = "setup_ms"
         case totalMs = "total_ms"
@@ -155,8 +231,16 @@ public struct MigrationReport: Codable, Sendable {
 /// What post-copy did: the destination measures the faults (sent back when the last page is in),
 /// the source counts what it pushed and what was asked for.
 public struct PostCopyFigures: Codable, Sendable, Equatable {
-    /// Pre-copy rounds before the switch.
+    /// What switched it (absent in figures from a destination: the source knows).
+    public var trigger: PostCopySwitch?
+    /// Pre-copy rounds completed before the switch.
     public var switchedAfterRounds: Int = 0
+    /// Whether the switch cut round `switchedAfterRounds` short (a request, or the time limit with
+    /// a switch on stall, arrived while it was sending).
+    public var switchedMidRound: Bool?
+    /// Why pre-copy was judged stalled (trigger "stall").
+    public var stall: ConvergenceStall.Kind?
+    public var stallReason: String?
     /// Pages the destination did not have at the switch (dirty since sent, or never sent).
     public var pagesMissingAtSwitch: Int = 0
     /// Pages sent in order on the main connection, and pages sent because a fault asked.
@@ -174,7 +258,10 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
     public init() {}
 
     enum CodingKeys: String, CodingKey {
-        case faults
+        case faults, stall
+        case trigger = "switch"
+        case switchedMidRound = "switched_mid_round"
+        case stallReason = "stall_reason"
         case switchedAfterRounds = "switched_after_rounds"
         case pagesMissingAtSwitch = "pages_missing_at_switch"
         case pagesPushed = "pages_pushed"
@@ -309,5 +396,17 @@ public struct ArrivalReport: Codable, Sendable, Equatable {
         case pagesReceived = "pages_received"
         case zeroPages = "zero_pages"
         case bytesReceived = "bytes_received"
+    }
+}
+
+extension PostCopyFigures {
+    /// Takes how and when the switch happened from the source's record of it.
+    mutating func takeSwitch(from other: PostCopyFigures?) {
+        guard let other else { return }
+        trigger = other.trigger
+        switchedAfterRounds = other.switchedAfterRounds
+        switchedMidRound = other.switchedMidRound
+        stall = other.stall
+        stallReason = other.stallReason
     }
 }

@@ -47,6 +47,12 @@ public final class PreCopySender: Sendable {
         /// Set with `goSent` when the guest switches to the destination before all its pages
         /// moved (post-copy): from then on no failure resumes it here.
         var postcopy = false
+        /// A switch to post-copy on request: open while pre-copy may still switch.
+        var switchWindow = SwitchWindow.open
+    }
+    enum SwitchWindow {
+        case open, requested
+        case closed(PostCopySwitchRefusal)
     }
     private let state = Mutex<Shared>(Shared())
     /// Rounds beyond the first that met the downtime limit, while they keep shrinking the rest.
@@ -61,6 +67,41 @@ public final class PreCopySender: Sendable {
 
     /// A copy of the current progress.
     public var progress: MigrationProgress { state.withLock { $0.progress } }
+
+    /// Asks a post-copy migration to switch as soon as it can: before its next round, or in the
+    /// middle of the round it is sending (what that round has not sent yet stays missing, with
+    /// every page dirtied since it was sent). A request accepted here is always carried out.
+    public func requestPostCopySwitch() throws {
+        guard settings.postcopy else { throw PostCopySwitchRefusal.notPostcopy }
+        let refusal: PostCopySwitchRefusal? = state.withLock { s in
+            if s.cancelled != nil { return .pastPrecopy("it is being cancelled") }
+            switch s.switchWindow {
+            case .open:
+                s.switchWindow = .requested
+                s.progress.postcopySwitch = PostCopySwitch.requested.rawValue
+                return nil
+            case .requested: return nil
+            case let .closed(refusal): return refusal
+            }
+        }
+        if let refusal { throw refusal }
+    }
+
+    private var switchIsRequested: Bool {
+        state.withLock { if case .requested = $0.switchWindow { true } else { false } }
+    }
+
+    /// Ends the time for requests (a window already closed keeps its reason); whether one came
+    /// first (and must still be carried out).
+    private func closeSwitchWindow(_ refusal: PostCopySwitchRefusal) -> Bool {
+        state.withLock { s in
+            switch s.switchWindow {
+            case .open: s.switchWindow = .closed(refusal); return false
+            case .requested: s.switchWindow = .closed(.alreadySwitched(.requested)); return true
+            case .closed: return false
+            }
+        }
+    }
 
     /// Aborts the migration unless GO was already sent (SIGINT/SIGTERM, or the API).
     public func cancel(reason: String) {
@@ -103,6 +144,8 @@ public final class PreCopySender: Sendable {
         /// Post-copy: the pages the destination lacks at the switch, and the page channel.
         var missing: DirtyBitmap?
         var pageChannel: PageChannel?
+        /// Serves the page channel from GO on.
+        var pageService: PageService?
         var switchedAfterRounds = 0
     }
 
@@ -113,7 +156,13 @@ public final class PreCopySender: Sendable {
         var report = MigrationReport(destination: settings.destination, tracker: vm.dirtyTracker.name,
                                      converged: false, outcome: .failed, settings: settings)
         report.memoryBytes = vm.memory.size
-        state.withLock { $0 = Shared(); $0.progress.phase = .setup }
+        state.withLock { s in
+            // A switch asked for before the run began (while its thread started) still stands.
+            let window = s.switchWindow
+            s = Shared()
+            if case .requested = window { s.switchWindow = window; s.progress.postcopySwitch = PostCopySwitch.requested.rawValue }
+            s.progress.phase = .setup
+        }
         var paused = false, tracking = false
         do {
             let transport = try connect()
@@ -123,16 +172,24 @@ public final class PreCopySender: Sendable {
             defer { report = run.report; paused = run.paused; tracking = run.tracking }
             try precopy(&run)
             if run.missing == nil {
-                try stopAndCopy(&run)
+                try stopAndCopy(&run, connect: connect)
+                defer { run.pageChannel?.transport.close() }
                 try handover(&run, transport: transport)
             } else {
                 try switchToPostCopy(&run, connect: connect)
-                defer { run.pageChannel?.transport.close() }
+                defer {
+                    run.pageService?.stop()
+                    run.pageChannel?.transport.close()
+                }
                 try handover(&run, transport: transport)
                 try postcopy(&run, transport: transport)
             }
         } catch {
             fail(&report, error: error, paused: paused, tracking: tracking)
+        }
+        state.withLock { s in
+            if case .closed = s.switchWindow { return }
+            s.switchWindow = .closed(.pastPrecopy("it has ended (\(report.outcome.rawValue))"))
         }
         report.rounds = report.pagesPerRound.count
         report.totalMs = monotonicMilliseconds() - t0
@@ -182,40 +239,66 @@ public final class PreCopySender: Sendable {
     }
 
     /// Pre-copy: round 0 sends every page that may hold data while the guest runs; each later
-    /// round what was dirtied since, until what is left fits the downtime limit.
+    /// round what was dirtied since, until what is left fits the downtime limit, or (post-copy)
+    /// until the switch: after the rounds asked for, on request (even mid-round), or, with a
+    /// switch on stall, once the convergence estimate says the limit will not be met.
     private func precopy(_ run: inout Run) throws {
         try vm.dirtyTracker.enable()
         run.tracking = true
         update { $0.phase = .precopy }
         // Logging is already on, so a page first written after this check is caught by the next round.
         var pending = vm.memory.possiblyNonZeroPages() ?? DirtyBitmap.all(pageCount: vm.memory.pageCount)
+        var estimator = ConvergenceEstimator(maxDowntimeMs: settings.maxDowntimeMs)
         var round = 0
         var extraRounds = 0
-        var rate = 0.0
-        while !(settings.postcopy && round >= settings.postcopyAfterRounds) {
+        // A number of rounds is a promise: the switch comes after exactly that many, and
+        // pre-copy does not finish first. Without one, it may.
+        let switchByCount = settings.postcopy ? settings.postcopyAfterRounds : nil
+        let t0 = run.t0
+        let interrupt: (() -> PostCopySwitch?)? = settings.postcopy ? { [self] in midRoundSwitch(t0: t0) } : nil
+        var trigger: PostCopySwitch?
+        var stall: ConvergenceStall?
+        var midRound = false
+        while true {
+            if settings.postcopy {
+                if switchIsRequested { trigger = .requested; break }
+                if let count = switchByCount, round >= count { trigger = .afterRounds; break }
+            }
             let roundStart = monotonicMilliseconds()
             let before = run.writer.bytesWritten
-            let sent = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report, counts: &run.sent, t0: run.t0)
+            let (sent, interruption) = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report,
+                                                     counts: &run.sent, t0: run.t0, interrupt: interrupt)
             run.report.pagesPerRound.append(sent)
+            if let interruption {
+                // What this round did not send stays missing; what was dirtied after it was sent
+                // is collected at the switch.
+                pending = interruption.unsent
+                trigger = interruption.trigger
+                midRound = true
+                if interruption.trigger == .stall {
+                    stall = ConvergenceStall(kind: .timeout, description: String(
+                        format: "pre-copy reached its time limit (%.0f s) in round %d, with %d of its pages unsent",
+                        settings.timeoutSeconds, round, interruption.unsent.count))
+                }
+                break
+            }
             let seconds = max((monotonicMilliseconds() - roundStart) / 1000, 1e-6)
-            let roundRate = Double(run.writer.bytesWritten - before) / seconds
-            // Rounds of a few pages measure latency, not bandwidth: keep the better estimate.
-            rate = sent >= 256 || rate == 0 ? roundRate : max(rate, roundRate)
             pending = try vm.dirtyTracker.collect()
-            let expectedMs = Double(pending.count) * 4096 / max(rate, 1) * 1000
+            estimator.record(RoundFigures(pagesSent: sent, bytesSent: run.writer.bytesWritten - before, seconds: seconds,
+                                          pagesDirtied: pending.count))
             let elapsed = (monotonicMilliseconds() - run.t0) / 1000
+            let verdict = estimator.verdict(secondsLeft: settings.timeoutSeconds - elapsed)
+            run.report.convergence = estimator.snapshot(secondsLeft: settings.timeoutSeconds - elapsed)
+            let expectedMs = estimator.predictedFinalRoundMs ?? 0
             update {
                 $0.round = round
                 $0.dirtyPagesLeft = pending.count
-                $0.rateBytesPerSecond = rate
+                $0.rateBytesPerSecond = estimator.linkRate ?? 0
                 $0.expectedDowntimeMs = expectedMs
                 $0.elapsedSeconds = elapsed
             }
             round += 1
-            // Post-copy switches after its rounds whatever is left.
-            if settings.postcopy && round >= settings.postcopyAfterRounds { break }
-            // (Post-copy switches by rounds, not by what is left.)
-            if !settings.postcopy && expectedMs <= settings.maxDowntimeMs {
+            if switchByCount == nil && verdict == .fits {
                 // The limit is a ceiling, not a target: while another round still shrinks
                 // what is left by a quarter, it buys a shorter pause for little time.
                 let shrinking = Double(pending.count) < Double(sent) * 0.75
@@ -224,7 +307,21 @@ public final class PreCopySender: Sendable {
                 if !worthOneMore { run.report.converged = true; break }
                 extraRounds += 1
             }
-            if elapsed >= settings.timeoutSeconds { throw MigrationError.notConverged(seconds: settings.timeoutSeconds) }
+            if settings.postcopy && settings.postcopyOnStall, case let .stalled(why) = verdict {
+                trigger = .stall
+                stall = why
+                break
+            }
+            if elapsed >= settings.timeoutSeconds {
+                guard settings.postcopy && settings.postcopyOnStall else {
+                    throw MigrationError.notConverged(seconds: settings.timeoutSeconds)
+                }
+                // What is left fits, but the rounds promised are not done: the time limit decides.
+                trigger = .stall
+                stall = ConvergenceStall(kind: .timeout, description: String(
+                    format: "pre-copy reached its time limit (%.0f s) after %d rounds", settings.timeoutSeconds, round))
+                break
+            }
             try checkCancelled()
             if settings.autoConverge && round >= 2 {
                 let current = progress.throttlePercent
@@ -236,15 +333,37 @@ public final class PreCopySender: Sendable {
             }
         }
         run.pending = pending
-        if settings.postcopy && round >= settings.postcopyAfterRounds {
+        if let trigger {
+            _ = closeSwitchWindow(.alreadySwitched(trigger))
+        } else if closeSwitchWindow(.pastPrecopy("pre-copy converged and is finishing without a switch")) {
+            // Asked for after the last check: carried out all the same.
+            trigger = .requested
+        }
+        if let trigger {
             run.missing = pending
             run.switchedAfterRounds = round
+            var figures = PostCopyFigures()
+            figures.trigger = trigger
+            figures.switchedAfterRounds = round
+            figures.switchedMidRound = midRound
+            figures.stall = stall?.kind
+            figures.stallReason = stall?.description
+            run.report.postcopy = figures
+            update { $0.postcopySwitch = trigger.rawValue }
         }
+    }
+
+    /// Checked after each batch of a post-copy migration's round: a request, or (switching on
+    /// stall) the time limit, stops the round where it is.
+    private func midRoundSwitch(t0: Double) -> PostCopySwitch? {
+        if switchIsRequested { return .requested }
+        if settings.postcopyOnStall && (monotonicMilliseconds() - t0) / 1000 >= settings.timeoutSeconds { return .stall }
+        return nil
     }
 
     /// Stop-and-copy: the guest pauses; the last dirty pages, vCPU and device state, the
     /// signature and the end of the state stream follow.
-    private func stopAndCopy(_ run: inout Run) throws {
+    private func stopAndCopy(_ run: inout Run, connect: () throws -> any MigrationTransport) throws {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
@@ -253,7 +372,7 @@ public final class PreCopySender: Sendable {
         run.pauseTime = monotonicMilliseconds()
         run.pending.formUnion(try vm.dirtyTracker.collect())
         let last = try sendPages(run.pending, writer: &run.writer, rearm: false, report: &run.report, counts: &run.sent,
-                                 t0: run.t0, stopAndCopy: true)
+                                 t0: run.t0, stopAndCopy: true).sent
         run.report.pagesPerRound.append(last)
         let (vcpu, devices) = try vm.statePayloads()
         // Signed only in plaintext: on an authenticated channel the TLS identity is the signature.
@@ -261,6 +380,12 @@ public final class PreCopySender: Sendable {
         try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { signed ? try vm.signState(digest: $0) : nil }
         try run.writer.sink.flush()
         run.report.bytesSent = run.writer.bytesWritten
+        if settings.postcopy {
+            // The manifest allowed post-copy, so the destination waits for a page channel before
+            // READY; none of the pages will need it, and GO comes without a switch.
+            run.pageChannel = try PageChannel.open(connect: connect, challenge: run.challenge,
+                                                   mainPeer: state.withLock { $0.transport?.authenticatedPeer })
+        }
         update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
     }
 
@@ -298,6 +423,11 @@ public final class PreCopySender: Sendable {
         try commit.finish()
         try commit.sink.flush()
         run.report.bytesSent += commit.bytesWritten
+        if let missing = run.missing, let channel = run.pageChannel {
+            // From GO on: the destination may fault before it says RUNNING (it reads the guest's
+            // memory while it takes the guest over), and that page must not wait for RUNNING.
+            run.pageService = PageService(memory: vm.memory, missing: missing, channel: channel)
+        }
         guard case let .running(resumedAt, announce) = try next(from: &run.reader, expecting: "running") else {
             throw MigrationError.protocolViolation("expected running")
         }
@@ -323,6 +453,7 @@ public final class PreCopySender: Sendable {
         var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
         missing.formUnion(try vm.dirtyTracker.collect())
         run.missing = missing
+        run.report.postcopy?.pagesMissingAtSwitch = missing.count
         run.report.pagesPerRound.append(0)
         let (vcpu, devices) = try vm.statePayloads()
         let signed = run.integrity.hasStreamDigest
@@ -338,36 +469,21 @@ public final class PreCopySender: Sendable {
     /// channel and pushes the rest on the main connection until the destination says every page
     /// is in (COMPLETE). Only then is the migration completed and this copy may go.
     private func postcopy(_ run: inout Run, transport: any MigrationTransport) throws {
-        guard let missing = run.missing, let channel = run.pageChannel else { return }
+        guard let missing = run.missing, let service = run.pageService else { return }
         update { $0.phase = .postcopy }
-        let server = PostCopyPageServer(memory: vm.memory, missing: missing.words)
-        let served = DispatchSemaphore(value: 0)
-        let channelError = Mutex<String?>(nil)
-        let channelTransport = channel.transport
-        let box = ChannelBox(channel)
-        let thread = Thread {
-            do { try server.serve(reader: &box.reader, writer: &box.writer) } catch {
-                channelError.withLock { $0 = "\(error)" }
-            }
-            served.signal()
-        }
-        thread.name = "postcopy-pages"
-        thread.start()
-        defer {
-            channelTransport.close()
-            served.wait()
-        }
+        let server = service.server
         let pushedBytes = try server.push(on: transport, integrity: run.integrity, batchPages: 64)
         run.report.bytesSent += pushedBytes
         update { $0.dirtyPagesLeft = 0 }
         let message: WireMessage
         do { message = try next(from: &run.reader, expecting: "complete") } catch {
-            if let reason = channelError.withLock({ $0 }) { throw MigrationError.aborted("\(error) (the page channel: \(reason))") }
+            if let reason = service.error { throw MigrationError.aborted("\(error) (the page channel: \(reason))") }
             throw error
         }
         guard case let .complete(destinationFigures) = message else { throw MigrationError.protocolViolation("expected complete") }
         var figures = destinationFigures
         let counts = server.counts
+        figures.takeSwitch(from: run.report.postcopy)
         figures.switchedAfterRounds = run.switchedAfterRounds
         figures.pagesMissingAtSwitch = missing.count
         figures.pagesPushed = counts.pushed
@@ -419,13 +535,22 @@ public final class PreCopySender: Sendable {
         return message
     }
 
+    /// A round stopped before its last page: why, and the pages it did not send.
+    struct Interruption {
+        var trigger: PostCopySwitch
+        var unsent: DirtyBitmap
+    }
+
     /// Sends the pages set in `bitmap`, re-protecting each 64-page chunk just before it is read.
+    /// `interrupt`, asked after each batch, may stop the round there (post-copy switches).
     func sendPages<S: ByteSink>(_ bitmap: DirtyBitmap, writer: inout StreamWriter<S>, rearm: Bool,
                                 report: inout MigrationReport, counts: inout TransferCounts, t0: Double,
-                                stopAndCopy: Bool = false) throws -> Int {
+                                stopAndCopy: Bool = false, interrupt: (() -> PostCopySwitch?)? = nil)
+        throws -> (sent: Int, interrupted: Interruption?) {
         var batch: [UInt64] = []
         batch.reserveCapacity(Self.batchPages)
         var sent = 0
+        var stopped: PostCopySwitch?
         let start = monotonicMilliseconds()
         let startBytes = writer.bytesWritten
         func flush() throws {
@@ -440,6 +565,10 @@ public final class PreCopySender: Sendable {
             let bytes = writer.bytesWritten
             update { $0.pagesSent = report.pagesSent; $0.bytesSent = bytes; $0.elapsedSeconds = (monotonicMilliseconds() - t0) / 1000 }
             try checkCancelled()
+            if let interrupt, let trigger = interrupt() {
+                stopped = trigger
+                return
+            }
             // The time limit holds within a round too (a slow link, a bandwidth cap).
             if !stopAndCopy && (monotonicMilliseconds() - t0) / 1000 >= settings.timeoutSeconds {
                 throw MigrationError.notConverged(seconds: settings.timeoutSeconds)
@@ -459,10 +588,57 @@ public final class PreCopySender: Sendable {
                 batch.append(firstPage + UInt64(w.trailingZeroBitCount))
                 w &= w - 1
             }
-            if batch.count >= Self.batchPages - 64 { try flush() }
+            if batch.count >= Self.batchPages - 64 {
+                try flush()
+                if let stopped {
+                    // Every chunk up to this one went out whole (a batch holds whole chunks).
+                    var unsent = DirtyBitmap(pageCount: bitmap.pageCount)
+                    for later in (index + 1)..<bitmap.words.count { unsent.merge(word: bitmap.words[later], at: later) }
+                    return (sent, Interruption(trigger: stopped, unsent: unsent))
+                }
+            }
         }
+        // A stop asked for in the last batch comes too late to matter: the round is done.
         try flush()
-        return sent
+        return (sent, nil)
+    }
+}
+
+/// The page channel served from a thread of its own, from GO until the migration ends.
+// @unchecked: `box` is used only by the serving thread; the rest is immutable or behind `state`.
+final class PageService: @unchecked Sendable {
+    let server: PostCopyPageServer
+    private let transport: any MigrationTransport
+    private let box: ChannelBox
+    private let done = DispatchSemaphore(value: 0)
+    private let state = Mutex<(error: String?, stopped: Bool)>((nil, false))
+
+    init(memory: GuestMemory, missing: DirtyBitmap, channel: PageChannel) {
+        server = PostCopyPageServer(memory: memory, missing: missing.words)
+        transport = channel.transport
+        box = ChannelBox(channel)
+        let thread = Thread { [self] in
+            do { try server.serve(reader: &box.reader, writer: &box.writer) } catch {
+                state.withLock { $0.error = "\(error)" }
+            }
+            done.signal()
+        }
+        thread.name = "postcopy-pages"
+        thread.start()
+    }
+
+    /// Why the channel ended, if it failed.
+    var error: String? { state.withLock { $0.error } }
+
+    /// Closes the channel and waits for its thread (once; later calls return at once).
+    func stop() {
+        let first = state.withLock { s in
+            defer { s.stopped = true }
+            return !s.stopped
+        }
+        guard first else { return }
+        transport.close()
+        done.wait()
     }
 }
 

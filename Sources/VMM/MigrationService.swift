@@ -64,6 +64,17 @@ public final class MigrationService: Sendable {
         }
     }
 
+    /// Asks the running post-copy migration to switch now (`PUT /vm/migration/postcopy`); returns
+    /// its progress once the request is recorded. Throws `PostCopySwitchRefusal`.
+    public func requestPostCopySwitch() throws -> MigrationProgress {
+        guard let sender = shared.withLock({ $0.sender }),
+              ![.completed, .failed, .inDoubt].contains(sender.progress.phase) else {
+            throw PostCopySwitchRefusal.noMigration
+        }
+        try sender.requestPostCopySwitch()
+        return sender.progress
+    }
+
     /// Aborts a migration that has not sent GO (signals, shutdown).
     public func cancel(reason: String) {
         shared.withLock { $0.sender }?.cancel(reason: reason)

@@ -61,7 +61,7 @@ func postcopySettings(_ destination: Destination, afterRounds: Int) -> Migration
 
 @Suite("Post-copy migration", .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage))
 struct PostCopyTests {
-    @Test("memory after the last page equals the source's at the switch (after round 0, after round 1)", arguments: [1, 2])
+    @Test("memory after the last page equals the source's at the switch (before any round, after round 0, after round 1)", arguments: [0, 1, 2])
     func digestsMatch(afterRounds: Int) throws {
         let machine = try bootDirtier(memory: 128 << 20, commandLine: "pages=4096 rate=0 passes=0 mark_us=0 pattern=random")
         usleep(200_000)
@@ -108,7 +108,7 @@ struct PostCopyTests {
         machine.end(with: .migrated)
     }
 
-    @Test("the counter switched to post-copy continues on the destination with no gap and no repeat", arguments: [1, 2])
+    @Test("the counter switched to post-copy continues on the destination with no gap and no repeat (after 0, 1 and 2 rounds)", arguments: [0, 1, 2])
     func counterContinues(afterRounds: Int) throws {
         let sourceOutput = SerialCapture()
         let machine = try bootCounter(capture: sourceOutput)

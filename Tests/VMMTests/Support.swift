@@ -155,22 +155,6 @@ final class TestBillboard: @unchecked Sendable {
 /// The shared test billboard.
 func billboard() throws -> TestBillboard { try TestBillboard.shared.get() }
 
-/// Whether some process listens on TCP `port` (IPv4), from /proc/net/tcp: tests wait for a
-/// `vmm receive` to listen instead of sleeping and hoping it does.
-func isListening(port: UInt16) -> Bool {
-    guard let table = try? String(contentsOfFile: "/proc/net/tcp", encoding: .utf8) else { return false }
-    let wanted = String(format: ":%04X", port)
-    return table.split(separator: "\n").dropFirst().contains { line in
-        let fields = line.split(separator: " ")
-        return fields.count > 3 && fields[1].hasSuffix(wanted) && fields[3] == "0A"
-    }
-}
-
-/// Waits (up to a minute) until a process listens on `port`.
-func waitForListener(_ port: UInt16) throws {
-    try #require(waitUntil(60) { isListening(port: port) }, "nothing listens on port \(port) after 60 s")
-}
-
 /// Polls `condition` every 50 ms until it holds or `timeout` seconds pass; returns whether it held.
 func waitUntil(_ timeout: Double, _ condition: () throws -> Bool) rethrows -> Bool {
     let deadline = Date().addingTimeInterval(timeout)
@@ -179,4 +163,11 @@ func waitUntil(_ timeout: Double, _ condition: () throws -> Bool) rethrows -> Bo
         usleep(50_000)
     }
     return try condition()
+}
+
+extension VMMProcess {
+    /// Waits until `vmm receive` says it listens (a fixed sleep is too short on a loaded machine).
+    func waitUntilListening(timeout: Double = 60) -> Bool {
+        waitUntil(timeout) { errorText.contains("vmm: listening on") || !process.isRunning } && process.isRunning
+    }
 }
