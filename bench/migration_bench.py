@@ -1200,6 +1200,7 @@ def watch_qemu_migration(qs, src, t_start, timeout, postcopy_sync=None):
     postcopy = postcopy_sync is not None
     info, status, cancelled, last_active = {}, "setup", False, {}
     syncs, seen, extra = [], None, {}
+    t_end = None
     while True:
         info = qs.cmd("query-migrate")
         now = time.monotonic()
@@ -1210,6 +1211,14 @@ def watch_qemu_migration(qs, src, t_start, timeout, postcopy_sync=None):
             seen = count
             syncs.append([round(1000 * (now - t_start), 1), count, ram.get("transferred")])
         if status in ("completed", "failed", "cancelled"):
+            t_end = time.monotonic()
+            if status == "completed" and not info.get("total-time"):
+                # QEMU shows `completed` a moment before its migration thread fills in total-time
+                # and downtime (0 until then; seen in 2 of 4 TLS runs on a loaded host).
+                deadline = time.monotonic() + 5
+                while not info.get("total-time") and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    info = qs.cmd("query-migrate")
             break
         if postcopy and "pc_switch_at_ms" not in extra and status == "active" \
                 and (count or 0) >= postcopy_sync:
@@ -1232,7 +1241,8 @@ def watch_qemu_migration(qs, src, t_start, timeout, postcopy_sync=None):
             break
         # Finer polling before the switch, so that it follows the sync closely.
         time.sleep(0.005 if postcopy and "pc_switch_at_ms" not in extra else 0.02)
-    t_end = time.monotonic()
+    if t_end is None:
+        t_end = time.monotonic()
     if cancelled and status != "completed":
         info = dict(last_active, final_status=status)
     extra["qemu_dirty_syncs"] = syncs          # [ms since start, dirty-sync-count, bytes transferred]
