@@ -38,12 +38,21 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpu_cost  # noqa: E402  (bench/cpu_cost.py, beside this file)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MEMORY_MIB = 512
 VCPUS = 1
 MARK_US = 1000
 PATTERN = "seq"
+# The dirtier prints the page writes per second it achieved every REPORT_MS (`rate=N`); the
+# harness keeps those that arrive while a migration runs.
+REPORT_MS = 100
+# A fill writes every page of the working set once before the writes begin (about 0.6 ms a page
+# on this host, 30 s for 64 MiB when it is loaded); the harness waits this long for it at most.
+FILL_TIMEOUT_S = 300
 # QEMU's max-bandwidth defaults to 128 MiB/s; "unlimited" is spelled as 1 TiB/s.
 QEMU_UNLIMITED_BANDWIDTH = 1 << 40
 # Our auto-converge: 20 % from the third round on, +10 % per round, at most 99 %.
@@ -57,6 +66,15 @@ CASES = {
     "ws64-20k": ("64 MiB at 20,000 pages/s", 16384, 20000, "64M\n20k/s"),
     "ws64-50k": ("64 MiB at 50,000 pages/s", 16384, 50000, "64M\n50k/s"),
     "ws256-max": ("256 MiB unpaced", 65536, 0, "256M\nunpaced"),
+    # Honest workloads (issue #14): working sets of incompressible or text-like bytes, filled once
+    # at start; each write then changes a few bytes of a page. Neither system compresses, so these
+    # show what the zero-filled cases would hide if one did.
+    "ws64-5k-random": ("64 MiB of random bytes at 5,000 pages/s", 16384, 5000, "64M random\n5k/s"),
+    "ws64-5k-text": ("64 MiB of text at 5,000 pages/s", 16384, 5000, "64M text\n5k/s"),
+    "ws64-max-random": ("64 MiB of random bytes, unpaced", 16384, 0, "64M random\nunpaced"),
+    # The hot sweep: one byte at the start of every page, in order, in the tightest loop the guest
+    # has; no marks, no reports (they would slow it).
+    "hot256": ("256 MiB hot sweep (one byte per page, unpaced, no marks)", 65536, 0, "256M\nhot sweep"),
     # The same workload as ws256-max, switched to post-copy (issue #15): ours after two rounds,
     # QEMU asked after its second dirty sync.
     "postcopy": ("256 MiB unpaced, post-copy", 65536, 0, "256M\npost-copy"),
@@ -64,11 +82,23 @@ CASES = {
     # host namespaces (issue #16); no dirtier, so no pages or rate.
     "net": ("netecho on a bridged tap, pinged every 10 ms", None, None, "network"),
 }
-QUICK_CASES = ["idle", "ws64-5k", "ws256-max", "postcopy", "net"]
+# The dirtier's options beyond pages and rate, where a case differs from the defaults of
+# dirtier_options (pattern=seq mark_us=1000 report_ms=100 fill=zero store=word).
+DIRTIER_OPTIONS = {
+    "ws64-5k-random": {"fill": "random"},
+    "ws64-5k-text": {"fill": "text"},
+    "ws64-max-random": {"fill": "random"},
+    "hot256": {"store": "byte", "mark_us": 0, "report_ms": 0},
+}
+# `--quick` and `make bench-migration QUICK=1`: the everyday subset, one run each at 300 ms,
+# ours against QEMU (no ring tracker).
+QUICK_CASES = ["idle", "ws64-20k", "hot256"]
 POSTCOPY_CASE, NET_CASE = "postcopy", "net"
-# The two cases above run once per run, at the 300 ms limit without auto-converge; the others
-# with every setting.
-SINGLE_SETTING_CASES = {POSTCOPY_CASE: [(300, False)], NET_CASE: [(300, False)]}
+# These cases run at the 300 ms limit without auto-converge only; the others with every setting.
+# The filled ones because each run first spends 10 to 30 s filling the working set.
+SINGLE_SETTING_CASES = {POSTCOPY_CASE: [(300, False)], NET_CASE: [(300, False)],
+                        "ws64-5k-random": [(300, False)], "ws64-5k-text": [(300, False)],
+                        "ws64-max-random": [(300, False)]}
 # Ours switches after this many pre-copy rounds (round 0 sends every page, round 1 what was
 # dirtied during it).
 POSTCOPY_AFTER_ROUNDS = 2
@@ -264,16 +294,42 @@ def run_quiet(cmd, timeout, **kw):
 # ---------------------------------------------------------------- serial marks
 
 class SerialMarks:
-    """Reads a child's serial output on a thread and timestamps every '.'."""
+    """Reads a child's serial output on a thread and timestamps every '.', and every line of
+    the rest (the dirtier's `rate=N` reports and its fill line among them)."""
 
     def __init__(self, stream):
         self.fd = stream.fileno()
         self.stream = stream
         self.marks = []
         self.text = bytearray()      # everything that is not a mark (bounded)
+        self.lines = []              # (arrival time, line) of the text that is not marks (bounded)
+        self.rates = []              # (arrival time, page writes/s) of the dirtier's rate= reports
+        self._partial = bytearray()
         self.first = threading.Event()
         self.eof = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
+
+    def _take_lines(self, text, now):
+        self._partial += text
+        while b"\n" in self._partial:
+            raw, _, rest = bytes(self._partial).partition(b"\n")
+            self._partial = bytearray(rest)
+            line = raw.decode(errors="replace").strip()
+            if not line or len(self.lines) >= 100000:
+                continue
+            self.lines.append((now, line))
+            m = re.match(r"^rate=(\d+)$", line)
+            if m:
+                self.rates.append((now, int(m.group(1))))
+        if len(self._partial) > 4096:
+            self._partial = bytearray()
+
+    def line(self, prefix):
+        """The first (arrival time, line) starting with `prefix`, or None."""
+        for t, line in list(self.lines):
+            if line.startswith(prefix):
+                return t, line
+        return None
 
     def _run(self):
         try:
@@ -286,8 +342,11 @@ class SerialMarks:
                 if n:
                     self.marks.extend([now] * n)
                     self.first.set()
-                if n != len(chunk) and len(self.text) < 8192:
-                    self.text += chunk.replace(b".", b"")
+                if n != len(chunk):
+                    text = chunk.replace(b".", b"")
+                    if len(self.text) < 8192:
+                        self.text += text
+                    self._take_lines(text, now)
         except OSError:
             pass
         finally:
@@ -325,6 +384,88 @@ def wait_steady(src, proc, steady_s, boot_timeout):
                 proc.returncode, src.header()[:200])
         time.sleep(0.05)
     return None
+
+
+def wait_line(serial, proc, prefix, timeout):
+    """Waits for a line of serial output starting with `prefix`. Returns (time, line) or None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = serial.line(prefix)
+        if found:
+            return found
+        if proc.poll() is not None or serial.eof.is_set():
+            return serial.line(prefix)
+        time.sleep(0.05)
+    return None
+
+
+def wait_ready(src, proc, case, steady_s, boot_timeout):
+    """wait_steady for the dirtier of `case`: a filled working set first (the fill takes seconds;
+    the marks begin after it), and, in a case without marks, `steady_s` from the start line.
+    Returns (an error or None, what to record)."""
+    opts = dirtier_options(case)
+    info = {}
+    if opts["fill"] != "zero":
+        t_wait = time.monotonic()
+        found = wait_line(src, proc, "dirtier filled", FILL_TIMEOUT_S)
+        if not found:
+            return ("the dirtier did not finish its fill=%s within %d s (exit status %s); serial: %r" % (
+                opts["fill"], FILL_TIMEOUT_S, proc.poll(), src.header()[:200])), info
+        m = re.search(r"in (\d+) ms", found[1])
+        info["fill_ms"] = int(m.group(1)) if m else None
+        info["fill_waited_s"] = round(found[0] - t_wait, 2)
+    if opts["mark_us"]:
+        return wait_steady(src, proc, steady_s, boot_timeout), info
+    found = wait_line(src, proc, "dirtier pages=", boot_timeout)
+    if not found:
+        return "no start line within %.0f s (exit status %s); serial: %r" % (
+            boot_timeout, proc.poll(), src.header()[:200]), info
+    while time.monotonic() < found[0] + steady_s:
+        if proc.poll() is not None:
+            return "the source ended before the migration (status %s); serial: %r" % (
+                proc.returncode, src.header()[:200]), info
+        time.sleep(0.05)
+    return None, info
+
+
+def write_rates(src, dst, t_start, t_end):
+    """The page writes per second the dirtier achieved, from its rate= reports (each covers the
+    REPORT_MS before it): in the 2 s before the migration, and during it (the source's reports
+    that arrived between its start and end; a migration shorter than a report period gets the
+    first report after its start, from either side, which overlaps it)."""
+    s = list(src.rates)
+    before = [r for t, r in s if t_start - 2 <= t < t_start]
+    during = [r for t, r in s if t_start <= t <= t_end]
+    how = "the source's reports that arrived during the migration"
+    if not during:
+        later = sorted([(t, r) for t, r in s if t >= t_start]
+                       + [(t, r) for t, r in (list(dst.rates) if dst is not None else []) if t >= t_start])
+        if later:
+            during = [later[0][1]]
+            how = "the first report after the start (the migration was shorter than a report period)"
+        else:
+            how = None
+    return {"write_rate_before": statistics.mean(before) if before else None,
+            "write_rate_during": statistics.mean(during) if during else None,
+            "write_rate_reports_during": len(during), "write_rate_how": how}
+
+
+def cpu_fields(cpu, memory_mib):
+    """The record's CPU fields from a cpu_cost.Window: seconds of the source and the destination
+    outside their vCPU threads, and the same per GiB of guest memory."""
+    gib = memory_mib / 1024
+    src, dst = cpu.get("source"), cpu.get("destination")
+    both = src + dst if src is not None and dst is not None else None
+    return {"cpu_source_s": src, "cpu_destination_s": dst, "cpu_s": both,
+            "cpu_source_s_per_gib": src / gib if src is not None else None,
+            "cpu_destination_s_per_gib": dst / gib if dst is not None else None,
+            "cpu_s_per_gib": both / gib if both is not None else None,
+            "cpu_window": cpu}
+
+
+def wire_fields(bytes_sent, memory_bytes):
+    return {"memory_bytes": memory_bytes,
+            "wire_per_memory": bytes_sent / memory_bytes if bytes_sent and memory_bytes else None}
 
 
 def mark_gaps(src, dst, t_start, t_end, settle_s, completed):
@@ -383,14 +524,15 @@ class OurVMM:
     def ctl(self, sub, sock, *extra, timeout=15):
         return run_quiet([self.vmm, "ctl", sub, *extra, "--api-socket", sock], timeout)
 
-    def start_destination(self, tag, tracker, tls, netns=None, host="127.0.0.1", extra=()):
-        """`vmm receive` listening on `host`, inside `netns` when given. Returns the process, its
-        serial reader, the port, the API socket and the stderr path."""
+    def start_destination(self, tag, tracker, tls, netns=None, host="127.0.0.1", extra=(), wait_s=0):
+        """`vmm receive` listening on `host`, inside `netns` when given; `wait_s` more seconds of
+        listening for a source that first fills its working set. Returns the process, its serial
+        reader, the port, the API socket and the stderr path."""
         sock = os.path.join(self.workdir, tag + "-dst.sock")
         errpath = os.path.join(self.workdir, tag + "-dst.err")
         # `vmm receive` keeps listening after a failed connection until a migration completes or
         # this passes (exit 4); the harness stops it after every run anyway, this is a backstop.
-        listen_timeout = int(self.steady + self.timeout + 120)
+        listen_timeout = int(self.steady + self.timeout + 120 + wait_s)
         prefix = ["ip", "netns", "exec", netns] if netns else []
         for _attempt in range(5):
             port = free_port()
@@ -465,6 +607,7 @@ class OurVMM:
                 reported_throughput_Bps=report.get("throughput_bytes_per_s"),
                 pause_to_resume_ms=report.get("downtime_ms"),
                 error=report.get("error"))
+            rec.update(wire_fields(bytes_sent, report.get("memory_bytes")))
             if postcopy:
                 rec.update(our_postcopy_figures(report))
         return report, t_start, t_end
@@ -504,8 +647,10 @@ class OurVMM:
         dsock = os.path.join(self.workdir, tag + "-dst.sock")
         serrpath = os.path.join(self.workdir, tag + "-src.err")
         try:
-            dst, dmarks, port, dsock, derrpath = self.start_destination(tag, tracker, tls)
-            cmdline = dirtier_cmdline(pages, rate, self.tsc_khz)
+            filled = dirtier_options(case)["fill"] != "zero"
+            dst, dmarks, port, dsock, derrpath = self.start_destination(tag, tracker, tls,
+                                                                        wait_s=FILL_TIMEOUT_S if filled else 0)
+            cmdline = dirtier_cmdline(pages, rate, self.tsc_khz, case)
             with open(serrpath, "wb") as err:
                 src = CHILDREN.spawn([self.vmm, "run", self.guest, "--memory", "%dM" % MEMORY_MIB,
                                       "--cmdline", cmdline, "--api-socket", ssock,
@@ -514,16 +659,22 @@ class OurVMM:
                                      + BILLBOARD.guest(self.guest, "%dM" % MEMORY_MIB, cmdline),
                                      stdout=subprocess.PIPE, stderr=err)
             smarks = SerialMarks(src.stdout)
-            problem = wait_steady(smarks, src, self.steady, 30)
+            problem, ready = wait_ready(smarks, src, case, self.steady, 30)
+            rec.update(ready)
             if problem:
                 rec.update(outcome="error", converged=False, error=problem + " " + read_tail(serrpath))
                 return rec
+            # Our destination starts its vCPU thread when the guest resumes there.
+            window = cpu_cost.Window({"source": src.pid, "destination": dst.pid}).open(expect={"source": VCPUS})
             _, t_start, t_end = self.migrate(rec, ssock, "127.0.0.1:%d" % port, tls, downtime_ms, auto_converge,
                                              postcopy=case == POSTCOPY_CASE)
             completed = rec.get("converged", False)
+            # At once: our source exits about 300 ms after a completed migration.
+            rec.update(cpu_fields(window.close(expect={"destination": VCPUS if completed else 0}), MEMORY_MIB))
             if completed:
                 time.sleep(self.settle)
             rec.update(mark_gaps(smarks, dmarks, t_start, t_end, self.settle, completed))
+            rec.update(write_rates(smarks, dmarks if completed else None, t_start, t_end))
             if completed:
                 self.check_ended(rec, tag, src, dst, derrpath)
             return rec
@@ -564,9 +715,11 @@ class OurVMM:
             if problem:
                 rec.update(outcome="error", converged=False, error=problem)
                 return rec
+            window = cpu_cost.Window({"source": src.pid, "destination": dst.pid}).open(expect={"source": 1})
             report, t_start, t_end = self.migrate(rec, ssock, "%s:%d" % (NET_MIGRATION_IPS[1], port), tls,
                                                   NET_DOWNTIME_MS, False)
             completed = rec.get("converged", False)
+            rec.update(cpu_fields(window.close(expect={"destination": 1 if completed else 0}), NET_MEMORY_MIB))
             t_resume = None
             if completed:
                 t_resume, rec["resume_uncertainty_ms"] = our_resume_time(dsock)
@@ -614,8 +767,25 @@ def our_postcopy_figures(report):
             "pc_last_page_ms": pc.get("last_page_after_ms")}
 
 
-def dirtier_cmdline(pages, rate, tsc_khz):
-    return "pages=%d rate=%d tsc_khz=%d pattern=%s mark_us=%d" % (pages, rate, tsc_khz, PATTERN, MARK_US)
+def dirtier_options(case):
+    """The dirtier's options for `case` besides pages and rate (DIRTIER_OPTIONS over the defaults)."""
+    opts = {"pattern": PATTERN, "mark_us": MARK_US, "report_ms": REPORT_MS, "fill": "zero", "store": "word"}
+    opts.update(DIRTIER_OPTIONS.get(case, {}))
+    return opts
+
+
+def dirtier_cmdline(pages, rate, tsc_khz, case=None):
+    """The dirtier's command line; without a case, the bare one (no reports, no fill)."""
+    opts = dirtier_options(case) if case else {"pattern": PATTERN, "mark_us": MARK_US, "report_ms": 0,
+                                              "fill": "zero", "store": "word"}
+    line = "pages=%d rate=%d tsc_khz=%d pattern=%s mark_us=%d" % (pages, rate, tsc_khz, opts["pattern"], opts["mark_us"])
+    if opts["report_ms"]:
+        line += " report_ms=%d" % opts["report_ms"]
+    if opts["fill"] != "zero":
+        line += " fill=%s" % opts["fill"]
+    if opts["store"] != "word":
+        line += " store=%s" % opts["store"]
+    return line
 
 
 # ---------------------------------------------------------------- QEMU
@@ -756,18 +926,20 @@ class QEMU:
         d = self.tls_dirs[0] if endpoint == "server" else self.tls_dirs[1]
         return ["-object", "tls-creds-x509,id=tls0,dir=%s,endpoint=%s,verify-peer=on" % (d, endpoint)]
 
-    def base(self, cmdline, qmp_path):
-        return [self.qemu, "-enable-kvm", "-cpu", self.cpu, "-m", str(MEMORY_MIB), "-smp", str(VCPUS),
+    def base(self, cmdline, qmp_path, name):
+        # debug-threads=on names the threads (vCPUs `CPU n/KVM`), which the CPU measure needs.
+        return [self.qemu, "-name", "%s,debug-threads=on" % name,
+                "-enable-kvm", "-cpu", self.cpu, "-m", str(MEMORY_MIB), "-smp", str(VCPUS),
                 "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
                 "-kernel", self.guest, "-append", cmdline,
                 "-device", "isa-debug-exit,iobase=0xf4,iosize=1",
                 "-qmp", "unix:%s,server=on,wait=off" % qmp_path]
 
-    def net_base(self, netns, qmp_path, tap):
+    def net_base(self, netns, qmp_path, tap, name):
         """netecho on a legacy virtio-net card on `tap`, inside `netns`; the MAC is the one our
         VMM gets from the registration."""
         return ["ip", "netns", "exec", netns,
-                self.qemu, "-enable-kvm", "-cpu", self.cpu, "-m", str(NET_MEMORY_MIB), "-smp", "1",
+                self.qemu, "-name", "%s,debug-threads=on" % name, "-enable-kvm", "-cpu", self.cpu, "-m", str(NET_MEMORY_MIB), "-smp", "1",
                 "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
                 "-kernel", self.netecho, "-append", netecho_cmdline(),
                 "-netdev", "tap,id=n0,ifname=%s,script=no,downscript=no" % tap,
@@ -784,7 +956,7 @@ class QEMU:
             dsockp = os.path.join(self.workdir, tag + "-qdst.qmp")
             derr = os.path.join(self.workdir, tag + "-qdst.err")
             with open(derr, "wb") as err:
-                dst = CHILDREN.spawn(self.net_base(topo.host_b, dsockp, "tap-b") + ["-incoming", "defer"]
+                dst = CHILDREN.spawn(self.net_base(topo.host_b, dsockp, "tap-b", "bench-dst") + ["-incoming", "defer"]
                                      + (self.tls_object("server") if tls else []),
                                      stdout=subprocess.PIPE, stderr=err)
             SerialMarks(dst.stdout)
@@ -807,7 +979,7 @@ class QEMU:
             ssockp = os.path.join(self.workdir, tag + "-qsrc.qmp")
             serr = os.path.join(self.workdir, tag + "-qsrc.err")
             with open(serr, "wb") as err:
-                src = CHILDREN.spawn(self.net_base(topo.host_a, ssockp, "tap-a")
+                src = CHILDREN.spawn(self.net_base(topo.host_a, ssockp, "tap-a", "bench-src")
                                      + (self.tls_object("client") if tls else []),
                                      stdout=subprocess.PIPE, stderr=err)
             serial = SerialMarks(src.stdout)
@@ -830,9 +1002,12 @@ class QEMU:
             rec["qemu_capabilities"] = caps
             # Includes announce-initial/-max/-rounds/-step: the self-announce schedule.
             rec["qemu_parameters"] = qs.cmd("query-migrate-parameters")
+            window = cpu_cost.Window({"source": src.pid, "destination": dst.pid}).open(
+                expect={"source": 1, "destination": 1})
             t_start = time.monotonic()
             qs.cmd("migrate", uri=uri)
             info, status, cancelled, t_end, watched = watch_qemu_migration(qs, src, t_start, self.timeout)
+            rec.update(cpu_fields(window.close(), NET_MEMORY_MIB))
             rec.update(watched)
             rec.update(qemu_fields(info, status, cancelled, t_start, t_end))
             t_resume = None
@@ -875,7 +1050,7 @@ class QEMU:
 
     def run(self, tag, case, downtime_ms, auto_converge, tls):
         _, pages, rate, _ = CASES[case]
-        cmdline = dirtier_cmdline(pages, rate, self.tsc_khz)
+        cmdline = dirtier_cmdline(pages, rate, self.tsc_khz, case)
         postcopy = case == POSTCOPY_CASE
         rec = {}
         src = dst = qs = qd = None
@@ -883,7 +1058,7 @@ class QEMU:
             dsockp = os.path.join(self.workdir, tag + "-qdst.qmp")
             derr = os.path.join(self.workdir, tag + "-qdst.err")
             with open(derr, "wb") as err:
-                dst = CHILDREN.spawn(self.base(cmdline, dsockp) + ["-incoming", "defer"]
+                dst = CHILDREN.spawn(self.base(cmdline, dsockp, "bench-dst") + ["-incoming", "defer"]
                                      + (self.tls_object("server") if tls else []),
                                      stdout=subprocess.PIPE, stderr=err)
             dmarks = SerialMarks(dst.stdout)
@@ -912,11 +1087,12 @@ class QEMU:
             ssockp = os.path.join(self.workdir, tag + "-qsrc.qmp")
             serr = os.path.join(self.workdir, tag + "-qsrc.err")
             with open(serr, "wb") as err:
-                src = CHILDREN.spawn(self.base(cmdline, ssockp) + (self.tls_object("client") if tls else []),
+                src = CHILDREN.spawn(self.base(cmdline, ssockp, "bench-src") + (self.tls_object("client") if tls else []),
                                      stdout=subprocess.PIPE, stderr=err)
             smarks = SerialMarks(src.stdout)
             qs = QMP(ssockp)
-            problem = wait_steady(smarks, src, self.steady, 60)
+            problem, ready = wait_ready(smarks, src, case, self.steady, 60)
+            rec.update(ready)
             if problem:
                 rec.update(outcome="error", converged=False, error=problem + " " + read_tail(serr))
                 return rec
@@ -937,10 +1113,14 @@ class QEMU:
             rec["qemu_capabilities"] = caps
             rec["qemu_parameters"] = qs.cmd("query-migrate-parameters")
 
+            # QEMU's destination has its (paused) vCPU threads from the start.
+            window = cpu_cost.Window({"source": src.pid, "destination": dst.pid}).open(
+                expect={"source": VCPUS, "destination": VCPUS})
             t_start = time.monotonic()
             qs.cmd("migrate", uri="tcp:127.0.0.1:%d" % port)
             info, status, cancelled, t_end, watched = watch_qemu_migration(
                 qs, src, t_start, self.timeout, self.postcopy_sync if postcopy else None)
+            rec.update(cpu_fields(window.close(), MEMORY_MIB))
             rec.update(watched)
             rec.update(qemu_fields(info, status, cancelled, t_start, t_end))
             completed = rec["converged"]
@@ -955,6 +1135,7 @@ class QEMU:
             if completed:
                 time.sleep(self.settle)
             rec.update(mark_gaps(smarks, dmarks, t_start, t_end, self.settle, completed))
+            rec.update(write_rates(smarks, dmarks if completed else None, t_start, t_end))
             if completed:
                 try:
                     st = qd.cmd("query-status")
@@ -979,17 +1160,26 @@ def qemu_fields(info, status, cancelled, t_start, t_end):
         total_ms = 1000 * (t_end - t_start)
     bytes_sent = ram.get("transferred")
     mbps = ram.get("mbps")
-    return dict(
+    downtime = info.get("downtime")
+    odd = {}
+    if downtime is not None and total_ms and downtime > total_ms:
+        # Seen after a post-copy run (23,040,893 ms here, about the host's uptime): not the length
+        # of anything in this migration, so no figure; the value stays in the JSON.
+        odd["qemu_downtime_not_a_duration"] = downtime
+        downtime = None
+    return dict(odd,
         raw=info, wall_ms=1000 * (t_end - t_start),
         outcome="completed" if completed else ("not-converged" if cancelled else status),
         converged=completed,
         total_ms=total_ms, setup_ms=info.get("setup-time"),
-        reported_downtime_ms=info.get("downtime"),
+        reported_downtime_ms=downtime,
         bytes_sent=bytes_sent, rounds=ram.get("dirty-sync-count"),
         pages_sent=ram.get("normal"), zero_pages=ram.get("duplicate"),
         throughput_Bps=(bytes_sent / (total_ms / 1000)) if bytes_sent and total_ms else None,
         reported_throughput_Bps=(mbps * 1e6 / 8) if mbps is not None else None,
-        error=info.get("error-desc"))
+        error=info.get("error-desc"),
+        # ram.total: the guest RAM QEMU migrates (its RAM blocks, ROMs included).
+        **wire_fields(bytes_sent, ram.get("total")))
 
 
 def qemu_pause_to_resume(qs, qd):
@@ -1017,6 +1207,7 @@ def watch_qemu_migration(qs, src, t_start, timeout, postcopy_sync=None):
     postcopy = postcopy_sync is not None
     info, status, cancelled, last_active = {}, "setup", False, {}
     syncs, seen, extra = [], None, {}
+    t_end = None
     while True:
         info = qs.cmd("query-migrate")
         now = time.monotonic()
@@ -1027,6 +1218,14 @@ def watch_qemu_migration(qs, src, t_start, timeout, postcopy_sync=None):
             seen = count
             syncs.append([round(1000 * (now - t_start), 1), count, ram.get("transferred")])
         if status in ("completed", "failed", "cancelled"):
+            t_end = time.monotonic()
+            if status == "completed" and not info.get("total-time"):
+                # QEMU shows `completed` a moment before its migration thread fills in total-time
+                # and downtime (0 until then; seen in 2 of 4 TLS runs on a loaded host).
+                deadline = time.monotonic() + 5
+                while not info.get("total-time") and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    info = qs.cmd("query-migrate")
             break
         if postcopy and "pc_switch_at_ms" not in extra and status == "active" \
                 and (count or 0) >= postcopy_sync:
@@ -1049,7 +1248,8 @@ def watch_qemu_migration(qs, src, t_start, timeout, postcopy_sync=None):
             break
         # Finer polling before the switch, so that it follows the sync closely.
         time.sleep(0.005 if postcopy and "pc_switch_at_ms" not in extra else 0.02)
-    t_end = time.monotonic()
+    if t_end is None:
+        t_end = time.monotonic()
     if cancelled and status != "completed":
         info = dict(last_active, final_status=status)
     extra["qemu_dirty_syncs"] = syncs          # [ms since start, dirty-sync-count, bytes transferred]
@@ -1124,7 +1324,8 @@ def choose_qemu_cpu(args, tsc_khz, workdir):
     for n, cpu in enumerate(("host", "host,-arch-capabilities")):
         errpath = os.path.join(workdir, "cpu-probe-%d.err" % n)
         with open(errpath, "wb") as err:
-            p = CHILDREN.spawn([args.qemu, "-enable-kvm", "-cpu", cpu, "-m", str(MEMORY_MIB),
+            p = CHILDREN.spawn([args.qemu, "-name", "bench-probe,debug-threads=on",
+                                "-enable-kvm", "-cpu", cpu, "-m", str(MEMORY_MIB),
                                 "-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio",
                                 "-kernel", args.guest, "-append", dirtier_cmdline(1, 1, tsc_khz),
                                 "-device", "isa-debug-exit,iobase=0xf4,iosize=1"],
@@ -1718,11 +1919,21 @@ MEASURES = [
     ("reported_downtime_ms", "downtime reported by the system (ms)", 1, 1),
     ("baseline_max_gap_ms", "longest mark gap before migrating (ms)", 1, 1),
     ("bytes_sent", "bytes sent (MiB)", 1 / 2**20, 1),
+    ("memory_bytes", "guest memory, as the system counts it (MiB)", 1 / 2**20, 1),
+    ("wire_per_memory", "bytes on wire / guest memory bytes", 1, 3),
     ("rounds", "rounds (ours: copy passes; QEMU: dirty syncs)", 1, 0),
     ("throughput_Bps", "throughput, bytes/total time (MiB/s)", 1 / 2**20, 1),
     ("reported_throughput_Bps", "throughput reported by the system (MiB/s)", 1 / 2**20, 1),
     ("loopback_pct", "throughput as % of loopback TCP", 1, 1),
     ("pause_to_resume_ms", "source pause to destination resume (ms)", 1, 1),
+    # CPU seconds of each process outside its vCPU threads, migration start to end (cpu_cost.py)
+    ("cpu_source_s_per_gib", "CPU s per GiB of guest memory: source, without vCPU threads", 1, 3),
+    ("cpu_destination_s_per_gib", "CPU s per GiB of guest memory: destination, without vCPU threads", 1, 3),
+    ("cpu_s_per_gib", "CPU s per GiB of guest memory: source + destination", 1, 3),
+    # the dirtier's own rate= reports
+    ("write_rate_before", "guest page writes achieved, 2 s before migrating (pages/s)", 1, 0),
+    ("write_rate_during", "guest page writes achieved during the migration (pages/s)", 1, 0),
+    ("fill_ms", "dirtier fill of the working set (ms, guest's TSC)", 1, 0),
     # post-copy (ours: the report's `postcopy`; QEMU: postcopy-blocktime, postcopy-requests)
     ("pc_passes_before_switch", "post-copy: whole copy passes before the switch", 1, 0),
     ("pc_blocked_ms", "post-copy: vCPU blocked time (ms)", 1, 1),
@@ -1770,7 +1981,10 @@ def summarize(runs, systems, configs, loopback_Bps):
             if any("pc_switched" in r for r in rs):
                 s["switched"] = sum(1 for r in rs if r.get("pc_switched"))
             for key, _, _, _ in MEASURES:
-                if key == "loopback_pct":
+                if key == "fill_ms":
+                    # The fill is before the migration: every run that filled counts.
+                    vals = [r.get(key) for r in rs]
+                elif key == "loopback_pct":
                     vals = [100 * r["throughput_Bps"] / loopback_Bps
                             for r in done if loopback_Bps and r.get("throughput_Bps")]
                 elif key == "after_setup_ms":
@@ -1780,8 +1994,22 @@ def summarize(runs, systems, configs, loopback_Bps):
                     vals = [r.get(key) for r in done]
                 s[key] = stats(vals)
             entry["systems"][system] = s
+        # The tables' ratio columns, left/right of the medians, for the JSON.
+        entry["ratios"] = {}
+        for a, b, label in COMPARISONS:
+            if a in entry["systems"] and b in entry["systems"]:
+                entry["ratios"][label] = {
+                    key: ratio_value(entry["systems"][a].get(key), entry["systems"][b].get(key))
+                    for key, _, _, _ in MEASURES
+                    if ratio_value(entry["systems"][a].get(key), entry["systems"][b].get(key)) is not None}
         out.append(entry)
     return out
+
+
+def ratio_value(a, b):
+    if a is None or b is None or not b["median"]:
+        return None
+    return a["median"] / b["median"]
 
 
 def fmt_stat(st, scale, digits):
@@ -1802,7 +2030,12 @@ def ratio(a, b):
 def config_title(case, limit, ac):
     qemu_limit = (" (QEMU: %g ms, so that it switches); ours after %d rounds, QEMU asked after a dirty sync"
                   % (QEMU_POSTCOPY_DOWNTIME_MS, POSTCOPY_AFTER_ROUNDS)) if case == POSTCOPY_CASE else ""
-    return "%s, downtime limit %g ms%s, auto-converge %s" % (CASES[case][0], limit, qemu_limit, "on" if ac else "off")
+    note = ""
+    if case != NET_CASE and not dirtier_options(case)["mark_us"]:
+        note = (" [no serial marks in this case: no observed downtime or mark gaps; downtime only as each "
+                "system reports it; no rate reports either]")
+    return "%s, downtime limit %g ms%s, auto-converge %s%s" % (CASES[case][0], limit, qemu_limit,
+                                                              "on" if ac else "off", note)
 
 
 def systems_title(systems):
@@ -1907,7 +2140,74 @@ def render_md(blocks):
     return "\n".join(lines)
 
 
+PLOT_COLORS = {"ours-tls": "tab:blue", "ours-plain": "tab:cyan", "qemu": "tab:orange", "qemu-tls": "tab:red",
+               RING: "tab:green"}
+PLOT_STYLES = {(300, False): "-", (50, False): "--", (300, True): ":"}
+PLOT_MARKERS = {(300, False): "o", (50, False): "s", (300, True): "^"}
+
+
+def _plot_panel(ax, summary, systems, key, ylabel, xlabel):
+    """One panel: the median of `key` per case (x) for each system and setting, with min-max
+    bars; an x on top where a system ran a case and no run completed."""
+    import matplotlib.transforms as mtransforms
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    cases = [c for c in CASES if any(e["case"] == c for e in summary)]
+    xs = {c: i for i, c in enumerate(cases)}
+    settings = sorted({(e["downtime_limit_ms"], e["auto_converge"]) for e in summary},
+                      key=lambda s: (s[1], -s[0]))
+    plotted = [s for s in SYSTEMS if s in systems] or list(systems)
+    # Each system's points sit a little apart around the case, so that error bars do not hide each other.
+    shift = {s: 0.03 * (i - (len(plotted) - 1) / 2) for i, s in enumerate(plotted)}
+    has_data = False
+    for system in plotted:
+        for n, setting in enumerate(settings):
+            px, py, lo, hi, nx = [], [], [], [], []
+            for e in summary:
+                if (e["downtime_limit_ms"], e["auto_converge"]) != setting or system not in e["systems"]:
+                    continue
+                st = e["systems"][system].get(key)
+                x = xs[e["case"]] + 0.15 * (n - (len(settings) - 1) / 2) + shift[system]
+                if st is None:
+                    if not e["systems"][system]["converged"]:
+                        nx.append(x)
+                    # NaN breaks the line instead of joining its neighbours.
+                    px.append(x)
+                    py.append(float("nan"))
+                    lo.append(0)
+                    hi.append(0)
+                    continue
+                px.append(x)
+                py.append(st["median"])
+                lo.append(st["median"] - st["min"])
+                hi.append(st["max"] - st["median"])
+            label = "%s, %g ms%s" % (SYSTEM_LABEL[system], setting[0], ", auto-converge" if setting[1] else "")
+            if any(v == v and v > 0 for v in py):
+                has_data = True
+                ax.errorbar(px, py, yerr=[lo, hi], color=PLOT_COLORS.get(system),
+                            linestyle=PLOT_STYLES.get(setting, "-"),
+                            marker=PLOT_MARKERS.get(setting, "o"), capsize=3, label=label)
+            if nx:
+                # No completed run: an x at the top of the plot.
+                top = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+                ax.scatter(nx, [0.96] * len(nx), transform=top, color=PLOT_COLORS.get(system),
+                           marker="x", s=60,
+                           label=None if any(v == v for v in py) else label + " (no run converged)")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([CASES[c][3] for c in cases], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if has_data:
+        # A log scale needs at least one positive value; without one the axis stays empty and linear.
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def plot(summary, systems, path):
+    """migration.png: observed downtime and total time per workload and system."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1916,70 +2216,37 @@ def plot(summary, systems, path):
         return "matplotlib not available"
     # The network case has no serial marks; its figures are in the tables.
     summary = [e for e in summary if e["case"] != NET_CASE]
-    cases = [c for c in CASES if any(e["case"] == c for e in summary)]
-    if not cases:
+    if not summary:
         return "no case to plot"
-    xs = {c: i for i, c in enumerate(cases)}
-    import matplotlib.transforms as mtransforms
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    colors = {"ours-tls": "tab:blue", "ours-plain": "tab:cyan", "qemu": "tab:orange", "qemu-tls": "tab:red",
-              RING: "tab:green"}
-    styles = {(300, False): "-", (50, False): "--", (300, True): ":"}
-    markers = {(300, False): "o", (50, False): "s", (300, True): "^"}
-    settings = sorted({(e["downtime_limit_ms"], e["auto_converge"]) for e in summary},
-                      key=lambda s: (s[1], -s[0]))
-    plotted = [s for s in SYSTEMS if s in systems] or list(systems)
-    # Each system's points sit a little apart around the case, so that error bars do not hide each other.
-    shift = {s: 0.03 * (i - (len(plotted) - 1) / 2) for i, s in enumerate(plotted)}
-    for ax, key, ylabel in ((axes[0], "handover_gap_ms", "observed downtime (ms, serial marks)"),
-                            (axes[1], "total_ms", "total migration time (ms)")):
-        has_data = False
-        for system in plotted:
-            for n, setting in enumerate(settings):
-                px, py, lo, hi, nx = [], [], [], [], []
-                for e in summary:
-                    if (e["downtime_limit_ms"], e["auto_converge"]) != setting or system not in e["systems"]:
-                        continue
-                    st = e["systems"][system].get(key)
-                    x = xs[e["case"]] + 0.15 * (n - (len(settings) - 1) / 2) + shift[system]
-                    if st is None:
-                        nx.append(x)
-                        # NaN breaks the line instead of joining its neighbours.
-                        px.append(x)
-                        py.append(float("nan"))
-                        lo.append(0)
-                        hi.append(0)
-                        continue
-                    px.append(x)
-                    py.append(st["median"])
-                    lo.append(st["median"] - st["min"])
-                    hi.append(st["max"] - st["median"])
-                label = "%s, %g ms%s" % (SYSTEM_LABEL[system], setting[0], ", auto-converge" if setting[1] else "")
-                if any(v == v and v > 0 for v in py):
-                    has_data = True
-                    ax.errorbar(px, py, yerr=[lo, hi], color=colors.get(system), linestyle=styles.get(setting, "-"),
-                                marker=markers.get(setting, "o"), capsize=3, label=label)
-                if nx:
-                    # No completed run: an x at the top of the plot.
-                    top = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
-                    ax.scatter(nx, [0.96] * len(nx), transform=top, color=colors.get(system),
-                               marker="x", s=60,
-                               label=None if any(v == v for v in py) else label + " (no run converged)")
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([CASES[c][3] for c in cases])
-        ax.set_xlabel("workload (working set, dirty rate)")
-        ax.set_ylabel(ylabel)
-        if has_data:
-            # A log scale needs at least one positive value; without one the axis stays empty and linear.
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    _plot_panel(axes[0], summary, systems, "handover_gap_ms", "observed downtime (ms, serial marks)",
+                "workload (working set, dirty rate); the hot sweep has no marks")
+    _plot_panel(axes[1], summary, systems, "total_ms", "total migration time (ms)",
+                "workload (working set, dirty rate)")
     axes[0].set_title("Downtime observed from outside (median, min-max)", fontsize=10)
     axes[1].set_title("Total migration time (median, min-max); x on top = did not converge", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def plot_cpu(summary, systems, path):
+    """migration-cpu.png: CPU seconds per GiB of guest memory (source + destination, without
+    their vCPU threads) per workload and system."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not available"
+    if not summary:
+        return "no case to plot"
+    fig, ax = plt.subplots(1, 1, figsize=(11, 5.5))
+    _plot_panel(ax, summary, systems, "cpu_s_per_gib",
+                "CPU s per GiB of guest memory (source + destination)", "workload (working set, dirty rate)")
+    ax.set_title("CPU cost of migrating, outside the vCPU threads (median, min-max); x on top = did not converge",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1992,7 +2259,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="runs per case and setting (default 3)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 run, 300 ms only, cases " + ", ".join(QUICK_CASES))
+                    help="the everyday subset (make bench-migration QUICK=1): 1 run, 300 ms only, no ring tracker, "
+                         "cases " + ", ".join(QUICK_CASES))
     ap.add_argument("--vmm", default=os.path.join(REPO, ".build/release/vmm"))
     ap.add_argument("--guest", default=os.path.join(REPO, "GuestImages/build/dirtier.elf"))
     ap.add_argument("--netecho", default=os.path.join(REPO, "GuestImages/build/netecho.elf"),
@@ -2042,7 +2310,7 @@ def main():
     if unknown:
         sys.exit("unknown system(s) %s; known: %s" % (", ".join(unknown), ", ".join(SYSTEMS)))
     systems = [s for s in SYSTEMS if s in wanted and not (args.skip_qemu and s.startswith("qemu"))]
-    if "ours-tls" in systems and not args.skip_ring:
+    if "ours-tls" in systems and not args.skip_ring and not args.quick:
         systems.append(RING)
     if not systems:
         sys.exit("no system left to run")
@@ -2092,6 +2360,13 @@ def main():
             "pattern": PATTERN, "mark_us": MARK_US, "tsc_khz": tsc_khz, "tsc_khz_source": tsc_source,
             "timeout_s": args.timeout, "steady_s_after_first_mark": args.steady, "settle_s": args.settle,
             "transport": "TCP over 127.0.0.1",
+            "dirtier_report_ms": REPORT_MS, "fill_timeout_s": FILL_TIMEOUT_S,
+            "cpu_cost": "user+system CPU s of the source and destination processes outside their vCPU threads, "
+                        "from just before the migration starts to just after it ends, from /proc/PID/task/*/schedstat "
+                        "and stat (bench/cpu_cost.py); vCPU threads by name (QEMU `CPU n/KVM` with -name "
+                        "...,debug-threads=on) or by a kernel stack inside kvm_arch_vcpu_ioctl_run (ours: every "
+                        "thread is named `vmm` at the kernel level); divided by the guest memory in GiB",
+            "wire_per_memory": "ours bytes_sent / memory_bytes of the migration report; QEMU ram.transferred / ram.total",
             "systems": systems,
             "ours": "vmm ctl migrate --max-bandwidth 0 --max-downtime-ms L [--auto-converge] --timeout T "
                     "(auto-converge: 20%% from the third round, +10%%/round, max 99%%)",
@@ -2154,7 +2429,9 @@ def main():
                         continue
                     pages, rate = CASES[case][1], CASES[case][2]
                     rec.update(system=system, case=case, pages=pages, rate=rate,
-                               cmdline=netecho_cmdline() if case == NET_CASE else dirtier_cmdline(pages, rate, tsc_khz),
+                               dirtier=None if case == NET_CASE else dirtier_options(case),
+                               cmdline=netecho_cmdline() if case == NET_CASE else dirtier_cmdline(pages, rate, tsc_khz,
+                                                                                                  case),
                                downtime_limit_ms=limit, auto_converge=ac, run=k,
                                harness_s=round(time.monotonic() - t0, 2))
                     runs.append(rec)
@@ -2196,18 +2473,21 @@ def main():
         json_path = os.path.join(args.out_dir, "migration.json")
         md_path = os.path.join(args.out_dir, "migration.md")
         png_path = os.path.join(args.out_dir, "migration.png")
+        cpu_png_path = os.path.join(args.out_dir, "migration-cpu.png")
         result = {"meta": dict(info, command=" ".join(sys.argv), quick=args.quick, runs_per_config=args.runs,
                                wall_s=round(elapsed, 1), qemu_cpu=qemu_cpu, qemu_cpu_note=qemu_note,
                                systems=systems, skipped_systems=skipped, skipped_cases=skipped_cases,
                                goals=goals),
                   "settings": common, "machine_limits": limits,
                   "cases": {c: {"label": CASES[c][0], "pages": CASES[c][1], "rate": CASES[c][2],
+                                "dirtier": None if c == NET_CASE else dirtier_options(c),
                                 "systems": systems_for(c, systems)} for c in cases},
                   "runs": runs,
                   "summary": summary_q}
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
         plot_err = plot(summary_q, ran, png_path)
+        cpu_plot_err = plot_cpu(summary_q, ran, cpu_png_path)
         with open(md_path, "w") as f:
             f.write("## Live migration: our VMM vs QEMU, in plaintext and over TLS\n\n")
             f.write("%s  \n%s  \nQEMU: %s, `-cpu %s`. VMM commit: %s.  \n" % (
@@ -2240,6 +2520,16 @@ def main():
                         "datagram to port %d every %d ms each. Resume time: ours from the destination's GET /vm "
                         "(uptime), QEMU from its RESUME event. Announcements: ours its own (RARP + gratuitous ARP), "
                         "QEMU its self-announce.\n" % (NET_MEMORY_MIB, NET_UDP_PORT, NET_INTERVAL_S * 1000))
+            f.write("\nCPU: user + system seconds of the source and destination processes outside their vCPU "
+                    "threads, from the migration's start to its end, read from /proc/PID/task/*/ (bench/cpu_cost.py), "
+                    "divided by the guest's memory in GiB. vCPU threads: QEMU's by name (`CPU n/KVM`, "
+                    "`-name ...,debug-threads=on`); ours by their kernel stack inside KVM_RUN (ours are all named "
+                    "`vmm` at the kernel level). Bytes on wire / guest memory: ours `bytes_sent / memory_bytes` "
+                    "of its report, QEMU `ram.transferred / ram.total`. Guest page writes achieved: the dirtier's "
+                    "own `rate=` reports every %d ms (2 s before, and during the migration). The filled cases "
+                    "(fill=random|text) start measuring after the dirtier's fill; the hot sweep (store=byte, "
+                    "rate=0, mark_us=0) has no marks and no reports, so its downtime is each system's own.\n"
+                    % REPORT_MS)
             if qemu_note:
                 f.write("\nNote: %s.\n" % qemu_note)
             for line in skipped_lines:
@@ -2253,7 +2543,8 @@ def main():
             if goals:
                 f.write("\n### Network case: issue #16's goals (measured, not asserted)\n\n")
                 f.write("".join("- %s\n" % line for line in goals))
-        log("wrote %s, %s%s" % (json_path, md_path, ", " + png_path if not plot_err else " (no plot: %s)" % plot_err))
+        log("wrote %s, %s%s%s" % (json_path, md_path, ", " + png_path if not plot_err else " (no plot: %s)" % plot_err,
+                                  ", " + cpu_png_path if not cpu_plot_err else ""))
     except KeyboardInterrupt:
         log("\ninterrupted; stopping every child")
         return 130
@@ -2271,6 +2562,18 @@ def run_brief(r):
             parts.append(fmt % r[key])
     if r.get("bytes_sent"):
         parts.append(", %.0f MiB" % (r["bytes_sent"] / 2**20))
+    if r.get("wire_per_memory") is not None:
+        parts.append(" (%.3f of guest memory)" % r["wire_per_memory"])
+    if r.get("cpu_s_per_gib") is not None:
+        parts.append(", CPU %.3f s/GiB (src %.3f, dst %.3f)" % (
+            r["cpu_s_per_gib"], r["cpu_source_s_per_gib"], r["cpu_destination_s_per_gib"]))
+    elif (r.get("cpu_window") or {}).get("missing"):
+        parts.append(", CPU not measured (%s)" % "; ".join("%s: %s" % kv for kv in r["cpu_window"]["missing"].items()))
+    if r.get("write_rate_during") is not None:
+        parts.append(", writes %.0f/s (before %s)" % (
+            r["write_rate_during"], "%.0f" % r["write_rate_before"] if r.get("write_rate_before") is not None else "-"))
+    if r.get("fill_ms") is not None:
+        parts.append(", fill %d ms" % r["fill_ms"])
     if r.get("pc_switched") is False:
         parts.append(", did NOT switch to post-copy")
     for key, fmt in (("pc_blocked_ms", ", vCPU blocked %.1f ms"), ("pc_fault_median_ms", ", fault median %.3f ms"),

@@ -3,7 +3,10 @@
 total time and observed hand-over downtime of the four systems (ours TLS, ours plain, QEMU plain,
 QEMU TLS), the ratios of total time, and how many runs converged. "-" = not run, skipped or no
 completed run. Then, when they ran, one line per system for the post-copy case (vCPU blocked
-time, fault latency) and for the network case (replies lost, gaps, resume to first reply)."""
+time, fault latency) and for the network case (replies lost, gaps, resume to first reply). Last, where
+the results have them, one line per case and setting for CPU per GiB of guest memory (source +
+destination, without their vCPU threads), bytes on wire / guest memory and the guest's achieved
+page-write rate."""
 import json
 import sys
 
@@ -44,6 +47,10 @@ for s in data["summary"]:
     down = {k: med(by.get(k, {}), "handover_gap_ms") for k, _ in SYSTEMS}
     conv = " / ".join(f"{by[k]['converged']}/{by[k]['runs']}" if k in by else "-" for k, _ in SYSTEMS)
     name = labels.get(s["case"], s["case"])
+    if ((cases.get(s["case"]) or {}).get("dirtier") or {}).get("mark_us") == 0:
+        # No serial marks (the hot sweep): the downtime each system reports, said so.
+        down = {k: med(by.get(k, {}), "reported_downtime_ms") for k, _ in SYSTEMS}
+        name += " (downtime: as each system reports it)"
     print(f"| {name} | {s['downtime_limit_ms']} | {'on' if s['auto_converge'] else 'off'} | "
           + " / ".join(fmt(total[k]) for k, _ in SYSTEMS) + " | "
           + " / ".join(fmt(down[k], 1) for k, _ in SYSTEMS) + " | "
@@ -86,3 +93,23 @@ if goals:
     print()
 for line in goals:
     print(f"- {line}")
+
+
+# CPU per GiB, bytes on wire per byte of guest memory, the write rate achieved (results from
+# before these measures have none, and print nothing here).
+if any(med(st, "cpu_s_per_gib") is not None for e in data["summary"] for st in e["systems"].values()):
+    CPU_RATIOS = [("ours-tls", "qemu-tls", "ours TLS/QEMU TLS"), ("ours-tls", "qemu", "ours TLS/QEMU plain"),
+                  ("ours-plain", "qemu", "ours plain/QEMU plain")]
+    print(f"\nCPU s per GiB of guest memory, source + destination without vCPU threads; bytes on wire / guest "
+          f"memory; guest page writes/s achieved during the migration (medians; {names})\n")
+    print(f"| case | limit | auto-conv. | CPU s/GiB | " + " | ".join(f"CPU {label}" for _, _, label in CPU_RATIOS)
+          + " | wire/memory | writes/s |")
+    print("|---|---:|---|---|" + "---:|" * len(CPU_RATIOS) + "---|---|")
+    for s in data["summary"]:
+        by = {OLD_NAMES.get(k, k): v for k, v in s["systems"].items()}
+        cpu = {k: med(by.get(k, {}), "cpu_s_per_gib") for k, _ in SYSTEMS}
+        wire = " / ".join(fmt(med(by.get(k, {}), "wire_per_memory"), 3) for k, _ in SYSTEMS)
+        rate = " / ".join(fmt(med(by.get(k, {}), "write_rate_during")) for k, _ in SYSTEMS)
+        print(f"| {labels.get(s['case'], s['case'])} | {s['downtime_limit_ms']} | {'on' if s['auto_converge'] else 'off'} | "
+              + " / ".join(fmt(cpu[k], 3) for k, _ in SYSTEMS) + " | "
+              + " | ".join(ratio(cpu[a], cpu[b]) for a, b, _ in CPU_RATIOS) + f" | {wire} | {rate} |")

@@ -294,8 +294,11 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
                     if (mark_ticks)
                         mark(now);
                     beacon_poll(now);
-                    if (now >= deadline)
+                    if (now >= deadline) {
+                        if (report_ticks)
+                            report(now, writes);
                         break;
+                    }
                 }
             } else if (mark_ticks) {
                 uint64_t now = rdtsc();

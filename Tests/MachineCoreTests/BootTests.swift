@@ -148,6 +148,18 @@ struct BootTests {
         }
     }
 
+    @Test("report_ms prints the write rate when paced too")
+    func dirtierReportsWhenPaced() throws {
+        // Pacing and reports both count TSC ticks at the tsc_khz given, so 100 writes at 400/s
+        // span 250 ms of that clock, five 50 ms report periods, however fast the host is. A stall
+        // (the vCPU descheduled) folds periods into one report, so only one is required.
+        let run = try dirtierPages("pages=4 passes=25 rate=400 tsc_khz=1000000 mark_us=0 report_ms=50", pages: 4)
+        #expect(run.exit == .exitPort(status: 0), "output: \(run.output)")
+        let rates = run.output.split(separator: "\n").filter { $0.hasPrefix("rate=") }.compactMap { Int($0.dropFirst(5)) }
+        #expect(!rates.isEmpty, "output: \(run.output)")
+        #expect(rates.allSatisfy { $0 > 0 })
+    }
+
     @Test("the dirtier refuses store=byte with a fill, and report_ms without tsc_khz, with status 2")
     func dirtierRefusesBadModes() throws {
         let byteFill = try runGuest("dirtier.elf", commandLine: "pages=4 passes=1 mark_us=0 store=byte fill=text")
