@@ -25,6 +25,7 @@ int csystemcalls_renameat_noreplace(int olddirfd, const char *oldpath, int newdi
 
 #include <errno.h>
 #include <sched.h>
+#include <pthread.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -110,3 +111,8 @@ unsigned long long csystemcalls_uffd_pagefault_flag_write(void) { return UFFD_PA
 int csystemcalls_uffd_msg_size(void) { return (int)sizeof(struct uffd_msg); }
 int csystemcalls_uffd_msg_pagefault_flags_offset(void) { return (int)offsetof(struct uffd_msg, arg.pagefault.flags); }
 int csystemcalls_uffd_msg_pagefault_address_offset(void) { return (int)offsetof(struct uffd_msg, arg.pagefault.address); }
+
+int csystemcalls_name_this_thread(const char *name)
+{
+    return pthread_setname_np(pthread_self(), name);
+}

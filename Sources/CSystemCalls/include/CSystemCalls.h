@@ -71,4 +71,8 @@ int csystemcalls_uffd_msg_size(void);
 int csystemcalls_uffd_msg_pagefault_flags_offset(void);
 int csystemcalls_uffd_msg_pagefault_address_offset(void);
 
+/// pthread_setname_np on the calling thread: the name the kernel shows for it
+/// (/proc/PID/task/TID/comm), at most 15 bytes. Returns 0 or an errno value.
+int csystemcalls_name_this_thread(const char *name);
+
 #endif
