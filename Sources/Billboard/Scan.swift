@@ -133,12 +133,16 @@ public struct Scan: Sendable {
         try database.write { db in
             let rows = try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ?", arguments: [database.hostName])
             var recordedPids = Set<Int32>()
+            // Processes found gone just now: one that held a VM when /proc was read has exited
+            // since (a migration source ending), and is not a VM without a record.
+            var gonePids = Set<Int32>()
             for row in rows {
                 let pid: Int32 = row["pid"]
                 let guestID: String = row["guest_id"]
                 let name: String = row["guest_name"]
                 let state = InstanceState(rawValue: row["state"]) ?? .running
                 guard HostProcesses.alive(pid) else {
+                    gonePids.insert(pid)
                     try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
                                    arguments: [database.hostName, pid, guestID])
                     if state == .ended { continue }  // a clean exit
@@ -200,7 +204,7 @@ public struct Scan: Sendable {
                                                 evidence: "holds a KVM VM without any billboard open (another VMM, or a test)"))
                     continue
                 }
-                if holdsThisStore {
+                if holdsThisStore && !gonePids.contains(process.pid) && HostProcesses.alive(process.pid) {
                     // Re-checked inside the transaction: a VMM records itself before it creates its VM.
                     let recorded = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM instances WHERE host = ? AND pid = ?)",
                                                      arguments: [database.hostName, process.pid]) ?? false

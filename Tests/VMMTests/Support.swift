@@ -164,3 +164,9 @@ func waitUntil(_ timeout: Double, _ condition: () throws -> Bool) rethrows -> Bo
     }
     return try condition()
 }
+
+/// Waits until a `vmm receive` says it listens (a loaded machine may take seconds to start it);
+/// a migration started before that would meet a refused connection instead.
+func expectListening(_ receiver: VMMProcess, sourceLocation: SourceLocation = #_sourceLocation) {
+    #expect(waitUntil(30) { receiver.errorText.contains("listening on") }, "\(receiver.errorText)", sourceLocation: sourceLocation)
+}
