@@ -112,6 +112,7 @@ public struct Scan: Sendable {
     let database: BillboardDatabase
     let instances: Instances
     let leaseRecords: LeaseRecords
+    let intents: HandoverIntents
 
     /// Looks at every guest this host runs and every process with a KVM VM, and returns what is
     /// wrong. Records the evidence of each new finding in the audit log; removes records of dead
@@ -122,6 +123,8 @@ public struct Scan: Sendable {
     /// change) after which a running guest that must beacon is stale.
     public func run(staleAfter: TimeInterval, actor: String? = nil) throws -> [ScanFinding] {
         let actor = actor ?? database.processActor
+        // Hand-overs a crash may have cut short are settled first, so leases read as they stand.
+        try intents.resolve(actor: actor)
         let now = Date().milliseconds
         var findings: [ScanFinding] = []
         // /proc, and the key files beside other stores, are read before the transaction: nobody waits on them.

@@ -31,11 +31,14 @@ import Snapshot
 //     control{ready: the page entries and memory sections it applied} once everything is
 //     verified and applied to the paused VM; or control{refuse: reason}
 //   source: checks the counts against what it sent, then hands the guest's lease to the
-//     authenticated destination host and the accept's pid; if either fails, no GO
+//     authenticated destination host and the accept's pid; if either fails, no GO. (Before the
+//     pause it wrote a durable intent for exactly that hand-over, so this commit inside the
+//     pause need not wait for the disk: docs/migration.md, "Crash safety of the hand-over".)
 //   source -> destination, stream 2 (commit): header, control{go: the counts, and in
 //     plaintext the source host's signature over the challenge and the counts}, end
 //     (from here the source never resumes on its own)
-//   destination -> source: control{running: resumed_at}, end
+//   destination -> source: control{running: resumed_at, what the destination measured of the
+//     downtime}, end
 //
 // A failure before GO leaves the guest running on the source and the destination discards
 // what it had. A failure after GO leaves the source paused and the migration "in doubt":
@@ -112,8 +115,9 @@ public enum WireMessage: Sendable, Equatable {
     case ready(TransferCounts)
     /// The commit; in plaintext signed by the source host over the challenge and the counts.
     case go(TransferCounts, signature: Data?)
-    /// When the destination resumed the guest (CLOCK_MONOTONIC ms; same host only).
-    case running(resumedAt: Double)
+    /// When the destination resumed the guest (CLOCK_MONOTONIC ms; same host only), and what it
+    /// measured of the downtime on its own clock (nil from a destination that does not say).
+    case running(resumedAt: Double, phases: DestinationPhases?)
     /// Post-copy, in the commit stream before GO: the pages the destination must not take from
     /// what it received (a bitmap, 64-bit little-endian words, one bit per guest page).
     case postcopy(missing: Data)
@@ -173,6 +177,7 @@ public enum WireMessage: Sendable, Equatable {
         var missingPages: Data?
         var pfn: UInt64?
         var figures: PostCopyFigures?
+        var phases: DestinationPhases?
 
         init(kind: String) { self.kind = kind }
 
@@ -185,7 +190,7 @@ public enum WireMessage: Sendable, Equatable {
             case let .refuse(reason): self.reason = reason
             case let .ready(counts): self.counts = counts
             case let .go(counts, signature): self.counts = counts; self.signature = signature
-            case let .running(resumedAt): self.resumedAt = resumedAt
+            case let .running(resumedAt, phases): self.resumedAt = resumedAt; self.phases = phases
             case let .postcopy(missing): missingPages = missing
             case let .pageChannel(challenge): nonce = challenge
             case let .pageRequest(pfn): self.pfn = pfn
@@ -220,7 +225,7 @@ public enum WireMessage: Sendable, Equatable {
                 return .go(counts, signature: signature)
             case "running":
                 guard let resumedAt else { throw missing("resumedAt") }
-                return .running(resumedAt: resumedAt)
+                return .running(resumedAt: resumedAt, phases: phases)
             case "postcopy":
                 guard let missingPages else { throw missing("missingPages") }
                 return .postcopy(missing: missingPages)
