@@ -15,6 +15,9 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     func verifyState(signature: [UInt8]?, digest: [UInt8]) throws
     /// Starts the guest (after GO); throws if it may not run here after all (nothing started).
     func startGuest() throws
+    /// As `startGuest`, and says when the lease was taken and when the vCPUs ran (CLOCK_MONOTONIC
+    /// ms), for the report.
+    func startGuestTimed() throws -> GuestStartTimes
     /// Throws away the reserved VM (a failure before GO).
     func discard()
     /// The host and process that will own the guest (sent in the accept), if it has an owner record.
@@ -37,6 +40,25 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
 extension MigrationDestinationVM {
     public var announceSoFar: AnnounceReport? { nil }
     public var resumedAt: Double? { nil }
+}
+
+/// When a destination took the guest's lease and when its vCPUs ran (CLOCK_MONOTONIC ms).
+public struct GuestStartTimes: Sendable, Equatable {
+    public var leaseTaken: Double
+    public var resumed: Double
+    public init(leaseTaken: Double, resumed: Double) {
+        self.leaseTaken = leaseTaken
+        self.resumed = resumed
+    }
+}
+
+extension MigrationDestinationVM {
+    /// A VM that does not time its start: both moments are when `startGuest` returned.
+    public func startGuestTimed() throws -> GuestStartTimes {
+        try startGuest()
+        let now = monotonicMilliseconds()
+        return GuestStartTimes(leaseTaken: now, resumed: now)
+    }
 }
 
 /// The destination side: challenge, admission, reservation, verified reception, READY, and
@@ -67,6 +89,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         /// Stream bytes received from the source (state stream and commit stream).
         public var bytes: UInt64
         public var resumedAt: Double
+        /// The destination's share of the downtime (also sent to the source in RUNNING).
+        public var phases: DestinationPhases?
         /// The host the guest came from.
         public var sourceHost: String
         /// Post-copy: the fault figures once every page is in, or why the guest was lost.
@@ -123,6 +147,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
 
         // Pre-copy rounds and stop-and-copy: the same section sequence a snapshot file holds.
         let body = try StateSequence.readBody(from: &reader, into: vm.memory)
+        let bodyRead = monotonicMilliseconds()
         if authenticated == nil {
             // Plaintext: the source host's signature over every byte, the manifest and its
             // challenge included, stands in for the channel's authentication.
@@ -152,6 +177,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         defer { if !committed { pageChannel?.transport.close() } }
         let received = TransferCounts(pages: body.pages, memorySections: body.memorySections)
         try send(.ready(received))
+        var phases = DestinationPhases(apply: monotonicMilliseconds() - bodyRead, bootID: kernelBootID)
 
         var commit = try StreamReader(source: TransportSource(transport), integrity: integrity)
         guard var goSection = try commit.nextSection(), goSection.type == .control else {
@@ -171,6 +197,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         guard case let .go(sent, signature) = try WireMessage.decode(goSection.payload) else {
             throw MigrationError.protocolViolation("expected GO")
         }
+        let goRead = monotonicMilliseconds()
         guard sent == received else {
             throw MigrationError.protocolViolation("the source sent \(sent) but \(received) arrived")
         }
@@ -201,18 +228,22 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             server.start(fill: false)
             postcopy = (server, source)
         }
-        do { try vm.startGuest() } catch {
+        let started: GuestStartTimes
+        do { started = try vm.startGuestTimed() } catch {
             postcopy?.server.stop()
             throw error
         }
         committed = true
-        let resumedAt = vm.resumedAt ?? monotonicMilliseconds()
+        let resumedAt = started.resumed
+        phases.lease = max(0, started.leaseTaken - goRead)
+        phases.start = max(0, started.resumed - started.leaseTaken)
         // The guest runs here now, whatever happens to this reply.
-        try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt, announce: vm.announceSoFar).encoded())
+        try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt, announce: vm.announceSoFar,
+                                                                         phases: phases).encoded())
         if postcopy == nil { try? replies.finish() }
         try? replies.sink.flush()
         var result = Result(pages: body.pages, zeroPages: body.zeroPages, bytes: reader.offset + commit.offset,
-                            resumedAt: resumedAt, sourceHost: authenticated ?? manifest.sourceHost)
+                            resumedAt: resumedAt, phases: phases, sourceHost: authenticated ?? manifest.sourceHost)
         if let postcopy {
             defer { postcopy.source.close() }
             do {

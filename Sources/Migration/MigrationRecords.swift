@@ -187,8 +187,13 @@ public struct MigrationReport: Codable, Sendable {
     public var outcome: MigrationOutcome
     public var setupMs: Double = 0
     public var totalMs: Double = 0
-    /// Source pause to destination resume, on the host's monotonic clock.
+    /// Source pause to destination resume: on one host its CLOCK_MONOTONIC; between hosts
+    /// estimated (see `DowntimePhases.clock`).
     public var downtimeMs: Double?
+    /// Where the downtime went, phase by phase (pre-copy that completed only).
+    public var downtimePhasesMs: DowntimePhases?
+    /// Writing the durable hand-over intent, just before the pause (not downtime: the guest runs).
+    public var handoverIntentMs: Double?
     public var bytesSent: UInt64 = 0
     public var pagesSent: Int = 0
     public var zeroPages: Int = 0
@@ -225,6 +230,78 @@ public struct MigrationReport: Codable, Sendable {
         case throughputBytesPerSecond = "throughput_bytes_per_s"
         case memoryBytes = "memory_bytes"
         case handoverMs = "handover_ms"
+        case downtimePhasesMs = "downtime_phases_ms"
+        case handoverIntentMs = "handover_intent_ms"
+    }
+}
+
+/// Where a migration's downtime went, in milliseconds of CLOCK_MONOTONIC. Each phase starts
+/// where the one before ended, so on one host they add up to `downtime_ms`; the destination's
+/// own figures (`destination`) lie inside `resume` and overlap `ready`.
+public struct DowntimePhases: Codable, Sendable, Equatable {
+    /// The pause asked for → every vCPU out of `KVM_RUN` and parked.
+    public var pause: Double = 0
+    /// The last dirty set collected and its pages sent.
+    public var lastPages: Double = 0
+    /// vCPU and device state saved, encoded and sent; the state stream closed and flushed.
+    public var state: Double = 0
+    /// The state stream flushed → READY read: the destination's verification and apply
+    /// (`destination.apply`) and the way there and back.
+    public var ready: Double = 0
+    /// The lease handed over in this host's store.
+    public var leaseHandover: Double = 0
+    /// The lease handed over → GO about to be written (in plaintext, its signature).
+    public var go: Double = 0
+    /// GO written → the destination's vCPUs running: GO's way there, the destination's lease
+    /// (`destination.lease`) and start (`destination.start`).
+    public var resume: Double = 0
+    /// After the resume, so not downtime: RUNNING's way back to the source.
+    public var runningReply: Double = 0
+    /// What the destination measured on its own clock (nil from a destination that does not say).
+    public var destination: DestinationPhases?
+    /// How `resume`, `running_reply` and `downtime_ms` were found: "shared" when both sides ran
+    /// on one kernel (the same boot id): from the destination's resume time on the common clock;
+    /// "estimated" between hosts: the wire's share of the GO → RUNNING round trip (what the
+    /// destination did not spend on its lease and start) is split evenly between GO and RUNNING.
+    public var clock: String = "shared"
+
+    public init() {}
+
+    /// The phases inside the downtime, in order (running_reply is after it).
+    public var inDowntime: [Double] { [pause, lastPages, state, ready, leaseHandover, go, resume] }
+
+    enum CodingKeys: String, CodingKey {
+        case pause, state, ready, go, resume, destination, clock
+        case lastPages = "last_pages"
+        case leaseHandover = "lease_handover"
+        case runningReply = "running_reply"
+    }
+}
+
+/// The destination's share of the downtime, on its own clock, sent back in RUNNING.
+public struct DestinationPhases: Codable, Sendable, Equatable {
+    /// The end of the state stream read → READY sent: the signature checked (plaintext), vCPU
+    /// and device state applied (post-copy: the page channel accepted too).
+    public var apply: Double = 0
+    /// GO read → the lease taken in this host's store (post-copy: the missing pages dropped
+    /// and registered with the fault server first).
+    public var lease: Double = 0
+    /// The lease taken → every vCPU thread running the guest.
+    public var start: Double = 0
+    /// The kernel boot these were measured in (`/proc/sys/kernel/random/boot_id`): the same as
+    /// the source's means one CLOCK_MONOTONIC for both.
+    public var bootID: String?
+
+    public init(apply: Double = 0, lease: Double = 0, start: Double = 0, bootID: String? = nil) {
+        self.apply = apply
+        self.lease = lease
+        self.start = start
+        self.bootID = bootID
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case apply, lease, start
+        case bootID = "boot_id"
     }
 }
 

@@ -14,9 +14,15 @@ public protocol MigrationSourceVM: AnyObject, Sendable {
     var migrationIdentity: String? { get }
     /// This host's name, for the manifest.
     var hostName: String { get }
+    /// Just before the pause: records, durably, the hand-over the commit may make (to that host
+    /// and process, for the connection of `challenge`), so that the commit inside the pause need
+    /// not wait for the disk. Throwing here fails the migration before the pause.
+    func prepareHandover(toHost host: String?, toPid pid: Int32?, challenge: String) throws
     /// The commit point: hands ownership (the Billboard lease) to the destination process named
     /// in the accept, just before GO. Throwing here cancels the migration; the guest resumes here.
     func commitHandover(toHost host: String?, toPid pid: Int32?) throws
+    /// The migration failed before GO: the prepared hand-over will not happen.
+    func abandonHandover()
     /// Signs a digest with this host's key (a plaintext stream, and its GO; the destination
     /// verifies them); nil when this VM has no host key to sign with.
     func signState(digest: [UInt8]) throws -> [UInt8]?
@@ -28,6 +34,12 @@ public protocol MigrationSourceVM: AnyObject, Sendable {
     func statePayloads() throws -> (vcpu: [UInt8], devices: [UInt8])
     /// Slows the guest: the share of time its vCPUs are held paused (0 = off).
     func setThrottle(percent: Int)
+}
+
+extension MigrationSourceVM {
+    /// A VM with no durable record to prepare commits the hand-over durably inside the pause.
+    public func prepareHandover(toHost host: String?, toPid pid: Int32?, challenge: String) throws {}
+    public func abandonHandover() {}
 }
 
 /// Iterative pre-copy: round 0 sends all memory while the guest runs; each later
@@ -139,6 +151,8 @@ public final class PreCopySender: Sendable {
         var sent = TransferCounts(pages: 0, memorySections: 0)
         var pending = DirtyBitmap(pageCount: 0)
         var pauseTime = 0.0
+        /// When each phase of the downtime ended (CLOCK_MONOTONIC ms), for the report.
+        var marks = DowntimeMarks()
         var paused = false
         var tracking = false
         /// Post-copy: the pages the destination lacks at the switch, and the page channel.
@@ -367,18 +381,26 @@ public final class PreCopySender: Sendable {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
+        // Durable before the pause, so that the commit inside it need not be.
+        let intentStart = monotonicMilliseconds()
+        try vm.prepareHandover(toHost: run.destinationHost, toPid: run.destinationPid, challenge: run.challenge)
+        run.report.handoverIntentMs = monotonicMilliseconds() - intentStart
+        // The downtime starts with the pause asked for: the first vCPU kicked out stops the guest.
+        run.pauseTime = monotonicMilliseconds()
         guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
         run.paused = true
-        run.pauseTime = monotonicMilliseconds()
+        run.marks.paused = monotonicMilliseconds()
         run.pending.formUnion(try vm.dirtyTracker.collect())
         let last = try sendPages(run.pending, writer: &run.writer, rearm: false, report: &run.report, counts: &run.sent,
                                  t0: run.t0, stopAndCopy: true).sent
         run.report.pagesPerRound.append(last)
+        run.marks.lastPages = monotonicMilliseconds()
         let (vcpu, devices) = try vm.statePayloads()
         // Signed only in plaintext: on an authenticated channel the TLS identity is the signature.
         let signed = run.integrity.hasStreamDigest
         try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { signed ? try vm.signState(digest: $0) : nil }
         try run.writer.sink.flush()
+        run.marks.state = monotonicMilliseconds()
         run.report.bytesSent = run.writer.bytesWritten
         if settings.postcopy {
             // The manifest allowed post-copy, so the destination waits for a page channel before
@@ -396,6 +418,7 @@ public final class PreCopySender: Sendable {
         guard case let .ready(received) = try next(from: &run.reader, expecting: "ready") else {
             throw MigrationError.protocolViolation("expected ready")
         }
+        run.marks.ready = monotonicMilliseconds()
         guard received == run.sent else {
             throw MigrationError.aborted("the destination applied \(received) but \(run.sent) were sent")
         }
@@ -411,10 +434,12 @@ public final class PreCopySender: Sendable {
             state.withLock { $0.goSent = false; $0.postcopy = false }
             throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
         }
-        run.report.handoverMs = monotonicMilliseconds() - handoverStart
+        run.marks.leaseHandedOver = monotonicMilliseconds()
+        run.report.handoverMs = run.marks.leaseHandedOver - handoverStart
         let signature = run.integrity.hasStreamDigest
             ? try vm.signState(digest: sha256(WireMessage.goPayload(challenge: run.challenge, counts: run.sent))).map { Data($0) }
             : nil
+        run.marks.go = monotonicMilliseconds()
         var commit = try StreamWriter(sink: TransportSink(transport), integrity: run.integrity)
         if let missing = run.missing {
             try commit.writeSection(.control, payload: WireMessage.postcopy(missing: missing.wireBytes).encoded())
@@ -428,11 +453,18 @@ public final class PreCopySender: Sendable {
             // memory while it takes the guest over), and that page must not wait for RUNNING.
             run.pageService = PageService(memory: vm.memory, missing: missing, channel: channel)
         }
-        guard case let .running(resumedAt, announce) = try next(from: &run.reader, expecting: "running") else {
+        guard case let .running(resumedAt, announce, destination) = try next(from: &run.reader, expecting: "running") else {
             throw MigrationError.protocolViolation("expected running")
         }
-        run.report.downtimeMs = resumedAt - run.pauseTime
+        run.marks.running = monotonicMilliseconds()
         run.report.destinationAnnounce = announce
+        if postcopy {
+            run.report.downtimeMs = resumedAt - run.pauseTime
+        } else {
+            let phases = run.marks.phases(pausedAt: run.pauseTime, resumedAt: resumedAt, destination: destination)
+            run.report.downtimePhasesMs = phases
+            run.report.downtimeMs = phases.inDowntime.reduce(0, +)
+        }
         try? vm.dirtyTracker.disable()
         if postcopy { return }
         run.report.outcome = .completed
@@ -513,6 +545,8 @@ public final class PreCopySender: Sendable {
         } else {
             if tracking { try? vm.dirtyTracker.disable() }
             if paused { vm.resumeAfterMigration() }
+            // After the resume: a crash before this only leaves a guest an administrator must release.
+            vm.abandonHandover()
             report.outcome = .failed
             update { $0.phase = .failed; $0.error = "\(error)"; $0.throttlePercent = 0 }
         }
@@ -648,4 +682,36 @@ private final class ChannelBox: @unchecked Sendable {
     var reader: StreamReader<TransportSource>
     var writer: StreamWriter<TransportSink>
     init(_ channel: PageChannel) { reader = channel.reader; writer = channel.writer }
+}
+
+/// When each phase of a pre-copy downtime ended, on this host's CLOCK_MONOTONIC.
+struct DowntimeMarks {
+    var paused = 0.0, lastPages = 0.0, state = 0.0, ready = 0.0, leaseHandedOver = 0.0, go = 0.0, running = 0.0
+
+    /// The phases from the pause (`pausedAt`) to the destination's resume (`resumedAt`, on the
+    /// destination's clock). On one kernel (the same boot id) that clock is this one; between
+    /// hosts the resume is placed by the destination's own figures and half of what is left of
+    /// the GO → RUNNING round trip.
+    func phases(pausedAt: Double, resumedAt: Double, destination: DestinationPhases?) -> DowntimePhases {
+        var p = DowntimePhases()
+        p.pause = paused - pausedAt
+        p.lastPages = lastPages - paused
+        p.state = state - lastPages
+        p.ready = ready - state
+        p.leaseHandover = leaseHandedOver - ready
+        p.go = go - leaseHandedOver
+        p.destination = destination
+        if let boot = destination?.bootID, boot == kernelBootID {
+            p.clock = "shared"
+            p.resume = resumedAt - go
+            p.runningReply = running - resumedAt
+        } else {
+            p.clock = "estimated"
+            let there = (destination?.lease ?? 0) + (destination?.start ?? 0)
+            let wire = max(0, running - go - there)
+            p.resume = there + wire / 2
+            p.runningReply = wire / 2
+        }
+        return p
+    }
 }

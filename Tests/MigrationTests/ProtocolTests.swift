@@ -147,8 +147,8 @@ struct ProtocolTests {
             #expect(json.contains("\"destination_announce\"") == (announce != nil), "\(json)")
         }
         // An older destination's RUNNING has no announcement: it still reads.
-        #expect(try WireMessage.decode(Array(#"{"kind":"running","resumedAt":12.5}"#.utf8)) == .running(resumedAt: 12.5, announce: nil))
-        let roundTrip = WireMessage.running(resumedAt: 3, announce: told)
+        #expect(try WireMessage.decode(Array(#"{"kind":"running","resumedAt":12.5}"#.utf8)) == .running(resumedAt: 12.5, announce: nil, phases: nil))
+        let roundTrip = WireMessage.running(resumedAt: 3, announce: told, phases: nil)
         #expect(try WireMessage.decode(roundTrip.encoded()) == roundTrip)
     }
 
