@@ -37,8 +37,9 @@ let package = Package(
         // Ethernet/ARP/IPv4 frames from hostile bytes; announce frames and their schedule; the
         // per-guest egress source filter. Pure: no KVM, no sockets, no clock.
         .target(name: "NetworkFrames"),
-        // Pure device state machines (UART, exit port, beacon port). No KVM, no threads.
-        .target(name: "Devices"),
+        // Pure device state machines (UART, exit port, beacon port, PCI, virtio-net). No KVM, no
+        // threads. Its one MAC type is NetworkFrames' (pure too).
+        .target(name: "Devices", dependencies: ["NetworkFrames"]),
         // Image formats (flat, Multiboot) -> guest memory + initial CPU state.
         .target(name: "Loader", dependencies: ["GuestMemory"]),
         // The versioned, checksummed stream shared by snapshot files and migration.
@@ -57,7 +58,7 @@ let package = Package(
         ]),
         // The machine: VM + vCPU runners + buses + devices + state capture. Knows nothing of the Billboard.
         .target(name: "MachineCore", dependencies: [
-            "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "SystemCalls",
+            "KVM", "DirtyTrackers", "GuestMemory", "Devices", "Loader", "Snapshot", "SystemCalls", "NetworkFrames",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // Signed guest registry, keys, leases, audit (SQLite through GRDB).
@@ -102,10 +103,10 @@ let package = Package(
         .testTarget(name: "PageFaultsTests", dependencies: ["PageFaults", "GuestMemory", "SystemCalls"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "LoaderTests", dependencies: ["Loader", "GuestMemory"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "NetworkFrames"]),
         .testTarget(name: "NetworkFramesTests", dependencies: ["NetworkFrames"]),
         .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers",
-                                                     "Devices", "SystemCalls"]),
+                                                     "Devices", "SystemCalls", "NetworkFrames"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory", "PageFaults"]),
         .testTarget(name: "SecureChannelTests", dependencies: [
             "SecureChannel", "Migration", "SystemCalls",

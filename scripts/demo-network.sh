@@ -150,7 +150,7 @@ EOF
 say "the client pings netecho every 10 ms while it migrates live from host A to host B over TLS"
 echo "\$ ip netns exec hostB vmm receive --listen 10.200.255.2:7790 --net tap=tap-b --billboard host-b --api-socket nb.sock"
 ip netns exec "$HOSTB" "$VMM" receive --listen 10.200.255.2:7790 --net tap=tap-b --api-socket "$TMP/nb.sock" $BBB \
-  --listen-timeout 60 > "$TMP/nb.out" 2>&1 &
+  --listen-timeout 60 --report-dir "$TMP/reports-b" > "$TMP/nb.out" 2>&1 &
 PIDS+=($!)
 wait_line "$TMP/nb.out" "listening on" >/dev/null || exit 1
 ip netns exec "$LAN" python3 "$TMP/pinger.py" $IP > "$TMP/pinger.out" 2>&1 &
@@ -169,6 +169,11 @@ echo "what the client saw:"; sed 's/^/  /' "$TMP/pinger.out"
 wait_line "$TMP/nb.out" "announced" >/dev/null
 echo "host B's VMM: $(grep -o 'network: announced.*' "$TMP/nb.out")"
 echo "  (each round a RARP from $MAC and a gratuitous ARP for $IP, sent through tap-b)"
+echo "\$ vmm ctl migration --api-socket nb.sock   (host B: the arrival, and its announcement)"
+"$VMM" ctl migration --api-socket "$TMP/nb.sock" | python3 -c 'import json,sys
+a = json.load(sys.stdin).get("incoming", {}).get("announce") or {}
+print("  announce: state=%s planned_ms=%s sent_ms=%s frames_sent=%s errors=%s" % (a.get("state"), a.get("planned_ms"),
+      [round(x, 1) for x in a.get("sent_ms", [])], a.get("frames_sent"), a.get("errors")))' || true
 echo "the LAN bridge now has the guest's MAC on port: $(fdb_port $MAC)   (to-hostb: host B's uplink)"
 echo "\$ bridge -n lan fdb show br brLAN | grep $MAC"; bridge -n "$LAN" fdb show br brLAN | grep -i $MAC
 for _ in $(seq 50); do kill -0 $SOURCE 2>/dev/null || break; sleep 0.1; done

@@ -1,5 +1,12 @@
 /* dirtier.elf: migration benchmark workload. Rewrites a working set of pages
- * at a chosen rate and prints a '.' every mark period. See README.md. */
+ * at a chosen rate and prints a '.' every mark period. See README.md.
+ *
+ * By default the working set holds zeros and one 8-byte word per page, which a
+ * sender that compressed or delta-encoded pages would move for almost nothing.
+ * fill=random and fill=text give the set real contents first (incompressible,
+ * or text-like), and each write then changes a few bytes of a page, so that
+ * benchmark numbers are those a real guest would see. store=byte is the
+ * tightest loop a guest can run: one byte per page, nothing else. */
 #include "lib.h"
 
 #define WS_BASE   0x400000u        /* working set starts at 4 MiB */
@@ -41,12 +48,107 @@ static uint32_t xorshift32(uint32_t *s)
     return *s = x;
 }
 
+enum fill { FILL_ZERO, FILL_RANDOM, FILL_TEXT };
+
+/* A text-like byte: letters in short words, spaces, now and then a newline. */
+static uint8_t text_byte(uint32_t *rng)
+{
+    uint32_t r = xorshift32(rng) & 63;
+
+    if (r < 9)
+        return ' ';
+    if (r == 9)
+        return '\n';
+    return (uint8_t)('a' + (r - 10) % 26);
+}
+
+/* The fill copies each page from a random window of a 64 KiB pool with one
+ * `rep movsl`: here each single store of the guest may trap, while a string
+ * move runs at the host's pace. */
+#define POOL_WORDS 16384u
+static uint32_t pool[POOL_WORDS];
+
+static void copy_words(volatile void *dst, const void *src, uint32_t n)
+{
+    __asm__ volatile("rep movsl" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+}
+
+/* Gives every page of the set its contents before the writes begin. */
+static void fill_set(enum fill fill, uint32_t npages, uint32_t *rng)
+{
+    uint32_t page, i;
+
+    for (i = 0; i < POOL_WORDS; i++) {
+        if (fill == FILL_RANDOM) {
+            pool[i] = xorshift32(rng);
+        } else {
+            uint32_t v = text_byte(rng);
+            v |= (uint32_t)text_byte(rng) << 8;
+            v |= (uint32_t)text_byte(rng) << 16;
+            v |= (uint32_t)text_byte(rng) << 24;
+            pool[i] = v;
+        }
+    }
+    for (page = 0; page < npages; page++) {
+        uint32_t at = xorshift32(rng) % (POOL_WORDS - PAGE_SIZE / 4);
+        volatile uint32_t *w = (volatile uint32_t *)(uintptr_t)(WS_BASE + page * PAGE_SIZE);
+
+        copy_words(w, &pool[at], PAGE_SIZE / 4);
+        /* No two pages alike, whatever windows they got: the first word holds
+         * the page number, mixed (random) or as four letters (text). */
+        if (fill == FILL_RANDOM)
+            w[0] ^= page * 2654435761u;
+        else
+            w[0] = (uint32_t)('a' + page % 26) | (uint32_t)('a' + page / 26 % 26) << 8 |
+                   (uint32_t)('a' + page / 676 % 26) << 16 | (uint32_t)('a' + page / 17576 % 26) << 24;
+        if (!(page & 63))
+            beacon_poll(rdtsc());
+    }
+}
+
+/* One write of the filled modes: `touch` bytes at random offsets of the page
+ * take new values of the same kind as the fill (no read first: a store is
+ * what dirties the page, and a read may cost as much as the store). */
+static void touch_page(enum fill fill, uint32_t page, uint32_t touch, uint32_t *rng)
+{
+    volatile uint8_t *b = (volatile uint8_t *)(uintptr_t)(WS_BASE + page * PAGE_SIZE);
+    uint32_t k;
+
+    for (k = 0; k < touch; k++) {
+        uint32_t r = xorshift32(rng);
+        uint8_t v = fill == FILL_RANDOM ? (uint8_t)(r >> 24) : text_byte(rng);
+
+        b[r & (PAGE_SIZE - 1)] = v;
+    }
+}
+
+/* Every report period: the page writes per second achieved since the last
+ * report, as `\nrate=N\n` (no '.', which the harness counts as a mark). */
+static uint64_t next_report, report_ticks, report_writes, khz;
+
+static void report(uint64_t now, uint64_t writes)
+{
+    uint64_t elapsed;
+
+    if (now < next_report)
+        return;
+    elapsed = now - (next_report - report_ticks);
+    puts("\nrate=");
+    /* writes / (elapsed / tsc_hz), in ms of TSC time so that it stays in 32 bits. */
+    elapsed = div64(elapsed, 1000, NULL);
+    putdec(div64((writes - report_writes) * khz, (uint32_t)(elapsed ? elapsed : 1), NULL));
+    puts("\n");
+    report_writes = writes;
+    next_report = now + report_ticks;
+}
+
 int kmain(uint32_t magic, const struct mb_info *mbi)
 {
-    uint64_t pages = 1024, rate = 0, tsc_khz = 0, mark_us = 1000, passes = 0;
-    uint64_t v, pass, deadline, ticks_per_page = 0, top;
-    uint32_t rng = 0x2545F491u, npages, i, page;
-    int random = 0, have_khz = 0, r;
+    uint64_t pages = 1024, rate = 0, tsc_khz = 0, mark_us = 1000, passes = 0, touch = 4, report_ms = 0;
+    uint64_t v, pass, deadline, ticks_per_page = 0, top, writes = 0;
+    uint32_t rng = 0x2545F491u, fill_rng = 0x9E3779B9u, npages, i, page;
+    int random = 0, have_khz = 0, r, byte_store = 0;
+    enum fill fill = FILL_ZERO;
     const char *p;
     struct token t;
 
@@ -68,6 +170,29 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
             dst = &mark_us;
         else if (key_is(&t, "passes"))
             dst = &passes;
+        else if (key_is(&t, "touch"))
+            dst = &touch;
+        else if (key_is(&t, "report_ms"))
+            dst = &report_ms;
+        else if (key_is(&t, "fill")) {
+            if (val_is(&t, "zero"))
+                fill = FILL_ZERO;
+            else if (val_is(&t, "random"))
+                fill = FILL_RANDOM;
+            else if (val_is(&t, "text"))
+                fill = FILL_TEXT;
+            else
+                return fail("bad value", &t);
+            continue;
+        } else if (key_is(&t, "store")) {
+            if (val_is(&t, "word"))
+                byte_store = 0;
+            else if (val_is(&t, "byte"))
+                byte_store = 1;
+            else
+                return fail("bad value", &t);
+            continue;
+        }
         else if ((r = beacon_param(&t)) != 0) {
             if (r < 0)
                 return fail("bad value", &t);
@@ -82,12 +207,14 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
             continue;
         } else
             return fail("unknown parameter", &t);
-        if (!parse_dec(&t, &v) || (dst == &pages && v == 0))
+        if (!parse_dec(&t, &v) || (dst == &pages && v == 0) || (dst == &touch && (v == 0 || v > PAGE_SIZE)))
             return fail("bad value", &t);
         *dst = v;
     }
-    if ((rate || mark_us) && (!have_khz || !tsc_khz))
-        return fail("tsc_khz= is required when rate or mark_us is set", NULL);
+    if ((rate || mark_us || report_ms) && (!have_khz || !tsc_khz))
+        return fail("tsc_khz= is required when rate, mark_us or report_ms is set", NULL);
+    if (byte_store && fill != FILL_ZERO)
+        return fail("store=byte writes one byte and needs fill=zero", NULL);
 
     /* mem_upper counts KiB from 1 MiB; stay within it and below 4 GiB. */
     top = (mbi->flags & MBI_MEM) ? 0x100000u + (uint64_t)mbi->mem_upper * 1024 : 0;
@@ -110,11 +237,48 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
     puts(random ? " pattern=random" : " pattern=seq");
     puts(" mark_us=");
     putdec(mark_us);
+    puts(fill == FILL_RANDOM ? " fill=random" : fill == FILL_TEXT ? " fill=text" : " fill=zero");
+    if (fill != FILL_ZERO) {
+        puts(" touch=");
+        putdec(touch);
+    }
+    puts(byte_store ? " store=byte" : " store=word");
     puts("\n");
 
     beacon_start();
+    if (fill != FILL_ZERO) {
+        uint64_t t0 = rdtsc();
+
+        fill_set(fill, npages, &fill_rng);
+        puts("dirtier filled ");
+        putdec(npages);
+        puts(" pages");
+        if (tsc_khz) {
+            puts(" in ");
+            putdec(div64(rdtsc() - t0, (uint32_t)tsc_khz, NULL));
+            puts(" ms");
+        }
+        puts("\n");
+    }
+    khz = tsc_khz;
+    report_ticks = report_ms * tsc_khz;
     deadline = rdtsc();
     next_mark = deadline + mark_ticks;
+    next_report = deadline + report_ticks;
+    if (byte_store && !rate && !mark_ticks && !report_ticks) {
+        /* The hot sweep: one byte per page in a tight loop, as fast as the
+         * guest can go; the beacons are polled once per 4096 writes. */
+        for (pass = 0; !passes || pass < passes; pass++) {
+            uint8_t b = (uint8_t)(pass + 1);
+
+            for (i = 0; i < npages; i++) {
+                if (!(i & 4095))
+                    beacon_poll(rdtsc());
+                *(volatile uint8_t *)(uintptr_t)(WS_BASE + i * PAGE_SIZE) = b;
+            }
+        }
+        goto done;
+    }
     for (pass = 0; !passes || pass < passes; pass++) {
         /* The slot moves with the pass and the value encodes (pass, page), never
          * zero, so every pass changes the contents of every page it writes. */
@@ -130,18 +294,35 @@ int kmain(uint32_t magic, const struct mb_info *mbi)
                     if (mark_ticks)
                         mark(now);
                     beacon_poll(now);
-                    if (now >= deadline)
+                    if (now >= deadline) {
+                        if (report_ticks)
+                            report(now, writes);
                         break;
+                    }
                 }
             } else if (mark_ticks) {
                 uint64_t now = rdtsc();
                 mark(now);
                 beacon_poll(now);
-            } else if (!(i & 63))
-                beacon_poll(rdtsc());   /* no TSC read otherwise: every 64 writes */
-            *(volatile uint64_t *)(uintptr_t)(WS_BASE + page * PAGE_SIZE + slot) = hi | page;
+                if (report_ticks)
+                    report(now, writes);
+            } else if (!(i & 63)) {
+                /* No TSC read otherwise (it may exit to the host): every 64 writes. */
+                uint64_t now = rdtsc();
+                beacon_poll(now);
+                if (report_ticks)
+                    report(now, writes);
+            }
+            if (fill != FILL_ZERO)
+                touch_page(fill, page, (uint32_t)touch, &rng);
+            else if (byte_store)
+                *(volatile uint8_t *)(uintptr_t)(WS_BASE + page * PAGE_SIZE + slot) = (uint8_t)(pass + 1);
+            else
+                *(volatile uint64_t *)(uintptr_t)(WS_BASE + page * PAGE_SIZE + slot) = hi | page;
+            writes++;
         }
     }
+done:
     puts("\ndirtier done passes=");
     putdec(passes);
     puts("\n");

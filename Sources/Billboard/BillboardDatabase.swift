@@ -40,6 +40,34 @@ final class BillboardDatabase: Sendable {
 
     func write<T>(_ body: (Database) throws -> T) throws -> T { try queue.write(body) }
 
+    /// Runs `body` in one IMMEDIATE transaction whose commit survives what `durability` says.
+    func write<T>(_ durability: Durability, _ body: (Database) throws -> T) throws -> T {
+        switch durability {
+        case .process:
+            return try queue.write(body)
+        case .system:
+            return try withPragma("synchronous", "FULL", body)
+        case .pause:
+            return try withPragma("wal_autocheckpoint", "0", body)
+        }
+    }
+
+    /// One transaction with a connection setting changed for it, and put back after (SQLite
+    /// reads both at the commit; neither may change inside a transaction).
+    private func withPragma<T>(_ name: String, _ value: String, _ body: (Database) throws -> T) throws -> T {
+        try queue.writeWithoutTransaction { db in
+            let previous = try Int.fetchOne(db, sql: "PRAGMA \(name)") ?? 0
+            try db.execute(sql: "PRAGMA \(name) = \(value)")
+            defer { try? db.execute(sql: "PRAGMA \(name) = \(previous)") }
+            var result: T?
+            try db.inTransaction(.immediate) {
+                result = try body(db)
+                return .commit
+            }
+            return result!
+        }
+    }
+
     /// Who this process is, in audit entries.
     var processActor: String { "vmm pid \(getpid())@\(hostName)" }
 
@@ -60,9 +88,9 @@ final class BillboardDatabase: Sendable {
     /// Runs `body` in one IMMEDIATE transaction. A refusal rolls back whatever `body` did, then is
     /// itself recorded in the audit log in a second transaction, so refused attempts are never silent.
     func decide<T>(actor: String, event: String, guest: String?, details: [String: CanonicalJSON] = [:],
-                   _ body: (Database) throws -> T) throws -> T {
+                   durability: Durability = .process, _ body: (Database) throws -> T) throws -> T {
         do {
-            return try queue.write { try body($0) }
+            return try write(durability) { try body($0) }
         } catch let refusal as BillboardRefusal {
             var d = details
             d["reason"] = .string(refusal.description)
@@ -90,6 +118,24 @@ final class BillboardDatabase: Sendable {
         try db.execute(sql: "INSERT OR REPLACE INTO audit_head(id, seq, hash, signature) VALUES (1, ?, ?, ?)",
                        arguments: [seq, hash, signature])
     }
+}
+
+/// How far a change must survive once its transaction has returned. The store runs SQLite's
+/// WAL with synchronous=NORMAL (GRDB's setting for WAL): a commit is written to the WAL but
+/// not synced, so it survives this process's crash, not the OS's, until a later synced commit
+/// or checkpoint carries it to the disk (the WAL is replayed in order, so nothing later survives
+/// without it).
+enum Durability: Sendable {
+    /// A crash of this process: every change but the two below.
+    case process
+    /// A crash of the OS or a power cut too: the WAL is synced before the commit returns
+    /// (synchronous=FULL), with every change before it. For the hand-over intents, and for a
+    /// hand-over made without one.
+    case system
+    /// As `.process`, and no checkpoint in this commit (one syncs the WAL and the database
+    /// and copies pages, milliseconds): the lease's move inside a migration's pause, which a
+    /// `.system` intent written before the pause covers (docs/migration.md, crash safety).
+    case pause
 }
 
 /// A guest id as the store writes it (lowercase), in rows, requests and audit entries.

@@ -28,6 +28,8 @@ public final class BillboardStore: Sendable {
     public let leases: Leases
     /// The guests VMM processes on this host hold, and their beacons.
     public let instances: Instances
+    /// Migrations' hand-overs, written down before they may happen, and their resolution after a crash.
+    public let handoverIntents: HandoverIntents
     /// The hash-chained audit log every change writes to.
     public let audit: AuditLog
     /// The active scan's judgement of the VMs on this host.
@@ -138,13 +140,15 @@ public final class BillboardStore: Sendable {
         let administrators = Administrators(database: database)
         let registry = Registry(database: database, administrators: administrators, leaseRecords: leaseRecords)
         let instances = Instances(database: database, leaseRecords: leaseRecords)
+        let intents = HandoverIntents(database: database, leaseRecords: leaseRecords, instances: instances)
         let peerHosts = PeerHosts(database: database, administrators: administrators)
         self.registry = registry
         self.leases = Leases(database: database, records: leaseRecords, administrators: administrators,
-                             registry: registry, instances: instances)
+                             registry: registry, instances: instances, intents: intents)
         self.instances = instances
+        self.handoverIntents = intents
         self.audit = AuditLog(database: database)
-        self.scan = Scan(database: database, instances: instances, leaseRecords: leaseRecords)
+        self.scan = Scan(database: database, instances: instances, leaseRecords: leaseRecords, intents: intents)
         self.administrators = administrators
         self.peerHosts = peerHosts
         self.stateSignatures = StateSignatures(database: database, peerHosts: peerHosts)
@@ -344,6 +348,17 @@ public final class BillboardStore: Sendable {
                 ALTER TABLE hosts ADD COLUMN removal_signature BLOB;
                 -- The TLS verification callback looks peers up by key.
                 CREATE INDEX hosts_signing_key ON hosts(signing_key);
+                """)
+        }
+        m.registerMigration("v4") { db in
+            try db.execute(sql: """
+                -- A migration's hand-over, synced before the pause so the commit inside it need not be
+                -- (HandoverIntents); consumed by that commit, withdrawn on failure, resolved after a crash.
+                CREATE TABLE handover_intents (
+                    guest_id TEXT NOT NULL, role TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
+                    peer_host TEXT NOT NULL, peer_pid INTEGER NOT NULL, epoch INTEGER NOT NULL,
+                    challenge_sha256 TEXT NOT NULL, boot_id TEXT NOT NULL, created_at INTEGER NOT NULL, mac BLOB NOT NULL,
+                    PRIMARY KEY (guest_id, role, host, pid));
                 """)
         }
         return m

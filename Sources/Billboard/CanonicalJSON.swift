@@ -81,9 +81,20 @@ extension CanonicalJSON {
     static func optional(_ s: String?) -> CanonicalJSON { s.map(CanonicalJSON.string) ?? .null }
 }
 
+private let hexDigits = Array("0123456789abcdef".utf8)
+
 extension Data {
-    /// Lower-case hexadecimal.
-    var hex: String { map { String(format: "%02x", $0) }.joined() }
+    /// Lower-case hexadecimal. (By table: `String(format:)` costs about 1.4 µs a byte here, and
+    /// a lease's hand-over inside a migration's pause hashes and MACs two 32-byte values.)
+    var hex: String {
+        var out = [UInt8]()
+        out.reserveCapacity(count * 2)
+        for byte in self {
+            out.append(hexDigits[Int(byte >> 4)])
+            out.append(hexDigits[Int(byte & 0x0f)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
 
     /// Parses lower- or upper-case hexadecimal; nil on odd length or a non-hex character.
     init?(hex: String) {

@@ -19,6 +19,7 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
     case leaseHeld(guestID: UUID, host: String, pid: Int32, epoch: Int64)
     case leaseNotHeld(guestID: UUID, pid: Int32)
     case staleEpoch(guestID: UUID, epoch: Int64, current: Int64)
+    case handoverIntentMissing(guestID: UUID)
     case copiedStore(directory: String)
     case badSnapshotSignature(reason: String)
     case invalidHostIdentity(reason: String)
@@ -60,6 +61,8 @@ public enum BillboardRefusal: Error, Equatable, Sendable, CustomStringConvertibl
             return "guest \(id) is already running (host '\(h)', pid \(p), epoch \(e)): stop that copy first. A lease whose VMM died here is taken over once the lease timeout has passed since its last renewal; one held by another host is freed only when that host hands the guest back, or by an administrator releasing it"
         case .leaseNotHeld(let id, let p):
             return "pid \(p) does not hold the lease of guest \(id): it was taken over or released; stop this copy"
+        case .handoverIntentMissing(let id):
+            return "the hand-over intent of guest \(id) that this commit relies on is not in the store as it was written (withdrawn, resolved, or changed): the commit is made the durable way instead"
         case .copiedStore(let d):
             return "the billboard in \(d) is a copy (or was moved): it was created elsewhere, and a copy would let a second VMM run a guest the original already runs (a ghost). Use the original store, or create a new one with `vmm billboard init`"
         case .badSnapshotSignature(let r):

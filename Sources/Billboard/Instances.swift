@@ -147,6 +147,9 @@ public struct Instances: Sendable {
                 try leaseRecords.release(db, guestID, current, actor: "vmm pid \(pid)@\(database.hostName)")
             }
             try setState(db, pid: pid, guestID: guestText, state: .ended)
+            // A hand-over intent of this process that nothing consumed will never be acted on.
+            try db.execute(sql: "DELETE FROM handover_intents WHERE guest_id = ? AND host = ? AND pid = ?",
+                           arguments: [guestText, database.hostName, pid])
         }
     }
 

@@ -27,6 +27,7 @@ public struct Leases: Sendable {
     let administrators: Administrators
     let registry: Registry
     let instances: Instances
+    let intents: HandoverIntents
 
     /// A pid can only be probed on this host. EPERM means it exists but belongs to someone else: alive.
     private func processExists(host: String, pid: Int32) -> Bool {
@@ -42,14 +43,23 @@ public struct Leases: Sendable {
     ///
     /// `stateEpoch`: the epoch of the state about to run (a restore); refused in the same
     /// transaction if the guest has moved past it since, unless `rollbackAuthorized`.
+    ///
+    /// A migration's take (`handedBy`) is synced to disk before it returns, unless `intent` (this
+    /// process's incoming intent, synced at admission) covers it: then it is consumed in the
+    /// same transaction, and the commit is not synced (`handoverIntentMissing` if the intent is
+    /// not there as written: take it again without one).
     @discardableResult
     public func acquire(guestID: UUID, host: String, pid: Int32, takeoverAfter: TimeInterval,
                         minimumEpoch: Int64 = 0, handedBy: (host: String, pid: Int32)? = nil,
-                        stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false) throws -> Lease {
+                        stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false, intent: HandoverIntent? = nil) throws -> Lease {
         let actor = "vmm pid \(pid)@\(host)"
         let guestText = guestIDText(guestID)
-        return try database.decide(actor: actor, event: "lease.acquire", guest: guestText) { db in
+        let durability: Durability = intent != nil ? .pause : handedBy != nil ? .system : .process
+        return try database.decide(actor: actor, event: "lease.acquire", guest: guestText, durability: durability) { db in
             let now = Date().milliseconds
+            if let intent { try intents.consume(db, intent) }
+            // A hand-over a crash may have lost is settled before the lease is judged.
+            _ = try intents.resolve(db, guestID: guestID, bootID: kernelBootID, actor: actor)
             let current = try records.row(db, guestID)
             var event = "lease.acquire"
             var details: [String: CanonicalJSON] = ["guestID": .string(guestText), "host": .string(host), "pid": .int(Int64(pid))]
@@ -147,13 +157,27 @@ public struct Leases: Sendable {
 
     /// Migration commit: moves the lease from `fromPid` on this host to `toPid` on `toHost` at
     /// epoch + 1, in one transaction. The source's later renewals fail, so it cannot resume.
+    ///
+    /// Synced to disk before it returns, unless `intent` (written by `HandoverIntents.prepareOutgoing`
+    /// before the pause, for exactly this hand-over at this epoch) covers it: then the intent is
+    /// consumed in the same transaction and the commit is not synced, nor checkpointed (an OS
+    /// crash that loses it leaves the intent, which is resolved as this commit). Throws
+    /// `handoverIntentMissing` if the intent is not there as written: commit again without it.
     @discardableResult
-    public func handOver(guestID: UUID, fromPid: Int32, toHost: String, toPid: Int32) throws -> Int64 {
+    public func handOver(guestID: UUID, fromPid: Int32, toHost: String, toPid: Int32, intent: HandoverIntent? = nil) throws -> Int64 {
         let guestText = guestIDText(guestID)
         let actor = "vmm pid \(fromPid)@\(database.hostName)"
-        return try database.decide(actor: actor, event: "lease.handover", guest: guestText) { db in
+        return try database.decide(actor: actor, event: "lease.handover", guest: guestText, durability: intent != nil ? .pause : .system) { db in
             guard let current = try records.row(db, guestID), current.pid == fromPid, sameBytes(current.host, database.hostName) else {
                 throw BillboardRefusal.leaseNotHeld(guestID: guestID, pid: fromPid)
+            }
+            if let intent {
+                // The intent must describe this very move, or it covers nothing.
+                guard intent.role == .outgoing, intent.pid == fromPid, intent.epoch == current.epoch,
+                      sameBytes(intent.peerHost, toHost), intent.peerPid == toPid else {
+                    throw BillboardRefusal.handoverIntentMissing(guestID: guestID)
+                }
+                try intents.consume(db, intent)
             }
             let epoch = current.epoch + 1
             try records.write(db, guestID, host: toHost, pid: toPid, epoch: epoch, now: Date().milliseconds)
@@ -302,6 +326,7 @@ public struct Leases: Sendable {
         let guestText = guestIDText(guestID)
         try database.decide(actor: database.processActor, event: "lease.check", guest: guestText,
                             details: ["guestID": .string(guestText)]) { db in
+            _ = try intents.resolve(db, guestID: guestID, bootID: kernelBootID, actor: database.processActor)
             guard let current = try records.row(db, guestID), let holder = current.pid else { return }
             if takeover(current, holder: holder, handedBy: handedBy, takeoverAfter: takeoverAfter, now: Date().milliseconds) == .refused {
                 throw BillboardRefusal.leaseHeld(guestID: guestID, host: current.host, pid: holder, epoch: current.epoch)

@@ -112,6 +112,7 @@ public struct Scan: Sendable {
     let database: BillboardDatabase
     let instances: Instances
     let leaseRecords: LeaseRecords
+    let intents: HandoverIntents
 
     /// Looks at every guest this host runs and every process with a KVM VM, and returns what is
     /// wrong. Records the evidence of each new finding in the audit log; removes records of dead
@@ -122,6 +123,8 @@ public struct Scan: Sendable {
     /// change) after which a running guest that must beacon is stale.
     public func run(staleAfter: TimeInterval, actor: String? = nil) throws -> [ScanFinding] {
         let actor = actor ?? database.processActor
+        // Hand-overs a crash may have cut short are settled first, so leases read as they stand.
+        try intents.resolve(actor: actor)
         let now = Date().milliseconds
         var findings: [ScanFinding] = []
         // /proc, and the key files beside other stores, are read before the transaction: nobody waits on them.
@@ -133,12 +136,16 @@ public struct Scan: Sendable {
         try database.write { db in
             let rows = try Row.fetchAll(db, sql: "SELECT * FROM instances WHERE host = ?", arguments: [database.hostName])
             var recordedPids = Set<Int32>()
+            // Processes found gone just now: one that held a VM when /proc was read has exited
+            // since (a migration source ending), and is not a VM without a record.
+            var gonePids = Set<Int32>()
             for row in rows {
                 let pid: Int32 = row["pid"]
                 let guestID: String = row["guest_id"]
                 let name: String = row["guest_name"]
                 let state = InstanceState(rawValue: row["state"]) ?? .running
                 guard HostProcesses.alive(pid) else {
+                    gonePids.insert(pid)
                     try db.execute(sql: "DELETE FROM instances WHERE host = ? AND pid = ? AND guest_id = ?",
                                    arguments: [database.hostName, pid, guestID])
                     if state == .ended { continue }  // a clean exit
@@ -201,7 +208,7 @@ public struct Scan: Sendable {
                                                 evidence: "holds a KVM VM without any billboard open (another VMM, or a test)"))
                     continue
                 }
-                if holdsThisStore {
+                if holdsThisStore && !gonePids.contains(process.pid) && HostProcesses.alive(process.pid) {
                     // Re-checked inside the transaction: a VMM records itself before it creates its VM.
                     let recorded = try Bool.fetchOne(db, sql: "SELECT EXISTS(SELECT 1 FROM instances WHERE host = ? AND pid = ?)",
                                                      arguments: [database.hostName, process.pid]) ?? false

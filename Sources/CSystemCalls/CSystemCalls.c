@@ -25,6 +25,7 @@ int csystemcalls_renameat_noreplace(int olddirfd, const char *oldpath, int newdi
 
 #include <errno.h>
 #include <sched.h>
+#include <pthread.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -45,6 +46,24 @@ int csystemcalls_tun_set_tap(int fd, const char *name, char *actual) {
     memcpy(actual, request.ifr_name, IFNAMSIZ);
     actual[IFNAMSIZ - 1] = 0;
     return result;
+}
+
+int csystemcalls_tun_get_flags(int fd, char *name) {
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    if (ioctl(fd, TUNGETIFF, &request) < 0) return -1;
+    memcpy(name, request.ifr_name, IFNAMSIZ);
+    name[IFNAMSIZ - 1] = 0;
+    return request.ifr_flags & 0xffff;
+}
+
+int csystemcalls_tun_flag_tap(void) { return IFF_TAP; }
+int csystemcalls_tun_flag_no_pi(void) { return IFF_NO_PI; }
+
+int csystemcalls_interface_index(const char *name) {
+    unsigned int index = if_nametoindex(name);
+    if (index == 0) return -1;
+    return index > 0x7fffffff ? 0x7fffffff : (int)index;
 }
 
 int csystemcalls_setns_net(int fd) {
@@ -92,3 +111,8 @@ unsigned long long csystemcalls_uffd_pagefault_flag_write(void) { return UFFD_PA
 int csystemcalls_uffd_msg_size(void) { return (int)sizeof(struct uffd_msg); }
 int csystemcalls_uffd_msg_pagefault_flags_offset(void) { return (int)offsetof(struct uffd_msg, arg.pagefault.flags); }
 int csystemcalls_uffd_msg_pagefault_address_offset(void) { return (int)offsetof(struct uffd_msg, arg.pagefault.address); }
+
+int csystemcalls_name_this_thread(const char *name)
+{
+    return pthread_setname_np(pthread_self(), name);
+}

@@ -36,12 +36,12 @@ public protocol VMControlling: AnyObject, Sendable {
 /// Every route the control API serves. The router is built from this table, requests for other
 /// paths and methods are refused from it, and a test holds docs/api.yaml to it.
 public enum ControlRoute: CaseIterable, Sendable {
-    case info, scan, pause, resume, snapshot, digest, shutdown, migrate, migration, migrationRecover, migrationCancel
+    case info, scan, pause, resume, snapshot, digest, shutdown, migrate, migration, postcopySwitch, migrationRecover, migrationCancel
 
     public var method: HTTPRequest.Method {
         switch self {
         case .info, .digest, .migration: .get
-        case .scan, .pause, .resume, .snapshot, .shutdown, .migrate, .migrationRecover, .migrationCancel: .put
+        case .scan, .pause, .resume, .snapshot, .shutdown, .migrate, .postcopySwitch, .migrationRecover, .migrationCancel: .put
         }
     }
 
@@ -56,6 +56,7 @@ public enum ControlRoute: CaseIterable, Sendable {
         case .shutdown: "/vm/shutdown"
         case .migrate: "/vm/migrate"
         case .migration: "/vm/migration"
+        case .postcopySwitch: "/vm/migration/postcopy"
         case .migrationRecover: "/vm/migration/recover"
         case .migrationCancel: "/vm/migration/cancel"
         }
@@ -67,9 +68,9 @@ public enum ControlRoute: CaseIterable, Sendable {
         switch self {
         case .resume: ["force"]
         case .snapshot: ["path", "unsealed"]
-        case .migrate: ["destination", "peer", "transport", "max_downtime_ms", "max_bandwidth", "auto_converge", "timeout_s", "postcopy", "postcopy_after_rounds", "resume", "wait"]
+        case .migrate: ["destination", "peer", "transport", "max_downtime_ms", "max_bandwidth", "auto_converge", "timeout_s", "postcopy", "postcopy_after_rounds", "postcopy_on_stall", "resume", "wait"]
         case .migrationRecover: ["listen", "timeout_s"]
-        case .info, .scan, .pause, .digest, .shutdown, .migration, .migrationCancel: []
+        case .info, .scan, .pause, .digest, .shutdown, .migration, .postcopySwitch, .migrationCancel: []
         }
     }
 
@@ -342,7 +343,9 @@ public final class ControlServer: Sendable {
         case .migrate:
             return try await MigrationRoutes.migrate(fields, service: controller.migrations)
         case .migration:
-            return try MigrationRoutes.status(controller.migrations, guest: guest)
+            return try MigrationRoutes.status(controller.migrations)
+        case .postcopySwitch:
+            return try MigrationRoutes.switchToPostCopy(controller.migrations)
         case .migrationRecover:
             return try await MigrationRoutes.recover(fields, guest: guest)
         case .migrationCancel:

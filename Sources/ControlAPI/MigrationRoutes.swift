@@ -28,9 +28,11 @@ enum MigrationRoutes {
               settings.timeoutSeconds > 0, settings.timeoutSeconds <= maximumTimeoutSeconds else {
             throw APIError(.badRequest, "max_downtime_ms must be above 0 and at most \(Int(maximumDowntimeMs)), timeout_s above 0 and at most \(Int(maximumTimeoutSeconds))")
         }
-        // At least one pre-copy round: a switch before any page was sent is not supported yet.
-        guard settings.postcopyAfterRounds >= 1, settings.postcopyAfterRounds <= 1000 else {
-            throw APIError(.badRequest, "postcopy_after_rounds must be between 1 and 1000")
+        if let rounds = settings.postcopyAfterRounds, rounds < 0 || rounds > 1000 {
+            throw APIError(.badRequest, "postcopy_after_rounds must be between 0 and 1000, or \"never\" (switch only on request or on stall)")
+        }
+        if settings.postcopyOnStall && !settings.postcopy {
+            throw APIError(.badRequest, "postcopy_on_stall switches to post-copy, which the migration must allow: add \"postcopy\": true")
         }
         let done = AsyncReport()
         do {
@@ -52,12 +54,29 @@ enum MigrationRoutes {
     /// Said whenever post-copy is asked for (QEMU warns the same way).
     static let postcopyWarning = "post-copy: once the guest switches to the destination, neither side has all of it until the last page has moved. If the link fails then, both sides pause and keep what they have; recover with migrate-recover at the destination and migrate --resume here. If either VMM dies or is stopped before the last page moved (this one above all: it holds pages the destination lacks), the guest is lost"
 
-    static func status(_ service: MigrationService, guest: AdmittedGuest) throws -> Response {
+    /// `PUT /vm/migration/postcopy`: the running post-copy migration switches as soon as it can.
+    static func switchToPostCopy(_ service: MigrationService) throws -> Response {
+        let progress: MigrationProgress
+        do { progress = try service.requestPostCopySwitch() } catch let refusal as PostCopySwitchRefusal {
+            throw APIError(.conflict, refusal.description)
+        }
+        var object = try jsonObject(progress)
+        object["warning"] = postcopyWarning
+        return JSONReply.make(.accepted, object)
+    }
+
+    static func status(_ service: MigrationService) throws -> Response {
+        JSONReply.make(.ok, try statusObject(service))
+    }
+
+    /// The body of `GET /vm/migration`.
+    static func statusObject(_ service: MigrationService) throws -> [String: Any] {
         let (progress, report) = service.status
         var object = try jsonObject(progress)
         if let report { object["last_report"] = try reportObject(report) }
-        if let incoming = guest.incomingPostCopy { object["incoming"] = try jsonObject(incoming.status) }
-        return JSONReply.make(.ok, object)
+        // On a destination: the migration that brought the guest here, and its announcement.
+        if let incoming = service.incoming { object["incoming"] = try jsonObject(incoming) }
+        return object
     }
 
     /// `PUT /vm/migration/recover`: the destination of a paused post-copy migration listens for

@@ -1,47 +1,4 @@
-/// A MAC address.
-public struct MACAddress: Sendable, Hashable, Codable, CustomStringConvertible {
-    public let bytes: [UInt8]
-
-    /// Six bytes, or nil.
-    public init?(_ bytes: [UInt8]) {
-        guard bytes.count == 6 else { return nil }
-        self.bytes = bytes
-    }
-
-    /// "52:54:00:12:34:56" (any case), or nil.
-    public init?(_ text: String) {
-        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 6 else { return nil }
-        var bytes: [UInt8] = []
-        for p in parts {
-            guard p.count == 2, let b = UInt8(p, radix: 16) else { return nil }
-            bytes.append(b)
-        }
-        self.bytes = bytes
-    }
-
-    /// Unicast and locally administered (the second-lowest bit of the first byte set, the
-    /// lowest clear): an address no vendor owns.
-    public var isLocallyAdministeredUnicast: Bool { bytes[0] & 0x03 == 0x02 }
-
-    public var description: String {
-        bytes.map { b in let s = String(b, radix: 16); return s.count == 1 ? "0" + s : s }.joined(separator: ":")
-    }
-
-    /// Saved as its text ("52:54:00:12:34:56"), checked again when read back.
-    public init(from decoder: any Decoder) throws {
-        let text = try decoder.singleValueContainer().decode(String.self)
-        guard let mac = MACAddress(text) else {
-            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a MAC address: \(text)"))
-        }
-        self = mac
-    }
-
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.singleValueContainer()
-        try c.encode(description)
-    }
-}
+import NetworkFrames
 
 /// The saved state of a legacy virtio-net PCI device: its configuration header, what the
 /// driver negotiated and where its queues are, and how far the device has gone in each.

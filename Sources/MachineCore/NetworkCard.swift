@@ -4,6 +4,7 @@ import Glibc
 import Devices
 import Foundation
 import GuestMemory
+import NetworkFrames
 import Synchronization
 import SystemCalls
 
@@ -71,7 +72,7 @@ public final class NetworkCard: Sendable {
         guard let mac = MACAddress(configuration.mac) else {
             throw MachineError.invalidConfiguration("the network card's MAC must be 6 bytes (got \(configuration.mac.count))")
         }
-        guard mac.bytes[0] & 1 == 0 else {
+        guard !mac.isMulticast else {
             throw MachineError.invalidConfiguration("MAC \(mac) is a multicast address; a card needs a unicast one")
         }
         let tap = try TapDevice(name: configuration.tap)
@@ -110,9 +111,13 @@ public final class NetworkCard: Sendable {
 
     /// Writes a frame of the host's own (an announcement after a migration) to the tap, as if
     /// the card had sent it; it does not pass the guest's transmit filter, and nothing of the
-    /// guest is touched. A frame the tap refuses is counted, not thrown.
-    public func writeHostFrame(_ frame: [UInt8]) {
-        do { try tap.write(frame) } catch { tapErrors.count.withLock { $0 += 1 } }
+    /// guest is touched. A frame the tap refuses is counted with the card's tap write errors,
+    /// and thrown to the caller (the announcer reports it).
+    public func writeHostFrame(_ frame: [UInt8]) throws(TapError) {
+        do { try tap.write(frame) } catch {
+            tapErrors.count.withLock { $0 += 1 }
+            throw error
+        }
     }
 
     private final class TapErrorCount: Sendable { let count = Mutex(0); let filtered = Mutex(0) }

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import SystemCalls
 
 /// The real-time signal that kicks a vCPU thread out of `KVM_RUN`. Its handler is
 /// empty: the point is only that the blocking ioctl returns EINTR.
@@ -33,10 +34,7 @@ enum KickSignal {
 /// Starts `body` on a dedicated OS thread (never a Swift Task: a blocked `KVM_RUN`
 /// would starve the cooperative pool) and returns once the thread is running.
 public func startOSThread(name: String, _ body: @escaping @Sendable () -> Void) {
-    let thread = Thread(block: body)
-    thread.name = name
-    thread.stackSize = 1 << 20
-    thread.start()
+    startNamedThread(name, body)
 }
 
 /// Blocks SIGINT and SIGTERM in the calling thread (and the threads it creates

@@ -15,6 +15,9 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     func verifyState(signature: [UInt8]?, digest: [UInt8]) throws
     /// Starts the guest (after GO); throws if it may not run here after all (nothing started).
     func startGuest() throws
+    /// As `startGuest`, and says when the lease was taken and when the vCPUs ran (CLOCK_MONOTONIC
+    /// ms), for the report.
+    func startGuestTimed() throws -> GuestStartTimes
     /// Throws away the reserved VM (a failure before GO).
     func discard()
     /// The host and process that will own the guest (sent in the accept), if it has an owner record.
@@ -30,6 +33,37 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     /// Post-copy: the missing pages can no longer come. The guest must never run again: its
     /// vCPUs stay where they are and the machine ends with `reason`.
     func postCopyLost(reason: String)
+    /// After `startGuest`: the guest's announcement so far, for the RUNNING reply (nil: the
+    /// guest has no network card).
+    var announceSoFar: AnnounceReport? { get }
+    /// After `startGuest`: the moment (monotonic ms) the machine was started, when the VM knows
+    /// it; the work `startGuest` does after that (the first announcement round) is then not
+    /// counted as downtime.
+    var resumedAt: Double? { get }
+}
+
+extension MigrationDestinationVM {
+    public var announceSoFar: AnnounceReport? { nil }
+    public var resumedAt: Double? { nil }
+}
+
+/// When a destination took the guest's lease and when its vCPUs ran (CLOCK_MONOTONIC ms).
+public struct GuestStartTimes: Sendable, Equatable {
+    public var leaseTaken: Double
+    public var resumed: Double
+    public init(leaseTaken: Double, resumed: Double) {
+        self.leaseTaken = leaseTaken
+        self.resumed = resumed
+    }
+}
+
+extension MigrationDestinationVM {
+    /// A VM that does not time its start: both moments are when `startGuest` returned.
+    public func startGuestTimed() throws -> GuestStartTimes {
+        try startGuest()
+        let now = monotonicMilliseconds()
+        return GuestStartTimes(leaseTaken: now, resumed: now)
+    }
 }
 
 /// The destination side: challenge, admission, reservation, verified reception, READY, and
@@ -60,6 +94,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         /// Stream bytes received from the source (state stream and commit stream).
         public var bytes: UInt64
         public var resumedAt: Double
+        /// The destination's share of the downtime (also sent to the source in RUNNING).
+        public var phases: DestinationPhases?
         /// The host the guest came from.
         public var sourceHost: String
         /// Post-copy: the migration that goes on bringing the missing pages after this returned.
@@ -70,10 +106,11 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
     /// reserved VM discarded) on any failure before GO.
     /// `onManifest` runs once the manifest arrived (a caller's deadline for it can stop).
     ///
-    /// Post-copy (the manifest says so): `acceptPageChannel` gives the next incoming connection,
-    /// of which the one bound to this migration becomes the page channel; the guest runs from GO
-    /// and this returns then, while its missing pages go on arriving (`Result.incoming` owns
-    /// `transport` from then on).
+    /// Post-copy (the manifest allows it): `acceptPageChannel` gives the next incoming connection,
+    /// of which the one bound to this migration becomes the page channel; if the source switched,
+    /// the guest runs from GO and this returns then, while its missing pages go on arriving
+    /// (`Result.incoming` owns `transport` from then on). If GO comes without a switch, pre-copy
+    /// finished and the channel goes unused.
     public func run(transport: any MigrationTransport, onManifest: () -> Void = {},
                     acceptPageChannel: (() throws -> any MigrationTransport)? = nil,
                     postcopyOptions: PostCopyIncoming.Options = .init()) throws -> (vm: VM, result: Result) {
@@ -115,6 +152,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
 
         // Pre-copy rounds and stop-and-copy: the same section sequence a snapshot file holds.
         let body = try StateSequence.readBody(from: &reader, into: vm.memory)
+        let bodyRead = monotonicMilliseconds()
         if authenticated == nil {
             // Plaintext: the source host's signature over every byte, the manifest and its
             // challenge included, stands in for the channel's authentication.
@@ -144,6 +182,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         defer { if !committed { pageChannel?.transport.close() } }
         let received = TransferCounts(pages: body.pages, memorySections: body.memorySections)
         try send(.ready(received))
+        var phases = DestinationPhases(apply: monotonicMilliseconds() - bodyRead, bootID: kernelBootID)
 
         var commit = try StreamReader(source: TransportSource(transport), integrity: integrity)
         guard var goSection = try commit.nextSection(), goSection.type == .control else {
@@ -163,9 +202,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         guard case let .go(sent, signature) = try WireMessage.decode(goSection.payload) else {
             throw MigrationError.protocolViolation("expected GO")
         }
-        if manifest.postcopy == true && missing == nil {
-            throw MigrationError.protocolViolation("the manifest announced post-copy but GO came without the switch")
-        }
+        let goRead = monotonicMilliseconds()
         guard sent == received else {
             throw MigrationError.protocolViolation("the source sent \(sent) but \(received) arrived")
         }
@@ -175,6 +212,10 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         }
         guard let end = try commit.nextSection(), end.type == .end else {
             throw MigrationError.protocolViolation("GO was not followed by the end of its stream")
+        }
+        if missing == nil {
+            // Post-copy was allowed but pre-copy finished first: the page channel carries nothing.
+            pageChannel?.transport.close()
         }
         var incoming: PostCopyIncoming?
         if let missing, let channel = pageChannel {
@@ -186,18 +227,22 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             vm.attachPostCopy(made)
             incoming = made
         }
-        do { try vm.startGuest() } catch {
-            incoming?.server.stop()
+        let started: GuestStartTimes
+        do { started = try vm.startGuestTimed() } catch {
+            incoming?.abandonBeforeStart()
             throw error
         }
         committed = true
-        let resumedAt = monotonicMilliseconds()
+        let resumedAt = started.resumed
+        phases.lease = max(0, started.leaseTaken - goRead)
+        phases.start = max(0, started.resumed - started.leaseTaken)
         // The guest runs here now, whatever happens to this reply.
-        try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt).encoded())
+        try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt, announce: vm.announceSoFar,
+                                                                         phases: phases).encoded())
         if incoming == nil { try? replies.finish() }
         try? replies.sink.flush()
         var result = Result(pages: body.pages, zeroPages: body.zeroPages, bytes: reader.offset + commit.offset,
-                            resumedAt: resumedAt, sourceHost: authenticated ?? manifest.sourceHost)
+                            resumedAt: resumedAt, phases: phases, sourceHost: authenticated ?? manifest.sourceHost)
         if let incoming {
             // COMPLETE goes on the same reply stream, once every page is in.
             incoming.start(main: transport, replies: replies)

@@ -22,8 +22,12 @@ final class PostCopyPageSource: PageSource {
     let frames: [UInt64]
     let memorySize: UInt64
     private let channel: ChannelLock
-    /// Hears every answer on the page channel (replies and heartbeats).
+    /// Hears every answer on the page channel (replies and heartbeats), with the push: whether
+    /// the source is alive.
     let clock: LinkClock
+    /// Hears the page channel alone: the source hears only this channel from here, so a
+    /// heartbeat is due whenever it was quiet, however busy the push is.
+    let channelClock = LinkClock()
     /// A page channel failed (its generation, why). Set once, before the first fetch.
     private let broken = Mutex<(@Sendable (Int, String) -> Void)?>(nil)
     /// The current connection's transport, to close it while a fetch holds the lock.
@@ -66,6 +70,7 @@ final class PostCopyPageSource: PageSource {
         channel.lock.lock(); defer { channel.lock.unlock() }
         channel.connection = connection
         clock.heard()
+        channelClock.heard()
     }
 
     /// Drops the page channel (the link failed, or every page is in): a fetch blocked on it fails
@@ -138,6 +143,7 @@ final class PostCopyPageSource: PageSource {
                     throw MigrationError.connection("the source ended the page channel")
                 }
                 clock.heard()
+                channelClock.heard()
                 let value = try answer(section)
                 channel.connection = connection
                 outcome = .success(value)

@@ -132,10 +132,13 @@ public final class PostCopyIncoming: Sendable {
         source.onBroken { generation, reason in backref.value?.linkFailed(generation: generation, reason: reason) }
         source.connect(.init(transport: pageChannel.transport, reader: pageChannel.reader, writer: pageChannel.writer, generation: 1))
         server.start(fill: false)
+        // Heartbeats and the watch from GO on: the source serves the page channel from then,
+        // and a link that fails before RUNNING must not be waited out either.
+        watchLink(generation: 1)
     }
 
     /// The post-copy phase proper, once the guest runs: the push on the main connection (whose
-    /// reply stream, RUNNING sent, stays open for COMPLETE), the heartbeats and the watch.
+    /// reply stream, RUNNING sent, stays open for COMPLETE).
     func start(main: any MigrationTransport, replies: StreamWriter<TransportSink>) {
         let going = state.withLock { s -> Bool in
             guard s.phase == .postcopy, s.generation == 1 else { return false }
@@ -144,10 +147,25 @@ public final class PostCopyIncoming: Sendable {
         }
         // The link may have failed on the first fault already: then only a recovery goes on.
         guard going else { return main.close() }
-        begin(generation: 1, main: main, replies: replies)
+        receivePushOnThread(generation: 1, main: main, replies: replies)
     }
 
-    private func begin(generation: Int, main: any MigrationTransport, replies: StreamWriter<TransportSink>) {
+    /// The guest did not start after all (the receiver discards it): nothing more is done.
+    func abandonBeforeStart() {
+        let watch = state.withLock { s -> SilenceWatch? in
+            s.phase = .lost
+            s.error = "the guest did not start here"
+            defer { s.watch = nil }
+            return s.watch
+        }
+        watch?.stop()
+        source.disconnect()
+        server.stop()
+        announce()
+    }
+
+    /// Heartbeats on the page channel, and the watch that gives the link up after its silence.
+    private func watchLink(generation: Int) {
         clock.heard()
         let watch = SilenceWatch(clock: clock, liveness: options.liveness, name: "postcopy-silence") { [weak self] silent in
             self?.linkFailed(generation: generation, reason: "nothing heard from the source for \(Int(silent)) s")
@@ -158,9 +176,12 @@ public final class PostCopyIncoming: Sendable {
             return true
         }
         guard keep else { return watch.stop() }
+        startThread("postcopy-heartbeat") { [self] in heartbeats(generation: generation) }
+    }
+
+    private func receivePushOnThread(generation: Int, main: any MigrationTransport, replies: StreamWriter<TransportSink>) {
         let box = RepliesBox(replies)
         startThread("postcopy-push") { [self] in receivePush(generation: generation, main: main, replies: box) }
-        startThread("postcopy-heartbeat") { [self] in heartbeats(generation: generation) }
     }
 
     // MARK: - Pages
@@ -237,13 +258,14 @@ public final class PostCopyIncoming: Sendable {
         return figures
     }
 
-    /// Asks for a heartbeat whenever the page channel has been quiet for the interval.
+    /// Asks for a heartbeat whenever the page channel has been quiet for the interval (the push
+    /// on the main connection does not count: the source listens on the page channel only).
     private func heartbeats(generation: Int) {
         let interval = options.liveness.heartbeatSeconds
         while true {
             usleep(UInt32(max(interval / 4, 0.01) * 1_000_000))
             guard state.withLock({ $0.generation == generation && $0.phase == .postcopy }) else { return }
-            if clock.silentSeconds >= interval {
+            if source.channelClock.silentSeconds >= interval {
                 // A failure is reported by the page source, with its generation.
                 do { try source.heartbeat() } catch { return }
             }
@@ -464,7 +486,8 @@ public final class PostCopyIncoming: Sendable {
             throw Refusal(description: "the migration was given up while the source reconnected")
         }
         source.connect(.init(transport: channel.transport, reader: channel.reader, writer: channel.writer, generation: generation))
-        begin(generation: generation, main: transport, replies: replies)
+        watchLink(generation: generation)
+        receivePushOnThread(generation: generation, main: transport, replies: replies)
         options.log("migration: post-copy resumed with '\(binding.sourceHost)': \(notInstalled.count) pages still missing")
         // The faults that waited ask first; then the guest goes on.
         server.retryPostponed()

@@ -14,9 +14,15 @@ public protocol MigrationSourceVM: AnyObject, Sendable {
     var migrationIdentity: String? { get }
     /// This host's name, for the manifest.
     var hostName: String { get }
+    /// Just before the pause: records, durably, the hand-over the commit may make (to that host
+    /// and process, for the connection of `challenge`), so that the commit inside the pause need
+    /// not wait for the disk. Throwing here fails the migration before the pause.
+    func prepareHandover(toHost host: String?, toPid pid: Int32?, challenge: String) throws
     /// The commit point: hands ownership (the Billboard lease) to the destination process named
     /// in the accept, just before GO. Throwing here cancels the migration; the guest resumes here.
     func commitHandover(toHost host: String?, toPid pid: Int32?) throws
+    /// The migration failed before GO: the prepared hand-over will not happen.
+    func abandonHandover()
     /// Signs a digest with this host's key (a plaintext stream, and its GO; the destination
     /// verifies them); nil when this VM has no host key to sign with.
     func signState(digest: [UInt8]) throws -> [UInt8]?
@@ -32,6 +38,12 @@ public protocol MigrationSourceVM: AnyObject, Sendable {
     /// for good, without the lease); `awaitingRecovery` while the link is down. For the
     /// Billboard's record of this process.
     func notePostCopyPageServer(awaitingRecovery: Bool)
+}
+
+extension MigrationSourceVM {
+    /// A VM with no durable record to prepare commits the hand-over durably inside the pause.
+    public func prepareHandover(toHost host: String?, toPid pid: Int32?, challenge: String) throws {}
+    public func abandonHandover() {}
 }
 
 /// Iterative pre-copy: round 0 sends all memory while the guest runs; each later
@@ -55,6 +67,12 @@ public final class PreCopySender: Sendable {
         var postcopyContext: PostCopyContext?
         /// A resume is under way.
         var resuming = false
+        /// A switch to post-copy on request: open while pre-copy may still switch.
+        var switchWindow = SwitchWindow.open
+    }
+    enum SwitchWindow {
+        case open, requested
+        case closed(PostCopySwitchRefusal)
     }
 
     /// What a post-copy migration keeps, from GO on, for a resume after its link failed.
@@ -92,6 +110,42 @@ public final class PreCopySender: Sendable {
     /// The identity of the post-copy migration (its original challenge), from GO on; tests forge
     /// resumes with it.
     var postcopyMigrationChallenge: String? { state.withLock { $0.postcopyContext?.challenge } }
+
+    /// Asks a post-copy migration to switch as soon as it can: before its next round, or in the
+    /// middle of the round it is sending (what that round has not sent yet stays missing, with
+    /// every page dirtied since it was sent). A request accepted here is always carried out.
+    public func requestPostCopySwitch() throws {
+        guard settings.postcopy else { throw PostCopySwitchRefusal.notPostcopy }
+        let refusal: PostCopySwitchRefusal? = state.withLock { s in
+            if s.cancelled != nil { return .pastPrecopy("it is being cancelled") }
+            switch s.switchWindow {
+            case .open:
+                s.switchWindow = .requested
+                s.progress.postcopySwitch = PostCopySwitch.requested.rawValue
+                return nil
+            case .requested: return nil
+            case let .closed(refusal): return refusal
+            }
+        }
+        if let refusal { throw refusal }
+    }
+
+    private var switchIsRequested: Bool {
+        state.withLock { if case .requested = $0.switchWindow { true } else { false } }
+    }
+
+    /// Ends the time for requests (a window already closed keeps its reason); whether one came
+    /// first (and must still be carried out).
+    private func closeSwitchWindow(_ refusal: PostCopySwitchRefusal) -> Bool {
+        state.withLock { s in
+            switch s.switchWindow {
+            case .open: s.switchWindow = .closed(refusal); return false
+            case .requested: s.switchWindow = .closed(.alreadySwitched(.requested)); return true
+            case .closed: return false
+            }
+        }
+    }
+
 
     /// Aborts the migration unless GO was already sent (SIGINT/SIGTERM, or the API); false if
     /// it was (then nothing changes).
@@ -132,11 +186,15 @@ public final class PreCopySender: Sendable {
         var sent = TransferCounts(pages: 0, memorySections: 0)
         var pending = DirtyBitmap(pageCount: 0)
         var pauseTime = 0.0
+        /// When each phase of the downtime ended (CLOCK_MONOTONIC ms), for the report.
+        var marks = DowntimeMarks()
         var paused = false
         var tracking = false
         /// Post-copy: the pages the destination lacks at the switch, and the page channel.
         var missing: DirtyBitmap?
         var pageChannel: PageChannel?
+        /// Serves the page channel from GO on.
+        var pageService: PageService?
         var switchedAfterRounds = 0
     }
 
@@ -147,7 +205,13 @@ public final class PreCopySender: Sendable {
         var report = MigrationReport(destination: settings.destination, tracker: vm.dirtyTracker.name,
                                      converged: false, outcome: .failed, settings: settings)
         report.memoryBytes = vm.memory.size
-        state.withLock { $0 = Shared(); $0.progress.phase = .setup }
+        state.withLock { s in
+            // A switch asked for before the run began (while its thread started) still stands.
+            let window = s.switchWindow
+            s = Shared()
+            if case .requested = window { s.switchWindow = window; s.progress.postcopySwitch = PostCopySwitch.requested.rawValue }
+            s.progress.phase = .setup
+        }
         var paused = false, tracking = false
         do {
             let transport = try connect()
@@ -157,16 +221,24 @@ public final class PreCopySender: Sendable {
             defer { report = run.report; paused = run.paused; tracking = run.tracking }
             try precopy(&run)
             if run.missing == nil {
-                try stopAndCopy(&run)
+                try stopAndCopy(&run, connect: connect)
+                defer { run.pageChannel?.transport.close() }
                 try handover(&run, transport: transport)
             } else {
                 try switchToPostCopy(&run, connect: connect)
-                defer { run.pageChannel?.transport.close() }
+                defer {
+                    run.pageService?.stop()
+                    run.pageChannel?.transport.close()
+                }
                 try handover(&run, transport: transport)
                 try postcopy(&run, transport: transport)
             }
         } catch {
             fail(&report, error: error, paused: paused, tracking: tracking)
+        }
+        state.withLock { s in
+            if case .closed = s.switchWindow { return }
+            s.switchWindow = .closed(.pastPrecopy("it has ended (\(report.outcome.rawValue))"))
         }
         report.rounds = report.pagesPerRound.count
         report.totalMs = monotonicMilliseconds() - t0
@@ -216,40 +288,66 @@ public final class PreCopySender: Sendable {
     }
 
     /// Pre-copy: round 0 sends every page that may hold data while the guest runs; each later
-    /// round what was dirtied since, until what is left fits the downtime limit.
+    /// round what was dirtied since, until what is left fits the downtime limit, or (post-copy)
+    /// until the switch: after the rounds asked for, on request (even mid-round), or, with a
+    /// switch on stall, once the convergence estimate says the limit will not be met.
     private func precopy(_ run: inout Run) throws {
         try vm.dirtyTracker.enable()
         run.tracking = true
         update { $0.phase = .precopy }
         // Logging is already on, so a page first written after this check is caught by the next round.
         var pending = vm.memory.possiblyNonZeroPages() ?? DirtyBitmap.all(pageCount: vm.memory.pageCount)
+        var estimator = ConvergenceEstimator(maxDowntimeMs: settings.maxDowntimeMs)
         var round = 0
         var extraRounds = 0
-        var rate = 0.0
-        while !(settings.postcopy && round >= settings.postcopyAfterRounds) {
+        // A number of rounds is a promise: the switch comes after exactly that many, and
+        // pre-copy does not finish first. Without one, it may.
+        let switchByCount = settings.postcopy ? settings.postcopyAfterRounds : nil
+        let t0 = run.t0
+        let interrupt: (() -> PostCopySwitch?)? = settings.postcopy ? { [self] in midRoundSwitch(t0: t0) } : nil
+        var trigger: PostCopySwitch?
+        var stall: ConvergenceStall?
+        var midRound = false
+        while true {
+            if settings.postcopy {
+                if switchIsRequested { trigger = .requested; break }
+                if let count = switchByCount, round >= count { trigger = .afterRounds; break }
+            }
             let roundStart = monotonicMilliseconds()
             let before = run.writer.bytesWritten
-            let sent = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report, counts: &run.sent, t0: run.t0)
+            let (sent, interruption) = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report,
+                                                     counts: &run.sent, t0: run.t0, interrupt: interrupt)
             run.report.pagesPerRound.append(sent)
+            if let interruption {
+                // What this round did not send stays missing; what was dirtied after it was sent
+                // is collected at the switch.
+                pending = interruption.unsent
+                trigger = interruption.trigger
+                midRound = true
+                if interruption.trigger == .stall {
+                    stall = ConvergenceStall(kind: .timeout, description: String(
+                        format: "pre-copy reached its time limit (%.0f s) in round %d, with %d of its pages unsent",
+                        settings.timeoutSeconds, round, interruption.unsent.count))
+                }
+                break
+            }
             let seconds = max((monotonicMilliseconds() - roundStart) / 1000, 1e-6)
-            let roundRate = Double(run.writer.bytesWritten - before) / seconds
-            // Rounds of a few pages measure latency, not bandwidth: keep the better estimate.
-            rate = sent >= 256 || rate == 0 ? roundRate : max(rate, roundRate)
             pending = try vm.dirtyTracker.collect()
-            let expectedMs = Double(pending.count) * 4096 / max(rate, 1) * 1000
+            estimator.record(RoundFigures(pagesSent: sent, bytesSent: run.writer.bytesWritten - before, seconds: seconds,
+                                          pagesDirtied: pending.count))
             let elapsed = (monotonicMilliseconds() - run.t0) / 1000
+            let verdict = estimator.verdict(secondsLeft: settings.timeoutSeconds - elapsed)
+            run.report.convergence = estimator.snapshot(secondsLeft: settings.timeoutSeconds - elapsed)
+            let expectedMs = estimator.predictedFinalRoundMs ?? 0
             update {
                 $0.round = round
                 $0.dirtyPagesLeft = pending.count
-                $0.rateBytesPerSecond = rate
+                $0.rateBytesPerSecond = estimator.linkRate ?? 0
                 $0.expectedDowntimeMs = expectedMs
                 $0.elapsedSeconds = elapsed
             }
             round += 1
-            // Post-copy switches after its rounds whatever is left.
-            if settings.postcopy && round >= settings.postcopyAfterRounds { break }
-            // (Post-copy switches by rounds, not by what is left.)
-            if !settings.postcopy && expectedMs <= settings.maxDowntimeMs {
+            if switchByCount == nil && verdict == .fits {
                 // The limit is a ceiling, not a target: while another round still shrinks
                 // what is left by a quarter, it buys a shorter pause for little time.
                 let shrinking = Double(pending.count) < Double(sent) * 0.75
@@ -258,7 +356,21 @@ public final class PreCopySender: Sendable {
                 if !worthOneMore { run.report.converged = true; break }
                 extraRounds += 1
             }
-            if elapsed >= settings.timeoutSeconds { throw MigrationError.notConverged(seconds: settings.timeoutSeconds) }
+            if settings.postcopy && settings.postcopyOnStall, case let .stalled(why) = verdict {
+                trigger = .stall
+                stall = why
+                break
+            }
+            if elapsed >= settings.timeoutSeconds {
+                guard settings.postcopy && settings.postcopyOnStall else {
+                    throw MigrationError.notConverged(seconds: settings.timeoutSeconds)
+                }
+                // What is left fits, but the rounds promised are not done: the time limit decides.
+                trigger = .stall
+                stall = ConvergenceStall(kind: .timeout, description: String(
+                    format: "pre-copy reached its time limit (%.0f s) after %d rounds", settings.timeoutSeconds, round))
+                break
+            }
             try checkCancelled()
             if settings.autoConverge && round >= 2 {
                 let current = progress.throttlePercent
@@ -270,31 +382,67 @@ public final class PreCopySender: Sendable {
             }
         }
         run.pending = pending
-        if settings.postcopy && round >= settings.postcopyAfterRounds {
+        if let trigger {
+            _ = closeSwitchWindow(.alreadySwitched(trigger))
+        } else if closeSwitchWindow(.pastPrecopy("pre-copy converged and is finishing without a switch")) {
+            // Asked for after the last check: carried out all the same.
+            trigger = .requested
+        }
+        if let trigger {
             run.missing = pending
             run.switchedAfterRounds = round
+            var figures = PostCopyFigures()
+            figures.trigger = trigger
+            figures.switchedAfterRounds = round
+            figures.switchedMidRound = midRound
+            figures.stall = stall?.kind
+            figures.stallReason = stall?.description
+            run.report.postcopy = figures
+            update { $0.postcopySwitch = trigger.rawValue }
         }
+    }
+
+    /// Checked after each batch of a post-copy migration's round: a request, or (switching on
+    /// stall) the time limit, stops the round where it is.
+    private func midRoundSwitch(t0: Double) -> PostCopySwitch? {
+        if switchIsRequested { return .requested }
+        if settings.postcopyOnStall && (monotonicMilliseconds() - t0) / 1000 >= settings.timeoutSeconds { return .stall }
+        return nil
     }
 
     /// Stop-and-copy: the guest pauses; the last dirty pages, vCPU and device state, the
     /// signature and the end of the state stream follow.
-    private func stopAndCopy(_ run: inout Run) throws {
+    private func stopAndCopy(_ run: inout Run, connect: () throws -> any MigrationTransport) throws {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
+        // Durable before the pause, so that the commit inside it need not be.
+        let intentStart = monotonicMilliseconds()
+        try vm.prepareHandover(toHost: run.destinationHost, toPid: run.destinationPid, challenge: run.challenge)
+        run.report.handoverIntentMs = monotonicMilliseconds() - intentStart
+        // The downtime starts with the pause asked for: the first vCPU kicked out stops the guest.
+        run.pauseTime = monotonicMilliseconds()
         guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
         run.paused = true
-        run.pauseTime = monotonicMilliseconds()
+        run.marks.paused = monotonicMilliseconds()
         run.pending.formUnion(try vm.dirtyTracker.collect())
         let last = try sendPages(run.pending, writer: &run.writer, rearm: false, report: &run.report, counts: &run.sent,
-                                 t0: run.t0, stopAndCopy: true)
+                                 t0: run.t0, stopAndCopy: true).sent
         run.report.pagesPerRound.append(last)
+        run.marks.lastPages = monotonicMilliseconds()
         let (vcpu, devices) = try vm.statePayloads()
         // Signed only in plaintext: on an authenticated channel the TLS identity is the signature.
         let signed = run.integrity.hasStreamDigest
         try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { signed ? try vm.signState(digest: $0) : nil }
         try run.writer.sink.flush()
+        run.marks.state = monotonicMilliseconds()
         run.report.bytesSent = run.writer.bytesWritten
+        if settings.postcopy {
+            // The manifest allowed post-copy, so the destination waits for a page channel before
+            // READY; none of the pages will need it, and GO comes without a switch.
+            run.pageChannel = try PageChannel.open(connect: connect, challenge: run.challenge,
+                                                   mainPeer: state.withLock { $0.transport?.authenticatedPeer })
+        }
         update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
     }
 
@@ -305,6 +453,7 @@ public final class PreCopySender: Sendable {
         guard case let .ready(received) = try next(from: &run.reader, expecting: "ready") else {
             throw MigrationError.protocolViolation("expected ready")
         }
+        run.marks.ready = monotonicMilliseconds()
         guard received == run.sent else {
             throw MigrationError.aborted("the destination applied \(received) but \(run.sent) were sent")
         }
@@ -324,11 +473,12 @@ public final class PreCopySender: Sendable {
             state.withLock { $0.goSent = false; $0.postcopy = false; $0.postcopyContext = nil }
             throw MigrationError.aborted("the hand-over of the guest's lease failed: \(error)")
         }
-        if postcopy { vm.notePostCopyPageServer(awaitingRecovery: false) }
-        run.report.handoverMs = monotonicMilliseconds() - handoverStart
+        run.marks.leaseHandedOver = monotonicMilliseconds()
+        run.report.handoverMs = run.marks.leaseHandedOver - handoverStart
         let signature = run.integrity.hasStreamDigest
             ? try vm.signState(digest: sha256(WireMessage.goPayload(challenge: run.challenge, counts: run.sent))).map { Data($0) }
             : nil
+        run.marks.go = monotonicMilliseconds()
         var commit = try StreamWriter(sink: TransportSink(transport), integrity: run.integrity)
         if let missing = run.missing {
             try commit.writeSection(.control, payload: WireMessage.postcopy(missing: missing.wireBytes).encoded())
@@ -337,12 +487,37 @@ public final class PreCopySender: Sendable {
         try commit.finish()
         try commit.sink.flush()
         run.report.bytesSent += commit.bytesWritten
-        guard case let .running(resumedAt) = try next(from: &run.reader, expecting: "running") else {
+        if let missing = run.missing, let channel = run.pageChannel {
+            // From GO on: the destination may fault before it says RUNNING (it reads the guest's
+            // memory while it takes the guest over), and that page must not wait for RUNNING.
+            run.pageService = PageService(memory: vm.memory, missing: missing, channel: channel)
+            // The link is watched from GO on: a silent one must not leave this side waiting for
+            // RUNNING either.
+            run.pageService?.watch(main: transport, liveness: postcopyLiveness)
+        }
+        let runningMessage: WireMessage
+        do { runningMessage = try next(from: &run.reader, expecting: "running") } catch {
+            if let reason = run.pageService?.silence { throw MigrationError.connection("\(reason) (\(error))") }
+            throw error
+        }
+        guard case let .running(resumedAt, announce, destination) = runningMessage else {
             throw MigrationError.protocolViolation("expected running")
         }
-        run.report.downtimeMs = resumedAt - run.pauseTime
+        run.marks.running = monotonicMilliseconds()
+        run.report.destinationAnnounce = announce
+        if postcopy {
+            run.report.downtimeMs = resumedAt - run.pauseTime
+        } else {
+            let phases = run.marks.phases(pausedAt: run.pauseTime, resumedAt: resumedAt, destination: destination)
+            run.report.downtimePhasesMs = phases
+            run.report.downtimeMs = phases.inDowntime.reduce(0, +)
+        }
         try? vm.dirtyTracker.disable()
-        if postcopy { return }
+        if postcopy {
+            // Recorded after the downtime: the store's write need not delay the guest.
+            vm.notePostCopyPageServer(awaitingRecovery: false)
+            return
+        }
         run.report.outcome = .completed
         update { $0.phase = .completed }
     }
@@ -361,6 +536,7 @@ public final class PreCopySender: Sendable {
         var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
         missing.formUnion(try vm.dirtyTracker.collect())
         run.missing = missing
+        run.report.postcopy?.pagesMissingAtSwitch = missing.count
         run.report.pagesPerRound.append(0)
         let (vcpu, devices) = try vm.statePayloads()
         let signed = run.integrity.hasStreamDigest
@@ -376,9 +552,9 @@ public final class PreCopySender: Sendable {
     /// channel and pushes the rest on the main connection until the destination says every page
     /// is in (COMPLETE). Only then is the migration completed and this copy may go.
     private func postcopy(_ run: inout Run, transport: any MigrationTransport) throws {
-        guard let missing = run.missing, let channel = run.pageChannel else { return }
+        guard let missing = run.missing, let service = run.pageService else { return }
         update { $0.phase = .postcopy }
-        let served = try servePostCopy(main: transport, reader: &run.reader, channel: channel, missing: missing.words,
+        let served = try servePostCopy(main: transport, reader: &run.reader, service: service,
                                        integrity: run.integrity, maxBandwidth: settings.maxBandwidth)
         run.report.bytesSent += served.bytes
         complete(&run.report, destinationFigures: served.figures, switchedAfterRounds: run.switchedAfterRounds,
@@ -390,6 +566,8 @@ public final class PreCopySender: Sendable {
                           missingAtSwitch: Int) {
         let context = state.withLock { $0.postcopyContext }
         var figures = destinationFigures
+        // How it switched (a count, a request, a stall), as pre-copy recorded it.
+        figures.takeSwitch(from: context?.report.postcopy ?? report.postcopy)
         figures.switchedAfterRounds = switchedAfterRounds
         figures.pagesMissingAtSwitch = missingAtSwitch
         figures.pagesPushed = context?.pushed ?? 0
@@ -403,36 +581,13 @@ public final class PreCopySender: Sendable {
     }
 
     /// Serves one post-copy connection pair until COMPLETE: page requests and heartbeats on the
-    /// page channel (a thread of its own), the push on `main`. If the destination falls silent
-    /// (no request or heartbeat for the liveness limit) both connections are closed. Throws on
-    /// any failure; the pages served are counted either way.
-    private func servePostCopy(main: any MigrationTransport, reader: inout StreamReader<TransportSource>, channel: PageChannel,
-                               missing: [UInt64], integrity: SectionIntegrity, maxBandwidth: UInt64) throws
-        -> (figures: PostCopyFigures, bytes: UInt64) {
-        let server = PostCopyPageServer(memory: vm.memory, missing: missing)
-        let clock = LinkClock()
-        let served = DispatchSemaphore(value: 0)
-        let channelError = Mutex<String?>(nil)
-        let silence = Mutex<String?>(nil)
-        let channelTransport = channel.transport
-        let box = ChannelBox(channel)
-        let thread = Thread {
-            do { try server.serve(reader: &box.reader, writer: &box.writer, clock: clock) } catch {
-                channelError.withLock { $0 = "\(error)" }
-            }
-            served.signal()
-        }
-        thread.name = "postcopy-pages"
-        thread.start()
-        let watch = SilenceWatch(clock: clock, liveness: postcopyLiveness, name: "postcopy-silence") { silent in
-            silence.withLock { $0 = "nothing heard from the destination for \(Int(silent)) s" }
-            main.close()
-            channelTransport.close()
-        }
+    /// page channel (`service`, serving and watching the link since GO or the resume), the push
+    /// on `main`. Throws on any failure; the pages served are counted either way.
+    private func servePostCopy(main: any MigrationTransport, reader: inout StreamReader<TransportSource>, service: PageService,
+                               integrity: SectionIntegrity, maxBandwidth: UInt64) throws -> (figures: PostCopyFigures, bytes: UInt64) {
+        let server = service.server
         defer {
-            watch.stop()
-            channelTransport.close()
-            served.wait()
+            service.stop()
             let counts = server.counts
             state.withLock { s in
                 s.postcopyContext?.pushed += counts.pushed
@@ -447,12 +602,11 @@ public final class PreCopySender: Sendable {
             }
             return (figures, bytes)
         } catch {
-            if let reason = silence.withLock({ $0 }) { throw MigrationError.connection("\(reason) (\(error))") }
-            if let reason = channelError.withLock({ $0 }) { throw MigrationError.connection("\(error) (the page channel: \(reason))") }
+            if let reason = service.silence { throw MigrationError.connection("\(reason) (\(error))") }
+            if let reason = service.error { throw MigrationError.connection("\(error) (the page channel: \(reason))") }
             throw error
         }
     }
-
 
     // MARK: - Post-copy recovery
 
@@ -517,10 +671,14 @@ public final class PreCopySender: Sendable {
             }
             let stillMissing = missing.reduce(0) { $0 + $1.nonzeroBitCount }
             let channel = try PageChannel.open(connect: connect, challenge: nonce, mainPeer: authenticated)
+            var pages = DirtyBitmap(pageCount: vm.memory.pageCount)
+            for (index, word) in missing.enumerated() where word != 0 { pages.merge(word: word, at: index) }
+            let service = PageService(memory: vm.memory, missing: pages, channel: channel)
+            service.watch(main: transport, liveness: postcopyLiveness)
             state.withLock { $0.postcopyContext?.recoveries += 1 }
             vm.notePostCopyPageServer(awaitingRecovery: false)
             update { $0.phase = .postcopy; $0.dirtyPagesLeft = stillMissing; $0.error = nil }
-            let served = try servePostCopy(main: transport, reader: &reader, channel: channel, missing: missing,
+            let served = try servePostCopy(main: transport, reader: &reader, service: service,
                                            integrity: integrity, maxBandwidth: resumeSettings.maxBandwidth)
             report.bytesSent += served.bytes
             complete(&report, destinationFigures: served.figures, switchedAfterRounds: context.switchedAfterRounds, missingAtSwitch: context.missingAtSwitch.reduce(0) { $0 + $1.nonzeroBitCount })
@@ -562,6 +720,8 @@ public final class PreCopySender: Sendable {
         } else {
             if tracking { try? vm.dirtyTracker.disable() }
             if paused { vm.resumeAfterMigration() }
+            // After the resume: a crash before this only leaves a guest an administrator must release.
+            vm.abandonHandover()
             report.outcome = .failed
             update { $0.phase = .failed; $0.error = "\(error)"; $0.throttlePercent = 0 }
         }
@@ -584,13 +744,22 @@ public final class PreCopySender: Sendable {
         return message
     }
 
+    /// A round stopped before its last page: why, and the pages it did not send.
+    struct Interruption {
+        var trigger: PostCopySwitch
+        var unsent: DirtyBitmap
+    }
+
     /// Sends the pages set in `bitmap`, re-protecting each 64-page chunk just before it is read.
+    /// `interrupt`, asked after each batch, may stop the round there (post-copy switches).
     func sendPages<S: ByteSink>(_ bitmap: DirtyBitmap, writer: inout StreamWriter<S>, rearm: Bool,
                                 report: inout MigrationReport, counts: inout TransferCounts, t0: Double,
-                                stopAndCopy: Bool = false) throws -> Int {
+                                stopAndCopy: Bool = false, interrupt: (() -> PostCopySwitch?)? = nil)
+        throws -> (sent: Int, interrupted: Interruption?) {
         var batch: [UInt64] = []
         batch.reserveCapacity(Self.batchPages)
         var sent = 0
+        var stopped: PostCopySwitch?
         let start = monotonicMilliseconds()
         let startBytes = writer.bytesWritten
         func flush() throws {
@@ -605,6 +774,10 @@ public final class PreCopySender: Sendable {
             let bytes = writer.bytesWritten
             update { $0.pagesSent = report.pagesSent; $0.bytesSent = bytes; $0.elapsedSeconds = (monotonicMilliseconds() - t0) / 1000 }
             try checkCancelled()
+            if let interrupt, let trigger = interrupt() {
+                stopped = trigger
+                return
+            }
             // The time limit holds within a round too (a slow link, a bandwidth cap).
             if !stopAndCopy && (monotonicMilliseconds() - t0) / 1000 >= settings.timeoutSeconds {
                 throw MigrationError.notConverged(seconds: settings.timeoutSeconds)
@@ -624,10 +797,78 @@ public final class PreCopySender: Sendable {
                 batch.append(firstPage + UInt64(w.trailingZeroBitCount))
                 w &= w - 1
             }
-            if batch.count >= Self.batchPages - 64 { try flush() }
+            if batch.count >= Self.batchPages - 64 {
+                try flush()
+                if let stopped {
+                    // Every chunk up to this one went out whole (a batch holds whole chunks).
+                    var unsent = DirtyBitmap(pageCount: bitmap.pageCount)
+                    for later in (index + 1)..<bitmap.words.count { unsent.merge(word: bitmap.words[later], at: later) }
+                    return (sent, Interruption(trigger: stopped, unsent: unsent))
+                }
+            }
         }
+        // A stop asked for in the last batch comes too late to matter: the round is done.
         try flush()
-        return sent
+        return (sent, nil)
+    }
+}
+
+/// The page channel served from a thread of its own, from GO until the migration ends.
+// @unchecked: `box` is used only by the serving thread; the rest is immutable or behind `state`.
+final class PageService: @unchecked Sendable {
+    let server: PostCopyPageServer
+    /// Hears every request and heartbeat from the destination.
+    let clock = LinkClock()
+    private let transport: any MigrationTransport
+    private let box: ChannelBox
+    private let done = DispatchSemaphore(value: 0)
+    private let state = Mutex<(error: String?, stopped: Bool)>((nil, false))
+
+    init(memory: GuestMemory, missing: DirtyBitmap, channel: PageChannel) {
+        server = PostCopyPageServer(memory: memory, missing: missing.words)
+        transport = channel.transport
+        box = ChannelBox(channel)
+        let thread = Thread { [self] in
+            do { try server.serve(reader: &box.reader, writer: &box.writer, clock: clock) } catch {
+                state.withLock { $0.error = "\(error)" }
+            }
+            done.signal()
+        }
+        thread.name = "postcopy-pages"
+        thread.start()
+    }
+
+    /// Why the channel ended, if it failed.
+    var error: String? { state.withLock { $0.error } }
+
+    /// Why the link was given up for silence, if it was.
+    var silence: String? { watchState.withLock { $0.reason } }
+    private let watchState = Mutex<(watch: SilenceWatch?, reason: String?)>((nil, nil))
+
+    /// Watches the link from now on: once the destination was silent on the page channel for the
+    /// liveness limit (it asks for a heartbeat whenever it has asked nothing for a second), both
+    /// connections are closed, so that whatever waits on them fails at once.
+    func watch(main: any MigrationTransport, liveness: PostCopyLiveness) {
+        let transport = self.transport
+        clock.heard()
+        let watch = SilenceWatch(clock: clock, liveness: liveness, name: "postcopy-silence") { [weak self] silent in
+            self?.watchState.withLock { $0.reason = "nothing heard from the destination for \(Int(silent)) s" }
+            main.close()
+            transport.close()
+        }
+        watchState.withLock { $0.watch = watch }
+    }
+
+    /// Closes the channel and waits for its thread (once; later calls return at once).
+    func stop() {
+        let first = state.withLock { s in
+            defer { s.stopped = true }
+            return !s.stopped
+        }
+        guard first else { return }
+        watchState.withLock { $0.watch }?.stop()
+        transport.close()
+        done.wait()
     }
 }
 
@@ -637,4 +878,36 @@ private final class ChannelBox: @unchecked Sendable {
     var reader: StreamReader<TransportSource>
     var writer: StreamWriter<TransportSink>
     init(_ channel: PageChannel) { reader = channel.reader; writer = channel.writer }
+}
+
+/// When each phase of a pre-copy downtime ended, on this host's CLOCK_MONOTONIC.
+struct DowntimeMarks {
+    var paused = 0.0, lastPages = 0.0, state = 0.0, ready = 0.0, leaseHandedOver = 0.0, go = 0.0, running = 0.0
+
+    /// The phases from the pause (`pausedAt`) to the destination's resume (`resumedAt`, on the
+    /// destination's clock). On one kernel (the same boot id) that clock is this one; between
+    /// hosts the resume is placed by the destination's own figures and half of what is left of
+    /// the GO → RUNNING round trip.
+    func phases(pausedAt: Double, resumedAt: Double, destination: DestinationPhases?) -> DowntimePhases {
+        var p = DowntimePhases()
+        p.pause = paused - pausedAt
+        p.lastPages = lastPages - paused
+        p.state = state - lastPages
+        p.ready = ready - state
+        p.leaseHandover = leaseHandedOver - ready
+        p.go = go - leaseHandedOver
+        p.destination = destination
+        if let boot = destination?.bootID, boot == kernelBootID {
+            p.clock = "shared"
+            p.resume = resumedAt - go
+            p.runningReply = running - resumedAt
+        } else {
+            p.clock = "estimated"
+            let there = (destination?.lease ?? 0) + (destination?.start ?? 0)
+            let wire = max(0, running - go - there)
+            p.resume = there + wire / 2
+            p.runningReply = wire / 2
+        }
+        return p
+    }
 }

@@ -31,11 +31,15 @@ import Snapshot
 //     control{ready: the page entries and memory sections it applied} once everything is
 //     verified and applied to the paused VM; or control{refuse: reason}
 //   source: checks the counts against what it sent, then hands the guest's lease to the
-//     authenticated destination host and the accept's pid; if either fails, no GO
+//     authenticated destination host and the accept's pid; if either fails, no GO. (Before the
+//     pause it wrote a durable intent for exactly that hand-over, so this commit inside the
+//     pause need not wait for the disk: docs/migration.md, "Crash safety of the hand-over".)
 //   source -> destination, stream 2 (commit): header, control{go: the counts, and in
 //     plaintext the source host's signature over the challenge and the counts}, end
 //     (from here the source never resumes on its own)
-//   destination -> source: control{running: resumed_at}, end
+//   destination -> source: control{running: resumed_at, [announce: the schedule and the
+//     first round, which the destination sends before this reply], what the destination
+//     measured of the downtime}, end
 //
 // Post-copy (the manifest says so; docs/migration.md "Post-copy" draws it): the state stream
 // closes without the last dirty pages; before READY the source opens a second connection, the
@@ -165,8 +169,11 @@ public enum WireMessage: Sendable, Equatable {
     case ready(TransferCounts)
     /// The commit; in plaintext signed by the source host over the challenge and the counts.
     case go(TransferCounts, signature: Data?)
-    /// When the destination resumed the guest (CLOCK_MONOTONIC ms; same host only).
-    case running(resumedAt: Double)
+    /// When the destination resumed the guest (CLOCK_MONOTONIC ms; same host only), its
+    /// announcement as it stood then (the schedule and the first round, sent before this
+    /// reply; nil without a network card), and what it measured of the downtime on its own
+    /// clock. An older destination sends neither of the last two.
+    case running(resumedAt: Double, announce: AnnounceReport?, phases: DestinationPhases?)
     /// Post-copy, in the commit stream before GO: the pages the destination must not take from
     /// what it received (a bitmap, 64-bit little-endian words, one bit per guest page).
     case postcopy(missing: Data)
@@ -237,6 +244,8 @@ public enum WireMessage: Sendable, Equatable {
         var missingPages: Data?
         var pfn: UInt64?
         var figures: PostCopyFigures?
+        var announce: AnnounceReport?
+        var phases: DestinationPhases?
         var resume: PostCopyResume?
 
         init(kind: String) { self.kind = kind }
@@ -250,7 +259,8 @@ public enum WireMessage: Sendable, Equatable {
             case let .refuse(reason): self.reason = reason
             case let .ready(counts): self.counts = counts
             case let .go(counts, signature): self.counts = counts; self.signature = signature
-            case let .running(resumedAt): self.resumedAt = resumedAt
+            case let .running(resumedAt, announce, phases):
+                self.resumedAt = resumedAt; self.announce = announce; self.phases = phases
             case let .postcopy(missing): missingPages = missing
             case let .pageChannel(challenge): nonce = challenge
             case let .pageRequest(pfn): self.pfn = pfn
@@ -288,7 +298,7 @@ public enum WireMessage: Sendable, Equatable {
                 return .go(counts, signature: signature)
             case "running":
                 guard let resumedAt else { throw missing("resumedAt") }
-                return .running(resumedAt: resumedAt)
+                return .running(resumedAt: resumedAt, announce: announce, phases: phases)
             case "postcopy":
                 guard let missingPages else { throw missing("missingPages") }
                 return .postcopy(missing: missingPages)

@@ -1,5 +1,6 @@
-/// A 48-bit Ethernet address.
-public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
+/// A 48-bit Ethernet address: the one MAC type of the project (the registry, the frames, the
+/// virtio-net device and its saved state all use it).
+public struct MACAddress: Hashable, Sendable, Codable, CustomStringConvertible {
     /// Always exactly six bytes.
     public let bytes: [UInt8]
 
@@ -35,6 +36,21 @@ public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String {
         bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: ":")
+    }
+
+    /// Saved as its text ("52:54:00:12:34:56"), and parsed again when read back: saved device
+    /// state comes from files and peers, so six bytes are never assumed.
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let mac = MACAddress(parsing: text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not a MAC address: \(text)"))
+        }
+        self = mac
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(description)
     }
 }
 

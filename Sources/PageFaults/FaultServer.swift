@@ -480,9 +480,6 @@ public final class FaultServer: Sendable {
     }
 
     private func startThread(name: String, _ body: @escaping @Sendable () -> Void) {
-        let thread = Thread(block: body)
-        thread.name = name
-        thread.stackSize = 1 << 20
-        thread.start()
+        startNamedThread(name, body)
     }
 }

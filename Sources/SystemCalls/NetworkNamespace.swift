@@ -32,5 +32,14 @@ public final class PacketSocket: Sendable {
         try readFrame(descriptor, what: "capture on \(interface)", maximum: 65_536, timeoutMilliseconds: timeoutMilliseconds)
     }
 
+    /// Sends `frame` out of the interface, as the host's own stack would: on a tap, the frame
+    /// is what the tap's reader (the guest's card) reads next.
+    public func send(_ frame: [UInt8]) throws(SystemCallError) {
+        let sent = try retryingOnInterrupt("send(packet socket on \(interface))") {
+            frame.withUnsafeBytes { Glibc.send(descriptor.raw, $0.baseAddress, $0.count, 0) }
+        }
+        guard sent == frame.count else { throw SystemCallError("send(packet socket on \(interface))", errno: EMSGSIZE) }
+    }
+
     public func close() { descriptor.close() }
 }

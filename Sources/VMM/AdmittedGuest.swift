@@ -43,11 +43,21 @@ public final class AdmittedGuest: Sendable {
         /// Runs at the start of every periodic scan; tests make a scan slow with it, to show
         /// that lease renewal and beacons do not wait for the scan.
         var beforePeriodicScan: (@Sendable () -> Void)?
-        /// Where frames for the host's network go (the tap's writer), once the card's backend is up.
-        var hostFrameSink: (@Sendable ([UInt8]) -> Void)?
+        /// Where frames for the host's network go (the tap's writer, throwing when the tap
+        /// refuses one), once the card's backend is up.
+        var hostFrameSink: (@Sendable ([UInt8]) throws -> Void)?
         /// How a guest arriving by migration announces itself once it runs here.
         var announceSchedule = AnnounceSchedule.qemuDefault
+        /// The last announcement started (after an arrival, or by an owner).
         var announcer: Announcer?
+        /// The announcement of the arrival by migration: one that was started, or the report of
+        /// one that sent nothing (off, or no host side).
+        var arrivalAnnouncer: Announcer?
+        var unsentAnnounce: AnnounceReport?
+        /// When the machine was started after an incoming migration (monotonic ms).
+        var arrivedAt: Double?
+        /// What the incoming migration brought (its `announce` is filled in when read).
+        var arrival: ArrivalReport?
         /// A post-copy migration that fills the memory of a guest that arrived before all its
         /// pages did.
         var postCopyIncoming: PostCopyIncoming?
@@ -105,7 +115,7 @@ public final class AdmittedGuest: Sendable {
         }
         // The host's own frames (the announcement after a migration) go out through the card's tap.
         if let card = machine.network {
-            connectHostNetwork { frame in card.writeHostFrame(frame) }
+            connectHostNetwork { frame in try card.writeHostFrame(frame) }
         }
     }
 
@@ -193,8 +203,9 @@ public final class AdmittedGuest: Sendable {
     }
 
     /// Connects the host side of the guest's network card: `sink` writes one frame to the
-    /// host's network (the tap). The announcement after a migration goes through it.
-    public func connectHostNetwork(_ sink: @escaping @Sendable ([UInt8]) -> Void) {
+    /// host's network (the tap), and throws if it is refused. The announcement after a
+    /// migration goes through it.
+    public func connectHostNetwork(_ sink: @escaping @Sendable ([UInt8]) throws -> Void) {
         shared.withLock { $0.hostFrameSink = sink }
     }
 
@@ -208,7 +219,7 @@ public final class AdmittedGuest: Sendable {
     /// guest has no network card, no registered MAC, or the schedule has no rounds.
     @discardableResult
     public func startAnnouncing(_ schedule: AnnounceSchedule, resumedAt: Double = monotonicMilliseconds(),
-                                sink: @escaping @Sendable ([UInt8]) -> Void) -> Announcer? {
+                                sink: @escaping @Sendable ([UInt8]) throws -> Void) -> Announcer? {
         guard machine.configuration.network != nil, let policy = egressPolicy, schedule.rounds > 0 else { return nil }
         let announcer = Announcer(schedule: schedule, mac: policy.mac, ip: policy.ip, sink: sink)
         let previous = shared.withLock { s in defer { s.announcer = announcer }; return s.announcer }
@@ -217,19 +228,65 @@ public final class AdmittedGuest: Sendable {
         return announcer
     }
 
-    /// The announcement after the last resume here, if one was made.
+    /// The last announcement started here (after an arrival, or by `startAnnouncing`), if any.
     public var announcer: Announcer? { shared.withLock { $0.announcer } }
 
-    /// The destination resumed the guest at `resumedAt`: announce it, if it has a network card.
+    /// The announcement that followed this guest's arrival by migration, if one was started.
+    public var arrivalAnnouncer: Announcer? { shared.withLock { $0.arrivalAnnouncer } }
+
+    /// The destination resumed the guest at `resumedAt`: announce it, if it has a network card
+    /// (the first round before this returns). An announcement that sends nothing (off, or no
+    /// host side) is recorded as such for the reports.
     func announceArrival(resumedAt: Double) {
-        guard machine.configuration.network != nil else { return }
+        guard machine.configuration.network != nil, let policy = egressPolicy else { return }
         let (schedule, sink) = shared.withLock { ($0.announceSchedule, $0.hostFrameSink) }
-        guard schedule.rounds > 0 else { return }
+        let framesPerRound = Announcement.round(mac: policy.mac, ip: policy.ip).count
+        guard schedule.rounds > 0 else {
+            shared.withLock { $0.unsentAnnounce = AnnounceReport(unsent: .off, schedule: schedule, framesPerRound: framesPerRound) }
+            return session.log("network: '\(name)' was not announced (the announcement is off): switches learn its new port only when it sends")
+        }
         guard let sink else {
+            shared.withLock { $0.unsentAnnounce = AnnounceReport(unsent: .notConnected, schedule: schedule, framesPerRound: framesPerRound) }
             return session.log("network: '\(name)' has a network card but no host network is connected; it was not announced")
         }
-        startAnnouncing(schedule, resumedAt: resumedAt, sink: sink)
+        let announcer = startAnnouncing(schedule, resumedAt: resumedAt, sink: sink)
+        shared.withLock { $0.arrivalAnnouncer = announcer }
     }
+
+    /// The announcement after this guest's arrival by migration, as it stands: nil when it
+    /// has no network card or did not arrive by migration.
+    public var arrivalAnnounce: AnnounceReport? {
+        let (announcer, unsent) = shared.withLock { ($0.arrivalAnnouncer, $0.unsentAnnounce) }
+        return announcer?.report ?? unsent
+    }
+
+    /// The destination's report of the incoming migration that brought this guest, with its
+    /// announcement as it stands now; nil for a guest that did not arrive by migration.
+    public var arrivalReport: ArrivalReport? {
+        guard var report = shared.withLock({ $0.arrival }) else { return nil }
+        report.announce = arrivalAnnounce
+        if let incoming = incomingPostCopy {
+            // Post-copy goes on after the guest arrived: where it stands now.
+            let status = incoming.status
+            report.postcopyState = status
+            report.postcopy = incoming.figures
+            if status.phase == .lost {
+                report.outcome = .lost
+                report.error = status.error
+            }
+        }
+        return report
+    }
+
+    /// Keeps what the incoming migration brought, for `arrivalReport`.
+    func recordArrival(_ report: ArrivalReport) {
+        shared.withLock { $0.arrival = report }
+    }
+
+    /// When the machine was started after an incoming migration.
+    var arrivedAt: Double? { shared.withLock { $0.arrivedAt } }
+
+    func noteArrival(at resumedAt: Double) { shared.withLock { $0.arrivedAt = resumedAt } }
 
     // MARK: - Lazy restore
 

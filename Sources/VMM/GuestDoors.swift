@@ -231,7 +231,8 @@ public enum GuestDoors {
             // stream's signature (checked before READY) proves it.
             let source = (host: authenticated ?? manifest.sourceHost, pid: manifest.sourcePid)
             // The Billboard's admission runs here, before any memory is reserved.
-            let session = try GuestSession.admitIncoming(store: store, header: header, source: source, settings: settings, log: log)
+            let session = try GuestSession.admitIncoming(store: store, header: header, source: source, challenge: manifest.challenge,
+                                                         settings: settings, log: log)
             var configuration = header.description.configuration
             configuration.dirtyTracker = dirtyTracker
             do { configuration.network = try arrivingNetwork(header.description, tap: tap, session: session) } catch {
@@ -262,6 +263,13 @@ public enum GuestDoors {
                                                        acceptPageChannel: acceptPageChannel, postcopyOptions: postcopyOptions)
                 watchdog.disarm()
                 handedOn = result.incoming != nil
+                // Post-copy goes on: `arrivalReport` reads its state from the guest's migration.
+                guest.recordArrival(ArrivalReport(source: result.sourceHost, outcome: .running,
+                                                  resumedAtMs: result.resumedAt, pagesReceived: result.pages,
+                                                  zeroPages: result.zeroPages, bytesReceived: result.bytes))
+                if let p = result.phases {
+                    log(String(format: "migration: arrived; state applied and READY sent in %.2f ms, lease taken %.2f ms after GO, vCPUs running %.2f ms after", p.apply, p.lease, p.start))
+                }
                 return guest
             } catch {
                 watchdog.disarm()

@@ -59,6 +59,9 @@ public final class GuestSession: @unchecked Sendable {
         /// Post-copy: the guest runs before its beacon token could be read (its beacon block may
         /// be among the pages still to come); its beacons are not recorded until it is.
         var tokenUnknown = false
+        /// The synced record of the hand-over about to happen (source: before the pause;
+        /// destination: at admission), which lets its commit skip the sync.
+        var handoverIntent: HandoverIntent?
     }
     private let shared = Mutex(Shared())
     /// The identity the state carried at admission (restore, incoming); nil for a boot.
@@ -139,8 +142,12 @@ public final class GuestSession: @unchecked Sendable {
 
     /// A migration destination: admits the identity in the hello before memory is reserved; the
     /// guest in flight may still hold its lease at the source. Takes the lease on GO (`commitIncoming`).
+    ///
+    /// The intent to take the lease from that source (for the connection of `challenge`) is
+    /// synced here, outside the downtime, so that the take on GO need not be.
     public static func admitIncoming(store: BillboardStore, header: StateHeader, source: (host: String, pid: Int32),
-                                     settings: BillboardSettings, log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
+                                     challenge: String = "", settings: BillboardSettings,
+                                     log: @escaping @Sendable (String) -> Void) throws -> GuestSession {
         try store.ensureOriginal()
         guard let identity = header.identity else { throw SessionError.noIdentity("migration manifest") }
         guard sameBytes(identity.host, source.host) else {
@@ -155,6 +162,14 @@ public final class GuestSession: @unchecked Sendable {
         let session = GuestSession(store: store, registration: registration, settings: settings, carried: identity,
                                    source: source, log: log)
         try session.record(state: .incoming)
+        do {
+            let intent = try store.handoverIntents.recordIncoming(guestID: registration.id, fromHost: source.host, fromPid: source.pid,
+                                                                  epoch: identity.epoch, challenge: challenge)
+            session.shared.withLock { $0.handoverIntent = intent }
+        } catch {
+            session.end()
+            throw error
+        }
         return session
     }
 
@@ -167,11 +182,31 @@ public final class GuestSession: @unchecked Sendable {
     // MARK: - Lease and record
 
     private func takeLease(minimumEpoch: Int64, handedBy: (host: String, pid: Int32)? = nil,
-                           stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false) throws {
+                           stateEpoch: Int64? = nil, rollbackAuthorized: Bool = false, intent: HandoverIntent? = nil) throws {
         let lease = try store.leases.acquire(guestID: registration.id, host: store.hostName, pid: getpid(),
                                            takeoverAfter: settings.leaseTimeout, minimumEpoch: minimumEpoch, handedBy: handedBy,
-                                           stateEpoch: stateEpoch, rollbackAuthorized: rollbackAuthorized)
+                                           stateEpoch: stateEpoch, rollbackAuthorized: rollbackAuthorized, intent: intent)
         shared.withLock { $0.epoch = lease.epoch; $0.holdsLease = true }
+    }
+
+    /// Runs `commit` with the session's hand-over intent, and once more without it (the synced
+    /// way) if the store no longer has it as written: a missing intent costs a sync, nothing else.
+    private func withIntent<T>(_ usable: (HandoverIntent) -> Bool, _ commit: (HandoverIntent?) throws -> T) throws -> T {
+        let intent = shared.withLock { $0.handoverIntent.flatMap { usable($0) ? $0 : nil } }
+        guard let intent else { return try commit(nil) }
+        let result: T
+        do { result = try commit(intent) } catch let refusal as BillboardRefusal {
+            switch refusal {
+            case .handoverIntentMissing, .recordTampered:
+                log("billboard: the hand-over intent of '\(registration.name)' is not in the store as written (\(refusal)); committing the synced way")
+                result = try commit(nil)
+            default:
+                // Not committed: the intent stays, for `abandonHandover` (or the end) to withdraw.
+                throw refusal
+            }
+        }
+        shared.withLock { $0.handoverIntent = nil }
+        return result
     }
 
     private func record(state: InstanceState, token: UInt64 = newToken()) throws {
@@ -259,34 +294,31 @@ public final class GuestSession: @unchecked Sendable {
     /// Only the lease is on the downtime path: `start` runs the guest as soon as it is held, and
     /// the record is updated after. The store lock is held across all three, so housekeeping
     /// cannot record a beacon against the record's old token in between.
-    func commitIncoming(beaconToken: UInt64?, start: () -> Void) throws {
+    /// Returns when the lease was taken (CLOCK_MONOTONIC ms). The take consumes the intent
+    /// synced at admission and is not synced itself (docs/migration.md, crash safety).
+    @discardableResult
+    ///
+    /// `tokenLater` (post-copy): the guest's beacon token is learnt once its memory can be read
+    /// (`learnBeaconToken`): reading the beacon block may wait for a page that is still to come,
+    /// and neither the guest's start nor a recovery of its migration may wait for that. Until
+    /// then no beacon is recorded, so none is judged false.
+    func commitIncoming(beaconToken: UInt64?, tokenLater: Bool = false, start: () -> Void) throws -> Double {
         try storeLock.withLock {
-            try naming(registration) { try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: source) }
+            try naming(registration) {
+                try withIntent({ $0.role == .incoming }) { intent in
+                    try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: source, intent: intent)
+                }
+            }
+            let leaseTaken = monotonicMilliseconds()
             let token = beaconToken ?? Self.newToken()
-            shared.withLock { $0.token = token; $0.reportedState = .running }
+            shared.withLock { $0.token = token; $0.reportedState = .running; $0.tokenUnknown = tokenLater }
             start()
             do { try store.instances.update(guestID: registration.id, state: .running, token: token) } catch {
                 // The guest runs here now, whatever happens; housekeeping writes the record later.
                 shared.withLock { $0.pendingToken = token }
                 log("billboard: could not record '\(registration.name)' as running here yet: \(error)")
             }
-        }
-    }
-
-    /// Destination, on a post-copy GO: as `commitIncoming`, but the guest's beacon token is
-    /// learnt once its memory can be read (`learnBeaconToken`): reading the beacon block may wait
-    /// for a page that is still to come, and the guest must not wait for that to start, nor the
-    /// migration to be recoverable. Until then no beacon is recorded, so none is judged false.
-    func commitIncomingTokenLater(start: () -> Void) throws {
-        try storeLock.withLock {
-            try naming(registration) { try takeLease(minimumEpoch: carriedEpoch + 1, handedBy: source) }
-            let placeholder = Self.newToken()
-            shared.withLock { $0.token = placeholder; $0.reportedState = .running; $0.tokenUnknown = true }
-            start()
-            do { try store.instances.update(guestID: registration.id, state: .running, token: placeholder) } catch {
-                shared.withLock { $0.pendingToken = placeholder }
-                log("billboard: could not record '\(registration.name)' as running here yet: \(error)")
-            }
+            return leaseTaken
         }
     }
 
@@ -324,11 +356,34 @@ public final class GuestSession: @unchecked Sendable {
         }
     }
 
-    /// Source, just before GO: moves the lease to the destination in one transaction. If this
-    /// throws, GO is not sent and the guest resumes here.
+    /// Source, just before the pause: syncs the intent to hand the lease to `host`/`pid` (for the
+    /// connection of `challenge`), so that `handOver` inside the pause need not wait for the disk.
+    public func prepareHandover(toHost host: String, toPid pid: Int32, challenge: String) throws {
+        try storeLock.withLock {
+            let intent = try store.handoverIntents.prepareOutgoing(guestID: registration.id, toHost: host, toPid: pid, challenge: challenge)
+            shared.withLock { $0.handoverIntent = intent }
+        }
+    }
+
+    /// Source, the migration failed before GO: the prepared hand-over will not happen (the
+    /// intent is withdrawn, synced).
+    public func abandonHandover() {
+        storeLock.withLock {
+            guard let intent = shared.withLock({ s in defer { s.handoverIntent = nil }; return s.handoverIntent }) else { return }
+            do { try store.handoverIntents.withdraw(intent) } catch {
+                log("billboard: could not withdraw the hand-over intent of '\(registration.name)': \(error) (the next scan drops it)")
+            }
+        }
+    }
+
+    /// Source, just before GO: moves the lease to the destination in one transaction (not
+    /// synced when the intent prepared before the pause covers it). If this throws, GO is not
+    /// sent and the guest resumes here.
     public func handOver(toHost host: String, toPid pid: Int32) throws {
         let epoch = try storeLock.withLock {
-            let epoch = try store.leases.handOver(guestID: registration.id, fromPid: getpid(), toHost: host, toPid: pid)
+            let epoch = try withIntent({ $0.role == .outgoing && sameBytes($0.peerHost, host) && $0.peerPid == pid }) { intent in
+                try store.leases.handOver(guestID: registration.id, fromPid: getpid(), toHost: host, toPid: pid, intent: intent)
+            }
             shared.withLock { $0.holdsLease = false; $0.reportedState = .migrated }
             return epoch
         }

@@ -22,6 +22,14 @@ extension AdmittedGuest: MigrationSourceVM {
 
     public var hostName: String { session.store.hostName }
 
+    public func prepareHandover(toHost host: String?, toPid pid: Int32?, challenge: String) throws {
+        // Without a destination process there is nothing to intend; `commitHandover` refuses.
+        guard let host, let pid else { return }
+        try session.prepareHandover(toHost: host, toPid: pid, challenge: challenge)
+    }
+
+    public func abandonHandover() { session.abandonHandover() }
+
     public func commitHandover(toHost host: String?, toPid pid: Int32?) throws {
         guard let host, let pid else {
             throw MigrationError.refused("the destination did not say which host and process take the guest (it runs without a billboard), so the lease cannot be handed over")
@@ -57,35 +65,40 @@ extension AdmittedGuest: MigrationDestinationVM {
         try session.verifyIncomingSignature(decoded, digest: digest)
     }
 
-    public func startGuest() throws {
+    public func startGuest() throws { _ = try startGuestTimed() }
+
+    public func startGuestTimed() throws -> GuestStartTimes {
         // The lease first: a guest that may not own itself here must not run (the source stays
         // paused and in doubt, and can take its lease back). One transaction of downtime.
         var resumedAt = 0.0
-        if incomingPostCopy != nil {
-            try session.commitIncomingTokenLater {
-                resumedAt = monotonicMilliseconds()
-                machine.start()
-            }
-            learnBeaconTokenWhenReadable()
-        } else {
-            try session.commitIncoming(beaconToken: try machine.beaconToken()) {
-                resumedAt = monotonicMilliseconds()
-                machine.start()
-            }
+        // Post-copy: the beacon block may be among the pages still to come; the token is read
+        // off this path (the guest must not wait for it to start, nor a recovery for it).
+        let postcopy = incomingPostCopy != nil
+        let leaseTaken = try session.commitIncoming(beaconToken: postcopy ? nil : try machine.beaconToken(), tokenLater: postcopy) {
+            machine.start()
+            // Every vCPU thread runs the guest now.
+            resumedAt = monotonicMilliseconds()
         }
-        // Off the downtime path: the switches learn where the guest is now.
+        if postcopy { learnBeaconTokenWhenReadable() }
+        noteArrival(at: resumedAt)
+        // After the resume (not downtime): the switches learn where the guest is now. The
+        // first round goes before this returns, so the RUNNING reply can say when.
         announceArrival(resumedAt: resumedAt)
+        return GuestStartTimes(leaseTaken: leaseTaken, resumed: resumedAt)
     }
+
+    public var announceSoFar: AnnounceReport? { arrivalAnnounce }
+
+    public var resumedAt: Double? { arrivedAt }
 
     /// Tests only: as `startGuest`, but the vCPUs start parked, so that the memory a migration
     /// brought can be compared with the source's before the guest changes it.
     func startGuestParked() throws {
-        if incomingPostCopy != nil {
-            try session.commitIncomingTokenLater { machine.startPaused() }
-            learnBeaconTokenWhenReadable()
-        } else {
-            try session.commitIncoming(beaconToken: try machine.beaconToken()) { machine.startPaused() }
+        let postcopy = incomingPostCopy != nil
+        _ = try session.commitIncoming(beaconToken: postcopy ? nil : try machine.beaconToken(), tokenLater: postcopy) {
+            machine.startPaused()
         }
+        if postcopy { learnBeaconTokenWhenReadable() }
     }
 
     /// Post-copy: reads the beacon token on a thread of its own, which may wait for the beacon

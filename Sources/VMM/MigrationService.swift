@@ -94,6 +94,17 @@ public final class MigrationService: Sendable {
         }
     }
 
+    /// Asks the running post-copy migration to switch now (`PUT /vm/migration/postcopy`); returns
+    /// its progress once the request is recorded. Throws `PostCopySwitchRefusal`.
+    public func requestPostCopySwitch() throws -> MigrationProgress {
+        guard let sender = shared.withLock({ $0.sender }),
+              ![.completed, .failed, .inDoubt].contains(sender.progress.phase) else {
+            throw PostCopySwitchRefusal.noMigration
+        }
+        try sender.requestPostCopySwitch()
+        return sender.progress
+    }
+
     /// Aborts a migration that has not sent GO (signals, shutdown); false if there is none.
     @discardableResult
     public func cancel(reason: String) -> Bool {
@@ -115,12 +126,45 @@ public final class MigrationService: Sendable {
 
     private func writeReport(_ report: MigrationReport) {
         guard let dir = reportDirectory else { return }
+        _ = Self.writeReport(report, named: "migration", in: dir)
+    }
+
+    /// The destination's report of the incoming migration that brought this guest, with its
+    /// announcement as it stands (nil: the guest did not arrive by migration).
+    public var incoming: ArrivalReport? { guest.arrivalReport }
+
+    /// The destination's side, once `guest` arrived by migration: on a thread of its own, waits
+    /// until the announcement has finished (its last round is 800 ms after the resume with
+    /// QEMU's schedule; the control API shows it meanwhile), logs when the rounds went out, then
+    /// writes the arrival report as `DIR/incoming-<ms since 1970>.json` and logs where.
+    /// `completion` gets the path (nil: not written, or no arrival).
+    public static func reportArrival(of guest: AdmittedGuest, in dir: String, log: @escaping @Sendable (String) -> Void,
+                                     completion: @escaping @Sendable (String?) -> Void = { _ in }) {
+        startOSThread(name: "arrival-report") {
+            if let announcer = guest.arrivalAnnouncer {
+                _ = announcer.waitUntilFinished(timeout: 600)
+                let a = announcer.report
+                log("network: announced '\(guest.name)' at \(a.sentMs.map { String(Int($0)) }.joined(separator: ", ")) ms after it resumed"
+                    + " (\(a.framesSent) frames\(a.errors > 0 ? ", \(a.errors) refused by the tap: \(a.lastError ?? "")" : ""))")
+            }
+            guard let report = guest.arrivalReport else { return completion(nil) }
+            let path = writeReport(report, named: "incoming", in: dir)
+            log(path.map { "migration: arrival report written to \($0)" } ?? "migration: warning: the arrival report could not be written to \(dir)")
+            completion(path)
+        }
+    }
+
+    /// Writes `report` as `DIR/NAME-<ms since 1970>.json` (pretty, sorted keys), replacing by
+    /// rename; the path, or nil when it could not be written. Best effort: a report that cannot
+    /// be written does not fail the migration.
+    @discardableResult
+    public static func writeReport(_ report: some Encodable, named name: String, in dir: String) -> String? {
         let e = JSONEncoder()
         e.outputFormatting = [.prettyPrinted, .sortedKeys]
-        guard let data = try? e.encode(report) else { return }
+        guard let data = try? e.encode(report) else { return nil }
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let stamp = Int(Date().timeIntervalSince1970 * 1000)
-        // Best effort, as before: a report that cannot be written does not fail the migration.
-        try? AtomicFileWriter.write([UInt8](data), to: dir + "/migration-\(stamp).json", what: "migration report")
+        let path = dir + "/\(name)-\(Int(Date().timeIntervalSince1970 * 1000)).json"
+        do { try AtomicFileWriter.write([UInt8](data), to: path, what: "migration report") } catch { return nil }
+        return path
     }
 }

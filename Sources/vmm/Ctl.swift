@@ -8,7 +8,7 @@ struct Ctl: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Control a running VMM through its API socket.",
         subcommands: [Info.self, Pause.self, Resume.self, SnapshotCmd.self, Digest.self, Shutdown.self, Migrate.self, MigrationStatus.self,
-                      MigrateRecover.self, MigrateCancel.self, Scan.self])
+                      MigratePostcopy.self, MigrateRecover.self, MigrateCancel.self, Scan.self])
 
     struct Socket: ParsableArguments {
         @Option(help: "The VMM's control socket (vmm run --api-socket PATH).")
@@ -94,8 +94,10 @@ extension Ctl {
         @Option(help: "Bandwidth cap in bytes per second; 0 = unlimited.") var maxBandwidth: UInt64 = 0
         @Flag(help: "Throttle a guest that dirties memory faster than it can be sent.") var autoConverge = false
         @Option(help: "Give up (guest keeps running here) after this many seconds.") var timeout: Double = 60
-        @Flag(help: "Post-copy: after --postcopy-after-rounds pre-copy rounds the guest moves at once and its remaining pages follow. If the link fails after that, both sides pause and keep what they have until recovered (migrate-recover there, --resume here); if either VMM dies before the last page moved, the guest is lost.") var postcopy = false
-        @Option(help: "Pre-copy rounds before the post-copy switch.") var postcopyAfterRounds: Int = 1
+        @Flag(help: "Allow post-copy: the guest moves to the destination before all its pages did and the rest follow, after --postcopy-after-rounds rounds, on `vmm ctl migrate-postcopy`, or with --postcopy-on-stall. If the link fails after the switch, both sides pause and keep what they have until recovered (migrate-recover there, --resume here); if either VMM dies before the last page moved, the guest is lost.") var postcopy = false
+        @Option(help: ArgumentHelp("Pre-copy rounds before the post-copy switch (0 to 1000), or `never`: only on request or on stall, and a pre-copy that converges first finishes as usual. Default 1, or never with --postcopy-on-stall.", valueName: "N|never"))
+        var postcopyAfterRounds: String?
+        @Flag(help: "With --postcopy: switch as soon as pre-copy is seen not to converge within --max-downtime-ms, instead of failing at the timeout.") var postcopyOnStall = false
         @Flag(help: "Resume this guest's post-copy migration, paused after its link failed, at HOST:PORT (where `vmm ctl migrate-recover` made the destination listen); the same --peer as before.") var resume = false
         @Flag(help: "No progress line.") var quiet = false
 
@@ -103,8 +105,17 @@ extension Ctl {
             if peer == nil && !insecurePlaintext {
                 throw ValidationError("name the destination host with --peer NAME (an enrolled peer), or migrate in plaintext with --insecure-plaintext")
             }
-            if resume && (insecurePlaintext || postcopy) {
-                throw ValidationError("--resume resumes a paused post-copy migration over TLS: give it the destination, --peer and optionally --max-bandwidth, not --insecure-plaintext or --postcopy")
+            if resume && (insecurePlaintext || postcopy || postcopyOnStall || postcopyAfterRounds != nil) {
+                throw ValidationError("--resume resumes a paused post-copy migration over TLS: give it the destination, --peer and optionally --max-bandwidth, not --insecure-plaintext or the --postcopy options")
+            }
+            if postcopyOnStall && !postcopy {
+                throw ValidationError("--postcopy-on-stall switches to post-copy, which the migration must allow: add --postcopy")
+            }
+            if let rounds = postcopyAfterRounds {
+                guard postcopy else { throw ValidationError("--postcopy-after-rounds applies to post-copy: add --postcopy") }
+                guard rounds == "never" || Int(rounds).map({ (0...1000).contains($0) }) == true else {
+                    throw ValidationError("--postcopy-after-rounds takes a number of rounds from 0 to 1000, or never")
+                }
             }
         }
 
@@ -113,10 +124,12 @@ extension Ctl {
             var body: [String: Any] = ["destination": destination, "max_downtime_ms": maxDowntimeMs,
                                        "max_bandwidth": maxBandwidth, "auto_converge": autoConverge,
                                        "timeout_s": timeout, "wait": true,
-                                       "postcopy": postcopy, "postcopy_after_rounds": postcopyAfterRounds,
+                                       "postcopy": postcopy, "postcopy_on_stall": postcopyOnStall,
                                        "transport": insecurePlaintext ? "plaintext" : "tls"]
             if resume { body["resume"] = true }
             if let peer { body["peer"] = peer }
+            // Left out, the VMM's default applies (1, or never with a switch on stall).
+            if let rounds = postcopyAfterRounds { body["postcopy_after_rounds"] = Int(rounds).map { $0 as Any } ?? rounds }
             let text = String(decoding: try JSONSerialization.data(withJSONObject: body), as: UTF8.self)
             // The request waits for the end; a second connection polls progress meanwhile.
             let finished = Finished()
@@ -154,6 +167,15 @@ extension Ctl {
                 throw ExitCode(1)
             }
         }
+    }
+
+    struct MigratePostcopy: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "migrate-postcopy",
+            abstract: "Switch the running post-copy migration to post-copy now (PUT /vm/migration/postcopy).",
+            discussion: "The migration must have been started with --postcopy; it switches at once, even in the middle of a round. From then on, if the link fails, both sides pause until recovered (migrate-recover at the destination, migrate --resume here); if either VMM dies before the last page moved, the guest is lost.")
+        @OptionGroup var socket: Socket
+        func run() throws { try Ctl.call(socket, .PUT, "/vm/migration/postcopy") }
     }
 
     struct MigrationStatus: ParsableCommand {

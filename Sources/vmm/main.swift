@@ -179,7 +179,7 @@ struct Receive: ParsableCommand {
     @Option(help: "Write the guest's serial output to this file instead of stdout.")
     var serialLog: String?
 
-    @Option(help: "Directory for migration reports (JSON) of onward migrations.")
+    @Option(help: "Directory for migration reports (JSON): the arrival report (incoming-*.json, with the announcement, once its last round went out) and those of onward migrations.")
     var reportDir: String = "migration-reports"
 
     @Option(help: "Seconds to wait for a migration that completes; failed or refused connections do not end the wait. When it passes, the VMM exits with status 4.")
@@ -188,8 +188,11 @@ struct Receive: ParsableCommand {
     @Flag(help: "Accept plain TCP instead of mutually authenticated TLS (for benchmarks; the source must consent too). The stream stays signed and checksummed, but anyone on the path can read the guest.")
     var insecurePlaintext = false
 
-    @Option(help: "Rounds of the announcement (a RARP from the guest's MAC and a gratuitous ARP for its registered IP) sent once a guest with a network card runs here, so switches learn its new port; 0 turns it off.")
-    var announceRounds: Int = AnnounceSchedule.qemuDefault.rounds
+    @Option(help: "Rounds of the announcement (a RARP from the guest's MAC and a gratuitous ARP for its registered IP) sent once a guest with a network card runs here, so switches learn its new port; 0 turns it off (as --no-announce). Default: 5, QEMU's.")
+    var announceRounds: Int?
+
+    @Flag(help: "Send no announcement (as --announce-rounds 0): the switches keep sending the guest's frames to its old port until it sends something itself.")
+    var noAnnounce = false
 
     @Option(help: "Milliseconds between the first and second rounds.")
     var announceInitialMs: Int = AnnounceSchedule.qemuDefault.initialMs
@@ -201,7 +204,7 @@ struct Receive: ParsableCommand {
     var announceMaxMs: Int = AnnounceSchedule.qemuDefault.maxMs
 
     var announceSchedule: AnnounceSchedule {
-        AnnounceSchedule(initialMs: announceInitialMs, stepMs: announceStepMs, rounds: announceRounds, maxMs: announceMaxMs)
+        AnnounceSchedule(initialMs: announceInitialMs, stepMs: announceStepMs, rounds: noAnnounce ? 0 : announceRounds ?? AnnounceSchedule.qemuDefault.rounds, maxMs: announceMaxMs)
     }
 
     /// Test-only: the destination commits this fault (a transport wraps the connection), so the
@@ -219,6 +222,9 @@ struct Receive: ParsableCommand {
             throw ValidationError("--postcopy-recover-timeout must be 0 (wait for the operator) to 604800 seconds")
         }
         if let problem = announceSchedule.problem { throw ValidationError("--announce-*: \(problem)") }
+        if noAnnounce, let rounds = announceRounds, rounds != 0 {
+            throw ValidationError("--no-announce and --announce-rounds \(rounds) contradict each other: give one of them")
+        }
         try validateSnapshotDir(snapshotDir, apiSocket: apiSocket)
         try billboard.validate()
     }
@@ -259,12 +265,7 @@ struct Receive: ParsableCommand {
                 return Self.listenTimeoutStatus
             }
             running.guest = guest
-            if let announcer = guest.announcer {
-                Thread.detachNewThread {
-                    guard announcer.waitUntilFinished(timeout: 600) else { return }
-                    logLine("network: announced '\(guest.name)' at \(announcer.sentMs.map { String(Int($0)) }.joined(separator: ", ")) ms after it resumed")
-                }
-            }
+            MigrationService.reportArrival(of: guest, in: reportDir, log: logLine)
             return try Host.serve(guest, apiSocket: apiSocket, snapshotDirectory: snapshots, startPaused: false, reportDir: reportDir,
                                   alreadyStarted: true)
         }
@@ -378,7 +379,7 @@ struct BillboardOptions: ParsableArguments {
 /// `--net tap=NAME`: the guest's network card, on a tap that exists on this host. The MAC is
 /// not an option: the VMM gives it (see `NetworkConfiguration.mac`).
 struct NetworkOptions: ParsableArguments {
-    @Option(help: "Give the guest a network card on this host's tap interface: tap=NAME. Its MAC (and the IP it may use) are the guest's registration's; a guest registered without --mac is refused a card. A restored or received guest that had a card needs one here (its MAC travels with it).")
+    @Option(help: "Give the guest a network card on this host's tap interface: tap=NAME. The tap must exist already (e.g. ip tuntap add dev NAME mode tap; ip link set NAME master BRIDGE up): a missing one is refused, never created. Its MAC (and the IP it may use) are the guest's registration's; a guest registered without --mac is refused a card. A restored or received guest that had a card needs one here (its MAC travels with it).")
     var net: String?
 
     func validate() throws { _ = try tap() }

@@ -60,4 +60,12 @@ struct ExactBytesTests {
             .hostNotAllowed(guest: "web1", host: "\u{212A}host", allowed: ["Khost"]))
         #expect(try admitWeb1(f.store, host: "Khost").name == "web1")
     }
+
+    @Test("hexadecimal, which hashes and integrity codes are computed over, is two lower-case digits a byte, as printf's %02x")
+    func hexIsPrintfHex() {
+        let bytes = Data((0...255).map { UInt8($0) })
+        #expect(bytes.hex == bytes.map { String(format: "%02x", $0) }.joined())
+        #expect(Data().hex == "")
+        #expect(Data(hex: bytes.hex) == bytes)
+    }
 }

@@ -1,5 +1,6 @@
-import Testing
 import Devices
+import NetworkFrames
+import Testing
 
 /// Guest RAM as an array, with the same refusals as the machine's memory.
 final class ArrayMemory: DeviceMemory {
@@ -47,7 +48,7 @@ struct TestDriver {
     init() throws {
         let sent = Sent()
         self.sent = sent
-        device = VirtioNet(mac: MACAddress("52:54:00:12:34:56")!, bar0: Self.bar, memory: memory) { sent.frames.append($0) }
+        device = VirtioNet(mac: MACAddress(parsing: "52:54:00:12:34:56")!, bar0: Self.bar, memory: memory) { sent.frames.append($0) }
         bridge.attach(device, slot: Self.slot)
         try bus.insert(bridge, named: "PCI", base: UInt64(PCIHostBridge.base), length: PCIHostBridge.length)
         try bus.insert(device, named: "virtio-net", base: UInt64(Self.bar), length: UInt64(VirtioNet.registerSpace))
@@ -314,16 +315,16 @@ struct VirtioNetTests {
         let saved = d.device.saveState()
         #expect(saved.queues[0].lastAvailIndex == 1 && saved.queues[0].usedIndex == 1 && saved.pci.command == 1)
 
-        let copy = VirtioNet(mac: MACAddress("52:54:00:12:34:56")!, bar0: TestDriver.bar, memory: d.memory) { _ in }
+        let copy = VirtioNet(mac: MACAddress(parsing: "52:54:00:12:34:56")!, bar0: TestDriver.bar, memory: d.memory) { _ in }
         try copy.restoreState(saved)
         #expect(copy.saveState() == saved)
         copy.setHeld(false)
         #expect(copy.receive([8, 8]) == .delivered)
         #expect(d.usedElement(TestDriver.rxPFN, 1) == (1, 12))
 
-        let otherMAC = VirtioNet(mac: MACAddress("52:54:00:00:00:01")!, bar0: TestDriver.bar, memory: d.memory) { _ in }
+        let otherMAC = VirtioNet(mac: MACAddress(parsing: "52:54:00:00:00:01")!, bar0: TestDriver.bar, memory: d.memory) { _ in }
         #expect(throws: VirtioNetStateError.self) { try otherMAC.restoreState(saved) }
-        let otherBAR = VirtioNet(mac: MACAddress("52:54:00:12:34:56")!, bar0: 0xD000, memory: d.memory) { _ in }
+        let otherBAR = VirtioNet(mac: MACAddress(parsing: "52:54:00:12:34:56")!, bar0: 0xD000, memory: d.memory) { _ in }
         #expect(throws: VirtioNetStateError.self) { try otherBAR.restoreState(saved) }
     }
 }

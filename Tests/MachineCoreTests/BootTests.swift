@@ -1,4 +1,5 @@
 import Foundation
+import GuestMemory
 import Testing
 import TestSupport
 import KVM
@@ -97,6 +98,79 @@ struct BootTests {
         #expect(output.contains("dirtier pages=512"))
         #expect(output.contains("dirtier done passes=4"))
         #expect(exit == .exitPort(status: 0))
+    }
+
+    /// Boots the dirtier for `passes` and returns its output and the working set's pages.
+    private func dirtierPages(_ commandLine: String, pages: Int) throws -> (exit: MachineExit?, output: String, pages: [[UInt8]]) {
+        let capture = SerialCapture()
+        let machine = try bootMachine("dirtier.elf", MachineConfiguration(memorySize: 64 << 20, commandLine: commandLine),
+                                      serialOutput: capture.append)
+        machine.start()
+        let exit = machine.waitForExit(timeout: 300)
+        if exit == nil { machine.requestStop(); _ = machine.waitForExit() }
+        let set = try (0..<pages).map { try machine.memory.read(at: GuestAddress(0x400000 + UInt64($0) * 4096), count: 4096) }
+        return (exit, capture.text, set)
+    }
+
+    @Test("fill=random leaves every page of the set incompressible and unlike the others")
+    func dirtierRandomFill() throws {
+        let run = try dirtierPages("pages=32 passes=2 mark_us=0 fill=random touch=4", pages: 32)
+        #expect(run.exit == .exitPort(status: 0), "output: \(run.output)")
+        #expect(run.output.contains("fill=random touch=4"))
+        #expect(run.output.contains("dirtier filled 32 pages"))
+        for page in run.pages {
+            // 4096 random bytes take nearly every value; a page of words or text takes few.
+            #expect(Set(page).count > 200)
+        }
+        #expect(Set(run.pages).count == 32)
+    }
+
+    @Test("fill=text leaves text in every page of the set, each unlike the others")
+    func dirtierTextFill() throws {
+        let run = try dirtierPages("pages=32 passes=2 mark_us=0 fill=text touch=4", pages: 32)
+        #expect(run.exit == .exitPort(status: 0), "output: \(run.output)")
+        let text = Set(Array("abcdefghijklmnopqrstuvwxyz \n".utf8))
+        for page in run.pages {
+            #expect(page.allSatisfy(text.contains))
+            #expect(page.filter { $0 == UInt8(ascii: " ") }.count > 200)
+        }
+        #expect(Set(run.pages).count == 32)
+    }
+
+    @Test("store=byte sweeps one byte per page, the pass number, and nothing else")
+    func dirtierByteSweep() throws {
+        let run = try dirtierPages("pages=16 passes=3 mark_us=0 store=byte", pages: 16)
+        #expect(run.exit == .exitPort(status: 0), "output: \(run.output)")
+        #expect(run.output.contains("store=byte"))
+        for page in run.pages {
+            #expect(page[0] == 3)
+            #expect(page.dropFirst().allSatisfy { $0 == 0 })
+        }
+    }
+
+    @Test("report_ms prints the write rate when paced too")
+    func dirtierReportsWhenPaced() throws {
+        // Pacing and reports both count TSC ticks at the tsc_khz given, so 100 writes at 400/s
+        // span 250 ms of that clock, five 50 ms report periods, however fast the host is. A stall
+        // (the vCPU descheduled) folds periods into one report, so only one is required.
+        let run = try dirtierPages("pages=4 passes=25 rate=400 tsc_khz=1000000 mark_us=0 report_ms=50", pages: 4)
+        #expect(run.exit == .exitPort(status: 0), "output: \(run.output)")
+        let rates = run.output.split(separator: "\n").filter { $0.hasPrefix("rate=") }.compactMap { Int($0.dropFirst(5)) }
+        #expect(!rates.isEmpty, "output: \(run.output)")
+        #expect(rates.allSatisfy { $0 > 0 })
+    }
+
+    @Test("the dirtier refuses store=byte with a fill, and report_ms without tsc_khz, with status 2")
+    func dirtierRefusesBadModes() throws {
+        let byteFill = try runGuest("dirtier.elf", commandLine: "pages=4 passes=1 mark_us=0 store=byte fill=text")
+        #expect(byteFill.output.contains("store=byte writes one byte and needs fill=zero"))
+        #expect(byteFill.exit == .exitPort(status: 2))
+        let noClock = try runGuest("dirtier.elf", commandLine: "pages=4 passes=1 mark_us=0 report_ms=100")
+        #expect(noClock.output.contains("tsc_khz= is required"))
+        #expect(noClock.exit == .exitPort(status: 2))
+        let badFill = try runGuest("dirtier.elf", commandLine: "pages=4 passes=1 mark_us=0 fill=zip")
+        #expect(badFill.output.contains("bad value fill=zip"))
+        #expect(badFill.exit == .exitPort(status: 2))
     }
 
     @Test("the dirtier refuses a working set larger than its memory with status 2")

@@ -1,15 +1,16 @@
-import Foundation
-import Testing
 import Devices
+import Foundation
 import GuestMemory
 import MachineCore
+import NetworkFrames
 import TestSupport
+import Testing
 
 @Suite("netecho on a virtio-net card over a tap", .serialized,
        .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage),
        .enabled(if: TapInNamespace.available, TapInNamespace.skipMessage))
 struct NetworkTests {
-    static let mac = MACAddress("02:00:5e:10:00:01")!
+    static let mac = MACAddress(parsing: "02:00:5e:10:00:01")!
     static let port = 7007
     static let commandLine = "ip=\(TapInNamespace.guestAddress)/\(TapInNamespace.prefix) port=\(port)"
 
@@ -128,7 +129,7 @@ struct NetworkTests {
         let bare = try Machine(configuration: state.description.configuration, serialOutput: { _ in })
         #expect(throws: MachineError.self) { try bare.restoreState(state) }
         var other = state.description.configuration
-        other.network = NetworkConfiguration(mac: MACAddress("02:00:00:00:00:99")!.bytes, tap: net.tap)
+        other.network = NetworkConfiguration(mac: MACAddress(parsing: "02:00:00:00:00:99")!.bytes, tap: net.tap)
         let foreign = try net.attach { try Machine(configuration: other, serialOutput: { _ in }) }
         #expect(throws: (any Error).self) { try foreign.restoreState(state) }
     }

@@ -53,7 +53,10 @@ final class FakeDestination: MigrationDestinationVM {
     let memory: GuestMemory
     private struct Record { var vcpu: [UInt8] = []; var devices: [UInt8] = []; var signature: [UInt8]?; var digest: [UInt8] = []; var started = false; var discarded = false; var postCopyServers = 0; var lost: String? }
     private let record = Mutex(Record())
-    init(memory: GuestMemory) { self.memory = memory }
+    /// What it says of its announcement after the start (nil: as a guest without a card).
+    let announce: AnnounceReport?
+    init(memory: GuestMemory, announce: AnnounceReport? = nil) { self.memory = memory; self.announce = announce }
+    var announceSoFar: AnnounceReport? { announce }
     func applyState(vcpu: [UInt8], devices: [UInt8]) throws { record.withLock { $0.vcpu = vcpu; $0.devices = devices } }
     func verifyState(signature: [UInt8]?, digest: [UInt8]) throws {
         record.withLock { $0.signature = signature; $0.digest = digest }
@@ -129,6 +132,27 @@ struct ProtocolTests {
                     "page \(page) differs")
         }
         #expect(report.pagesPerRound.count >= 2)
+    }
+
+    @Test("the destination's announcement as it stood at RUNNING (schedule, first round) reaches the source's report; without one the report has none")
+    func announceInRunning() throws {
+        let told = AnnounceReport(state: .sending, schedule: .init(rounds: 5, initialMs: 50, stepMs: 100, maxMs: 550),
+                                  plannedMs: [0, 50, 200, 450, 800], sentMs: [0.25], framesPerRound: 2, framesSent: 2)
+        for announce in [told, nil] {
+            let memory = try Self.sourceMemory()
+            let (sourceEnd, destinationEnd) = InMemoryTransport.pair(authenticated: ("src", "dst"))
+            let run = ReceiverRun(destinationEnd) { _ in FakeDestination(memory: try GuestMemory(size: 1 << 20), announce: announce) }
+            let report = PreCopySender(vm: FakeSource(memory: memory, dirtyRounds: [[]]), settings: Self.settings()).run { sourceEnd }
+            #expect(report.outcome == .completed, "\(report.error ?? "")")
+            #expect(report.destinationAnnounce == announce)
+            _ = run.wait()
+            let json = String(decoding: try JSONEncoder().encode(report), as: UTF8.self)
+            #expect(json.contains("\"destination_announce\"") == (announce != nil), "\(json)")
+        }
+        // An older destination's RUNNING has no announcement: it still reads.
+        #expect(try WireMessage.decode(Array(#"{"kind":"running","resumedAt":12.5}"#.utf8)) == .running(resumedAt: 12.5, announce: nil, phases: nil))
+        let roundTrip = WireMessage.running(resumedAt: 3, announce: told, phases: nil)
+        #expect(try WireMessage.decode(roundTrip.encoded()) == roundTrip)
     }
 
     @Test("a refused admission fails the migration before any page is sent, and the source never pauses")

@@ -1,3 +1,4 @@
+import Foundation
 import NetworkFrames
 import Testing
 
@@ -72,6 +73,17 @@ struct AddressTests {
         #expect(IPv4Address(parsing: "10.200.1.5") == guestIP && guestIP.description == "10.200.1.5")
         for bad in ["", "10.200.1", "10.200.1.5.6", "10.200.1.256", "10..1.5", "10.200.1.+5", "10.200.1.0005", " 10.200.1.5"] {
             #expect(IPv4Address(parsing: bad) == nil, "\(bad)")
+        }
+    }
+
+    @Test("a MAC is saved as its text and read back only from a valid spelling (saved device state comes from files and peers)")
+    func macCodable() throws {
+        struct Saved: Codable, Equatable { var mac: MACAddress }
+        let data = try JSONEncoder().encode(Saved(mac: guestMAC))
+        #expect(String(decoding: data, as: UTF8.self) == #"{"mac":"52:54:00:12:34:56"}"#)
+        #expect(try JSONDecoder().decode(Saved.self, from: data) == Saved(mac: guestMAC))
+        for bad in [#"{"mac":"52:54:00:12:34"}"#, #"{"mac":"zz:54:00:12:34:56"}"#, #"{"mac":[82,84,0,18,52,86]}"#] {
+            #expect(throws: DecodingError.self, "\(bad)") { try JSONDecoder().decode(Saved.self, from: Data(bad.utf8)) }
         }
     }
 }

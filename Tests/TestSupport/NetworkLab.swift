@@ -84,13 +84,19 @@ public final class NetworkLab: @unchecked Sendable {
         try ip(["-n", namespace, "addr", "add", cidr, "dev", interface])
     }
 
-    /// Opens a tap `name` inside `namespace` (it lives as long as the returned device), makes it
-    /// a port of `bridge` there and brings it up.
-    public func tap(_ name: String, in namespace: String, bridge: String?) throws -> TapDevice {
-        let tap = try inside(namespace) { try TapDevice(name: name) }
+    /// Makes a persistent tap `name` inside `namespace` (it lives until the namespace goes), a
+    /// port of `bridge` there when one is given, and up: what an administrator does before a
+    /// VMM may attach to it.
+    public func persistentTap(_ name: String, in namespace: String, bridge: String? = nil) throws {
+        try ip(["-n", namespace, "tuntap", "add", "dev", name, "mode", "tap"])
         if let bridge { try ip(["-n", namespace, "link", "set", "dev", name, "master", bridge]) }
         try ip(["-n", namespace, "link", "set", "dev", name, "up"])
-        return tap
+    }
+
+    /// Makes tap `name` inside `namespace` (`persistentTap`) and opens it.
+    public func tap(_ name: String, in namespace: String, bridge: String?) throws -> TapDevice {
+        try persistentTap(name, in: namespace, bridge: bridge)
+        return try inside(namespace) { try TapDevice(name: name) }
     }
 
     /// A capture of every frame `interface` of `namespace` sends or receives.

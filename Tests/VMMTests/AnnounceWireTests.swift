@@ -1,4 +1,5 @@
 import Foundation
+import Migration
 import NetworkFrames
 import SystemCalls
 import Testing
@@ -64,9 +65,11 @@ struct AnnounceWireTests {
                                   mac: mac, ip: nil) { _ in count.add() }
         announcer.start()
         #expect(waitUntil(5) { announcer.sentMs.count == 1 })
+        #expect(announcer.report.state == .sending)
         announcer.cancel()
         #expect(announcer.waitUntilFinished(timeout: 10))
         #expect(count.value == 1 && announcer.sentMs.count == 1)
+        #expect(announcer.report.state == .cancelled && announcer.report.framesSent == 1)
     }
 
     @Test("zero rounds sends nothing and is finished at once")
@@ -74,6 +77,26 @@ struct AnnounceWireTests {
         let announcer = Announcer(schedule: .off, mac: mac, ip: ip) { _ in Issue.record("sent with rounds 0") }
         announcer.start()
         #expect(announcer.isFinished && announcer.sentMs.isEmpty)
+        #expect(announcer.report == AnnounceReport(state: .off, schedule: .init(rounds: 0, initialMs: 50, stepMs: 100, maxMs: 550),
+                                                   plannedMs: [], framesPerRound: 2))
+    }
+
+    @Test("the first round is out before start returns (so RUNNING can carry it); a frame the tap refuses is counted with its error and the rest of the round still goes")
+    func refusedFramesCounted() {
+        struct Refused: Error, CustomStringConvertible { var description: String { "the tap refused a RARP" } }
+        let sent = Counter()
+        let announcer = Announcer(schedule: AnnounceSchedule(initialMs: 1, stepMs: 1, rounds: 3, maxMs: 10), mac: mac, ip: ip) { frame in
+            if EthernetFrame(frame)?.etherType == EtherType.rarp { throw Refused() }
+            sent.add()
+        }
+        announcer.start()
+        let first = announcer.report
+        #expect(first.sentMs.count >= 1 && first.framesSent >= 1 && first.errors >= 1, "\(first)")
+        #expect(announcer.waitUntilFinished(timeout: 10))
+        let report = announcer.report
+        #expect(report.state == .finished && report.sentMs.count == 3 && report.plannedMs == [0, 1, 3], "\(report)")
+        #expect(report.framesPerRound == 2 && report.framesSent == 3 && report.errors == 3 && sent.value == 3)
+        #expect(report.lastError == "the tap refused a RARP")
     }
 }
 

@@ -440,7 +440,7 @@ struct BillboardMigrationTests {
         let socketB = temporaryPath("dst") + ".sock"
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--api-socket", socketB] + b.storeArguments,
                                          socket: socketB)
-        usleep(300_000)
+        #expect(destination.waitUntilListening(), "vmm receive did not listen: \(destination.errorText)")
 
         // Neither host has enrolled the other: the TLS handshake fails, no guest byte moves.
         let u = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "hostB", "--api-socket", source.socket, "--quiet"])
@@ -487,7 +487,7 @@ struct BillboardMigrationTests {
         let socketB = temporaryPath("dst") + ".sock"
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--api-socket", socketB,
                                           "--scan-interval", "0.2"] + store.storeArguments, socket: socketB)
-        usleep(300_000)
+        #expect(destination.waitUntilListening(), "vmm receive did not listen: \(destination.errorText)")
         let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "upgrade", "--api-socket", socket, "--quiet"])
         #expect(m.status == 0, "\(m.stdout)\(m.stderr)")
         #expect(source.wait() == 0)
@@ -510,7 +510,7 @@ extension BillboardMigrationTests {
         let port = try freePort()
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--inject-fault", "close-after-go",
                                           "--lease-timeout", "2"] + store.storeArguments, socket: "")
-        usleep(300_000)
+        #expect(destination.waitUntilListening(), "vmm receive did not listen: \(destination.errorText)")
         let m = try runVMM(["ctl", "migrate", "127.0.0.1:\(port)", "--peer", "doubt", "--api-socket", source.socket, "--quiet"])
         #expect(m.status != 0)
         #expect(try source.call(.GET, "/vm/migration").json?["phase"] as? String == "inDoubt" ||

@@ -227,6 +227,9 @@ struct ControlAPIHardeningTests {
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"peer\": \"p\", \"max_bandwidth\": -1}", "max_bandwidth"),
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"carrier-pigeon\"}", "transport"),
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"timeout_s\": 1e300}", "timeout_s"),
+                                   ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"postcopy\": true, \"postcopy_after_rounds\": \"soon\"}", "postcopy_after_rounds"),
+                                   ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"postcopy\": true, \"postcopy_after_rounds\": 1001}", "or \"never\""),
+                                   ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"postcopy_on_stall\": true}", "add \"postcopy\": true"),
                                    ("/vm/resume", String(repeating: "[", count: 60_000), "not a JSON object")] {
             let reply = try vmm.call(.PUT, path, body)
             #expect(reply.status == 400, "\(path) \(body.prefix(80)): \(reply.status) \(reply.body)")

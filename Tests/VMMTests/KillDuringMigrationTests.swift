@@ -39,7 +39,7 @@ struct KillDuringMigrationTests {
         let destinationSocket = temporaryPath("kill-dst") + ".sock"
         let destination = try VMMProcess(["receive", "--listen", "127.0.0.1:\(port)", "--api-socket", destinationSocket,
                                           "--listen-timeout", "30"] + store.storeArguments + leaseTimeout, socket: destinationSocket)
-        usleep(300_000)
+        #expect(destination.waitUntilListening(), "vmm receive did not listen: \(destination.errorText)")
         // A bandwidth cap stretches the migration so that a kill can land in any phase.
         let start = try source.call(.PUT, "/vm/migrate",
                                     "{\"destination\": \"127.0.0.1:\(port)\", \"peer\": \"\(store.host)\", \"max_bandwidth\": 5000000, \"timeout_s\": 20}")

@@ -2,6 +2,7 @@ import Billboard
 import Foundation
 import MachineCore
 import NetworkFrames
+import SystemCalls
 import Testing
 import TestSupport
 import VMM
@@ -27,10 +28,13 @@ struct NetworkBillboardTests {
         return try lab.inside(namespace, make)
     }
 
-    /// A lab with one namespace for the cards' taps.
+    /// A lab with one namespace for the cards' taps, which are made there first (a VMM attaches
+    /// only to a tap that exists).
     static func tapNamespace() throws -> (NetworkLab, String) {
         let lab = try NetworkLab()
-        return (lab, try lab.namespace("cards"))
+        let namespace = try lab.namespace("cards")
+        for tap in ["tap0", "tap-honest", "tap-spoof"] { try lab.persistentTap(tap, in: namespace) }
+        return (lab, namespace)
     }
 
     func entries(_ event: String, guest: String) throws -> [AuditEntry] {
@@ -116,6 +120,33 @@ struct NetworkBillboardTests {
         #expect(guest.egressPolicy?.ip == nil)
     }
 
+    @Test("a card on a tap that does not exist is refused, naming the tap and how to make it; nothing is created, and the lease goes back",
+          .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
+    func missingTapIsRefused() throws {
+        let lab = try Self.tapNamespace()
+        defer { lab.0.close() }
+        let hosts = try localHosts()
+        var c = Self.counter
+        c.commandLine! += " note=missingtap"
+        let image = try Fixtures.guestBytes("counter.elf")
+        let name = try hosts.register(image, c, mac: "52:54:00:c8:00:08")
+        let boot = { (tap: String) in
+            try lab.0.inside(lab.1) { [c] in
+                try GuestDoors.boot(image: image, name: name, configuration: c, tap: tap, store: hosts.source,
+                                    settings: hosts.settings, log: { _ in }, serialOutput: { _ in })
+            }
+        }
+        let error = #expect(throws: TapError.self) { _ = try boot("tap-nowhere") }
+        #expect(error?.reason == .missing)
+        #expect(error?.description.contains("there is no tap 'tap-nowhere'") == true && error?.description.contains("ip tuntap add") == true,
+                "\(error?.description ?? "")")
+        #expect(throws: LabError.self) { try lab.0.ip(["-n", lab.1, "link", "show", "dev", "tap-nowhere"]) }
+        // The refused boot gave its lease back: the guest boots on a tap that exists.
+        let guest = try boot("tap0")
+        defer { guest.end() }
+        #expect(guest.configuration.network?.tap == "tap0")
+    }
+
     @Test("without a card no frame leaves and nothing is announced; with one, the announcement carries the registered MAC and IP",
           .enabled(if: KVMAvailability.present, KVMAvailability.skipMessage), .enabled(if: NetworkLab.isAvailable, NetworkLab.skipMessage))
     func announceThroughTheGuest() throws {
@@ -149,7 +180,7 @@ struct NetworkBillboardTests {
         }
     }
 
-    @Test("vmm run --net names only a tap, and a guest registered without a MAC is refused a card")
+    @Test("vmm run --net names only a tap, and a guest registered without a MAC is refused a card; vmm receive takes --no-announce or --announce-rounds, not both")
     func cliNet() throws {
         let image = try Fixtures.guest("counter.elf")
         let args = try billboard().register(image, cmdline: "count=0 ticks=400000 note=clinet")
@@ -157,6 +188,10 @@ struct NetworkBillboardTests {
         #expect(r.status == 1 && r.stderr.contains("registered without a MAC address"), "\(r.stderr)")
         let bad = try runVMM(["run", image, "--net", "mac=52:54:00:00:00:01"] + args)
         #expect(bad.status != 0 && bad.stderr.contains("--net takes tap=NAME"), "\(bad.stderr)")
+        let both = try runVMM(["receive", "--listen", "127.0.0.1:0", "--no-announce", "--announce-rounds", "3"] + args)
+        #expect(both.status == 64 && both.stderr.contains("--no-announce and --announce-rounds 3 contradict each other"), "\(both.stderr)")
+        let help = try runVMM(["receive", "--help"])
+        #expect(help.stdout.contains("--no-announce") && help.stdout.contains("--announce-rounds"), "\(help.stdout)")
     }
 }
 

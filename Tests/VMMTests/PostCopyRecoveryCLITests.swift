@@ -133,8 +133,10 @@ struct PostCopyRecoveryCLITests {
 
     func json(_ vmm: VMMProcess, _ path: String) -> [String: Any]? { try? vmm.call(.GET, path).json }
     func phase(_ vmm: VMMProcess) -> String? { json(vmm, "/vm/migration")?["phase"] as? String }
+    /// The destination's post-copy phase, from its arrival report.
     func incomingPhase(_ vmm: VMMProcess) -> String? {
-        (json(vmm, "/vm/migration")?["incoming"] as? [String: Any])?["phase"] as? String
+        let incoming = json(vmm, "/vm/migration")?["incoming"] as? [String: Any]
+        return (incoming?["postcopy_state"] as? [String: Any])?["phase"] as? String
     }
 
     /// Post-copy after one round, which the bandwidth cap stretches over a few seconds, so that the

@@ -164,3 +164,10 @@ func waitUntil(_ timeout: Double, _ condition: () throws -> Bool) rethrows -> Bo
     }
     return try condition()
 }
+
+extension VMMProcess {
+    /// Waits until `vmm receive` says it listens (a fixed sleep is too short on a loaded machine).
+    func waitUntilListening(timeout: Double = 60) -> Bool {
+        waitUntil(timeout) { errorText.contains("vmm: listening on") || !process.isRunning } && process.isRunning
+    }
+}

@@ -19,10 +19,24 @@ int csystemcalls_o_path(void);
 int csystemcalls_renameat_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
 
 /// TUNSETIFF with IFF_TAP | IFF_NO_PI on an open /dev/net/tun: attaches `fd` to the tap
-/// interface `name` (created if absent, in the calling thread's network namespace). The
-/// kernel's name for it (at most 15 bytes and a NUL) goes to `actual` (16 bytes).
-/// Returns -1 with errno set on failure (a name of 16 bytes or more: ENAMETOOLONG).
+/// interface `name` (the kernel creates it if absent, in the calling thread's network
+/// namespace; `TapDevice` checks first that it exists). The kernel's name for it (at most 15
+/// bytes and a NUL) goes to `actual` (16 bytes). Returns -1 with errno set on failure (a name
+/// of 16 bytes or more: ENAMETOOLONG; an interface of that name that is not such a tap:
+/// EINVAL; a tap another process has attached: EBUSY).
 int csystemcalls_tun_set_tap(int fd, const char *name, char *actual);
+
+/// TUNGETIFF on an attached /dev/net/tun descriptor: the interface's flags (IFF_TAP,
+/// IFF_NO_PI, IFF_PERSIST, ...), and its name into `name` (16 bytes). -1 with errno set.
+int csystemcalls_tun_get_flags(int fd, char *name);
+
+/// <linux/if_tun.h>'s IFF_TAP and IFF_NO_PI (that header is included only by the C file).
+int csystemcalls_tun_flag_tap(void);
+int csystemcalls_tun_flag_no_pi(void);
+
+/// if_nametoindex(3): the index of interface `name` in the calling thread's network namespace,
+/// or -1 with errno set (no such interface: ENODEV).
+int csystemcalls_interface_index(const char *name);
 
 /// setns(fd, CLONE_NEWNET): moves the calling thread into the network namespace `fd` names.
 int csystemcalls_setns_net(int fd);
@@ -56,5 +70,9 @@ unsigned long long csystemcalls_uffd_pagefault_flag_write(void);
 int csystemcalls_uffd_msg_size(void);
 int csystemcalls_uffd_msg_pagefault_flags_offset(void);
 int csystemcalls_uffd_msg_pagefault_address_offset(void);
+
+/// pthread_setname_np on the calling thread: the name the kernel shows for it
+/// (/proc/PID/task/TID/comm), at most 15 bytes. Returns 0 or an errno value.
+int csystemcalls_name_this_thread(const char *name);
 
 #endif
