@@ -689,14 +689,12 @@ final class PageService: @unchecked Sendable {
         server = PostCopyPageServer(memory: memory, missing: missing.words)
         transport = channel.transport
         box = ChannelBox(channel)
-        let thread = Thread { [self] in
+        startNamedThread("postcopy-pages") { [self] in
             do { try server.serve(reader: &box.reader, writer: &box.writer) } catch {
                 state.withLock { $0.error = "\(error)" }
             }
             done.signal()
         }
-        thread.name = "postcopy-pages"
-        thread.start()
     }
 
     /// Why the channel ended, if it failed.
