@@ -98,7 +98,7 @@ let package = Package(
         ),
         // Shared by the test targets that boot guests (not a test target itself).
         .target(name: "TestSupport", dependencies: ["KVM", "SystemCalls"], path: "Tests/TestSupport"),
-        .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls"]),
+        .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "TestSupport"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
         .testTarget(name: "PageFaultsTests", dependencies: ["PageFaults", "GuestMemory", "SystemCalls"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),

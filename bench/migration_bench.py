@@ -55,8 +55,8 @@ REPORT_MS = 100
 FILL_TIMEOUT_S = 300
 # QEMU's max-bandwidth defaults to 128 MiB/s; "unlimited" is spelled as 1 TiB/s.
 QEMU_UNLIMITED_BANDWIDTH = 1 << 40
-# Our auto-converge: 20 % from the third round on, +10 % per round, at most 99 %.
-# QEMU is given the same numbers explicitly.
+# QEMU's auto-converge throttle, given explicitly (its defaults are 20/10/99 too). Ours sizes its
+# throttle from the dirty/link ratio once the rounds stall (docs/migration.md).
 THROTTLE_INITIAL, THROTTLE_INCREMENT, THROTTLE_MAX = 20, 10, 99
 
 # name -> (label, dirtier pages, dirtier rate in pages/s, x label for the plot)
@@ -564,8 +564,9 @@ class OurVMM:
         cmd += ["--peer", BILLBOARD.host] if tls else ["--insecure-plaintext"]
         cmd += ["--max-downtime-ms", str(downtime_ms), "--max-bandwidth", "0",
                 "--timeout", str(self.timeout), "--quiet"]
-        if auto_converge:
-            cmd.append("--auto-converge")
+        # Each system with its own convergence defaults (issue #14): ours `adaptive`, QEMU none;
+        # in the auto-converge setting ours throttles (`throttle`) and QEMU auto-converges.
+        cmd += ["--convergence", "throttle" if auto_converge else "adaptive"]
         if postcopy:
             cmd += ["--postcopy", "--postcopy-after-rounds", str(POSTCOPY_AFTER_ROUNDS)]
         rec["command"] = " ".join(cmd)
@@ -2034,8 +2035,9 @@ def config_title(case, limit, ac):
     if case != NET_CASE and not dirtier_options(case)["mark_us"]:
         note = (" [no serial marks in this case: no observed downtime or mark gaps; downtime only as each "
                 "system reports it; no rate reports either]")
-    return "%s, downtime limit %g ms%s, auto-converge %s%s" % (CASES[case][0], limit, qemu_limit,
-                                                              "on" if ac else "off", note)
+    policy = ("auto-converge on (ours: convergence throttle)" if ac
+              else "auto-converge off (ours: its default convergence, adaptive; QEMU: its default, none)")
+    return "%s, downtime limit %g ms%s, %s%s" % (CASES[case][0], limit, qemu_limit, policy, note)
 
 
 def systems_title(systems):
@@ -2365,11 +2367,13 @@ def main():
                         "from just before the migration starts to just after it ends, from /proc/PID/task/*/schedstat "
                         "and stat (bench/cpu_cost.py); vCPU threads by name (QEMU `CPU n/KVM` with -name "
                         "...,debug-threads=on) or by a kernel stack inside kvm_arch_vcpu_ioctl_run (ours: every "
-                        "thread is named `vmm` at the kernel level); divided by the guest memory in GiB",
+                        "vCPU thread is `vcpuN`, and a build older than that, whose threads were all `vmm`, is "
+                        "recognised by the stack); divided by the guest memory in GiB",
             "wire_per_memory": "ours bytes_sent / memory_bytes of the migration report; QEMU ram.transferred / ram.total",
             "systems": systems,
-            "ours": "vmm ctl migrate --max-bandwidth 0 --max-downtime-ms L [--auto-converge] --timeout T "
-                    "(auto-converge: 20%% from the third round, +10%%/round, max 99%%)",
+            "ours": "vmm ctl migrate --max-bandwidth 0 --max-downtime-ms L --convergence adaptive|throttle "
+                    "--timeout T (auto-converge off: our default policy, adaptive; on: throttle, sized from the "
+                    "dirty/link ratio once the rounds stall)",
             "ours_tls": "vmm receive (no --insecure-plaintext) and vmm ctl migrate --peer %s: mutually "
                         "authenticated TLS 1.3 between the host keys of the run's billboard" % BILLBOARD.host,
             "ours_plain": "--insecure-plaintext on vmm receive and vmm ctl migrate",
@@ -2523,8 +2527,8 @@ def main():
             f.write("\nCPU: user + system seconds of the source and destination processes outside their vCPU "
                     "threads, from the migration's start to its end, read from /proc/PID/task/*/ (bench/cpu_cost.py), "
                     "divided by the guest's memory in GiB. vCPU threads: QEMU's by name (`CPU n/KVM`, "
-                    "`-name ...,debug-threads=on`); ours by their kernel stack inside KVM_RUN (ours are all named "
-                    "`vmm` at the kernel level). Bytes on wire / guest memory: ours `bytes_sent / memory_bytes` "
+                    "`-name ...,debug-threads=on`); ours by name too (`vcpuN`), or, for a build whose threads were all "
+                    "`vmm` at the kernel level, by their kernel stack inside KVM_RUN. Bytes on wire / guest memory: ours `bytes_sent / memory_bytes` "
                     "of its report, QEMU `ram.transferred / ram.total`. Guest page writes achieved: the dirtier's "
                     "own `rate=` reports every %d ms (2 s before, and during the migration). The filled cases "
                     "(fill=random|text) start measuring after the dirtier's fill; the hot sweep (store=byte, "

@@ -14,6 +14,13 @@ enum MigrationRoutes {
         guard fields.object["destination"] != nil else {
             throw APIError(.badRequest, "give the destination as {\"destination\": \"HOST:PORT\"}")
         }
+        if let conflict = MigrationSettings.convergenceConflict(convergence: fields.object["convergence"] as? String,
+                                                                 autoConverge: fields.object["auto_converge"] as? Bool) {
+            throw APIError(.badRequest, conflict)
+        }
+        if let mode = fields.object["convergence"], (mode as? String).flatMap(ConvergenceMode.init(rawValue:)) == nil {
+            throw APIError(.badRequest, "\"convergence\" takes off, throttle or adaptive (the default), not \(mode)")
+        }
         let settings = try fields.decode(MigrationSettings.self)
         struct Wait: Decodable { var wait: Bool? }
         let wait = try fields.decode(Wait.self).wait ?? false

@@ -104,10 +104,14 @@ public struct ConvergenceEstimator: Sendable {
     public init(parameters: Parameters) { self.parameters = parameters }
     public init(maxDowntimeMs: Double) { self.init(parameters: Parameters(maxDowntimeMs: maxDowntimeMs)) }
 
+    /// Pages a policy holds back for the final round (written in consecutive rounds): not in
+    /// any round's figures, but the final round must send them.
+    public var heldPages = 0
+
     public mutating func record(_ round: RoundFigures) { rounds.append(round) }
 
-    /// Pages left for the next (or final) round.
-    public var pagesLeft: Int { rounds.last?.pagesDirtied ?? 0 }
+    /// Pages left for the next (or final) round, held ones included.
+    public var pagesLeft: Int { (rounds.last?.pagesDirtied ?? 0) + heldPages }
 
     /// Bytes per second the link carried over the recent rounds large enough to measure it;
     /// when there are none, the best any round managed (small rounds underestimate the link).
@@ -219,11 +223,19 @@ public struct ConvergenceFigures: Codable, Sendable, Equatable {
     public var dirtyRatePagesPerSecond: Double?
     public var dirtyToLinkRatio: Double?
     public var predictedFinalRoundMs: Double?
+    /// The policy (absent in figures the estimator alone made), what it did, round by round,
+    /// the throttle it left on at the end of pre-copy and the pages it held for the final round.
+    public var policy: ConvergenceMode?
+    public var actions: [ConvergenceAction]?
+    public var throttlePercent: Int?
+    public var hotPagesHeld: Int?
 
     public init() {}
 
     enum CodingKeys: String, CodingKey {
-        case verdict, stall, reason
+        case verdict, stall, reason, policy, actions
+        case throttlePercent = "throttle_percent"
+        case hotPagesHeld = "hot_pages_held"
         case linkRateBytesPerSecond = "link_rate_bytes_per_s"
         case dirtyRatePagesPerSecond = "dirty_rate_pages_per_s"
         case dirtyToLinkRatio = "dirty_to_link_ratio"

@@ -19,7 +19,14 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
     public var maxDowntimeMs: Double = 300
     /// Bytes per second; 0 = unlimited.
     public var maxBandwidth: UInt64 = 0
-    public var autoConverge: Bool = false
+    /// What pre-copy does when its rounds stop shrinking: see `ConvergenceMode`.
+    public var convergence: ConvergenceMode = .adaptive
+    /// The old spelling of `convergence: throttle` (`auto_converge: true`); false leaves the
+    /// policy as `convergence` says.
+    public var autoConverge: Bool {
+        get { convergence == .throttle }
+        set { convergence = newValue ? .throttle : .adaptive }
+    }
     public var timeoutSeconds: Double = 60
     /// Post-copy: the migration may switch the guest to the destination before all its pages
     /// moved, and the rest follow (pushed, and pulled on fault). It switches after
@@ -40,7 +47,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
     public var resume: Bool = false
 
     public init(destination: String, peer: String? = nil, transport: TransportKind = .tls, maxDowntimeMs: Double = 300,
-                maxBandwidth: UInt64 = 0, autoConverge: Bool = false, timeoutSeconds: Double = 60,
+                maxBandwidth: UInt64 = 0, autoConverge: Bool = false, convergence: ConvergenceMode? = nil, timeoutSeconds: Double = 60,
                 postcopy: Bool = false, postcopyAfterRounds: Int? = 1, postcopyOnStall: Bool = false, resume: Bool = false) {
         self.resume = resume
         self.postcopy = postcopy
@@ -51,8 +58,14 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         self.transport = transport
         self.maxDowntimeMs = maxDowntimeMs
         self.maxBandwidth = maxBandwidth
-        self.autoConverge = autoConverge
+        self.convergence = convergence ?? (autoConverge ? .throttle : .adaptive)
         self.timeoutSeconds = timeoutSeconds
+    }
+
+    /// Why a `convergence` and `auto_converge` given together are refused, or nil.
+    public static func convergenceConflict(convergence: String?, autoConverge: Bool?) -> String? {
+        guard autoConverge == true, let convergence, convergence != ConvergenceMode.throttle.rawValue else { return nil }
+        return "auto_converge: true is the old spelling of \"convergence\": \"throttle\" and contradicts \"convergence\": \"\(convergence)\"; give only \"convergence\""
     }
 
     /// How `postcopy_after_rounds` spells "no switch by count".
@@ -63,6 +76,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         case maxDowntimeMs = "max_downtime_ms"
         case maxBandwidth = "max_bandwidth"
         case autoConverge = "auto_converge"
+        case convergence
         case timeoutSeconds = "timeout_s"
         case postcopy
         case postcopyAfterRounds = "postcopy_after_rounds"
@@ -77,7 +91,20 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         transport = try c.decodeIfPresent(TransportKind.self, forKey: .transport) ?? .tls
         maxDowntimeMs = try c.decodeIfPresent(Double.self, forKey: .maxDowntimeMs) ?? 300
         maxBandwidth = try c.decodeIfPresent(UInt64.self, forKey: .maxBandwidth) ?? 0
-        autoConverge = try c.decodeIfPresent(Bool.self, forKey: .autoConverge) ?? false
+        let autoConverge = try c.decodeIfPresent(Bool.self, forKey: .autoConverge)
+        let mode = try c.decodeIfPresent(String.self, forKey: .convergence)
+        if let conflict = Self.convergenceConflict(convergence: mode, autoConverge: autoConverge) {
+            throw DecodingError.dataCorruptedError(forKey: .convergence, in: c, debugDescription: conflict)
+        }
+        if let mode {
+            guard let known = ConvergenceMode(rawValue: mode) else {
+                throw DecodingError.dataCorruptedError(forKey: .convergence, in: c, debugDescription:
+                    "'\(mode)' is no convergence policy: give off, throttle or adaptive (the default)")
+            }
+            convergence = known
+        } else {
+            convergence = autoConverge == true ? .throttle : .adaptive
+        }
         timeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .timeoutSeconds) ?? 60
         postcopy = try c.decodeIfPresent(Bool.self, forKey: .postcopy) ?? false
         postcopyOnStall = try c.decodeIfPresent(Bool.self, forKey: .postcopyOnStall) ?? false
@@ -103,6 +130,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         try c.encode(maxDowntimeMs, forKey: .maxDowntimeMs)
         try c.encode(maxBandwidth, forKey: .maxBandwidth)
         try c.encode(autoConverge, forKey: .autoConverge)
+        try c.encode(convergence, forKey: .convergence)
         try c.encode(timeoutSeconds, forKey: .timeoutSeconds)
         try c.encode(postcopy, forKey: .postcopy)
         if let postcopyAfterRounds { try c.encode(postcopyAfterRounds, forKey: .postcopyAfterRounds) } else {

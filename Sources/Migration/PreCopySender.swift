@@ -298,6 +298,12 @@ public final class PreCopySender: Sendable {
         // Logging is already on, so a page first written after this check is caught by the next round.
         var pending = vm.memory.possiblyNonZeroPages() ?? DirtyBitmap.all(pageCount: vm.memory.pageCount)
         var estimator = ConvergenceEstimator(maxDowntimeMs: settings.maxDowntimeMs)
+        var policy = ConvergencePolicy(mode: settings.convergence, maxDowntimeMs: settings.maxDowntimeMs)
+        // Pages held for the final round (adaptive): neither sent nor re-protected until then,
+        // always part of `pending`. `hot`: pages written in each of the last two rounds.
+        var held = DirtyBitmap(pageCount: vm.memory.pageCount)
+        var hot = DirtyBitmap(pageCount: vm.memory.pageCount)
+        var previouslyDirtied: DirtyBitmap?
         var round = 0
         var extraRounds = 0
         // A number of rounds is a promise: the switch comes after exactly that many, and
@@ -308,6 +314,12 @@ public final class PreCopySender: Sendable {
         var trigger: PostCopySwitch?
         var stall: ConvergenceStall?
         var midRound = false
+        func recordPolicy() {
+            run.report.convergence?.policy = policy.mode
+            run.report.convergence?.actions = policy.actions
+            run.report.convergence?.throttlePercent = policy.throttlePercent
+            run.report.convergence?.hotPagesHeld = held.count
+        }
         while true {
             if settings.postcopy {
                 if switchIsRequested { trigger = .requested; break }
@@ -315,12 +327,26 @@ public final class PreCopySender: Sendable {
             }
             let roundStart = monotonicMilliseconds()
             let before = run.writer.bytesWritten
-            let (sent, interruption) = try sendPages(pending, writer: &run.writer, rearm: round > 0, report: &run.report,
-                                                     counts: &run.sent, t0: run.t0, interrupt: interrupt)
+            // Hot pages go last in the round (read as late as possible, so fewer are written
+            // again before it ends); held ones not at all.
+            let sendable = pending.subtracting(held)
+            let hotPart = policy.hotLast ? sendable.intersection(hot) : DirtyBitmap(pageCount: pending.pageCount)
+            var sent = 0
+            var interruption: Interruption?
+            for (index, part) in [sendable.subtracting(hotPart), hotPart].enumerated() where interruption == nil && !part.isEmpty {
+                let result = try sendPages(part, writer: &run.writer, rearm: round > 0, report: &run.report,
+                                           counts: &run.sent, t0: run.t0, interrupt: interrupt)
+                sent += result.sent
+                if var stopped = result.interrupted {
+                    if index == 0 { stopped.unsent.formUnion(hotPart) }
+                    interruption = stopped
+                }
+            }
             run.report.pagesPerRound.append(sent)
-            if let interruption {
-                // What this round did not send stays missing; what was dirtied after it was sent
-                // is collected at the switch.
+            if var interruption {
+                // What this round did not send stays missing (held pages too); what was dirtied
+                // after it was sent is collected at the switch.
+                interruption.unsent.formUnion(held)
                 pending = interruption.unsent
                 trigger = interruption.trigger
                 midRound = true
@@ -332,12 +358,18 @@ public final class PreCopySender: Sendable {
                 break
             }
             let seconds = max((monotonicMilliseconds() - roundStart) / 1000, 1e-6)
-            pending = try vm.dirtyTracker.collect()
+            let dirtied = try vm.dirtyTracker.collect().subtracting(held)
+            if let previouslyDirtied { hot = dirtied.intersection(previouslyDirtied) }
+            previouslyDirtied = dirtied
+            pending = dirtied
+            pending.formUnion(held)
+            estimator.heldPages = held.count
             estimator.record(RoundFigures(pagesSent: sent, bytesSent: run.writer.bytesWritten - before, seconds: seconds,
-                                          pagesDirtied: pending.count))
+                                          pagesDirtied: dirtied.count))
             let elapsed = (monotonicMilliseconds() - run.t0) / 1000
             let verdict = estimator.verdict(secondsLeft: settings.timeoutSeconds - elapsed)
             run.report.convergence = estimator.snapshot(secondsLeft: settings.timeoutSeconds - elapsed)
+            recordPolicy()
             let expectedMs = estimator.predictedFinalRoundMs ?? 0
             update {
                 $0.round = round
@@ -356,6 +388,7 @@ public final class PreCopySender: Sendable {
                 if !worthOneMore { run.report.converged = true; break }
                 extraRounds += 1
             }
+            // A switch on stall, when asked for, comes before anything the policy would do.
             if settings.postcopy && settings.postcopyOnStall, case let .stalled(why) = verdict {
                 trigger = .stall
                 stall = why
@@ -372,14 +405,19 @@ public final class PreCopySender: Sendable {
                 break
             }
             try checkCancelled()
-            if settings.autoConverge && round >= 2 {
-                let current = progress.throttlePercent
-                let next = min(99, current == 0 ? 20 : current + 10)
-                if next != current {
-                    vm.setThrottle(percent: next)
-                    update { $0.throttlePercent = next }
-                }
+            let throttleBefore = policy.throttlePercent
+            policy.decide(round: round - 1, estimator: estimator, verdict: verdict, hotPages: hot.count)
+            if policy.holdHot && held.isEmpty && !hot.isEmpty {
+                held = hot
+                hot = DirtyBitmap(pageCount: pending.pageCount)
+                estimator.heldPages = held.count
             }
+            if policy.throttlePercent != throttleBefore {
+                let next = policy.throttlePercent
+                vm.setThrottle(percent: next)
+                update { $0.throttlePercent = next }
+            }
+            recordPolicy()
         }
         run.pending = pending
         if let trigger {
@@ -828,14 +866,12 @@ final class PageService: @unchecked Sendable {
         server = PostCopyPageServer(memory: memory, missing: missing.words)
         transport = channel.transport
         box = ChannelBox(channel)
-        let thread = Thread { [self] in
+        startNamedThread("postcopy-pages") { [self] in
             do { try server.serve(reader: &box.reader, writer: &box.writer, clock: clock) } catch {
                 state.withLock { $0.error = "\(error)" }
             }
             done.signal()
         }
-        thread.name = "postcopy-pages"
-        thread.start()
     }
 
     /// Why the channel ended, if it failed.

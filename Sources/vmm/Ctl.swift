@@ -92,7 +92,9 @@ extension Ctl {
         @Flag(help: "Send over plain TCP instead of mutually authenticated TLS (for benchmarks; the destination must consent too). Anyone on the path can read the guest.") var insecurePlaintext = false
         @Option(help: "Largest acceptable pause of the guest, in milliseconds.") var maxDowntimeMs: Double = 300
         @Option(help: "Bandwidth cap in bytes per second; 0 = unlimited.") var maxBandwidth: UInt64 = 0
-        @Flag(help: "Throttle a guest that dirties memory faster than it can be sent.") var autoConverge = false
+        @Option(help: ArgumentHelp("What pre-copy does when its rounds stop shrinking: off (iterate until the final round fits or the timeout), throttle (slow the guest, sized from its dirty rate), adaptive (hot pages last, then throttle; the default).", valueName: "off|throttle|adaptive"))
+        var convergence: String?
+        @Flag(help: "The old spelling of --convergence throttle.") var autoConverge = false
         @Option(help: "Give up (guest keeps running here) after this many seconds.") var timeout: Double = 60
         @Flag(help: "Allow post-copy: the guest moves to the destination before all its pages did and the rest follow, after --postcopy-after-rounds rounds, on `vmm ctl migrate-postcopy`, or with --postcopy-on-stall. If the link fails after the switch, both sides pause and keep what they have until recovered (migrate-recover there, --resume here); if either VMM dies before the last page moved, the guest is lost.") var postcopy = false
         @Option(help: ArgumentHelp("Pre-copy rounds before the post-copy switch (0 to 1000), or `never`: only on request or on stall, and a pre-copy that converges first finishes as usual. Default 1, or never with --postcopy-on-stall.", valueName: "N|never"))
@@ -107,6 +109,12 @@ extension Ctl {
             }
             if resume && (insecurePlaintext || postcopy || postcopyOnStall || postcopyAfterRounds != nil) {
                 throw ValidationError("--resume resumes a paused post-copy migration over TLS: give it the destination, --peer and optionally --max-bandwidth, not --insecure-plaintext or the --postcopy options")
+            }
+            if let convergence, !["off", "throttle", "adaptive"].contains(convergence) {
+                throw ValidationError("--convergence takes off, throttle or adaptive (the default), not '\(convergence)'")
+            }
+            if autoConverge, let convergence, convergence != "throttle" {
+                throw ValidationError("--auto-converge is the old spelling of --convergence throttle and contradicts --convergence \(convergence): give only --convergence")
             }
             if postcopyOnStall && !postcopy {
                 throw ValidationError("--postcopy-on-stall switches to post-copy, which the migration must allow: add --postcopy")
@@ -128,6 +136,7 @@ extension Ctl {
                                        "transport": insecurePlaintext ? "plaintext" : "tls"]
             if resume { body["resume"] = true }
             if let peer { body["peer"] = peer }
+            if let convergence { body["convergence"] = convergence }
             // Left out, the VMM's default applies (1, or never with a switch on stall).
             if let rounds = postcopyAfterRounds { body["postcopy_after_rounds"] = Int(rounds).map { $0 as Any } ?? rounds }
             let text = String(decoding: try JSONSerialization.data(withJSONObject: body), as: UTF8.self)

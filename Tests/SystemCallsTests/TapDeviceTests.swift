@@ -5,6 +5,7 @@ import Foundation
 import Synchronization
 import SystemCalls
 import Testing
+import TestSupport
 
 /// A network namespace of one test (`ip netns add`), removed by `close()` with every interface
 /// in it: the taps these tests make never appear in the host's own namespace. Names are unique
@@ -76,17 +77,7 @@ private final class ThrowawayNamespace {
     }
 
     static func run(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
+        try NetworkLab.run(arguments)
     }
 }
 

@@ -147,7 +147,8 @@ public final class NetworkLab: @unchecked Sendable {
         guard r.status == 0 else { throw LabError("ip \(arguments.joined(separator: " ")): \(r.stderr)") }
     }
 
-    static func run(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    /// Runs `arguments` through /usr/bin/env and waits: its status, stdout and stderr.
+    public static func run(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = arguments

@@ -230,6 +230,8 @@ struct ControlAPIHardeningTests {
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"postcopy\": true, \"postcopy_after_rounds\": \"soon\"}", "postcopy_after_rounds"),
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"postcopy\": true, \"postcopy_after_rounds\": 1001}", "or \"never\""),
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"postcopy_on_stall\": true}", "add \"postcopy\": true"),
+                                   ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"auto_converge\": true, \"convergence\": \"off\"}", "give only \"convergence\""),
+                                   ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"convergence\": \"fast\"}", "off, throttle or adaptive"),
                                    ("/vm/resume", String(repeating: "[", count: 60_000), "not a JSON object")] {
             let reply = try vmm.call(.PUT, path, body)
             #expect(reply.status == 400, "\(path) \(body.prefix(80)): \(reply.status) \(reply.body)")
