@@ -520,6 +520,7 @@ class OurVMM:
         self.timeout = args.timeout
         self.steady = args.steady
         self.settle = args.settle
+        self.channels = args.channels
 
     def ctl(self, sub, sock, *extra, timeout=15):
         return run_quiet([self.vmm, "ctl", sub, *extra, "--api-socket", sock], timeout)
@@ -569,6 +570,10 @@ class OurVMM:
         cmd += ["--convergence", "throttle" if auto_converge else "adaptive"]
         if postcopy:
             cmd += ["--postcopy", "--postcopy-after-rounds", str(POSTCOPY_AFTER_ROUNDS)]
+        elif self.channels != 1:
+            # Data channels do not combine with post-copy: that case keeps one.
+            cmd += ["--channels", str(self.channels)]
+        rec["channels"] = 1 if postcopy else self.channels
         rec["command"] = " ".join(cmd)
         t_start = time.monotonic()
         rc, out, err = run_quiet(cmd, self.timeout + 90)
@@ -2283,6 +2288,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=60, help="seconds per migration (default 60)")
     ap.add_argument("--steady", type=float, default=3, help="seconds to run after the first mark (default 3)")
     ap.add_argument("--settle", type=float, default=1, help="seconds to watch the destination after (default 1)")
+    ap.add_argument("--channels", type=int, default=int(os.environ.get("BENCH_CHANNELS", "1")),
+                    help="our data channels (vmm ctl migrate --channels; default 1, or $BENCH_CHANNELS); "
+                         "the post-copy case always uses 1")
     args = ap.parse_args()
 
     for path, what in ((args.vmm, "the VMM (swift build -c release)"), (args.guest, "the dirtier (make -C GuestImages)")):

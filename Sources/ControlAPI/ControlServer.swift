@@ -68,7 +68,7 @@ public enum ControlRoute: CaseIterable, Sendable {
         switch self {
         case .resume: ["force"]
         case .snapshot: ["path", "unsealed"]
-        case .migrate: ["destination", "peer", "transport", "max_downtime_ms", "max_bandwidth", "auto_converge", "convergence", "timeout_s", "postcopy", "postcopy_after_rounds", "postcopy_on_stall", "resume", "wait"]
+        case .migrate: ["destination", "peer", "transport", "max_downtime_ms", "max_bandwidth", "auto_converge", "convergence", "timeout_s", "postcopy", "postcopy_after_rounds", "postcopy_on_stall", "resume", "channels", "wait"]
         case .migrationRecover: ["listen", "timeout_s"]
         case .info, .scan, .pause, .digest, .shutdown, .migration, .postcopySwitch, .migrationCancel: []
         }

@@ -38,6 +38,12 @@ enum MigrationRoutes {
         if let rounds = settings.postcopyAfterRounds, rounds < 0 || rounds > 1000 {
             throw APIError(.badRequest, "postcopy_after_rounds must be between 0 and 1000, or \"never\" (switch only on request or on stall)")
         }
+        if !(1...maxMigrationChannels).contains(settings.channels) {
+            throw APIError(.badRequest, "channels must be 1 to \(maxMigrationChannels) (connections that carry the pages; 1: on the main connection), not \(settings.channels)")
+        }
+        if settings.channels > 1 && (settings.postcopy || settings.resume) {
+            throw APIError(.badRequest, "channels above 1 do not combine with postcopy or resume yet: give \"channels\": 1")
+        }
         if settings.postcopyOnStall && !settings.postcopy {
             throw APIError(.badRequest, "postcopy_on_stall switches to post-copy, which the migration must allow: add \"postcopy\": true")
         }

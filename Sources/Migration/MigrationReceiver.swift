@@ -150,13 +150,56 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         guard let owner = vm.owner else { throw MigrationError.refused("this destination has no owner record for the guest") }
         try send(.accept(host: owner.host, pid: owner.pid))
 
-        // Pre-copy rounds and stop-and-copy: the same section sequence a snapshot file holds.
-        let body = try StateSequence.readBody(from: &reader, into: vm.memory)
+        // Data channels: the next connections bound to this migration, each read on a thread
+        // of its own into guest memory while the main stream goes on here.
+        var channels: IncomingDataChannels?
+        if let count = manifest.channels, count > 1 {
+            guard let acceptPageChannel else {
+                refuse("this destination does not take data channels")
+                throw MigrationError.refused("data channels asked of a receiver that cannot accept them")
+            }
+            do {
+                let lanes = try IncomingDataChannels.accept(count: count, acceptPageChannel, challenge: challenge, mainPeer: authenticated,
+                                                            owner: owner)
+                channels = IncomingDataChannels(lanes, memory: vm.memory, main: transport)
+            } catch {
+                refuse("\(error)")
+                throw error
+            }
+        }
+        defer { if !committed { channels?.close() } }
+
+        // Pre-copy rounds and stop-and-copy: the same section sequence a snapshot file holds
+        // (with data channels, round marks on the main stream and no memory there).
+        var body: StateBody
+        var tallies: [IncomingDataChannels.Tally] = []
+        do {
+            body = try StateSequence.readBody(from: &reader, into: vm.memory, control: channels == nil ? nil : { payload in
+                guard case .roundMark = try WireMessage.decode(payload) else {
+                    throw MigrationError.protocolViolation("only round marks may come between the pages of a migration with data channels")
+                }
+            })
+            // Every channel's pages applied before READY: the counts cover them all.
+            tallies = try channels?.wait() ?? []
+        } catch {
+            // A failed channel closed this connection: its failure is the cause.
+            if let failure = channels?.failure { throw MigrationError.connection(failure) }
+            throw error
+        }
+        for tally in tallies {
+            body.pages += tally.pages
+            body.zeroPages += tally.zeroPages
+            body.memorySections += tally.memorySections
+        }
         let bodyRead = monotonicMilliseconds()
         if authenticated == nil {
             // Plaintext: the source host's signature over every byte, the manifest and its
-            // challenge included, stands in for the channel's authentication.
-            do { try vm.verifyState(signature: body.signature, digest: body.signedDigest) } catch {
+            // challenge included, stands in for the channel's authentication; on each data
+            // channel over every byte of it, its opening with the challenge included.
+            do {
+                try vm.verifyState(signature: body.signature, digest: body.signedDigest)
+                for tally in tallies { try vm.verifyState(signature: tally.signature, digest: tally.signedDigest) }
+            } catch {
                 refuse("the state stream is not signed by the host it claims to come from: \(error)")
                 throw error
             }
@@ -241,7 +284,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
                                                                          phases: phases).encoded())
         if incoming == nil { try? replies.finish() }
         try? replies.sink.flush()
-        var result = Result(pages: body.pages, zeroPages: body.zeroPages, bytes: reader.offset + commit.offset,
+        var result = Result(pages: body.pages, zeroPages: body.zeroPages,
+                            bytes: reader.offset + commit.offset + tallies.reduce(0) { $0 + $1.bytes },
                             resumedAt: resumedAt, phases: phases, sourceHost: authenticated ?? manifest.sourceHost)
         if let incoming {
             // COMPLETE goes on the same reply stream, once every page is in.
@@ -256,6 +300,12 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
     func check(_ manifest: MigrationManifest, challenge: String, authenticated: String?) throws {
         guard manifest.version == migrationProtocolVersion else {
             throw MigrationError.refused("protocol version \(manifest.version) is not supported (this VMM speaks \(migrationProtocolVersion))")
+        }
+        if let channels = manifest.channels, !(1...maxMigrationChannels).contains(channels) {
+            throw MigrationError.refused("the source asks for \(channels) data channels; this destination takes 1 to \(maxMigrationChannels)")
+        }
+        if let channels = manifest.channels, channels > 1, manifest.postcopy == true {
+            throw MigrationError.refused("post-copy with data channels is not supported: migrate with one channel")
         }
         guard sameBytes(manifest.challenge, challenge) else {
             throw MigrationError.refused("the manifest does not answer this connection's challenge (a replayed or forwarded migration)")

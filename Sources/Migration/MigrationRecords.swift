@@ -45,10 +45,16 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
     /// Resume this guest's post-copy migration, paused after its link failed, on a new
     /// connection to `destination` (where the destination listens after `migration/recover`).
     public var resume: Bool = false
+    /// Connections that carry the pages (1 to `maxMigrationChannels`): with 1 the pages go on
+    /// the main connection; with N > 1 on N more connections, each page always on the same one,
+    /// each with its own thread for zero-page detection and encryption.
+    public var channels: Int = 1
 
     public init(destination: String, peer: String? = nil, transport: TransportKind = .tls, maxDowntimeMs: Double = 300,
                 maxBandwidth: UInt64 = 0, autoConverge: Bool = false, convergence: ConvergenceMode? = nil, timeoutSeconds: Double = 60,
-                postcopy: Bool = false, postcopyAfterRounds: Int? = 1, postcopyOnStall: Bool = false, resume: Bool = false) {
+                postcopy: Bool = false, postcopyAfterRounds: Int? = 1, postcopyOnStall: Bool = false, resume: Bool = false,
+                channels: Int = 1) {
+        self.channels = channels
         self.resume = resume
         self.postcopy = postcopy
         self.postcopyAfterRounds = postcopyAfterRounds
@@ -82,6 +88,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         case postcopyAfterRounds = "postcopy_after_rounds"
         case postcopyOnStall = "postcopy_on_stall"
         case resume
+        case channels
     }
 
     public init(from decoder: any Decoder) throws {
@@ -109,6 +116,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         postcopy = try c.decodeIfPresent(Bool.self, forKey: .postcopy) ?? false
         postcopyOnStall = try c.decodeIfPresent(Bool.self, forKey: .postcopyOnStall) ?? false
         resume = try c.decodeIfPresent(Bool.self, forKey: .resume) ?? false
+        channels = try c.decodeIfPresent(Int.self, forKey: .channels) ?? 1
         if !c.contains(.postcopyAfterRounds) {
             // A switch on stall is what such a migration waits for: no switch by count unless asked.
             postcopyAfterRounds = postcopyOnStall ? nil : 1
@@ -138,6 +146,7 @@ public struct MigrationSettings: Codable, Sendable, Equatable {
         }
         try c.encode(postcopyOnStall, forKey: .postcopyOnStall)
         if resume { try c.encode(resume, forKey: .resume) }
+        try c.encode(channels, forKey: .channels)
     }
 }
 

@@ -57,6 +57,8 @@ public final class PreCopySender: Sendable {
         var progress = MigrationProgress()
         var cancelled: String?
         var transport: (any MigrationTransport)?
+        /// The data channels, when the migration has them (closed by a cancel too).
+        var channels: DataChannels?
         /// Set, under the lock, at the moment GO is about to be written: from then on a cancel
         /// is refused and a failure leaves the migration in doubt.
         var goSent = false
@@ -155,6 +157,7 @@ public final class PreCopySender: Sendable {
             // After GO, the hand-over must finish: cancelling then would leave no copy running.
             guard !s.goSent else { return nil }
             s.cancelled = reason
+            s.channels?.closeTransports()
             return (s.transport, ())
         }
         // Closing the socket unblocks any send or receive in progress.
@@ -196,6 +199,12 @@ public final class PreCopySender: Sendable {
         /// Serves the page channel from GO on.
         var pageService: PageService?
         var switchedAfterRounds = 0
+        /// The data channels (`settings.channels` > 1); nil: the pages go on `writer`.
+        var channels: DataChannels?
+        /// The round being sent, for the marks on idle connections.
+        var round = 0
+        /// Stream bytes written so far, on the main connection and the data channels.
+        var bytesOnWire: UInt64 { writer.bytesWritten + (channels?.bytesWritten ?? 0) }
     }
 
     /// Runs the whole migration. Never throws: the outcome is in the report, and
@@ -219,6 +228,20 @@ public final class PreCopySender: Sendable {
             defer { transport.close() }
             var run = try setup(transport, t0: t0, report: report)
             defer { report = run.report; paused = run.paused; tracking = run.tracking }
+            if settings.channels > 1 {
+                let channels = try DataChannels.open(count: settings.channels, connect: connect, challenge: run.challenge,
+                                                     mainPeer: transport.authenticatedPeer)
+                run.channels = channels
+                let cancelled = state.withLock { s in
+                    s.channels = channels
+                    return s.cancelled
+                }
+                if let cancelled { throw MigrationError.aborted(cancelled) }
+            }
+            defer {
+                run.channels?.close()
+                state.withLock { $0.channels = nil }
+            }
             try precopy(&run)
             if run.missing == nil {
                 try stopAndCopy(&run, connect: connect)
@@ -252,6 +275,14 @@ public final class PreCopySender: Sendable {
     /// (admitted, VM reserved). No guest byte is written before the challenge arrived.
     private func setup(_ transport: any MigrationTransport, t0: Double, report: MigrationReport) throws -> Run {
         try checkCancelled()
+        guard (1...maxMigrationChannels).contains(settings.channels) else {
+            throw MigrationError.aborted("channels must be 1 to \(maxMigrationChannels), not \(settings.channels)")
+        }
+        // A switch cuts a round short; with data channels a round is N streams, which the switch
+        // does not know how to cut yet.
+        guard settings.channels == 1 || !settings.postcopy else {
+            throw MigrationError.aborted("post-copy is not available with more than one channel yet: give channels 1")
+        }
         let integrity = transport.streamIntegrity
         var reader = try StreamReader(source: TransportSource(transport), integrity: integrity)
         guard case let .challenge(version, nonce, host) = try next(from: &reader, expecting: "challenge") else {
@@ -269,7 +300,8 @@ public final class PreCopySender: Sendable {
         var writer = try StreamWriter(sink: TransportSink(transport), integrity: integrity)
         let manifest = MigrationManifest(challenge: nonce, sourceHost: vm.hostName, destinationHost: host, sourcePid: getpid(),
                                          machine: Data(try vm.machineDescriptionPayload()), guest: vm.migrationIdentity,
-                                         postcopy: settings.postcopy ? true : nil)
+                                         postcopy: settings.postcopy ? true : nil,
+                                         channels: settings.channels > 1 ? settings.channels : nil)
         try writer.writeSection(.control, payload: WireMessage.manifest(manifest).encoded())
         try writer.sink.flush()
         guard case let .accept(acceptHost, pid) = try next(from: &reader, expecting: "accept") else {
@@ -326,7 +358,8 @@ public final class PreCopySender: Sendable {
                 if let count = switchByCount, round >= count { trigger = .afterRounds; break }
             }
             let roundStart = monotonicMilliseconds()
-            let before = run.writer.bytesWritten
+            run.round = round
+            let before = run.bytesOnWire
             // Hot pages go last in the round (read as late as possible, so fewer are written
             // again before it ends); held ones not at all.
             let sendable = pending.subtracting(held)
@@ -334,8 +367,7 @@ public final class PreCopySender: Sendable {
             var sent = 0
             var interruption: Interruption?
             for (index, part) in [sendable.subtracting(hotPart), hotPart].enumerated() where interruption == nil && !part.isEmpty {
-                let result = try sendPages(part, writer: &run.writer, rearm: round > 0, report: &run.report,
-                                           counts: &run.sent, t0: run.t0, interrupt: interrupt)
+                let result = try sendRound(part, run: &run, rearm: round > 0, interrupt: interrupt)
                 sent += result.sent
                 if var stopped = result.interrupted {
                     if index == 0 { stopped.unsent.formUnion(hotPart) }
@@ -364,7 +396,7 @@ public final class PreCopySender: Sendable {
             pending = dirtied
             pending.formUnion(held)
             estimator.heldPages = held.count
-            estimator.record(RoundFigures(pagesSent: sent, bytesSent: run.writer.bytesWritten - before, seconds: seconds,
+            estimator.record(RoundFigures(pagesSent: sent, bytesSent: run.bytesOnWire - before, seconds: seconds,
                                           pagesDirtied: dirtied.count))
             let elapsed = (monotonicMilliseconds() - run.t0) / 1000
             let verdict = estimator.verdict(secondsLeft: settings.timeoutSeconds - elapsed)
@@ -464,17 +496,24 @@ public final class PreCopySender: Sendable {
         run.paused = true
         run.marks.paused = monotonicMilliseconds()
         run.pending.formUnion(try vm.dirtyTracker.collect())
-        let last = try sendPages(run.pending, writer: &run.writer, rearm: false, report: &run.report, counts: &run.sent,
-                                 t0: run.t0, stopAndCopy: true).sent
+        let last = try sendRound(run.pending, run: &run, rearm: false, stopAndCopy: true).sent
         run.report.pagesPerRound.append(last)
-        run.marks.lastPages = monotonicMilliseconds()
-        let (vcpu, devices) = try vm.statePayloads()
         // Signed only in plaintext: on an authenticated channel the TLS identity is the signature.
         let signed = run.integrity.hasStreamDigest
+        if let channels = run.channels {
+            // Every channel's stream ends (signed in plaintext, as the main one) before the state.
+            let vm = self.vm
+            var main = run.writer
+            defer { run.writer = main }
+            try channels.finish(sign: { signed ? try vm.signState(digest: $0) : nil },
+                                waiting: { try Self.mark(&main, round: -1) })
+        }
+        run.marks.lastPages = monotonicMilliseconds()
+        let (vcpu, devices) = try vm.statePayloads()
         try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { signed ? try vm.signState(digest: $0) : nil }
         try run.writer.sink.flush()
         run.marks.state = monotonicMilliseconds()
-        run.report.bytesSent = run.writer.bytesWritten
+        run.report.bytesSent = run.bytesOnWire
         if settings.postcopy {
             // The manifest allowed post-copy, so the destination waits for a page channel before
             // READY; none of the pages will need it, and GO comes without a switch.
@@ -744,6 +783,8 @@ public final class PreCopySender: Sendable {
     private func fail(_ report: inout MigrationReport, error: any Error, paused: Bool, tracking: Bool) {
         report.error = "\(error)"
         report.bytesSent = max(report.bytesSent, progress.bytesSent)
+        // Data channels count a round's pages into the report only once the round is whole.
+        report.pagesSent = max(report.pagesSent, progress.pagesSent)
         vm.setThrottle(percent: 0)
         if state.withLock({ $0.postcopy }) {
             // After the switch the destination runs the guest: this copy never resumes, and keeps
@@ -782,6 +823,51 @@ public final class PreCopySender: Sendable {
         return message
     }
 
+    /// Sends one round's pages (or a part of one): on the main connection, or split across the
+    /// data channels, each page on its own channel, every channel on its own thread; returns once
+    /// all of them are sent (the round's barrier: the next dirty set is collected only then).
+    private func sendRound(_ bitmap: DirtyBitmap, run: inout Run, rearm: Bool, stopAndCopy: Bool = false,
+                           interrupt: (() -> PostCopySwitch?)? = nil) throws -> (sent: Int, interrupted: Interruption?) {
+        guard let channels = run.channels else {
+            return try sendPages(bitmap, writer: &run.writer, rearm: rearm, report: &run.report, counts: &run.sent,
+                                 t0: run.t0, stopAndCopy: stopAndCopy, interrupt: interrupt)
+        }
+        let parts = channels.split(bitmap)
+        let template = run.report, t0 = run.t0
+        // The cap holds for the sum of the channels.
+        let share = settings.maxBandwidth == 0 ? 0 : max(1, settings.maxBandwidth / UInt64(channels.count))
+        let round = run.round
+        var main = run.writer
+        defer { run.writer = main }
+        try channels.run({ [self] lane in
+            var report = template
+            report.pagesSent = 0
+            report.zeroPages = 0
+            var counts = TransferCounts(pages: 0, memorySections: 0)
+            let sent = try sendPages(parts[lane.index], writer: &lane.writer, rearm: rearm, report: &report, counts: &counts,
+                                     t0: t0, stopAndCopy: stopAndCopy, maxBandwidth: share, sharedProgress: true).sent
+            try lane.writer.sink.flush()
+            lane.tally = (sent, report.pagesSent, report.zeroPages, counts)
+        }, waiting: { try Self.mark(&main, round: round) })
+        var sent = 0
+        for lane in channels.lanes {
+            sent += lane.tally.sent
+            run.report.pagesSent += lane.tally.pages
+            run.report.zeroPages += lane.tally.zeroPages
+            run.sent.pages += lane.tally.counts.pages
+            run.sent.memorySections += lane.tally.counts.memorySections
+        }
+        let pages = run.report.pagesSent, bytes = run.bytesOnWire
+        update { $0.pagesSent = pages; $0.bytesSent = bytes }
+        return (sent, nil)
+    }
+
+    /// A round mark on the main connection: it carries no page while the data channels work.
+    static func mark(_ writer: inout StreamWriter<TransportSink>, round: Int) throws {
+        try writer.writeSection(.control, payload: WireMessage.roundMark(round: round).encoded())
+        try writer.sink.flush()
+    }
+
     /// A round stopped before its last page: why, and the pages it did not send.
     struct Interruption {
         var trigger: PostCopySwitch
@@ -792,8 +878,10 @@ public final class PreCopySender: Sendable {
     /// `interrupt`, asked after each batch, may stop the round there (post-copy switches).
     func sendPages<S: ByteSink>(_ bitmap: DirtyBitmap, writer: inout StreamWriter<S>, rearm: Bool,
                                 report: inout MigrationReport, counts: inout TransferCounts, t0: Double,
-                                stopAndCopy: Bool = false, interrupt: (() -> PostCopySwitch?)? = nil)
+                                stopAndCopy: Bool = false, interrupt: (() -> PostCopySwitch?)? = nil,
+                                maxBandwidth: UInt64? = nil, sharedProgress: Bool = false)
         throws -> (sent: Int, interrupted: Interruption?) {
+        let maxBandwidth = maxBandwidth ?? settings.maxBandwidth
         var batch: [UInt64] = []
         batch.reserveCapacity(Self.batchPages)
         var sent = 0
@@ -810,7 +898,12 @@ public final class PreCopySender: Sendable {
             sent += batch.count
             batch.removeAll(keepingCapacity: true)
             let bytes = writer.bytesWritten
-            update { $0.pagesSent = report.pagesSent; $0.bytesSent = bytes; $0.elapsedSeconds = (monotonicMilliseconds() - t0) / 1000 }
+            if sharedProgress {
+                // One of several channels: each adds what it sent.
+                update { $0.pagesSent += stats.pages; $0.bytesSent += stats.bytes; $0.elapsedSeconds = (monotonicMilliseconds() - t0) / 1000 }
+            } else {
+                update { $0.pagesSent = report.pagesSent; $0.bytesSent = bytes; $0.elapsedSeconds = (monotonicMilliseconds() - t0) / 1000 }
+            }
             try checkCancelled()
             if let interrupt, let trigger = interrupt() {
                 stopped = trigger
@@ -820,9 +913,9 @@ public final class PreCopySender: Sendable {
             if !stopAndCopy && (monotonicMilliseconds() - t0) / 1000 >= settings.timeoutSeconds {
                 throw MigrationError.notConverged(seconds: settings.timeoutSeconds)
             }
-            if settings.maxBandwidth > 0 {
+            if maxBandwidth > 0 {
                 // Hold the average rate of this round to the limit.
-                let due = Double(writer.bytesWritten - startBytes) / Double(settings.maxBandwidth) * 1000
+                let due = Double(writer.bytesWritten - startBytes) / Double(maxBandwidth) * 1000
                 let spent = monotonicMilliseconds() - start
                 if due > spent { usleep(UInt32(min((due - spent) * 1000, 1_000_000))) }
             }

@@ -41,6 +41,16 @@ import Snapshot
 //     first round, which the destination sends before this reply], what the destination
 //     measured of the downtime}, end
 //
+// Data channels (the manifest says `channels: N`, 2 to maxMigrationChannels; DataChannels.swift):
+// after the accept the source opens N more connections, one after the other, each checked as
+// the page channel is (the main connection's peer) and opening with control{data-channel: the
+// challenge, its index, N}, answered control{accept} or control{refuse}; every memory section
+// of stream 1 then travels on those instead, each page always on channel (pfn / 512) % N, each
+// channel a stream of its own (header, data-channel, memory sections and round marks,
+// [signature], end, in plaintext signed and checksummed as stream 1); stream 1 keeps the vCPU
+// and device state, with round marks while the channels work. READY comes once every channel
+// reached its end, and counts the pages of all of them.
+//
 // Post-copy (the manifest says so; docs/migration.md "Post-copy" draws it): the state stream
 // closes without the last dirty pages; before READY the source opens a second connection, the
 // page channel (control{page-channel: the challenge}, control{accept}); stream 2 carries
@@ -86,8 +96,11 @@ import Snapshot
 //                                                                                guest started, RUNNING sent
 
 /// Version of this protocol; the destination refuses any other. (3: post-copy heartbeats and
-/// recovery.)
-public let migrationProtocolVersion = 3
+/// recovery; 4: data channels.)
+public let migrationProtocolVersion = 4
+
+/// The most data channels a migration may ask for (`channels`); a destination refuses more.
+public let maxMigrationChannels = 8
 
 /// What the source says of the migration it starts, bound to the destination's challenge.
 public struct MigrationManifest: Codable, Sendable, Equatable {
@@ -104,10 +117,14 @@ public struct MigrationManifest: Codable, Sendable, Equatable {
     public var guest: String?
     /// The source will switch to post-copy: the destination accepts a page channel before READY.
     public var postcopy: Bool?
+    /// Data channels (2 to `maxMigrationChannels`) that carry the memory sections, each page
+    /// always on the same one; nil or 1: the pages travel on this connection.
+    public var channels: Int?
 
     public init(version: Int = migrationProtocolVersion, challenge: String, sourceHost: String, destinationHost: String,
-                sourcePid: Int32, machine: Data, guest: String?, postcopy: Bool? = nil) {
+                sourcePid: Int32, machine: Data, guest: String?, postcopy: Bool? = nil, channels: Int? = nil) {
         self.postcopy = postcopy
+        self.channels = channels
         self.version = version
         self.challenge = challenge
         self.sourceHost = sourceHost
@@ -180,6 +197,9 @@ public enum WireMessage: Sendable, Equatable {
     /// The first message on a post-copy page channel: the main connection's challenge, which
     /// binds this second connection to that migration.
     case pageChannel(challenge: String)
+    /// The first message on data channel `index` of `count`: the main connection's challenge,
+    /// which binds this connection to that migration, as for the page channel.
+    case dataChannel(challenge: String, index: Int, count: Int)
     /// Post-copy, destination to source on the page channel: send page `pfn` now.
     case pageRequest(pfn: UInt64)
     /// Post-copy, destination to source on the main connection: every page is in; the source
@@ -188,6 +208,9 @@ public enum WireMessage: Sendable, Equatable {
     /// Post-copy, on the page channel: the destination asks, the source answers at once. Keeps a
     /// quiet link proven alive, so that both sides notice a failed one within seconds.
     case heartbeat
+    /// With data channels, on any of the migration's connections: the source is at round
+    /// `round` (or between rounds); keeps a connection that has no page to carry proven alive.
+    case roundMark(round: Int)
     /// Post-copy recovery, source to destination, first on the new main connection.
     case resume(PostCopyResume)
     /// Post-copy recovery, destination to source: the resume is accepted, and these are the
@@ -206,9 +229,11 @@ public enum WireMessage: Sendable, Equatable {
         case .running: "running"
         case .postcopy: "postcopy"
         case .pageChannel: "page-channel"
+        case .dataChannel: "data-channel"
         case .pageRequest: "page-request"
         case .complete: "complete"
         case .heartbeat: "heartbeat"
+        case .roundMark: "round-mark"
         case .resume: "resume"
         case .stillMissing: "still-missing"
         }
@@ -247,6 +272,9 @@ public enum WireMessage: Sendable, Equatable {
         var announce: AnnounceReport?
         var phases: DestinationPhases?
         var resume: PostCopyResume?
+        var channel: Int?
+        var channels: Int?
+        var round: Int?
 
         init(kind: String) { self.kind = kind }
 
@@ -263,9 +291,11 @@ public enum WireMessage: Sendable, Equatable {
                 self.resumedAt = resumedAt; self.announce = announce; self.phases = phases
             case let .postcopy(missing): missingPages = missing
             case let .pageChannel(challenge): nonce = challenge
+            case let .dataChannel(challenge, index, count): nonce = challenge; channel = index; channels = count
             case let .pageRequest(pfn): self.pfn = pfn
             case let .complete(figures): self.figures = figures
             case .heartbeat: break
+            case let .roundMark(round): self.round = round
             case let .resume(r): resume = r
             case let .stillMissing(missing): missingPages = missing
             }
@@ -305,6 +335,11 @@ public enum WireMessage: Sendable, Equatable {
             case "page-channel":
                 guard let nonce else { throw missing("nonce") }
                 return .pageChannel(challenge: nonce)
+            case "data-channel":
+                guard let nonce else { throw missing("nonce") }
+                guard let channel else { throw missing("channel") }
+                guard let channels else { throw missing("channels") }
+                return .dataChannel(challenge: nonce, index: channel, count: channels)
             case "page-request":
                 guard let pfn else { throw missing("pfn") }
                 return .pageRequest(pfn: pfn)
@@ -313,6 +348,9 @@ public enum WireMessage: Sendable, Equatable {
                 return .complete(figures)
             case "heartbeat":
                 return .heartbeat
+            case "round-mark":
+                guard let round else { throw missing("round") }
+                return .roundMark(round: round)
             case "resume":
                 guard let resume else { throw missing("resume") }
                 return .resume(resume)

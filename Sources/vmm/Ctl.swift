@@ -101,6 +101,8 @@ extension Ctl {
         var postcopyAfterRounds: String?
         @Flag(help: "With --postcopy: switch as soon as pre-copy is seen not to converge within --max-downtime-ms, instead of failing at the timeout.") var postcopyOnStall = false
         @Flag(help: "Resume this guest's post-copy migration, paused after its link failed, at HOST:PORT (where `vmm ctl migrate-recover` made the destination listen); the same --peer as before.") var resume = false
+        @Option(help: ArgumentHelp("Connections that carry the pages (1 to 8): with 1 they go on the main connection; with N, on N more connections, each with its own thread (zero pages, encryption), each page always on the same one.", valueName: "N"))
+        var channels: Int = 1
         @Flag(help: "No progress line.") var quiet = false
 
         func validate() throws {
@@ -115,6 +117,12 @@ extension Ctl {
             }
             if autoConverge, let convergence, convergence != "throttle" {
                 throw ValidationError("--auto-converge is the old spelling of --convergence throttle and contradicts --convergence \(convergence): give only --convergence")
+            }
+            guard (1...8).contains(channels) else {
+                throw ValidationError("--channels takes 1 to 8 connections for the pages (1: the main connection), not \(channels)")
+            }
+            if channels > 1 && (postcopy || resume) {
+                throw ValidationError("--channels above 1 does not combine with --postcopy or --resume yet: leave it at 1")
             }
             if postcopyOnStall && !postcopy {
                 throw ValidationError("--postcopy-on-stall switches to post-copy, which the migration must allow: add --postcopy")
@@ -135,6 +143,7 @@ extension Ctl {
                                        "postcopy": postcopy, "postcopy_on_stall": postcopyOnStall,
                                        "transport": insecurePlaintext ? "plaintext" : "tls"]
             if resume { body["resume"] = true }
+            if channels != 1 { body["channels"] = channels }
             if let peer { body["peer"] = peer }
             if let convergence { body["convergence"] = convergence }
             // Left out, the VMM's default applies (1, or never with a switch on stall).

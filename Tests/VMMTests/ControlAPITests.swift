@@ -232,6 +232,9 @@ struct ControlAPIHardeningTests {
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"postcopy_on_stall\": true}", "add \"postcopy\": true"),
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"auto_converge\": true, \"convergence\": \"off\"}", "give only \"convergence\""),
                                    ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"convergence\": \"fast\"}", "off, throttle or adaptive"),
+                                   ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"channels\": 0}", "channels must be 1 to 8"),
+                                   ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"channels\": 9}", "channels must be 1 to 8"),
+                                   ("/vm/migrate", "{\"destination\": \"127.0.0.1:1\", \"transport\": \"plaintext\", \"channels\": 2, \"postcopy\": true}", "do not combine with postcopy"),
                                    ("/vm/resume", String(repeating: "[", count: 60_000), "not a JSON object")] {
             let reply = try vmm.call(.PUT, path, body)
             #expect(reply.status == 400, "\(path) \(body.prefix(80)): \(reply.status) \(reply.body)")
