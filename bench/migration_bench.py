@@ -2288,6 +2288,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=60, help="seconds per migration (default 60)")
     ap.add_argument("--steady", type=float, default=3, help="seconds to run after the first mark (default 3)")
     ap.add_argument("--settle", type=float, default=1, help="seconds to watch the destination after (default 1)")
+    ap.add_argument("--limits", help="comma-separated downtime limits in ms to run, auto-converge off only "
+                                      "(default: 300, 50 and 300 with auto-converge)")
     ap.add_argument("--channels", type=int, default=int(os.environ.get("BENCH_CHANNELS", "1")),
                     help="our data channels (vmm ctl migrate --channels; default 1, or $BENCH_CHANNELS); "
                          "the post-copy case always uses 1")
@@ -2306,6 +2308,9 @@ def main():
             sys.exit("unknown case(s) %s; known: %s" % (", ".join(unknown), ", ".join(CASES)))
         cases = [c for c in CASES if c in wanted]
     settings = [(300, False)] if args.quick else [(300, False), (50, False), (300, True)]
+    if args.limits:
+        # Only these downtime limits, auto-converge off (a sweep of one option, e.g. --channels).
+        settings = [(int(x), False) for x in args.limits.split(",") if x.strip()]
     skipped_cases = {}      # case -> why it cannot run here
     if NET_CASE in cases:
         why = network_unavailable() or (None if os.path.exists(args.netecho) else

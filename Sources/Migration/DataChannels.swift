@@ -42,7 +42,25 @@ final class DataChannels: @unchecked Sendable {
         var writer: StreamWriter<TransportSink>
         /// What the last job sent: pages given, page entries, zero pages, sections.
         var tally = (sent: 0, pages: 0, zeroPages: 0, counts: TransferCounts(pages: 0, memorySections: 0))
-        var error: (any Error)?
+        /// The last failure, and the bytes written, kept apart from `writer`: an idle mark may
+        /// be written on the lane's thread while the caller reads them.
+        private let shared = Mutex<(error: MigrationError?, bytes: UInt64)>((nil, 0))
+        var error: MigrationError? {
+            get { shared.withLock { $0.error } }
+            set { shared.withLock { $0.error = newValue } }
+        }
+        /// A failure on this lane, named by it unless it is the migration's own (a cancel, the time limit).
+        private func fail(_ error: any Error) {
+            switch error as? MigrationError {
+            case .aborted?, .notConverged?: self.error = error as? MigrationError
+            default: self.error = .connection("data channel \(index): \(error)")
+            }
+        }
+        var bytesWritten: UInt64 { shared.withLock { $0.bytes } }
+        private func noteWritten() {
+            let bytes = writer.bytesWritten
+            shared.withLock { $0.bytes = bytes }
+        }
         private let work = DispatchSemaphore(value: 0)
         let done = DispatchSemaphore(value: 0)
         private let job = Mutex<(body: (@Sendable (Lane) throws -> Void)?, stop: Bool)>((nil, false))
@@ -65,14 +83,16 @@ final class DataChannels: @unchecked Sendable {
                         do {
                             try writer.writeSection(.control, payload: WireMessage.roundMark(round: round).encoded())
                             try writer.sink.flush()
-                        } catch { self.error = error }
+                        } catch { fail(error) }
+                        noteWritten()
                     }
                     continue
                 }
                 let (body, stop) = job.withLock { j in defer { j.body = nil }; return (j.body, j.stop) }
                 if stop { done.signal(); return }
                 if let body {
-                    do { try body(self) } catch { self.error = error }
+                    do { try body(self) } catch { fail(error) }
+                    noteWritten()
                     round += 1
                 }
                 done.signal()
@@ -176,7 +196,7 @@ final class DataChannels: @unchecked Sendable {
                 }
             }
             if let error = lane.error, failure == nil {
-                failure = MigrationError.connection("data channel \(lane.index): \(error)")
+                failure = error
                 closeTransports()
             }
         }
@@ -193,7 +213,7 @@ final class DataChannels: @unchecked Sendable {
                 if failure == nil { do { try waiting() } catch { failure = error } }
             }
             if let error = lane.error, failure == nil {
-                failure = MigrationError.connection("data channel \(lane.index): \(error)")
+                failure = error
                 closeTransports()
             }
         }
@@ -201,7 +221,7 @@ final class DataChannels: @unchecked Sendable {
     }
 
     /// Bytes written on all channels.
-    var bytesWritten: UInt64 { lanes.reduce(0) { $0 + $1.writer.bytesWritten } }
+    var bytesWritten: UInt64 { lanes.reduce(0) { $0 + $1.bytesWritten } }
 
     /// Closes every connection (a blocked send fails at once).
     func closeTransports() { for lane in lanes { lane.transport.close() } }
@@ -231,6 +251,8 @@ final class IncomingDataChannels: Sendable {
     private let main: any MigrationTransport
     private let state = Mutex<(tallies: [Int: Tally], failure: String?)>(([:], nil))
     private let done: [DispatchSemaphore]
+    /// Set once every reading thread was waited for (their semaphores are spent).
+    private let joined = Mutex(false)
 
     /// Accepts `count` data channels: the next connections whose peer is the main connection's
     /// and whose first message answers `challenge` with an index not yet taken. Others get a
@@ -354,7 +376,7 @@ final class IncomingDataChannels: Sendable {
 
     /// Waits until every channel reached its end; their tallies in channel order, or the first failure.
     func wait() throws -> [Tally] {
-        for semaphore in done { semaphore.wait() }
+        join()
         let (tallies, failure) = state.withLock { ($0.tallies, $0.failure) }
         if let failure { throw MigrationError.connection(failure) }
         return (0..<done.count).map { tallies[$0]! }
@@ -365,8 +387,17 @@ final class IncomingDataChannels: Sendable {
         for transport in transports { transport.close() }
     }
 
-    /// Closes every channel (a failure elsewhere); the reading threads end.
-    func close() { for transport in transports { transport.close() } }
+    private func join() {
+        let first = joined.withLock { j in defer { j = true }; return !j }
+        if first { for semaphore in done { semaphore.wait() } }
+    }
+
+    /// Closes every channel (a failure elsewhere) and waits for the reading threads to end, so
+    /// that none writes into guest memory after the VM is discarded.
+    func close() {
+        for transport in transports { transport.close() }
+        join()
+    }
 }
 
 /// Hands a channel's reader to the thread that reads it.

@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 import GuestMemory
-import Migration
+@testable import Migration
 import PageFaults
 import Snapshot
 import Synchronization
@@ -373,4 +373,75 @@ final class Recorder: MigrationTransport {
     }
     func receive(into buffer: UnsafeMutableRawBufferPointer) throws { try inner.receive(into: buffer) }
     func close() { inner.close() }
+}
+
+@Suite("Data channel negotiation")
+struct DataChannelNegotiationTests {
+    /// Plays a source that answers the challenge with a manifest asking for `channels` (and
+    /// post-copy when `postcopy`); returns the destination's answer and whether it admitted.
+    func answer(channels: Int?, postcopy: Bool = false) throws -> (reply: WireMessage, admitted: Bool, next: WireMessage?) {
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair(authenticated: ("src", "dst"))
+        let admitted = Mutex(false)
+        let run = ReceiverRun(destinationEnd) { _ in
+            admitted.withLock { $0 = true }
+            return FakeDestination(memory: try GuestMemory(size: 1 << 20))
+        }
+        var reader = try StreamReader(source: TransportSource(sourceEnd), integrity: .channelAuthenticated)
+        guard let first = try reader.nextSection(), case let .challenge(_, nonce, _) = try WireMessage.decode(first.payload) else {
+            throw MigrationError.protocolViolation("no challenge")
+        }
+        var writer = try StreamWriter(sink: TransportSink(sourceEnd), integrity: .channelAuthenticated)
+        let manifest = MigrationManifest(challenge: nonce, sourceHost: "src", destinationHost: "dst", sourcePid: 1,
+                                         machine: Data(#"{"fake":true}"#.utf8), guest: nil, postcopy: postcopy ? true : nil,
+                                         channels: channels)
+        try writer.writeSection(.control, payload: WireMessage.manifest(manifest).encoded())
+        try writer.sink.flush()
+        let reply = try #require(try reader.nextSection())
+        let message = try WireMessage.decode(reply.payload)
+        let next = message.kind == "accept" ? try reader.nextSection().map { try WireMessage.decode($0.payload) } : nil
+        sourceEnd.close()
+        _ = run.wait()
+        return (message, admitted.withLock { $0 }, next)
+    }
+
+    @Test("a manifest asking for 0 or more than 8 data channels, or for channels with post-copy, is refused with a sentence naming the limit, before admission",
+          arguments: [(0, false, "takes 1 to 8"), (9, false, "takes 1 to 8"), (1000, false, "asks for 1000 data channels"),
+                      (2, true, "post-copy with data channels")])
+    func refused(channels: Int, postcopy: Bool, says: String) throws {
+        let (reply, admitted, _) = try answer(channels: channels, postcopy: postcopy)
+        guard case let .refuse(reason) = reply else { Issue.record("not refused: \(reply.kind)"); return }
+        #expect(reason.contains(says), "\(reason)")
+        #expect(!admitted, "admitted before the channel count was checked")
+    }
+
+    @Test("a receiver that cannot accept more connections refuses data channels after admission, and discards")
+    func noDoor() throws {
+        let (reply, admitted, next) = try answer(channels: 2)
+        // The accept goes out first (the VM is reserved), then the refusal.
+        #expect(admitted)
+        #expect(reply.kind == "accept")
+        guard case let .refuse(reason)? = next else { Issue.record("no refusal after the accept: \(next?.kind ?? "nothing")"); return }
+        #expect(reason.contains("does not take data channels"), "\(reason)")
+    }
+
+    @Test("data-channel and round-mark round-trip; one without its fields is refused")
+    func messages() throws {
+        for message in [WireMessage.dataChannel(challenge: "c", index: 1, count: 4), .roundMark(round: 7)] {
+            #expect(try WireMessage.decode(try message.encoded()) == message)
+        }
+        #expect(throws: MigrationError.protocolViolation("a data-channel message has no channel")) {
+            _ = try WireMessage.decode(Array(#"{"kind":"data-channel","nonce":"c","channels":2}"#.utf8))
+        }
+        #expect(throws: MigrationError.protocolViolation("a round-mark message has no round")) {
+            _ = try WireMessage.decode(Array(#"{"kind":"round-mark"}"#.utf8))
+        }
+    }
+
+    @Test("a page always goes on the channel of its 512-page stripe")
+    func striping() {
+        #expect(dataChannel(ofPage: 0, count: 4) == 0)
+        #expect(dataChannel(ofPage: 511, count: 4) == 0)
+        #expect(dataChannel(ofPage: 512, count: 4) == 1)
+        #expect(dataChannel(ofPage: 4 * 512 + 3, count: 4) == 0)
+    }
 }
