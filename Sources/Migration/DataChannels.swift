@@ -158,7 +158,9 @@ final class DataChannels: @unchecked Sendable {
                     lanes.append(Lane(index: index, transport: transport, writer: writer))
                 } catch {
                     transport.close()
-                    throw error
+                    // A refusal names its channel already; a closed or failed link does not.
+                    if case MigrationError.refused = error { throw error }
+                    throw MigrationError.connection("data channel \(index): \(error)")
                 }
             }
         } catch {
