@@ -105,7 +105,8 @@ public enum VCPUStateCodec {
             for _ in 0..<8 {
                 var seg = Segment()
                 seg.base = try r.u64("a segment"); seg.limit = try r.u32("a segment"); seg.selector = try r.u16("a segment")
-                guard let b = r.take(10) else { throw r.fail("a segment is cut short") }
+                guard let slice = r.take(10) else { throw r.fail("a segment is cut short") }
+                let b = Array(slice)
                 guard b.last == 0 else { throw r.fail("a segment's padding byte is not 0") }
                 seg.type = b[0]; seg.present = b[1]; seg.dpl = b[2]; seg.db = b[3]; seg.s = b[4]
                 seg.l = b[5]; seg.g = b[6]; seg.avl = b[7]; seg.unusable = b[8]

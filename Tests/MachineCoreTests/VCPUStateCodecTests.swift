@@ -98,9 +98,9 @@ struct VCPUStateCodecTests {
             #expect(error?.description.contains(what) == true, "\(error.map { "\($0)" } ?? "")")
             #expect(error?.description.contains("more than") == true)
         }
-        // Within the limit but more than is there.
+        // Within the limit (4096 entries) but more than is there: 4000 CPUID entries are 112,000 bytes.
         var bad = payload
-        bad.replaceSubrange(12..<16, with: [0x00, 0x04, 0x00, 0x00])
+        bad.replaceSubrange(20..<24, with: [0xA0, 0x0F, 0x00, 0x00])
         let error = #expect(throws: SnapshotFormatError.self) { try VCPUStateCodec.decode(bad) }
         #expect(error?.description.contains("bytes are left") == true)
     }
