@@ -5,7 +5,7 @@ SWIFT   ?= swift
 RELEASE := .build/release/vmm
 DEBUG   := .build/debug/vmm
 
-.PHONY: all deps guests build release test demo bench bench-migration fuzz fuzz-api soak clean
+.PHONY: all deps guests build release test demo bench bench-migration bench-readme fuzz fuzz-api soak clean
 
 all: build
 
@@ -40,6 +40,12 @@ bench: release
 # each at 300 ms, ours against QEMU; about 2 minutes).
 bench-migration: release
 	python3 bench/migration_bench.py --vmm $(RELEASE) --out-dir bench-results $(if $(filter 1,$(QUICK)),--quick)
+
+# The README's migration table, regenerated from a result file (default: the last
+# `make bench-migration`; BENCH_JSON=docs/bench/migration.json for the published one).
+BENCH_JSON ?= bench-results/migration.json
+bench-readme:
+	python3 bench/readme_table.py $(BENCH_JSON) README.md
 
 # The snapshot decoder's mutation fuzzer, for FUZZ_SECONDS (default 60).
 FUZZ_SECONDS ?= 60

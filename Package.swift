@@ -106,7 +106,7 @@ let package = Package(
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "NetworkFrames"]),
         .testTarget(name: "NetworkFramesTests", dependencies: ["NetworkFrames"]),
         .testTarget(name: "MachineCoreTests", dependencies: ["TestSupport", "MachineCore", "KVM", "Loader", "GuestMemory", "DirtyTrackers",
-                                                     "Devices", "SystemCalls", "NetworkFrames"]),
+                                                     "Devices", "SystemCalls", "NetworkFrames", "Snapshot"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Snapshot", "GuestMemory", "PageFaults"]),
         .testTarget(name: "SecureChannelTests", dependencies: [
             "SecureChannel", "Migration", "SystemCalls",

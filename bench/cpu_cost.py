@@ -13,10 +13,8 @@ What a migration costs is the CPU time the source and destination processes spen
 
 Which threads are vCPU threads is decided per thread, in this order:
 
-- by name: QEMU's are `CPU n/KVM` (with `-name NAME,debug-threads=on`), ours would be
-  `vcpuN`. Ours are not named at the kernel level today: Foundation's Thread.name does not
-  reach the kernel on Linux, so every thread our VMM starts is called `vmm`, like its main
-  thread, and no name can tell them apart;
+- by name: QEMU's are `CPU n/KVM` (with `-name NAME,debug-threads=on`), ours are `vcpuN`
+  (our VMM names its threads with pthread_setname_np: `vcpu0`, `postcopy-pages`, ...);
 - by what the kernel says the thread is doing: a thread whose kernel stack
   (/proc/PID/task/TID/stack, root only) holds `kvm_arch_vcpu_ioctl_run` is inside
   KVM_RUN, which only a vCPU thread calls. A thread that is running at that instant shows

@@ -514,7 +514,8 @@ class OurVMM:
     def __init__(self, args, tsc_khz, workdir):
         self.vmm = args.vmm
         self.guest = args.guest
-        self.netecho = args.netecho
+        # (handover_bench.py shares this class and has no network case)
+        self.netecho = getattr(args, "netecho", os.path.join(REPO, "GuestImages/build/netecho.elf"))
         self.tsc_khz = tsc_khz
         self.workdir = workdir
         self.timeout = args.timeout

@@ -35,6 +35,13 @@ public struct VCPUState: Sendable, Equatable, Codable {
     public var mpState: UInt32
     /// Raw `struct kvm_vcpu_events`.
     public var events: Data
+
+    public init(id: UInt32, cpuid: [CPUIDEntry], registers: Registers, specialRegisters: SpecialRegisters, xsave: Data,
+                xcrs: [XCREntry], debugRegisters: Data, msrs: [MSREntry], mpState: UInt32, events: Data) {
+        self.id = id; self.cpuid = cpuid; self.registers = registers; self.specialRegisters = specialRegisters
+        self.xsave = xsave; self.xcrs = xcrs; self.debugRegisters = debugRegisters; self.msrs = msrs
+        self.mpState = mpState; self.events = events
+    }
 }
 
 extension VCPU {

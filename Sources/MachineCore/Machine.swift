@@ -115,6 +115,10 @@ public final class Machine: Sendable {
         case .ring: self.dirtyTracker = try DirtyRingTracker(vm: vm, vcpus: vcpus, memory: memory)
         }
         self.tscKHz = try vcpus[0].tscKHz()
+        // Which MSRs can be saved is probed here, once per process, while no vCPU runs (the
+        // probe writes back what it read): the first snapshot or migration would otherwise pay
+        // for it inside its pause. A failure leaves it to the first save, which reports it.
+        _ = try? MSRProbe.saveable(kvm: kvm, vcpu: vcpus[0])
         let control = NSCondition()
         self.control = control
         self.runners = vcpus.enumerated().map { VCPURunner(vcpu: $1, index: $0, control: control) }
@@ -163,7 +167,23 @@ public final class Machine: Sendable {
         return run.startedAt
     }
 
-    /// Starts one OS thread per vCPU and returns once all of them run.
+    /// Creates the vCPU threads now, waiting, so that `start()` later only wakes them (a
+    /// migration destination does this while the pages arrive: the threads' creation is then
+    /// not in the guest's downtime). The machine stays `created`: state may still be restored.
+    /// Nothing runs until `start()`; `end(with:)` lets them finish. At most once; no effect
+    /// once the machine started or ended.
+    public func prestartVCPUThreads() {
+        KickSignal.install()
+        control.lock(); defer { control.unlock() }
+        guard !run.started, run.result == nil else { return }
+        for runner in runners {
+            runner.prestartLocked(dispatch: { [self] exit, vcpu in dispatch(exit, vcpu: vcpu) },
+                                  end: { [self] exit in end(with: exit) })
+        }
+    }
+
+    /// Starts one OS thread per vCPU (or wakes those `prestartVCPUThreads` made) and returns
+    /// once all of them run.
     public func start() {
         network?.start()
         KickSignal.install()
@@ -171,8 +191,10 @@ public final class Machine: Sendable {
         precondition(!run.started, "a machine starts once")
         run.started = true
         run.startedAt = monotonicMilliseconds()
+        for runner in runners where runner.prestarted { runner.launchLocked() }
+        control.broadcast()
         control.unlock()
-        for runner in runners {
+        for runner in runners where !runner.prestarted {
             runner.start(dispatch: { [self] exit, vcpu in dispatch(exit, vcpu: vcpu) },
                          end: { [self] exit in end(with: exit) })
         }

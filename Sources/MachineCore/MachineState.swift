@@ -148,7 +148,7 @@ extension Machine {
     }
 
     /// The MSRs saved with each vCPU: KVM's saveable list, less those this host cannot
-    /// save and restore. Probed on first use (a snapshot or migration), not at boot.
+    /// save and restore. Probed when the process's first machine is made (`Machine.init`).
     public func savedMSRIndices() throws -> [UInt32] {
         try MSRProbe.saveable(kvm: kvm, vcpu: vcpus[0])
     }

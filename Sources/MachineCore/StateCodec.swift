@@ -2,7 +2,8 @@ import KVM
 import Snapshot
 
 /// A machine's state in the stream format: the `StateSequence` of the Snapshot target with this
-/// machine's payloads (JSON through `StateJSON`). Snapshot files and migration both use it.
+/// machine's payloads (vCPUs in binary, the rest JSON through `StateJSON`). Snapshot files and
+/// migration both use it.
 public enum MachineStateCodec {
     /// Writes a paused machine whole: `header` as the machine section, every page that may hold
     /// data (untouched pages read as zero and need no entry: restore starts from zeroed memory),
@@ -40,15 +41,23 @@ public enum MachineStateCodec {
         try StateSequence.writeClosing(vcpus: payloads.vcpus, devices: payloads.devices, to: &writer, sign: sign)
     }
 
-    /// The vCPU and device payloads of `state`.
+    /// The vCPU and device payloads of `state`: the vCPUs in binary (`VCPUStateCodec`), the
+    /// devices in JSON.
     public static func encode(_ state: MachineState) throws -> (vcpus: [UInt8], devices: [UInt8]) {
-        (try StateJSON.encode(state.vcpus), try StateJSON.encode(state.devices))
+        (VCPUStateCodec.encode(state.vcpus), try StateJSON.encode(state.devices))
+    }
+
+    /// A vcpu section's vCPUs: binary (version 2), or the JSON of version 1 (files and streams
+    /// written before).
+    public static func decodeVCPUs(_ payload: [UInt8]) throws -> [VCPUState] {
+        if VCPUStateCodec.isBinary(payload) { return try VCPUStateCodec.decode(payload) }
+        return try StateJSON.decode([VCPUState].self, from: payload, what: "vCPU section")
     }
 
     /// The machine state a verified body carries, for the machine `description` names.
     public static func decode(_ body: StateBody, description: MachineDescription) throws -> MachineState {
         MachineState(description: description,
-                     vcpus: try StateJSON.decode([VCPUState].self, from: body.vcpus, what: "vCPU section"),
+                     vcpus: try decodeVCPUs(body.vcpus),
                      devices: try StateJSON.decode(DeviceState.self, from: body.devices, what: "device section"))
     }
 }

@@ -35,6 +35,10 @@ final class VCPURunner: @unchecked Sendable {
     /// Held by the throttle: parked whatever the target, until released.
     private(set) var held = false              // guarded by control
     private var thread: pthread_t?             // guarded by control
+    /// The thread exists but waits, still `created`, until the machine starts (`prestart`).
+    private(set) var prestarted = false        // guarded by control
+    /// The machine started: a prestarted thread may go on.
+    private var launched = false               // guarded by control
 
     init(vcpu: VCPU, index: Int, control: NSCondition) {
         self.vcpu = vcpu
@@ -84,9 +88,30 @@ final class VCPURunner: @unchecked Sendable {
         startOSThread(name: "vcpu\(index)") { [self] in loop(dispatch: dispatch, end: end) }
     }
 
+    /// Starts the thread ahead of the machine: it waits, `created`, until `launchLocked` (or a
+    /// finish), so that a start then costs a wake-up rather than a thread's creation. Call
+    /// with `control` held.
+    func prestartLocked(dispatch: @escaping @Sendable (VCPUExit, VCPU) -> MachineExit?,
+                        end: @escaping @Sendable (MachineExit) -> Void) {
+        guard !prestarted else { return }
+        prestarted = true
+        start(dispatch: dispatch, end: end)
+    }
+
+    /// Lets a prestarted thread go on (the caller broadcasts). Call with `control` held.
+    func launchLocked() { launched = true }
+
     private func loop(dispatch: (VCPUExit, VCPU) -> MachineExit?, end: (MachineExit) -> Void) {
         KickSignal.unblockInThisThread()
         control.lock()
+        while prestarted && !launched && target != .finished { control.wait() }
+        if prestarted && !launched {
+            // Ended before the machine started: the thread goes without ever running.
+            state = .finished
+            control.broadcast()
+            control.unlock()
+            return
+        }
         thread = pthread_self()
         state = .running
         control.broadcast()

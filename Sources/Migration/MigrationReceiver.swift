@@ -13,6 +13,10 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     /// Checks the source's signature over the state stream (nil: the stream had none) before
     /// anything is applied; throws to refuse.
     func verifyState(signature: [UInt8]?, digest: [UInt8]) throws
+    /// After the accept, while the pages arrive: makes ready what `startGuest` needs that does
+    /// not depend on the state (the vCPU threads, waiting), so that the start on GO is short.
+    /// Nothing may run yet.
+    func prepareToStart()
     /// Starts the guest (after GO); throws if it may not run here after all (nothing started).
     func startGuest() throws
     /// As `startGuest`, and says when the lease was taken and when the vCPUs ran (CLOCK_MONOTONIC
@@ -43,6 +47,7 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
 }
 
 extension MigrationDestinationVM {
+    public func prepareToStart() {}
     public var announceSoFar: AnnounceReport? { nil }
     public var resumedAt: Double? { nil }
 }
@@ -149,6 +154,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         defer { if !committed { vm.discard() } }
         guard let owner = vm.owner else { throw MigrationError.refused("this destination has no owner record for the guest") }
         try send(.accept(host: owner.host, pid: owner.pid))
+        // While the pages arrive (not in the downtime).
+        vm.prepareToStart()
 
         // Data channels: the next connections bound to this migration, each read on a thread
         // of its own into guest memory while the main stream goes on here.

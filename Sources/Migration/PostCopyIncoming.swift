@@ -83,6 +83,9 @@ public final class PostCopyIncoming: Sendable {
         var recoveries = 0
         var listener: (any MigrationListener)?
         var listening: String?
+        /// Which `recover(timeoutSeconds:listen:)` the listener belongs to: the port may be the
+        /// same from one recovery to the next.
+        var listenerTurn = 0
         var pausedAt: Double?
         var figures: PostCopyFigures?
     }
@@ -395,26 +398,27 @@ public final class PostCopyIncoming: Sendable {
         }
         let listener = try listen()
         let address = "\(listener.address):\(listener.port)"
-        let accepted = state.withLock { s -> Bool in
-            guard s.phase == .postcopyPaused, s.listening == nil else { return false }
+        let turn = state.withLock { s -> Int? in
+            guard s.phase == .postcopyPaused, s.listening == nil else { return nil }
             s.listener = listener
             s.listening = address
-            return true
+            s.listenerTurn += 1
+            return s.listenerTurn
         }
-        guard accepted else {
+        guard let turn else {
             listener.shutdownListening()
             throw Refusal(description: "the migration changed state while the listener opened; look at it again")
         }
         let deadline = monotonicMilliseconds() + timeoutSeconds * 1000
-        startThread("postcopy-recover") { [self] in acceptRecovery(listener, address: address, deadline: deadline) }
+        startThread("postcopy-recover") { [self] in acceptRecovery(listener, address: address, turn: turn, deadline: deadline) }
         options.log("migration: post-copy recovery: listening at \(address) for '\(binding.sourceHost)'")
         return address
     }
 
-    private func acceptRecovery(_ listener: any MigrationListener, address: String, deadline: Double) {
+    private func acceptRecovery(_ listener: any MigrationListener, address: String, turn: Int, deadline: Double) {
         defer {
             listener.shutdownListening()
-            state.withLock { s in if s.listening == address { s.listener = nil; s.listening = nil } }
+            state.withLock { s in if s.listenerTurn == turn { s.listener = nil; s.listening = nil } }
         }
         while state.withLock({ $0.phase == .postcopyPaused }) {
             let transport: any MigrationTransport
@@ -479,6 +483,10 @@ public final class PostCopyIncoming: Sendable {
             s.error = nil
             s.pausedAt = nil
             s.main = transport
+            // This recovery is done listening: a link that fails again at once may be recovered
+            // again at once, before the accepting thread winds down.
+            s.listener = nil
+            s.listening = nil
             return s.generation
         }
         guard let generation else {

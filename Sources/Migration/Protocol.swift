@@ -96,8 +96,9 @@ import Snapshot
 //                                                                                guest started, RUNNING sent
 
 /// Version of this protocol; the destination refuses any other. (3: post-copy heartbeats and
-/// recovery; 4: data channels.)
-public let migrationProtocolVersion = 4
+/// recovery; 4: the vcpu section in binary, which a version 3 destination cannot read; 5: data
+/// channels, and round marks on the main stream.)
+public let migrationProtocolVersion = 5
 
 /// The most data channels a migration may ask for (`channels`); a destination refuses more.
 public let maxMigrationChannels = 8

@@ -65,6 +65,8 @@ extension AdmittedGuest: MigrationDestinationVM {
         try session.verifyIncomingSignature(decoded, digest: digest)
     }
 
+    public func prepareToStart() { machine.prestartVCPUThreads() }
+
     public func startGuest() throws { _ = try startGuestTimed() }
 
     public func startGuestTimed() throws -> GuestStartTimes {

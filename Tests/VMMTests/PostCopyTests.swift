@@ -313,6 +313,45 @@ struct PostCopyTests {
         #expect(isSequence(m.numbers), "gap or repeat: \(m.numbers.suffix(20))")
     }
 
+    @Test("the link cut again while a recovery resends the in-flight page: both sides pause a second time, keep what they have, and a second recovery finishes with the counter intact")
+    func secondFailureAfterRecovery() throws {
+        let m = try InterruptedPostCopy(.cut)
+        #expect(m.report.outcome == .postcopyPaused, "\(m.report.error ?? "")")
+        #expect(m.incoming.wait(for: [.postcopyPaused], timeout: 60) == .postcopyPaused)
+
+        // The first resume's connections fail at the first page they carry: at least the page
+        // whose request the first cut cut short is still missing, so one is always sent again.
+        let address = try m.guest.recoverIncomingMigration(listen: "127.0.0.1:0", timeoutSeconds: 120)
+        var resume = m.settings
+        resume.destination = address
+        resume.resume = true
+        let made = Mutex<[CuttableTransport]>([])
+        let machine = m.machine
+        let interrupted = m.sender.resumePostCopy(settings: resume) {
+            let t = CuttableTransport(try machine.connect(resume))
+            made.withLock { $0.append(t) }
+            t.onSend(where: { $0 >= 4096 }) { for each in made.withLock({ $0 }) { each.sever() } }
+            return t
+        }
+        #expect(interrupted.outcome == .postcopyPaused, "\(interrupted.error ?? "")")
+        #expect(m.machine.state == .paused, "the source resumed a guest the destination had taken")
+        #expect(m.sourceInstanceState == .pageServerAwaitingRecovery)
+        // Paused again after the first recovery took (not still paused from the first cut).
+        #expect(waitUntil(60) { m.incoming.status.recoveries == 1 && m.incoming.status.phase == .postcopyPaused },
+                "\(m.incoming.status)")
+        #expect(m.guest.exitResult == nil)
+        #expect(m.guest.session.holdsLease)
+
+        let resumed = try m.recover()
+        #expect(resumed.outcome == .completed, "\(resumed.error ?? "")")
+        #expect(m.incoming.wait(for: [.completed, .lost], timeout: 120) == .completed, "\(m.incoming.status.error ?? "")")
+        #expect(try #require(resumed.postcopy).recoveries == 2)
+        let before = m.numbers.count
+        #expect(waitUntil(120) { m.numbers.count >= before + 5 }, "the counter did not go on after the second recovery")
+        m.finish()
+        #expect(isSequence(m.numbers), "gap or repeat: \(m.numbers.suffix(20))")
+    }
+
     @Test("a link that goes silent during post-copy (no close, no error) is noticed by both sides through the heartbeats, and recovered")
     func silentLinkNoticed() throws {
         let m = try InterruptedPostCopy(.silent)
