@@ -18,6 +18,10 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     /// As `startGuest`, and says when the lease was taken and when the vCPUs ran (CLOCK_MONOTONIC
     /// ms), for the report.
     func startGuestTimed() throws -> GuestStartTimes
+    /// After READY, while the source hands the lease over and sends GO: prepares what starting
+    /// the guest needs (the vCPU threads, parked), so that the start after GO only releases them.
+    /// No guest instruction may run before `startGuest`.
+    func prepareStart()
     /// Throws away the reserved VM (a failure before GO).
     func discard()
     /// The host and process that will own the guest (sent in the accept), if it has an owner record.
@@ -45,6 +49,7 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
 extension MigrationDestinationVM {
     public var announceSoFar: AnnounceReport? { nil }
     public var resumedAt: Double? { nil }
+    public func prepareStart() {}
 }
 
 /// When a destination took the guest's lease and when its vCPUs ran (CLOCK_MONOTONIC ms).
@@ -107,7 +112,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
     /// `onManifest` runs once the manifest arrived (a caller's deadline for it can stop).
     ///
     /// Post-copy (the manifest allows it): `acceptPageChannel` gives the next incoming connection,
-    /// of which the one bound to this migration becomes the page channel; if the source switched,
+    /// of which the one bound to this migration becomes the page channel (right after the
+    /// accept, before any page: the source opens it then); if the source switched,
     /// the guest runs from GO and this returns then, while its missing pages go on arriving
     /// (`Result.incoming` owns `transport` from then on). If GO comes without a switch, pre-copy
     /// finished and the channel goes unused.
@@ -150,6 +156,23 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         guard let owner = vm.owner else { throw MigrationError.refused("this destination has no owner record for the guest") }
         try send(.accept(host: owner.host, pid: owner.pid))
 
+        // Post-copy allowed: the page channel opens now, while the guest still runs at the
+        // source, so that its handshake is not part of the downtime.
+        var pageChannel: (transport: any MigrationTransport, reader: StreamReader<TransportSource>, writer: StreamWriter<TransportSink>)?
+        if manifest.postcopy == true {
+            guard let acceptPageChannel else {
+                refuse("this destination does not take post-copy migrations")
+                throw MigrationError.refused("post-copy asked of a receiver without a page channel")
+            }
+            do {
+                pageChannel = try PageChannelDoor.accept(acceptPageChannel, challenge: challenge, mainPeer: authenticated, owner: owner)
+            } catch {
+                refuse("no page channel: \(error)")
+                throw error
+            }
+        }
+        defer { if !committed { pageChannel?.transport.close() } }
+
         // Pre-copy rounds and stop-and-copy: the same section sequence a snapshot file holds.
         let body = try StateSequence.readBody(from: &reader, into: vm.memory)
         let bodyRead = monotonicMilliseconds()
@@ -166,23 +189,11 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             refuse("the state does not apply here: \(error)")
             throw error
         }
-        var pageChannel: (transport: any MigrationTransport, reader: StreamReader<TransportSource>, writer: StreamWriter<TransportSink>)?
-        if manifest.postcopy == true {
-            guard let acceptPageChannel else {
-                refuse("this destination does not take post-copy migrations")
-                throw MigrationError.refused("post-copy asked of a receiver without a page channel")
-            }
-            do {
-                pageChannel = try PageChannelDoor.accept(acceptPageChannel, challenge: challenge, mainPeer: authenticated, owner: owner)
-            } catch {
-                refuse("no page channel: \(error)")
-                throw error
-            }
-        }
-        defer { if !committed { pageChannel?.transport.close() } }
         let received = TransferCounts(pages: body.pages, memorySections: body.memorySections)
         try send(.ready(received))
         var phases = DestinationPhases(apply: monotonicMilliseconds() - bodyRead, bootID: kernelBootID)
+        // While READY travels and the source commits its lease: off the path from GO to the resume.
+        vm.prepareStart()
 
         var commit = try StreamReader(source: TransportSource(transport), integrity: integrity)
         guard var goSection = try commit.nextSection(), goSection.type == .control else {
@@ -227,6 +238,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             vm.attachPostCopy(made)
             incoming = made
         }
+        let prepared = monotonicMilliseconds()
+        if incoming != nil { phases.postcopySetup = prepared - goRead }
         let started: GuestStartTimes
         do { started = try vm.startGuestTimed() } catch {
             incoming?.abandonBeforeStart()
@@ -234,7 +247,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         }
         committed = true
         let resumedAt = started.resumed
-        phases.lease = max(0, started.leaseTaken - goRead)
+        phases.lease = max(0, started.leaseTaken - (incoming != nil ? prepared : goRead))
         phases.start = max(0, started.resumed - started.leaseTaken)
         // The guest runs here now, whatever happens to this reply.
         try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt, announce: vm.announceSoFar,

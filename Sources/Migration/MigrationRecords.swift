@@ -323,10 +323,12 @@ public struct DowntimePhases: Codable, Sendable, Equatable {
 /// The destination's share of the downtime, on its own clock, sent back in RUNNING.
 public struct DestinationPhases: Codable, Sendable, Equatable {
     /// The end of the state stream read → READY sent: the signature checked (plaintext), vCPU
-    /// and device state applied (post-copy: the page channel accepted too).
+    /// and device state applied.
     public var apply: Double = 0
-    /// GO read → the lease taken in this host's store (post-copy: the missing pages dropped
-    /// and registered with the fault server first).
+    /// Post-copy only: GO read → the missing pages dropped, the memory registered with the fault
+    /// server and the page channel served. Inside `lease`'s span, before it.
+    public var postcopySetup: Double?
+    /// GO read (post-copy: the fault server ready) → the lease taken in this host's store.
     public var lease: Double = 0
     /// The lease taken → every vCPU thread running the guest.
     public var start: Double = 0
@@ -343,6 +345,7 @@ public struct DestinationPhases: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case apply, lease, start
+        case postcopySetup = "postcopy_setup"
         case bootID = "boot_id"
     }
 }

@@ -86,8 +86,8 @@ import Snapshot
 //                                                                                guest started, RUNNING sent
 
 /// Version of this protocol; the destination refuses any other. (3: post-copy heartbeats and
-/// recovery.)
-public let migrationProtocolVersion = 3
+/// recovery. 4: the page channel opens right after the accept, not inside the pause.)
+public let migrationProtocolVersion = 4
 
 /// What the source says of the migration it starts, bound to the destination's challenge.
 public struct MigrationManifest: Codable, Sendable, Equatable {
