@@ -174,7 +174,18 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         defer { if !committed { pageChannel?.transport.close() } }
 
         // Pre-copy rounds and stop-and-copy: the same section sequence a snapshot file holds.
-        let body = try StateSequence.readBody(from: &reader, into: vm.memory)
+        let body = try StateSequence.readBody(from: &reader, into: vm.memory) { payload, pages, sections in
+            // A drain: the source pauses once everything it sent is applied, so that nothing
+            // still in flight is read inside the downtime.
+            guard case let .drain(sent) = try WireMessage.decode(payload) else {
+                throw MigrationError.protocolViolation("only a drain may come among the pages")
+            }
+            let applied = TransferCounts(pages: pages, memorySections: sections)
+            guard sent == applied else {
+                throw MigrationError.protocolViolation("the source sent \(sent) before its drain but \(applied) arrived")
+            }
+            try send(.drained(applied))
+        }
         let bodyRead = monotonicMilliseconds()
         if authenticated == nil {
             // Plaintext: the source host's signature over every byte, the manifest and its

@@ -380,6 +380,9 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
     public var recoveries: Int = 0
     /// Faults that waited for a recovery (their page could not be asked for while the link was down).
     public var faultsPostponed: Int = 0
+    /// Just before the switch's pause, while the guest still ran: the drain (the destination
+    /// applying every page in flight) until its answer came.
+    public var drainMs: Double?
 
     public init() {}
 
@@ -398,6 +401,7 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
         case lastPageAfterMs = "last_page_after_ms"
         case recoveries
         case faultsPostponed = "faults_postponed"
+        case drainMs = "drain_ms"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -419,6 +423,7 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
         lastPageAfterMs = try c.decodeIfPresent(Double.self, forKey: .lastPageAfterMs) ?? 0
         recoveries = try c.decodeIfPresent(Int.self, forKey: .recoveries) ?? 0
         faultsPostponed = try c.decodeIfPresent(Int.self, forKey: .faultsPostponed) ?? 0
+        drainMs = try c.decodeIfPresent(Double.self, forKey: .drainMs)
     }
 }
 
@@ -602,5 +607,6 @@ extension PostCopyFigures {
         switchedMidRound = other.switchedMidRound
         stall = other.stall
         stallReason = other.stallReason
+        drainMs = other.drainMs
     }
 }

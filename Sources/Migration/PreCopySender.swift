@@ -94,9 +94,10 @@ public final class PreCopySender: Sendable {
     static let maxExtraRounds = 4
     /// Pages per memory section (the format's limit).
     static let batchPages = 512
-    /// Post-copy: at most this many of the guest's hot pages (written in each of the last two
-    /// rounds: its stack, its counters) go with the state inside the pause, so that the guest
-    /// does not stop on them the moment it resumes at the destination. More go by fault or push.
+    /// Post-copy: at most this many of the guest's hot pages (the ones it wrote in its last
+    /// moments here: its stack, its counters, its page tables, where it was writing) go with the
+    /// state inside the pause, so that the guest does not stop on them the moment it resumes at
+    /// the destination. A hotter guest's go by fault or push.
     static let hotPagesAtSwitch = 256
 
     /// How long a post-copy link may stay quiet before it counts as failed.
@@ -574,6 +575,25 @@ public final class PreCopySender: Sendable {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
+        // What is still in flight (the sockets' buffers, the TLS layers') is read and applied
+        // while the guest runs here, not inside the pause.
+        let drainStart = monotonicMilliseconds()
+        try run.writer.writeSection(.control, payload: WireMessage.drain(run.sent).encoded())
+        try run.writer.sink.flush()
+        guard case let .drained(applied) = try next(from: &run.reader, expecting: "drained") else {
+            throw MigrationError.protocolViolation("expected drained")
+        }
+        guard applied == run.sent else {
+            throw MigrationError.aborted("the destination applied \(applied) but \(run.sent) were sent")
+        }
+        run.report.postcopy?.drainMs = monotonicMilliseconds() - drainStart
+        var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
+        // The pages still to go are logged again from here (they stay missing all the same), so
+        // that what is collected in the pause is what the guest wrote in its last moments here,
+        // the intent's sync below: the pages it will touch first at the destination.
+        for (index, word) in missing.words.enumerated() where word != 0 {
+            try vm.dirtyTracker.rearm(firstPage: UInt64(index) * 64, mask: word)
+        }
         // Durable before the pause, as for stop-and-copy: the commit inside it need not sync.
         let intentStart = monotonicMilliseconds()
         try vm.prepareHandover(toHost: run.destinationHost, toPid: run.destinationPid, challenge: run.challenge)
@@ -582,11 +602,14 @@ public final class PreCopySender: Sendable {
         guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
         run.paused = true
         run.marks.paused = monotonicMilliseconds()
-        var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
-        missing.formUnion(try vm.dirtyTracker.collect())
-        // The hot pages the destination lacks: sent now, they are there when the guest resumes.
+        let recent = try vm.dirtyTracker.collect()
+        missing.formUnion(recent)
+        // The hot pages: sent now, they are there when the guest resumes. Too many written in
+        // those moments, those also written in each of the last two rounds, if they are few.
+        var hot = recent
+        if hot.count > Self.hotPagesAtSwitch { hot = run.hot?.intersection(missing) ?? DirtyBitmap(pageCount: missing.pageCount) }
         var sentNow = 0
-        if let hot = run.hot?.intersection(missing), !hot.isEmpty, hot.count <= Self.hotPagesAtSwitch {
+        if !hot.isEmpty && hot.count <= Self.hotPagesAtSwitch {
             sentNow = try sendPages(hot, writer: &run.writer, rearm: false, report: &run.report, counts: &run.sent,
                                     t0: run.t0, stopAndCopy: true).sent
             missing = missing.subtracting(hot)

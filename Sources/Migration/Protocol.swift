@@ -86,7 +86,8 @@ import Snapshot
 //                                                                                guest started, RUNNING sent
 
 /// Version of this protocol; the destination refuses any other. (3: post-copy heartbeats and
-/// recovery. 4: the page channel opens right after the accept, not inside the pause.)
+/// recovery. 4: the page channel opens right after the accept, not inside the pause; the
+/// post-copy switch drains the pages in flight before its pause.)
 public let migrationProtocolVersion = 4
 
 /// What the source says of the migration it starts, bound to the destination's challenge.
@@ -193,6 +194,11 @@ public enum WireMessage: Sendable, Equatable {
     /// Post-copy recovery, destination to source: the resume is accepted, and these are the
     /// pages it still lacks (a bitmap as in `postcopy`); the source sends exactly those.
     case stillMissing(missing: Data)
+    /// Source to destination, among the pages just before the switch's pause: answer once every
+    /// page before this is applied (these are the counts sent so far).
+    case drain(TransferCounts)
+    /// Destination to source, the answer to `drain`: the counts applied so far.
+    case drained(TransferCounts)
 
     /// The message's kind, for errors.
     public var kind: String {
@@ -211,6 +217,8 @@ public enum WireMessage: Sendable, Equatable {
         case .heartbeat: "heartbeat"
         case .resume: "resume"
         case .stillMissing: "still-missing"
+        case .drain: "drain"
+        case .drained: "drained"
         }
     }
 
@@ -268,6 +276,7 @@ public enum WireMessage: Sendable, Equatable {
             case .heartbeat: break
             case let .resume(r): resume = r
             case let .stillMissing(missing): missingPages = missing
+            case let .drain(counts), let .drained(counts): self.counts = counts
             }
         }
 
@@ -319,6 +328,12 @@ public enum WireMessage: Sendable, Equatable {
             case "still-missing":
                 guard let missingPages else { throw missing("missingPages") }
                 return .stillMissing(missing: missingPages)
+            case "drain":
+                guard let counts else { throw missing("counts") }
+                return .drain(counts)
+            case "drained":
+                guard let counts else { throw missing("counts") }
+                return .drained(counts)
             default:
                 throw MigrationError.protocolViolation("unknown control message kind '\(kind)'")
             }

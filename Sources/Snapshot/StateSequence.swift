@@ -70,7 +70,11 @@ public enum StateSequence {
 
     /// Reads every section after the description up to and including `end` (and no further: a
     /// connection that stays open is not read past it), applying memory sections to `memory`.
-    public static func readBody<S: ByteSource>(from reader: inout StreamReader<S>, into memory: GuestMemory) throws -> StateBody {
+    /// `onControl` (a migration; nil for a file, where a control section is an error) takes the
+    /// control sections among the pages, with the pages and memory sections applied before it.
+    public static func readBody<S: ByteSource>(from reader: inout StreamReader<S>, into memory: GuestMemory,
+                                               onControl: ((_ payload: [UInt8], _ pages: Int, _ memorySections: Int) throws -> Void)? = nil)
+        throws -> StateBody {
         var vcpus: [UInt8]?, devices: [UInt8]?
         var signature: [UInt8]?, signedDigest: [UInt8] = []
         var pages = 0, zeroPages = 0, memorySections = 0
@@ -101,6 +105,8 @@ public enum StateSequence {
                 guard let devices else { throw SnapshotFormatError.sectionOrder("no device section") }
                 return StateBody(vcpus: vcpus, devices: devices, signature: signature, signedDigest: signedDigest,
                                  pages: pages, zeroPages: zeroPages, memorySections: memorySections)
+            case .control where onControl != nil && vcpus == nil:
+                try onControl?(section.payload, pages, memorySections)
             case .machine, .control:
                 throw SnapshotFormatError.sectionOrder("unexpected \(section.type) section at offset \(section.offset)")
             }
