@@ -16,12 +16,16 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
     /// After the accept, while the pages arrive: makes ready what `startGuest` needs that does
     /// not depend on the state (the vCPU threads, waiting), so that the start on GO is short.
     /// Nothing may run yet.
-    func prepareToStart()
+    func prestartVCPUThreads()
     /// Starts the guest (after GO); throws if it may not run here after all (nothing started).
     func startGuest() throws
     /// As `startGuest`, and says when the lease was taken and when the vCPUs ran (CLOCK_MONOTONIC
     /// ms), for the report.
     func startGuestTimed() throws -> GuestStartTimes
+    /// After READY, while the source hands the lease over and sends GO: the vCPU threads (made
+    /// by `prestartVCPUThreads`) launched and parked with the state applied, so that the start
+    /// after GO only releases them. No guest instruction may run before `startGuest`.
+    func parkVCPUsForStart()
     /// Throws away the reserved VM (a failure before GO).
     func discard()
     /// The host and process that will own the guest (sent in the accept), if it has an owner record.
@@ -47,9 +51,10 @@ public protocol MigrationDestinationVM: AnyObject, Sendable {
 }
 
 extension MigrationDestinationVM {
-    public func prepareToStart() {}
+    public func prestartVCPUThreads() {}
     public var announceSoFar: AnnounceReport? { nil }
     public var resumedAt: Double? { nil }
+    public func parkVCPUsForStart() {}
 }
 
 /// When a destination took the guest's lease and when its vCPUs ran (CLOCK_MONOTONIC ms).
@@ -112,7 +117,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
     /// `onManifest` runs once the manifest arrived (a caller's deadline for it can stop).
     ///
     /// Post-copy (the manifest allows it): `acceptPageChannel` gives the next incoming connection,
-    /// of which the one bound to this migration becomes the page channel; if the source switched,
+    /// of which the one bound to this migration becomes the page channel (right after the
+    /// accept, before any page: the source opens it then); if the source switched,
     /// the guest runs from GO and this returns then, while its missing pages go on arriving
     /// (`Result.incoming` owns `transport` from then on). If GO comes without a switch, pre-copy
     /// finished and the channel goes unused.
@@ -155,7 +161,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         guard let owner = vm.owner else { throw MigrationError.refused("this destination has no owner record for the guest") }
         try send(.accept(host: owner.host, pid: owner.pid))
         // While the pages arrive (not in the downtime).
-        vm.prepareToStart()
+        vm.prestartVCPUThreads()
 
         // Data channels: the next connections bound to this migration, each read on a thread
         // of its own into guest memory while the main stream goes on here.
@@ -176,16 +182,46 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         }
         defer { if !committed { channels?.close() } }
 
+        // Post-copy allowed: the page channel opens now, while the guest still runs at the
+        // source, so that its handshake is not part of the downtime.
+        var pageChannel: (transport: any MigrationTransport, reader: StreamReader<TransportSource>, writer: StreamWriter<TransportSink>)?
+        if manifest.postcopy == true {
+            guard let acceptPageChannel else {
+                refuse("this destination does not take post-copy migrations")
+                throw MigrationError.refused("post-copy asked of a receiver without a page channel")
+            }
+            do {
+                pageChannel = try PageChannelDoor.accept(acceptPageChannel, challenge: challenge, mainPeer: authenticated, owner: owner)
+            } catch {
+                refuse("no page channel: \(error)")
+                throw error
+            }
+        }
+        defer { if !committed { pageChannel?.transport.close() } }
+
         // Pre-copy rounds and stop-and-copy: the same section sequence a snapshot file holds
         // (with data channels, round marks on the main stream and no memory there).
         var body: StateBody
         var tallies: [IncomingDataChannels.Tally] = []
         do {
-            body = try StateSequence.readBody(from: &reader, into: vm.memory, control: channels == nil ? nil : { payload in
-                guard case .roundMark = try WireMessage.decode(payload) else {
-                    throw MigrationError.protocolViolation("only round marks may come between the pages of a migration with data channels")
+            body = try StateSequence.readBody(from: &reader, into: vm.memory) { payload, pages, sections in
+                switch try WireMessage.decode(payload) {
+                case .roundMark where channels != nil:
+                    break
+                case let .drain(sent) where channels == nil:
+                    // A drain: the source pauses once everything it sent is applied, so that
+                    // nothing still in flight is read inside the downtime.
+                    let applied = TransferCounts(pages: pages, memorySections: sections)
+                    guard sent == applied else {
+                        throw MigrationError.protocolViolation("the source sent \(sent) before its drain but \(applied) arrived")
+                    }
+                    try send(.drained(applied))
+                default:
+                    throw MigrationError.protocolViolation(channels == nil
+                        ? "only a drain may come among the pages"
+                        : "only round marks may come between the pages of a migration with data channels")
                 }
-            })
+            }
             // Every channel's pages applied before READY: the counts cover them all.
             tallies = try channels?.wait() ?? []
         } catch {
@@ -216,23 +252,11 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             refuse("the state does not apply here: \(error)")
             throw error
         }
-        var pageChannel: (transport: any MigrationTransport, reader: StreamReader<TransportSource>, writer: StreamWriter<TransportSink>)?
-        if manifest.postcopy == true {
-            guard let acceptPageChannel else {
-                refuse("this destination does not take post-copy migrations")
-                throw MigrationError.refused("post-copy asked of a receiver without a page channel")
-            }
-            do {
-                pageChannel = try PageChannelDoor.accept(acceptPageChannel, challenge: challenge, mainPeer: authenticated, owner: owner)
-            } catch {
-                refuse("no page channel: \(error)")
-                throw error
-            }
-        }
-        defer { if !committed { pageChannel?.transport.close() } }
         let received = TransferCounts(pages: body.pages, memorySections: body.memorySections)
         try send(.ready(received))
         var phases = DestinationPhases(apply: monotonicMilliseconds() - bodyRead, bootID: kernelBootID)
+        // While READY travels and the source commits its lease: off the path from GO to the resume.
+        vm.parkVCPUsForStart()
 
         var commit = try StreamReader(source: TransportSource(transport), integrity: integrity)
         guard var goSection = try commit.nextSection(), goSection.type == .control else {
@@ -277,6 +301,8 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             vm.attachPostCopy(made)
             incoming = made
         }
+        let prepared = monotonicMilliseconds()
+        if incoming != nil { phases.postcopySetup = prepared - goRead }
         let started: GuestStartTimes
         do { started = try vm.startGuestTimed() } catch {
             incoming?.abandonBeforeStart()
@@ -284,7 +310,7 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
         }
         committed = true
         let resumedAt = started.resumed
-        phases.lease = max(0, started.leaseTaken - goRead)
+        phases.lease = max(0, started.leaseTaken - (incoming != nil ? prepared : goRead))
         phases.start = max(0, started.resumed - started.leaseTaken)
         // The guest runs here now, whatever happens to this reply.
         try? replies.writeSection(.control, payload: WireMessage.running(resumedAt: resumedAt, announce: vm.announceSoFar,

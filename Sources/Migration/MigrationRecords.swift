@@ -332,10 +332,12 @@ public struct DowntimePhases: Codable, Sendable, Equatable {
 /// The destination's share of the downtime, on its own clock, sent back in RUNNING.
 public struct DestinationPhases: Codable, Sendable, Equatable {
     /// The end of the state stream read → READY sent: the signature checked (plaintext), vCPU
-    /// and device state applied (post-copy: the page channel accepted too).
+    /// and device state applied.
     public var apply: Double = 0
-    /// GO read → the lease taken in this host's store (post-copy: the missing pages dropped
-    /// and registered with the fault server first).
+    /// Post-copy only: GO read → the missing pages dropped, the memory registered with the fault
+    /// server and the page channel served. Inside `lease`'s span, before it.
+    public var postcopySetup: Double?
+    /// GO read (post-copy: the fault server ready) → the lease taken in this host's store.
     public var lease: Double = 0
     /// The lease taken → every vCPU thread running the guest.
     public var start: Double = 0
@@ -352,6 +354,7 @@ public struct DestinationPhases: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case apply, lease, start
+        case postcopySetup = "postcopy_setup"
         case bootID = "boot_id"
     }
 }
@@ -386,6 +389,9 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
     public var recoveries: Int = 0
     /// Faults that waited for a recovery (their page could not be asked for while the link was down).
     public var faultsPostponed: Int = 0
+    /// Just before the switch's pause, while the guest still ran: the drain (the destination
+    /// applying every page in flight) until its answer came.
+    public var drainMs: Double?
 
     public init() {}
 
@@ -404,6 +410,7 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
         case lastPageAfterMs = "last_page_after_ms"
         case recoveries
         case faultsPostponed = "faults_postponed"
+        case drainMs = "drain_ms"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -425,6 +432,7 @@ public struct PostCopyFigures: Codable, Sendable, Equatable {
         lastPageAfterMs = try c.decodeIfPresent(Double.self, forKey: .lastPageAfterMs) ?? 0
         recoveries = try c.decodeIfPresent(Int.self, forKey: .recoveries) ?? 0
         faultsPostponed = try c.decodeIfPresent(Int.self, forKey: .faultsPostponed) ?? 0
+        drainMs = try c.decodeIfPresent(Double.self, forKey: .drainMs)
     }
 }
 
@@ -608,5 +616,6 @@ extension PostCopyFigures {
         switchedMidRound = other.switchedMidRound
         stall = other.stall
         stallReason = other.stallReason
+        drainMs = other.drainMs
     }
 }

@@ -117,7 +117,15 @@ public final class PostCopyIncoming: Sendable {
         let source = PostCopyPageSource(missing: missing, memorySize: vm.memory.size, clock: clock)
         // The pages that changed after they were sent go, so that they fault; then the memory is
         // registered and every missing page comes from the source.
-        for pfn in source.frames { try vm.memory.discardPages(atPageFrame: pfn, count: 1) }
+        // One madvise per run of consecutive frames, not per page: this is downtime.
+        var i = 0
+        let frames = source.frames
+        while i < frames.count {
+            var j = i + 1
+            while j < frames.count && frames[j] == frames[j - 1] + 1 { j += 1 }
+            try vm.memory.discardPages(atPageFrame: frames[i], count: UInt64(j - i))
+            i = j
+        }
         let backref = Backref()
         server = try FaultServer(memory: vm.memory, source: source, onUnavailable: { _ in
             // The page source reports the broken channel itself, with its generation.

@@ -138,7 +138,8 @@ final class PostCopyPageServer: Sendable {
 
 /// The page channel, source end: opened with the migration's `connect` (the same authentication
 /// and expected peer as the main connection), bound by the main connection's challenge, and
-/// accepted by the destination before it says READY.
+/// accepted by the destination right after its accept on the main connection (before any page;
+/// a recovery opens one after the destination's fresh challenge).
 struct PageChannel {
     let transport: any MigrationTransport
     var reader: StreamReader<TransportSource>

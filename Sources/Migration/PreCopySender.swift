@@ -96,6 +96,11 @@ public final class PreCopySender: Sendable {
     static let maxExtraRounds = 4
     /// Pages per memory section (the format's limit).
     static let batchPages = 512
+    /// Post-copy: at most this many of the guest's hot pages (the ones it wrote in its last
+    /// moments here: its stack, its counters, its page tables, where it was writing) go with the
+    /// state inside the pause, so that the guest does not stop on them the moment it resumes at
+    /// the destination. A hotter guest's go by fault or push.
+    static let hotPagesAtSwitch = 256
 
     /// How long a post-copy link may stay quiet before it counts as failed.
     let postcopyLiveness: PostCopyLiveness
@@ -195,6 +200,8 @@ public final class PreCopySender: Sendable {
         var tracking = false
         /// Post-copy: the pages the destination lacks at the switch, and the page channel.
         var missing: DirtyBitmap?
+        /// Post-copy: the pages written in each of the last two rounds (or held back as such).
+        var hot: DirtyBitmap?
         var pageChannel: PageChannel?
         /// Serves the page channel from GO on.
         var pageService: PageService?
@@ -226,7 +233,7 @@ public final class PreCopySender: Sendable {
             let transport = try connect()
             state.withLock { $0.transport = transport }
             defer { transport.close() }
-            var run = try setup(transport, t0: t0, report: report)
+            var run = try setup(transport, t0: t0, report: report, connect: connect)
             defer { report = run.report; paused = run.paused; tracking = run.tracking }
             if settings.channels > 1 {
                 let channels = try DataChannels.open(count: settings.channels, connect: connect, challenge: run.challenge,
@@ -241,18 +248,15 @@ public final class PreCopySender: Sendable {
             defer {
                 run.channels?.close()
                 state.withLock { $0.channels = nil }
+                run.pageService?.stop()
+                run.pageChannel?.transport.close()
             }
             try precopy(&run)
             if run.missing == nil {
-                try stopAndCopy(&run, connect: connect)
-                defer { run.pageChannel?.transport.close() }
+                try stopAndCopy(&run)
                 try handover(&run, transport: transport)
             } else {
-                try switchToPostCopy(&run, connect: connect)
-                defer {
-                    run.pageService?.stop()
-                    run.pageChannel?.transport.close()
-                }
+                try switchToPostCopy(&run)
                 try handover(&run, transport: transport)
                 try postcopy(&run, transport: transport)
             }
@@ -272,8 +276,11 @@ public final class PreCopySender: Sendable {
 
     /// Setup: the destination's challenge (its host, authenticated on a TLS channel, must be the
     /// peer this migration names), then the manifest that answers it, then the accept
-    /// (admitted, VM reserved). No guest byte is written before the challenge arrived.
-    private func setup(_ transport: any MigrationTransport, t0: Double, report: MigrationReport) throws -> Run {
+    /// (admitted, VM reserved). No guest byte is written before the challenge arrived. A
+    /// migration that may switch to post-copy then opens its page channel, while the guest runs:
+    /// its handshake must not count in the downtime.
+    private func setup(_ transport: any MigrationTransport, t0: Double, report: MigrationReport,
+                       connect: () throws -> any MigrationTransport) throws -> Run {
         try checkCancelled()
         guard (1...maxMigrationChannels).contains(settings.channels) else {
             throw MigrationError.aborted("channels must be 1 to \(maxMigrationChannels), not \(settings.channels)")
@@ -315,6 +322,10 @@ public final class PreCopySender: Sendable {
         run.challenge = nonce
         run.destinationHost = host
         run.destinationPid = pid
+        if settings.postcopy {
+            // Bound to this connection by its challenge, to the same authenticated peer.
+            run.pageChannel = try PageChannel.open(connect: connect, challenge: nonce, mainPeer: transport.authenticatedPeer)
+        }
         run.report.setupMs = monotonicMilliseconds() - t0
         return run
     }
@@ -460,6 +471,9 @@ public final class PreCopySender: Sendable {
         }
         if let trigger {
             run.missing = pending
+            var hotOrHeld = hot
+            hotOrHeld.formUnion(held)
+            run.hot = hotOrHeld
             run.switchedAfterRounds = round
             var figures = PostCopyFigures()
             figures.trigger = trigger
@@ -482,7 +496,7 @@ public final class PreCopySender: Sendable {
 
     /// Stop-and-copy: the guest pauses; the last dirty pages, vCPU and device state, the
     /// signature and the end of the state stream follow.
-    private func stopAndCopy(_ run: inout Run, connect: () throws -> any MigrationTransport) throws {
+    private func stopAndCopy(_ run: inout Run) throws {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
@@ -514,12 +528,7 @@ public final class PreCopySender: Sendable {
         try run.writer.sink.flush()
         run.marks.state = monotonicMilliseconds()
         run.report.bytesSent = run.bytesOnWire
-        if settings.postcopy {
-            // The manifest allowed post-copy, so the destination waits for a page channel before
-            // READY; none of the pages will need it, and GO comes without a switch.
-            run.pageChannel = try PageChannel.open(connect: connect, challenge: run.challenge,
-                                                   mainPeer: state.withLock { $0.transport?.authenticatedPeer })
-        }
+        // A page channel (the manifest allowed post-copy) stays unused: GO comes without a switch.
         update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
     }
 
@@ -582,13 +591,9 @@ public final class PreCopySender: Sendable {
         }
         run.marks.running = monotonicMilliseconds()
         run.report.destinationAnnounce = announce
-        if postcopy {
-            run.report.downtimeMs = resumedAt - run.pauseTime
-        } else {
-            let phases = run.marks.phases(pausedAt: run.pauseTime, resumedAt: resumedAt, destination: destination)
-            run.report.downtimePhasesMs = phases
-            run.report.downtimeMs = phases.inDowntime.reduce(0, +)
-        }
+        let phases = run.marks.phases(pausedAt: run.pauseTime, resumedAt: resumedAt, destination: destination)
+        run.report.downtimePhasesMs = phases
+        run.report.downtimeMs = phases.inDowntime.reduce(0, +)
         try? vm.dirtyTracker.disable()
         if postcopy {
             // Recorded after the downtime: the store's write need not delay the guest.
@@ -599,29 +604,63 @@ public final class PreCopySender: Sendable {
         update { $0.phase = .completed }
     }
 
-    /// The switch to post-copy: the guest pauses here for good once GO goes out; the vCPU and
-    /// device state close the state stream without the last dirty pages (they stay missing at
-    /// the destination, with the pages never sent); the page channel opens and the destination
-    /// accepts it before READY.
-    private func switchToPostCopy(_ run: inout Run, connect: () throws -> any MigrationTransport) throws {
+    /// The switch to post-copy: the guest pauses here for good once GO goes out; the guest's hot
+    /// pages (when few), the vCPU and device state close the state stream without the other
+    /// pages dirtied since they were sent (they stay missing at the destination, with the pages
+    /// never sent). The page channel is open since the setup.
+    private func switchToPostCopy(_ run: inout Run) throws {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
+        // What is still in flight (the sockets' buffers, the TLS layers') is read and applied
+        // while the guest runs here, not inside the pause.
+        let drainStart = monotonicMilliseconds()
+        try run.writer.writeSection(.control, payload: WireMessage.drain(run.sent).encoded())
+        try run.writer.sink.flush()
+        guard case let .drained(applied) = try next(from: &run.reader, expecting: "drained") else {
+            throw MigrationError.protocolViolation("expected drained")
+        }
+        guard applied == run.sent else {
+            throw MigrationError.aborted("the destination applied \(applied) but \(run.sent) were sent")
+        }
+        run.report.postcopy?.drainMs = monotonicMilliseconds() - drainStart
+        var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
+        // The pages still to go are logged again from here (they stay missing all the same), so
+        // that what is collected in the pause is what the guest wrote in its last moments here,
+        // the intent's sync below: the pages it will touch first at the destination.
+        for (index, word) in missing.words.enumerated() where word != 0 {
+            try vm.dirtyTracker.rearm(firstPage: UInt64(index) * 64, mask: word)
+        }
+        // Durable before the pause, as for stop-and-copy: the commit inside it need not sync.
+        let intentStart = monotonicMilliseconds()
+        try vm.prepareHandover(toHost: run.destinationHost, toPid: run.destinationPid, challenge: run.challenge)
+        run.report.handoverIntentMs = monotonicMilliseconds() - intentStart
+        run.pauseTime = monotonicMilliseconds()
         guard vm.pauseForMigration() else { throw MigrationError.aborted("the guest stopped during the migration") }
         run.paused = true
-        run.pauseTime = monotonicMilliseconds()
-        var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
-        missing.formUnion(try vm.dirtyTracker.collect())
+        run.marks.paused = monotonicMilliseconds()
+        let recent = try vm.dirtyTracker.collect()
+        missing.formUnion(recent)
+        // The hot pages: sent now, they are there when the guest resumes. Too many written in
+        // those moments, those also written in each of the last two rounds, if they are few.
+        var hot = recent
+        if hot.count > Self.hotPagesAtSwitch { hot = run.hot?.intersection(missing) ?? DirtyBitmap(pageCount: missing.pageCount) }
+        var sentNow = 0
+        if !hot.isEmpty && hot.count <= Self.hotPagesAtSwitch {
+            sentNow = try sendPages(hot, writer: &run.writer, rearm: false, report: &run.report, counts: &run.sent,
+                                    t0: run.t0, stopAndCopy: true).sent
+            missing = missing.subtracting(hot)
+        }
         run.missing = missing
         run.report.postcopy?.pagesMissingAtSwitch = missing.count
-        run.report.pagesPerRound.append(0)
+        run.report.pagesPerRound.append(sentNow)
+        run.marks.lastPages = monotonicMilliseconds()
         let (vcpu, devices) = try vm.statePayloads()
         let signed = run.integrity.hasStreamDigest
         try StateSequence.writeClosing(vcpus: vcpu, devices: devices, to: &run.writer) { signed ? try vm.signState(digest: $0) : nil }
         try run.writer.sink.flush()
+        run.marks.state = monotonicMilliseconds()
         run.report.bytesSent = run.writer.bytesWritten
-        run.pageChannel = try PageChannel.open(connect: connect, challenge: run.challenge,
-                                               mainPeer: state.withLock { $0.transport?.authenticatedPeer })
         update { $0.phase = .handover; $0.dirtyPagesLeft = missing.count }
     }
 
@@ -1032,7 +1071,7 @@ struct DowntimeMarks {
             p.runningReply = running - resumedAt
         } else {
             p.clock = "estimated"
-            let there = (destination?.lease ?? 0) + (destination?.start ?? 0)
+            let there = (destination?.postcopySetup ?? 0) + (destination?.lease ?? 0) + (destination?.start ?? 0)
             let wire = max(0, running - go - there)
             p.resume = there + wire / 2
             p.runningReply = wire / 2

@@ -52,9 +52,13 @@ import Snapshot
 // reached its end, and counts the pages of all of them.
 //
 // Post-copy (the manifest says so; docs/migration.md "Post-copy" draws it): the state stream
-// closes without the last dirty pages; before READY the source opens a second connection, the
-// page channel (control{page-channel: the challenge}, control{accept}); stream 2 carries
-// control{postcopy: the bitmap of missing pages} before GO. After RUNNING:
+// closes without the last dirty pages; right after the accept, while the guest still runs, the
+// source opens a second connection, the page channel (control{page-channel: the challenge},
+// control{accept}). At the switch, before its pause, the source writes control{drain: the
+// counts so far} among the pages and waits for control{drain}'s answer control{drained: the
+// counts applied}, so that no page is still in flight inside the pause; then it pauses and
+// sends the pages the guest wrote last with the state. Stream 2 carries control{postcopy: the
+// bitmap of missing pages} before GO. After RUNNING:
 //
 //   page channel:  destination -> control{page-request: pfn} | control{heartbeat}
 //                  source      -> memory section (that one page) | control{refuse} | control{heartbeat}
@@ -96,8 +100,10 @@ import Snapshot
 //                                                                                guest started, RUNNING sent
 
 /// Version of this protocol; the destination refuses any other. (3: post-copy heartbeats and
-/// recovery; 4: the vcpu section in binary, which a version 3 destination cannot read; 5: data
-/// channels, and round marks on the main stream.)
+/// recovery; 4: the vcpu section in binary, which a version 3 destination cannot read, the page
+/// channel opened right after the accept rather than inside the pause, and the post-copy
+/// switch's drain of the pages in flight before its pause; 5: data channels, and round marks on
+/// the main stream.)
 public let migrationProtocolVersion = 5
 
 /// The most data channels a migration may ask for (`channels`); a destination refuses more.
@@ -217,6 +223,11 @@ public enum WireMessage: Sendable, Equatable {
     /// Post-copy recovery, destination to source: the resume is accepted, and these are the
     /// pages it still lacks (a bitmap as in `postcopy`); the source sends exactly those.
     case stillMissing(missing: Data)
+    /// Source to destination, among the pages just before the switch's pause: answer once every
+    /// page before this is applied (these are the counts sent so far).
+    case drain(TransferCounts)
+    /// Destination to source, the answer to `drain`: the counts applied so far.
+    case drained(TransferCounts)
 
     /// The message's kind, for errors.
     public var kind: String {
@@ -237,6 +248,8 @@ public enum WireMessage: Sendable, Equatable {
         case .roundMark: "round-mark"
         case .resume: "resume"
         case .stillMissing: "still-missing"
+        case .drain: "drain"
+        case .drained: "drained"
         }
     }
 
@@ -299,6 +312,7 @@ public enum WireMessage: Sendable, Equatable {
             case let .roundMark(round): self.round = round
             case let .resume(r): resume = r
             case let .stillMissing(missing): missingPages = missing
+            case let .drain(counts), let .drained(counts): self.counts = counts
             }
         }
 
@@ -358,6 +372,12 @@ public enum WireMessage: Sendable, Equatable {
             case "still-missing":
                 guard let missingPages else { throw missing("missingPages") }
                 return .stillMissing(missing: missingPages)
+            case "drain":
+                guard let counts else { throw missing("counts") }
+                return .drain(counts)
+            case "drained":
+                guard let counts else { throw missing("counts") }
+                return .drained(counts)
             default:
                 throw MigrationError.protocolViolation("unknown control message kind '\(kind)'")
             }

@@ -237,6 +237,7 @@ public final class FaultServer: Sendable {
                 try memory.installZeroPages(atPageFrame: pfn, count: 1, through: uffd)
                 state.withLock { $0.mark(pfn, count: 1) }
                 record(readAt)
+                if unit == nil { zeroAhead(after: pfn) }
             } catch {
                 fail(unit: unit ?? -1, reason: "mapping a zero page at frame \(pfn): \(error)")
             }
@@ -245,6 +246,38 @@ public final class FaultServer: Sendable {
             case .installed: record(readAt)
             case .failed, .postponed: break
             }
+        }
+    }
+
+    /// Pages after a zero page that the server maps zero too, at most.
+    static let zeroAheadPages: UInt64 = 64
+
+    /// A thread that touched a page of zeros tends to go on to the next ones (a guest sweeping
+    /// through fresh memory): the pages after `pfn` that no unit holds and that are not there yet
+    /// get the zero page too, each of which would otherwise be one more fault. Runs after the
+    /// faulting thread was woken; stops at the first page in a unit, present or installed, so it
+    /// never maps over anything that has or will have content. Best effort: a failure here is
+    /// left to the fault that would have come anyway.
+    private func zeroAhead(after pfn: UInt64) {
+        let limit = min(memory.pageCount, pfn + 1 + Self.zeroAheadPages)
+        var end = pfn + 1
+        while end < limit && source.unit(containing: end) == nil { end += 1 }
+        let first = pfn + 1
+        end = state.withLock { s -> UInt64 in
+            guard s.failure == nil, !s.stopping, !s.tornDown else { return first }
+            var e = first
+            while e < end && !s.isPresent(e) { e += 1 }
+            return e
+        }
+        // In pieces, so that a page already there (received before, so the ones after it likely
+        // too) ends it after one more ioctl, not one per page.
+        var at = first
+        while at < end {
+            let n = min(8, end - at)
+            guard let done = try? memory.installZeroPages(atPageFrame: at, count: n, through: uffd) else { return }
+            state.withLock { $0.mark(at, count: n) }
+            if done.alreadyPresentBytes > 0 { return }
+            at += n
         }
     }
 

@@ -70,10 +70,11 @@ public enum StateSequence {
 
     /// Reads every section after the description up to and including `end` (and no further: a
     /// connection that stays open is not read past it), applying memory sections to `memory`.
-    /// `control`, if given, is handed the payload of each control section before the signature
-    /// (a migration's marks); without it a control section is out of order.
+    /// `onControl` (a migration; nil for a file, where a control section is an error) takes the
+    /// control sections among the pages, with the pages and memory sections applied before it.
     public static func readBody<S: ByteSource>(from reader: inout StreamReader<S>, into memory: GuestMemory,
-                                               control: (([UInt8]) throws -> Void)? = nil) throws -> StateBody {
+                                               onControl: ((_ payload: [UInt8], _ pages: Int, _ memorySections: Int) throws -> Void)? = nil)
+        throws -> StateBody {
         var vcpus: [UInt8]?, devices: [UInt8]?
         var signature: [UInt8]?, signedDigest: [UInt8] = []
         var pages = 0, zeroPages = 0, memorySections = 0
@@ -104,8 +105,8 @@ public enum StateSequence {
                 guard let devices else { throw SnapshotFormatError.sectionOrder("no device section") }
                 return StateBody(vcpus: vcpus, devices: devices, signature: signature, signedDigest: signedDigest,
                                  pages: pages, zeroPages: zeroPages, memorySections: memorySections)
-            case .control where control != nil:
-                try control?(section.payload)
+            case .control where onControl != nil && vcpus == nil:
+                try onControl?(section.payload, pages, memorySections)
             case .machine, .control:
                 throw SnapshotFormatError.sectionOrder("unexpected \(section.type) section at offset \(section.offset)")
             }

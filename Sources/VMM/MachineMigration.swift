@@ -65,9 +65,17 @@ extension AdmittedGuest: MigrationDestinationVM {
         try session.verifyIncomingSignature(decoded, digest: digest)
     }
 
-    public func prepareToStart() { machine.prestartVCPUThreads() }
+    public func prestartVCPUThreads() { machine.prestartVCPUThreads() }
 
     public func startGuest() throws { _ = try startGuestTimed() }
+
+    /// The vCPU threads are created now, parked (creating them took about a millisecond of the
+    /// downtime here), while READY travels and the source hands the lease over; no guest
+    /// instruction runs before `startGuestTimed` takes the lease and releases them. A discard
+    /// ends them.
+    public func parkVCPUsForStart() {
+        if machine.state == .created { machine.startPaused() }
+    }
 
     public func startGuestTimed() throws -> GuestStartTimes {
         // The lease first: a guest that may not own itself here must not run (the source stays
@@ -77,8 +85,8 @@ extension AdmittedGuest: MigrationDestinationVM {
         // off this path (the guest must not wait for it to start, nor a recovery for it).
         let postcopy = incomingPostCopy != nil
         let leaseTaken = try session.commitIncoming(beaconToken: postcopy ? nil : try machine.beaconToken(), tokenLater: postcopy) {
-            machine.start()
-            // Every vCPU thread runs the guest now.
+            // The threads wait parked since READY (`parkVCPUsForStart`): released, they run the guest.
+            if machine.state == .created { machine.start() } else { machine.resume() }
             resumedAt = monotonicMilliseconds()
         }
         if postcopy { learnBeaconTokenWhenReadable() }
@@ -98,7 +106,8 @@ extension AdmittedGuest: MigrationDestinationVM {
     func startGuestParked() throws {
         let postcopy = incomingPostCopy != nil
         _ = try session.commitIncoming(beaconToken: postcopy ? nil : try machine.beaconToken(), tokenLater: postcopy) {
-            machine.startPaused()
+            // Parked since READY already (`parkVCPUsForStart`), or parked now.
+            if machine.state == .created { machine.startPaused() }
         }
         if postcopy { learnBeaconTokenWhenReadable() }
     }

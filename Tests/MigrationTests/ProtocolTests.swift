@@ -155,6 +155,52 @@ struct ProtocolTests {
         #expect(try WireMessage.decode(roundTrip.encoded()) == roundTrip)
     }
 
+    @Test("a drain among the pages is answered once they are applied, with their counts; one that claims other counts than arrived fails the migration and the reserved VM is discarded",
+          arguments: [false, true])
+    func drain(lies: Bool) throws {
+        let (sourceEnd, destinationEnd) = InMemoryTransport.pair(authenticated: ("src", "dst"))
+        let destinationMemory = try GuestMemory(size: 1 << 20)
+        let destination = FakeDestination(memory: destinationMemory)
+        let run = ReceiverRun(destinationEnd) { _ in destination }
+        var reader = try StreamReader(source: TransportSource(sourceEnd), integrity: sourceEnd.streamIntegrity)
+        guard case let .challenge(_, nonce, _) = try WireMessage.decode(try #require(try reader.nextSection()).payload) else {
+            Issue.record("no challenge")
+            return
+        }
+        var writer = try StreamWriter(sink: TransportSink(sourceEnd), integrity: sourceEnd.streamIntegrity)
+        let manifest = MigrationManifest(challenge: nonce, sourceHost: "src", destinationHost: "dst", sourcePid: 1,
+                                         machine: Data(#"{"fake":true}"#.utf8), guest: nil)
+        try writer.writeSection(.control, payload: WireMessage.manifest(manifest).encoded())
+        try writer.sink.flush()
+        guard case .accept = try WireMessage.decode(try #require(try reader.nextSection()).payload) else {
+            Issue.record("not accepted")
+            return
+        }
+        let memory = try Self.sourceMemory()
+        let stats = try writer.writeMemoryPages([0, 3, 17], from: memory)
+        var claimed = TransferCounts(pages: stats.pages, memorySections: stats.sections)
+        if lies { claimed.pages += 1 }
+        try writer.writeSection(.control, payload: WireMessage.drain(claimed).encoded())
+        try writer.sink.flush()
+        let answer = try? reader.nextSection().map { try WireMessage.decode($0.payload) }
+        if lies {
+            #expect(answer == nil, "\(String(describing: answer))")
+        } else {
+            #expect(answer == .drained(claimed))
+            // Answered only once applied.
+            for page: UInt64 in [0, 3, 17] {
+                #expect(try memory.read(at: GuestAddress(page * 4096), count: 4096) == destinationMemory.read(at: GuestAddress(page * 4096), count: 4096))
+            }
+            sourceEnd.close()
+        }
+        let outcome = run.wait()
+        if case .success = outcome { Issue.record("the receiver completed a migration that never sent its state") }
+        if lies, case let .failure(error) = outcome {
+            #expect("\(error)".contains("before its drain"), "\(error)")
+        }
+        #expect(destination.discarded)
+    }
+
     @Test("a refused admission fails the migration before any page is sent, and the source never pauses")
     func refusedAdmission() throws {
         let source = FakeSource(memory: try Self.sourceMemory(), dirtyRounds: [])

@@ -111,8 +111,49 @@ private final class TestSource: PageSource {
     }
 }
 
+/// One-page units at `frames`, each holding its pattern (as post-copy's missing pages).
+private final class PagesSource: PageSource {
+    let frames: [UInt64]
+    let fetched = Mutex<[Int]>([])
+    init(_ frames: [UInt64]) { self.frames = frames }
+    var unitCount: Int { frames.count }
+    func unit(containing pfn: UInt64) -> Int? { frames.firstIndex(of: pfn) }
+    func fetch(unit: Int) throws -> PageBatch {
+        fetched.withLock { $0.append(unit) }
+        let pfn = frames[unit]
+        var batch = PageBatch(bytes: (0..<4096).map { patternByte(page: pfn, offset: $0) })
+        batch.appendData(page: pfn, offset: 0)
+        return batch
+    }
+}
+
 @Suite("The fault server")
 struct FaultServerTests {
+    @Test("a page in no unit brings the zero page to the pages after it too: a sweep through fresh pages faults once or twice, not on each; the next unit still comes from its source and a page already there keeps its bytes")
+    func zeroAhead() throws {
+        let memory = try GuestMemory(size: 1 << 20)
+        // Written before the server registers the memory: there, as a page received in pre-copy.
+        let kept = [UInt8](repeating: 0xCD, count: 4096)
+        try memory.write(kept, at: GuestAddress(40 * 4096))
+        let source = PagesSource([20, 60])
+        let server = try FaultServer(memory: memory, source: source, onFailure: { _ in })
+        server.start(fill: false)
+        let zeros = [UInt8](repeating: 0, count: 4096)
+        func page(_ pfn: UInt64) throws -> [UInt8] { try memory.read(at: GuestAddress(pfn * 4096), count: 4096) }
+        // One thread reads in order: a fault raised while the server maps the pages after the first
+        // one is served once that is done, and then the rest are there.
+        for pfn in UInt64(10)..<20 { #expect(try page(pfn) == zeros) }
+        #expect(server.stats.faults <= 2, "\(server.stats)")
+        #expect(try page(20) == (0..<4096).map { patternByte(page: 20, offset: $0) })
+        #expect(source.fetched.withLock { $0 } == [0])
+        for pfn in UInt64(30)..<40 { #expect(try page(pfn) == zeros) }
+        #expect(try page(40) == kept)
+        #expect(try page(59) == zeros)
+        #expect(try page(60) == (0..<4096).map { patternByte(page: 60, offset: $0) })
+        server.stop()
+        #expect(server.isFinished && server.failure == nil)
+    }
+
     @Test("faults from another thread are served from the units that hold them (across a region boundary), a page in no unit or a zero entry reads zero, each unit fetched once")
     func servesAndFills() throws {
         let memory = try GuestMemory(size: 4 << 20, regionSize: 1 << 20)

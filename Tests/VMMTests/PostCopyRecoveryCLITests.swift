@@ -6,8 +6,9 @@ import SystemCalls
 import VMM
 
 /// A loopback TCP proxy for every connection a migration opens through it (the main connection
-/// first, then the page channel). Once the page channel is open it lets the source's side of the
-/// main connection through at a crawl (GO, then the push), so that the guest, started on GO,
+/// first, then the page channel, right after the accept). Once the page channel is open it lets
+/// the source's side of the main connection through at a crawl (the state, GO, then the push), so
+/// that the guest, started on GO,
 /// asks for a missing page long before the push could bring it. When the first page-sized reply comes
 /// back from the source on the page channel, it runs `onFirstPage` and drops that reply; with
 /// `cut`, it also shuts every connection down, as a link that failed.
@@ -139,11 +140,12 @@ struct PostCopyRecoveryCLITests {
         return (incoming?["postcopy_state"] as? [String: Any])?["phase"] as? String
     }
 
-    /// Post-copy after one round, which the bandwidth cap stretches over a few seconds, so that the
-    /// guest surely dirties pages it already sent: they are missing at the switch.
+    /// Post-copy before any round: every page is missing at the switch, so the guest asks for its
+    /// code (the pages it wrote last here, its stack and counter, go with the state and would not
+    /// be asked for).
     func startPostCopy(_ p: Pair, through proxy: LinkProxy) throws {
         let start = try p.source.call(.PUT, "/vm/migrate",
-                                      "{\"destination\": \"127.0.0.1:\(proxy.port)\", \"peer\": \"\(p.store.host)\", \"postcopy\": true, \"max_bandwidth\": 100000}")
+                                      "{\"destination\": \"127.0.0.1:\(proxy.port)\", \"peer\": \"\(p.store.host)\", \"postcopy\": true, \"postcopy_after_rounds\": 0}")
         #expect(start.status == 202, "\(start.body)")
         let warning = start.json?["warning"] as? String ?? ""
         #expect(warning.contains("both sides pause") && warning.contains("the guest is lost"), "\(warning)")

@@ -234,6 +234,50 @@ struct PostCopyTests {
         #expect(isSequence(numbers), "gap or repeat around \(counterNumbers(sourceOutput.text).suffix(3)) / \(destination.capture.text.prefix(30))")
     }
 
+    @Test("the page channel opens before any page, while the guest runs; one that answers another challenge is refused, and the migration's own is then accepted and carries the switch")
+    func pageChannelOpensEarlyAndIsBound() throws {
+        let sourceOutput = SerialCapture()
+        let machine = try bootCounter(capture: sourceOutput)
+        usleep(200_000)
+        let destination = try Destination()
+        let settings = postcopySettings(destination, afterRounds: 1)
+        let sender = PreCopySender(vm: machine, settings: settings)
+        // At the second connection (the page channel): what had been sent, the guest's state, and
+        // what became of a channel opened first with a wrong challenge.
+        let seen = Mutex<(connections: Int, pagesSent: Int?, guest: RunState?, rogue: String?)>((0, nil, nil, nil))
+        let report = sender.run {
+            let n = seen.withLock { $0.connections += 1; return $0.connections }
+            if n == 2 {
+                let pages = sender.progress.pagesSent, state = machine.state
+                var rogue = "accepted"
+                do {
+                    let channel = try PageChannel.open(connect: { try machine.connect(settings) }, challenge: "not-this-migration",
+                                                       mainPeer: destination.host)
+                    channel.transport.close()
+                } catch { rogue = "\(error)" }
+                seen.withLock { $0.pagesSent = pages; $0.guest = state; $0.rogue = rogue }
+            }
+            return try machine.connect(settings)
+        }
+        #expect(report.outcome == .completed, "\(report.error ?? "")")
+        #expect(destination.wait())
+        let s = seen.withLock { $0 }
+        // The main connection and the page channel: the switch needed no other.
+        #expect(s.connections == 2)
+        #expect(s.pagesSent == 0, "the page channel opened after \(s.pagesSent ?? -1) pages")
+        #expect(s.guest == .running)
+        #expect(s.rogue?.contains("not this migration's challenge") == true, "\(s.rogue ?? "nil")")
+        let figures = try #require(report.postcopy)
+        #expect(figures.switchedAfterRounds == 1)
+        let dest = try #require(destination.machine)
+        #expect(dest.incomingPostCopy?.wait(for: [.completed, .lost], timeout: 120) == .completed)
+        dest.requestStop()
+        _ = dest.waitForExit()
+        machine.end(with: .migrated)
+        let numbers = counterNumbers(sourceOutput.text + destination.capture.text)
+        #expect(isSequence(numbers))
+    }
+
     @Test("a long push without page requests keeps the link alive: the source hears the destination's heartbeats on the page channel, whatever the push does")
     func longPushKeepsLinkAlive() throws {
         let machine = try bootDirtier(memory: 128 << 20, commandLine: "pages=4096 rate=0 passes=0 mark_us=0 pattern=random")
