@@ -263,8 +263,19 @@ public final class MigrationReceiver<VM: MigrationDestinationVM>: Sendable {
             throw MigrationError.protocolViolation("expected GO")
         }
         var missing: [UInt64]?
-        if case let .postcopy(bitmap) = try WireMessage.decode(goSection.payload) {
-            guard pageChannel != nil, let words = missingPages(fromWire: bitmap, pageCount: vm.memory.pageCount) else {
+        if case var .postcopy(slice) = try WireMessage.decode(goSection.payload) {
+            // The bitmap in slices (MissingPagesSlices), then GO.
+            var slices = MissingPagesSlices.Assembler(pageCount: vm.memory.pageCount)
+            var bitmap = try slices.add(slice)
+            while bitmap == nil {
+                guard let next = try commit.nextSection(), next.type == .control,
+                      case let .postcopy(more) = try WireMessage.decode(next.payload) else {
+                    throw MigrationError.protocolViolation("the post-copy bitmap ended after \(slices.bytes.count) of \(slices.expected) bytes")
+                }
+                slice = more
+                bitmap = try slices.add(slice)
+            }
+            guard pageChannel != nil, let bitmap, let words = missingPages(fromWire: bitmap, pageCount: vm.memory.pageCount) else {
                 throw MigrationError.protocolViolation("a post-copy switch without a page channel, or with a bitmap that is not this memory's")
             }
             missing = words

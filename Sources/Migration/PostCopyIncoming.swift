@@ -480,7 +480,7 @@ public final class PostCopyIncoming: Sendable {
         }
         // Nothing is installed while paused (no page can come), so this is exactly what is left.
         let notInstalled = server.unitsNotInstalled.map { source.frames[$0] }
-        try send(.stillMissing(missing: Self.bitmap(notInstalled, pageCount: pageCount)))
+        for slice in MissingPagesSlices.slices(Self.bitmap(notInstalled, pageCount: pageCount)) { try send(.stillMissing(missing: slice)) }
         let channel = try PageChannelDoor.accept(acceptPageChannel, challenge: nonce, mainPeer: transport.authenticatedPeer,
                                                  owner: (binding.ownerHost, binding.ownerPid))
         let generation = state.withLock { s -> Int? in

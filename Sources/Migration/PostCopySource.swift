@@ -181,6 +181,48 @@ extension DirtyBitmap {
     }
 }
 
+/// A bitmap of missing pages travels in slices, one `postcopy` (or `still-missing`) message
+/// each: a control section holds at most 64 KiB, and the bitmap of a guest over about 1.5 GiB
+/// would not fit one in JSON. The receiver knows the guest's page count, hence how many bytes
+/// make the whole bitmap, and reads slices until it has them.
+enum MissingPagesSlices {
+    /// 32 KiB of bitmap (262,144 pages, 1 GiB of guest memory) is under 44 KiB in base64.
+    static let sliceBytes = 32 << 10
+
+    /// The bitmap's bytes for a memory of `pageCount` pages.
+    static func byteCount(pageCount: UInt64) -> Int { Int((pageCount + 63) / 64) * 8 }
+
+    /// `bitmap` cut into slices, in order; one (perhaps empty) at least.
+    static func slices(_ bitmap: Data) -> [Data] {
+        guard bitmap.count > sliceBytes else { return [bitmap] }
+        return stride(from: 0, to: bitmap.count, by: sliceBytes).map {
+            Data(bitmap[bitmap.startIndex + $0 ..< bitmap.startIndex + min($0 + sliceBytes, bitmap.count)])
+        }
+    }
+
+    /// Collects slices until the bitmap is whole; each is length-checked before it is kept.
+    struct Assembler {
+        let expected: Int
+        private(set) var bytes = Data()
+
+        init(pageCount: UInt64) {
+            expected = MissingPagesSlices.byteCount(pageCount: pageCount)
+            bytes.reserveCapacity(min(expected, MissingPagesSlices.sliceBytes))
+        }
+
+        /// Adds the next slice; the whole bitmap once it is complete, nil while more must come.
+        mutating func add(_ slice: Data) throws -> Data? {
+            guard slice.count <= MissingPagesSlices.sliceBytes, bytes.count + slice.count <= expected,
+                  !slice.isEmpty || expected == 0 else {
+                throw MigrationError.protocolViolation(
+                    "a slice of \(slice.count) bytes of the missing pages' bitmap does not fit: \(bytes.count) of \(expected) bytes came before it, at most \(MissingPagesSlices.sliceBytes) a slice")
+            }
+            bytes.append(slice)
+            return bytes.count == expected ? bytes : nil
+        }
+    }
+}
+
 /// Reads a postcopy message's bitmap for a memory of `pageCount` pages; nil if it is not one
 /// (wrong length, or bits past the last page).
 func missingPages(fromWire data: Data, pageCount: UInt64) -> [UInt64]? {

@@ -567,7 +567,9 @@ public final class PreCopySender: Sendable {
         run.marks.go = monotonicMilliseconds()
         var commit = try StreamWriter(sink: TransportSink(transport), integrity: run.integrity)
         if let missing = run.missing {
-            try commit.writeSection(.control, payload: WireMessage.postcopy(missing: missing.wireBytes).encoded())
+            for slice in MissingPagesSlices.slices(missing.wireBytes) {
+                try commit.writeSection(.control, payload: WireMessage.postcopy(missing: slice).encoded())
+            }
         }
         try commit.writeSection(.control, payload: WireMessage.go(run.sent, signature: signature).encoded())
         try commit.finish()
@@ -775,10 +777,15 @@ public final class PreCopySender: Sendable {
                                         destinationHost: host, guest: vm.migrationIdentity)
             try writer.writeSection(.control, payload: WireMessage.resume(resume).encoded())
             try writer.sink.flush()
-            guard case let .stillMissing(bitmap) = try next(from: &reader, expecting: "still-missing") else {
-                throw MigrationError.protocolViolation("expected still-missing")
+            var slices = MissingPagesSlices.Assembler(pageCount: vm.memory.pageCount)
+            var bitmap: Data?
+            while bitmap == nil {
+                guard case let .stillMissing(slice) = try next(from: &reader, expecting: "still-missing") else {
+                    throw MigrationError.protocolViolation("expected still-missing")
+                }
+                bitmap = try slices.add(slice)
             }
-            guard let missing = missingPages(fromWire: bitmap, pageCount: vm.memory.pageCount) else {
+            guard let bitmap, let missing = missingPages(fromWire: bitmap, pageCount: vm.memory.pageCount) else {
                 throw MigrationError.protocolViolation("the destination's bitmap of missing pages is not this memory's")
             }
             // It can lack only pages it lacked at the switch: anything else was sent before.

@@ -58,7 +58,9 @@ import Snapshot
 // counts so far} among the pages and waits for control{drain}'s answer control{drained: the
 // counts applied}, so that no page is still in flight inside the pause; then it pauses and
 // sends the pages the guest wrote last with the state. Stream 2 carries control{postcopy: the
-// bitmap of missing pages} before GO. After RUNNING:
+// bitmap of missing pages} before GO, in slices of 32 KiB of bitmap each (a control section
+// holds 64 KiB; the destination knows the memory's size, so how many bytes make the whole
+// bitmap; still-missing is sliced the same way). After RUNNING:
 //
 //   page channel:  destination -> control{page-request: pfn} | control{heartbeat}
 //                  source      -> memory section (that one page) | control{refuse} | control{heartbeat}

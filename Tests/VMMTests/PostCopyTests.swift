@@ -155,7 +155,18 @@ func postcopySettings(_ destination: Destination, afterRounds: Int) -> Migration
 struct PostCopyTests {
     @Test("memory after the last page equals the source's at the switch (before any round, after round 0, after round 1)", arguments: [0, 1, 2])
     func digestsMatch(afterRounds: Int) throws {
-        let machine = try bootDirtier(memory: 128 << 20, commandLine: "pages=4096 rate=0 passes=0 mark_us=0 pattern=random")
+        try checkDigestAfterPostCopy(memory: 128 << 20, afterRounds: afterRounds)
+    }
+
+    @Test("a 2 GiB guest, whose bitmap of missing pages is too large for one control section, gets it in slices and its memory after the last page equals the source's at the switch")
+    func largeGuestBitmapInSlices() throws {
+        try checkDigestAfterPostCopy(memory: 2 << 30, afterRounds: 0)
+    }
+
+    /// A dirtier rewriting 16 MiB at random switched to post-copy after `afterRounds` rounds: the
+    /// destination's memory digest once the last page is in must equal the source's at the switch.
+    private func checkDigestAfterPostCopy(memory: UInt64, afterRounds: Int) throws {
+        let machine = try bootDirtier(memory: memory, commandLine: "pages=4096 rate=0 passes=0 mark_us=0 pattern=random")
         usleep(200_000)
         let hosts = try localHosts()
         let listener = try GuestDoors.listen("127.0.0.1:0", store: hosts.destination, plaintext: false)
