@@ -53,7 +53,13 @@ final class CuttableTransport: MigrationTransport {
     }
     func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
         if cut.withLock({ $0 }) { throw MigrationError.connection("the link was cut") }
-        if !silence.withLock({ $0.silent }) { try inner.receive(into: buffer) }
+        if !silence.withLock({ $0.silent }) {
+            do { try inner.receive(into: buffer) } catch {
+                // A receive already under way when the link went silent hears nothing either,
+                // not even the peer giving the link up (its close).
+                guard silence.withLock({ $0.silent }) else { throw error }
+            }
+        }
         // A silent link delivers nothing, not even what was already on its way; only a close
         // on this side ends the wait (as a dead link's only way out).
         guard silence.withLock({ $0.silent }) else { return }
