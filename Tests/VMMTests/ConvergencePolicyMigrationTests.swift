@@ -16,6 +16,12 @@ struct ConvergencePolicyMigrationTests {
     static let pages = 16384
     static let commandLine = "pages=\(pages) rate=0 mark_us=0 store=byte"
     static let bandwidth: UInt64 = 8_000_000
+    /// For the test that must converge: still far below what the unthrottled sweep dirties, but
+    /// well above what it dirties at the deepest throttle (about 7 MB/s here), so that whether it
+    /// converges within the time limit does not hang on how loaded the machine is. (At 8 MB/s
+    /// the throttled sweep left a dirty/link ratio of about 0.9: converged in 480 s in one run,
+    /// not within 600 s in the next.)
+    static let convergingBandwidth: UInt64 = 32_000_000
 
     func bootSweep() throws -> AdmittedGuest {
         let machine = try bootDirtier(memory: 128 << 20, commandLine: Self.commandLine)
@@ -50,8 +56,8 @@ struct ConvergencePolicyMigrationTests {
         let machine = try bootSweep()
         let destination = try ParkedReceiver()
         let source = DigestingSource(machine)
-        let settings = MigrationSettings(destination: destination.address, peer: destination.host, maxBandwidth: Self.bandwidth,
-                                         timeoutSeconds: 600)
+        let settings = MigrationSettings(destination: destination.address, peer: destination.host,
+                                         maxBandwidth: Self.convergingBandwidth, timeoutSeconds: 600)
         #expect(settings.convergence == .adaptive)
         let report = PreCopySender(vm: source, settings: settings).run { try machine.connect(settings) }
         print("adaptive: rounds \(report.pagesPerRound) convergence \(String(describing: report.convergence)) downtime \(report.downtimeMs ?? -1)")
