@@ -30,13 +30,7 @@ final class ParkedReceiver: Sendable {
         self.listener = listener
         host = hosts.destination.hostName
         Thread.detachNewThread { [self] in
-            let receiver = MigrationReceiver<ParkedDestination>(hostName: hosts.destination.hostName) { manifest, authenticated in
-                let header = try StateHeader.decode(Array(manifest.machine), what: "manifest")
-                let session = try hosts.admitIncoming(header, source: (authenticated ?? manifest.sourceHost, manifest.sourcePid),
-                                                      on: hosts.destination)
-                return ParkedDestination(try GuestDoors.reserveIncoming(session: session, configuration: header.description.configuration,
-                                                                        serialOutput: { _ in }))
-            }
+            let receiver = ParkedDestination.receiver(on: hosts)
             do {
                 let transport = try listener.nextConnection(deadline: monotonicMilliseconds() + 120_000, onRefused: { _ in })
                 defer { transport.close() }

@@ -27,6 +27,18 @@ final class ParkedDestination: MigrationDestinationVM, @unchecked Sendable {
     func postCopyPaused(reason: String) { machine.postCopyPaused(reason: reason) }
     func postCopyResumed() { machine.postCopyResumed() }
     func postCopyLost(reason: String) { machine.postCopyLost(reason: reason) }
+
+    /// A receiver on the local destination host that admits the incoming guest (as `vmm receive`
+    /// does) and reserves it parked.
+    static func receiver(on hosts: LocalHosts) -> MigrationReceiver<ParkedDestination> {
+        MigrationReceiver<ParkedDestination>(hostName: hosts.destination.hostName) { manifest, authenticated in
+            let header = try StateHeader.decode(Array(manifest.machine), what: "manifest")
+            let session = try hosts.admitIncoming(header, source: (authenticated ?? manifest.sourceHost, manifest.sourcePid),
+                                                  on: hosts.destination)
+            return ParkedDestination(try GuestDoors.reserveIncoming(session: session, configuration: header.description.configuration,
+                                                                    serialOutput: { _ in }))
+        }
+    }
 }
 
 /// A transport that a test can cut (both directions, as a failed link) at any moment, or make
@@ -179,13 +191,7 @@ struct PostCopyTests {
         let arrived = Mutex<(digest: String?, figures: PostCopyFigures?, error: String?)>((nil, nil, nil))
         let done = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
-            let receiver = MigrationReceiver<ParkedDestination>(hostName: hosts.destination.hostName) { manifest, authenticated in
-                let header = try StateHeader.decode(Array(manifest.machine), what: "manifest")
-                let session = try hosts.admitIncoming(header, source: (authenticated ?? manifest.sourceHost, manifest.sourcePid),
-                                                      on: hosts.destination)
-                return ParkedDestination(try GuestDoors.reserveIncoming(session: session, configuration: header.description.configuration,
-                                                                        serialOutput: { _ in }))
-            }
+            let receiver = ParkedDestination.receiver(on: hosts)
             do {
                 let transport = try listener.nextConnection(deadline: monotonicMilliseconds() + 60_000, onRefused: { _ in })
                 defer { transport.close() }
@@ -307,13 +313,7 @@ struct PostCopyTests {
         let arrived = Mutex<(phase: IncomingPostCopyStatus.Phase?, error: String?)>((nil, nil))
         let done = DispatchSemaphore(value: 0)
         Thread.detachNewThread {
-            let receiver = MigrationReceiver<ParkedDestination>(hostName: hosts.destination.hostName) { manifest, authenticated in
-                let header = try StateHeader.decode(Array(manifest.machine), what: "manifest")
-                let session = try hosts.admitIncoming(header, source: (authenticated ?? manifest.sourceHost, manifest.sourcePid),
-                                                      on: hosts.destination)
-                return ParkedDestination(try GuestDoors.reserveIncoming(session: session, configuration: header.description.configuration,
-                                                                        serialOutput: { _ in }))
-            }
+            let receiver = ParkedDestination.receiver(on: hosts)
             do {
                 let transport = try listener.nextConnection(deadline: monotonicMilliseconds() + 60_000, onRefused: { _ in })
                 let (vm, result) = try receiver.run(transport: transport, acceptPageChannel: {
