@@ -204,8 +204,8 @@ extension Machine: Persist {
                 }
             }
         }
-        for (vcpu, s) in zip(vcpus, saved.vcpus.sorted { $0.id < $1.id }) {
-            try vcpu.restoreState(s)
+        for (index, (vcpu, s)) in zip(vcpus, saved.vcpus.sorted { $0.id < $1.id }).enumerated() {
+            try vcpu.restoreState(s, currentCPUID: index == 0 ? host : try vcpu.cpuid())
         }
         portBus.withDevice(devices.serial) { $0.restoreState(saved.devices.serial) }
         portBus.withDevice(devices.pci) { $0.restoreState(saved.devices.pci ?? PCIHostBridgeState()) }

@@ -23,6 +23,8 @@ extension AdmittedGuest: MigrationSourceVM {
     public var hostName: String { session.store.hostName }
 
     public func prepareHandover(toHost host: String?, toPid pid: Int32?, challenge: String) throws {
+        // The last step before the pause: the state's first encoding must not be inside it.
+        machine.warmStateCodec()
         // Without a destination process there is nothing to intend; `commitHandover` refuses.
         guard let host, let pid else { return }
         try session.prepareHandover(toHost: host, toPid: pid, challenge: challenge)
@@ -65,7 +67,11 @@ extension AdmittedGuest: MigrationDestinationVM {
         try session.verifyIncomingSignature(decoded, digest: digest)
     }
 
-    public func prestartVCPUThreads() { machine.prestartVCPUThreads() }
+    public func prestartVCPUThreads() {
+        machine.prestartVCPUThreads()
+        // While the pages arrive: the state's first decoding must not be inside the downtime.
+        machine.warmStateCodec()
+    }
 
     public func startGuest() throws { _ = try startGuestTimed() }
 
