@@ -522,6 +522,8 @@ class OurVMM:
         self.steady = args.steady
         self.settle = args.settle
         self.channels = args.channels
+        # None: each setting's policy (adaptive; throttle in the auto-converge setting).
+        self.convergence = getattr(args, "ours_convergence", None)
 
     def ctl(self, sub, sock, *extra, timeout=15):
         return run_quiet([self.vmm, "ctl", sub, *extra, "--api-socket", sock], timeout)
@@ -568,7 +570,9 @@ class OurVMM:
                 "--timeout", str(self.timeout), "--quiet"]
         # Each system with its own convergence defaults (issue #14): ours `adaptive`, QEMU none;
         # in the auto-converge setting ours throttles (`throttle`) and QEMU auto-converges.
-        cmd += ["--convergence", "throttle" if auto_converge else "adaptive"]
+        convergence = self.convergence or ("throttle" if auto_converge else "adaptive")
+        cmd += ["--convergence", convergence]
+        rec["convergence"] = convergence
         if postcopy:
             cmd += ["--postcopy", "--postcopy-after-rounds", str(POSTCOPY_AFTER_ROUNDS)]
         elif self.channels != 1:
@@ -2291,6 +2295,9 @@ def main():
     ap.add_argument("--settle", type=float, default=1, help="seconds to watch the destination after (default 1)")
     ap.add_argument("--limits", help="comma-separated downtime limits in ms to run, auto-converge off only "
                                       "(default: 300, 50 and 300 with auto-converge)")
+    ap.add_argument("--ours-convergence", choices=["off", "throttle", "adaptive"],
+                    help="our convergence policy in every setting, instead of adaptive (throttle with "
+                         "auto-converge): to measure what the policy buys, e.g. off against adaptive")
     ap.add_argument("--channels", type=int, default=int(os.environ.get("BENCH_CHANNELS", "1")),
                     help="our data channels (vmm ctl migrate --channels; default 1, or $BENCH_CHANNELS); "
                          "the post-copy case always uses 1")
@@ -2416,6 +2423,9 @@ def main():
         }
         log("settings for every system: %d MiB, %d vCPU, pattern=%s mark_us=%d, bandwidth unlimited, timeout %g s, "
             "migrate %g s after the first mark" % (MEMORY_MIB, VCPUS, PATTERN, MARK_US, args.timeout, args.steady))
+        if args.ours_convergence:
+            log("ours: convergence %s in every setting (--ours-convergence), whatever the tables' titles say "
+                "of its defaults" % args.ours_convergence)
 
         runs = []
         skipped = {}        # system -> why this build cannot run it
