@@ -245,6 +245,9 @@ public struct MigrationReport: Codable, Sendable {
     public var downtimePhasesMs: DowntimePhases?
     /// Writing the durable hand-over intent, just before the pause (not downtime: the guest runs).
     public var handoverIntentMs: Double?
+    /// Pre-copy with one connection: just before the pause, the guest still running, the drain
+    /// (the destination applying every page in flight) until its answer came. Not downtime.
+    public var drainMs: Double?
     public var bytesSent: UInt64 = 0
     public var pagesSent: Int = 0
     public var zeroPages: Int = 0
@@ -283,6 +286,7 @@ public struct MigrationReport: Codable, Sendable {
         case handoverMs = "handover_ms"
         case downtimePhasesMs = "downtime_phases_ms"
         case handoverIntentMs = "handover_intent_ms"
+        case drainMs = "drain_ms"
     }
 }
 

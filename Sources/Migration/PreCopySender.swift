@@ -500,6 +500,8 @@ public final class PreCopySender: Sendable {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
+        // With data channels the barrier of each round does this work, channel by channel.
+        if run.channels == nil { run.report.drainMs = try drain(&run) }
         // Durable before the pause, so that the commit inside it need not be.
         let intentStart = monotonicMilliseconds()
         try vm.prepareHandover(toHost: run.destinationHost, toPid: run.destinationPid, challenge: run.challenge)
@@ -530,6 +532,22 @@ public final class PreCopySender: Sendable {
         run.report.bytesSent = run.bytesOnWire
         // A page channel (the manifest allowed post-copy) stays unused: GO comes without a switch.
         update { $0.phase = .handover; $0.dirtyPagesLeft = 0 }
+    }
+
+    /// Just before the pause: waits, the guest still running, until the destination has applied
+    /// every page sent so far, so that nothing in flight (the sockets' buffers, the TLS layers':
+    /// a round's megabytes) is read inside the downtime. Returns how long that took.
+    private func drain(_ run: inout Run) throws -> Double {
+        let start = monotonicMilliseconds()
+        try run.writer.writeSection(.control, payload: WireMessage.drain(run.sent).encoded())
+        try run.writer.sink.flush()
+        guard case let .drained(applied) = try next(from: &run.reader, expecting: "drained") else {
+            throw MigrationError.protocolViolation("expected drained")
+        }
+        guard applied == run.sent else {
+            throw MigrationError.aborted("the destination applied \(applied) but \(run.sent) were sent")
+        }
+        return monotonicMilliseconds() - start
     }
 
     /// Hand-over: READY with the destination's counts (checked against what was sent), the lease
@@ -614,18 +632,7 @@ public final class PreCopySender: Sendable {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
-        // What is still in flight (the sockets' buffers, the TLS layers') is read and applied
-        // while the guest runs here, not inside the pause.
-        let drainStart = monotonicMilliseconds()
-        try run.writer.writeSection(.control, payload: WireMessage.drain(run.sent).encoded())
-        try run.writer.sink.flush()
-        guard case let .drained(applied) = try next(from: &run.reader, expecting: "drained") else {
-            throw MigrationError.protocolViolation("expected drained")
-        }
-        guard applied == run.sent else {
-            throw MigrationError.aborted("the destination applied \(applied) but \(run.sent) were sent")
-        }
-        run.report.postcopy?.drainMs = monotonicMilliseconds() - drainStart
+        run.report.postcopy?.drainMs = try drain(&run)
         var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
         // The pages still to go are logged again from here (they stay missing all the same), so
         // that what is collected in the pause is what the guest wrote in its last moments here,

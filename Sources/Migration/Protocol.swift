@@ -24,7 +24,11 @@ import Snapshot
 //       admitted, VM reserved: memory, vCPUs) or control{refuse: reason}
 //   source -> destination, stream 1 continues:
 //     memory sections, round by round (pre-copy, guest running);
-//     then, guest paused: the last dirty pages, vcpu, devices, [signature: plaintext only,
+//     control{drain: the counts so far} (without data channels; the guest still runs)
+//   destination -> source: control{drained: the counts applied}, once every page before the
+//     drain is applied (nothing in flight is left for the pause)
+//   source -> destination, stream 1 continues:
+//     guest paused: the last dirty pages, vcpu, devices, [signature: plaintext only,
 //     the source host's, over every byte before it, the manifest and its challenge included],
 //     end [stream digest: plaintext only]
 //   destination -> source:
@@ -54,10 +58,9 @@ import Snapshot
 // Post-copy (the manifest says so; docs/migration.md "Post-copy" draws it): the state stream
 // closes without the last dirty pages; right after the accept, while the guest still runs, the
 // source opens a second connection, the page channel (control{page-channel: the challenge},
-// control{accept}). At the switch, before its pause, the source writes control{drain: the
-// counts so far} among the pages and waits for control{drain}'s answer control{drained: the
-// counts applied}, so that no page is still in flight inside the pause; then it pauses and
-// sends the pages the guest wrote last with the state. Stream 2 carries control{postcopy: the
+// control{accept}). At the switch, before its pause, the source drains as stop-and-copy does,
+// so that no page is still in flight inside the pause; then it pauses and sends the pages the
+// guest wrote last with the state. Stream 2 carries control{postcopy: the
 // bitmap of missing pages} before GO, in slices of 32 KiB of bitmap each (a control section
 // holds 64 KiB; the destination knows the memory's size, so how many bytes make the whole
 // bitmap; still-missing is sliced the same way). After RUNNING:

@@ -156,7 +156,7 @@ struct MigrationTests {
         #expect(!destination.capture.text.isEmpty, "the destination did not run the guest")
     }
 
-    @Test("the report breaks the downtime into phases, each non-negative, adding up to at most the downtime, with the destination's own figures; both hand-over intents are consumed")
+    @Test("the report breaks the downtime into phases, each non-negative, adding up to at most the downtime, with the destination's own figures; the pages in flight were drained before the pause; both hand-over intents are consumed")
     func downtimePhases() throws {
         let machine = try bootCounter(capture: SerialCapture())
         usleep(100_000)
@@ -177,6 +177,8 @@ struct MigrationTests {
         // GO is read after the source began to write it, and the resume ends both.
         #expect(there.lease + there.start <= phases.resume + 1e-6, "\(phases)")
         #expect(report.handoverIntentMs.map { $0 >= 0 } == true)
+        // The destination answered the drain (its counts equal to what was sent) before the pause.
+        #expect(report.drainMs.map { $0 >= 0 } == true, "no drain before the pause")
         // The commit on each side consumed its side's intent: nothing is left to resolve.
         let hosts = try localHosts()
         let id = machine.session.registration.id
