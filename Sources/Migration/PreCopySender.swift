@@ -632,7 +632,8 @@ public final class PreCopySender: Sendable {
         vm.setThrottle(percent: 0)
         update { $0.phase = .stopAndCopy; $0.throttlePercent = 0 }
         try checkCancelled()
-        run.report.postcopy?.drainMs = try drain(&run)
+        let drained = try drain(&run)
+        run.report.postcopy?.drainMs = drained
         var missing = run.missing ?? DirtyBitmap(pageCount: vm.memory.pageCount)
         // The pages still to go are logged again from here (they stay missing all the same), so
         // that what is collected in the pause is what the guest wrote in its last moments here,
