@@ -24,6 +24,14 @@ func processState(_ pid: Int32) -> Character? {
     return stat[stat.index(after: nameEnd)...].first { $0 != " " }
 }
 
+/// web1 registered, leased to this process and recorded running in it (token 1).
+func web1RunningHere(_ f: Fixture) throws -> GuestRegistration {
+    let r = try f.store.registry.register(web1(), signedBy: f.admin)
+    try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
+    try f.store.instances.record(r, token: 1, state: .running)
+    return r
+}
+
 /// Findings about instance records only (the /proc part of a scan also sees this test process).
 func recordFindings(_ store: BillboardStore, staleAfter: TimeInterval = 60) throws -> [ScanFinding] {
     try store.scan.run(staleAfter: staleAfter).filter { ![.unmanaged, .unrecorded, .copiedStore, .foreignStore].contains($0.kind) }
@@ -55,10 +63,8 @@ struct ScanLogicTests {
     func duplicateAndNoLease() throws {
         let f = try Fixture()
         defer { f.remove() }
-        let r = try f.store.registry.register(web1(), signedBy: f.admin)
         let ghost = try LiveChild()
-        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
-        try f.store.instances.record(r, token: 1, state: .running)
+        let r = try web1RunningHere(f)
         try f.store.instances.record(r, pid: ghost.pid, token: 2, state: .running)
         let findings = try recordFindings(f.store)
         #expect(findings.count == 1)
@@ -74,10 +80,8 @@ struct ScanLogicTests {
     func scanSignalsNothing() throws {
         let f = try Fixture()
         defer { f.remove() }
-        let r = try f.store.registry.register(web1(), signedBy: f.admin)
         let ghost = try LiveChild()
-        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
-        try f.store.instances.record(r, token: 1, state: .running)
+        let r = try web1RunningHere(f)
         try f.store.instances.record(r, pid: ghost.pid, token: 2, state: .running)
 
         let finding = try #require(try f.store.scan.run(staleAfter: 60).first { $0.pid == ghost.pid })
@@ -99,10 +103,8 @@ struct ScanLogicTests {
     func inFlightPausedAndStale() throws {
         let f = try Fixture()
         defer { f.remove() }
-        let r = try f.store.registry.register(web1(), signedBy: f.admin)
         let destination = try LiveChild()
-        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
-        try f.store.instances.record(r, token: 1, state: .running)
+        let r = try web1RunningHere(f)
         try f.store.instances.record(r, pid: destination.pid, token: 1, state: .incoming)
         #expect(try recordFindings(f.store, staleAfter: 60).isEmpty)
         // The commit: lease to the destination and the source marked migrated in one transaction.
@@ -128,10 +130,8 @@ struct ScanLogicTests {
     func postCopyPageServer() throws {
         let f = try Fixture()
         defer { f.remove() }
-        let r = try f.store.registry.register(web1(), signedBy: f.admin)
         let destination = try LiveChild()
-        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
-        try f.store.instances.record(r, token: 1, state: .running)
+        let r = try web1RunningHere(f)
         try f.store.instances.record(r, pid: destination.pid, token: 1, state: .incoming)
         try f.store.leases.handOver(guestID: r.id, fromPid: getpid(), toHost: "host1", toPid: destination.pid)
         try f.store.instances.update(guestID: r.id, pid: destination.pid, state: .running)
@@ -165,9 +165,7 @@ struct ScanLogicTests {
     func forgedRecord() throws {
         let f = try Fixture()
         defer { f.remove() }
-        let r = try f.store.registry.register(web1(), signedBy: f.admin)
-        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
-        try f.store.instances.record(r, token: 1, state: .running)
+        let r = try web1RunningHere(f)
         let other = try LiveChild()
         // The attacker copies our row to its own pid, MAC and all.
         try f.attacker("""
@@ -361,9 +359,7 @@ struct ScanLogicTests {
     func cleanEnd() throws {
         let f = try Fixture()
         defer { f.remove() }
-        let r = try f.store.registry.register(web1(), signedBy: f.admin)
-        try f.store.leases.acquire(guestID: r.id, host: "host1", pid: getpid(), takeoverAfter: 10)
-        try f.store.instances.record(r, token: 1, state: .running)
+        let r = try web1RunningHere(f)
         try f.store.instances.end(guestID: r.id, releaseLease: true)
         #expect(try f.store.leases.current(guestID: r.id)?.pid == 0)
         #expect(try f.store.instances.list().first?.state == .ended)
