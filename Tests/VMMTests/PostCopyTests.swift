@@ -99,7 +99,7 @@ final class CuttableTransport: MigrationTransport {
 /// answer the first page request: cut (closed at once), or silent (nothing more arrives, no error).
 struct InterruptedPostCopy {
     enum Failure { case cut, silent }
-    let sourceOutput = SerialCapture()
+    let sourceOutput: SerialCapture
     let machine: AdmittedGuest
     let destination: Destination
     let settings: MigrationSettings
@@ -108,15 +108,38 @@ struct InterruptedPostCopy {
     let guest: AdmittedGuest
     let incoming: PostCopyIncoming
 
+    /// The link fails at the first page the guest asks for over the page channel. A guest that
+    /// asked for none (every page it touched came with the state or was pushed before it ran:
+    /// the push can outrun a vCPU thread waiting for a core) completes without a failure; such
+    /// an attempt is wound down and the scenario made again, at most three times in all.
     init(_ failure: Failure, postcopyRecoverTimeout: Double? = nil) throws {
-        machine = try bootCounter(capture: sourceOutput)
+        var attempt = 1
+        while true {
+            let made = try Self.attempt(failure, postcopyRecoverTimeout: postcopyRecoverTimeout)
+            if made.report.outcome != .completed || attempt == 3 {
+                (sourceOutput, machine, destination, settings, sender, report, guest, incoming) = made
+                return
+            }
+            print("InterruptedPostCopy: attempt \(attempt) completed before the guest asked for a page; made again")
+            made.guest.requestStop()
+            _ = made.guest.waitForExit(timeout: 60)
+            made.guest.end()
+            made.machine.end(with: .migrated)
+            attempt += 1
+        }
+    }
+
+    private static func attempt(_ failure: Failure, postcopyRecoverTimeout: Double?) throws
+        -> (sourceOutput: SerialCapture, machine: AdmittedGuest, destination: Destination, settings: MigrationSettings,
+            sender: PreCopySender, report: MigrationReport, guest: AdmittedGuest, incoming: PostCopyIncoming) {
+        let sourceOutput = SerialCapture()
+        let machine = try bootCounter(capture: sourceOutput)
         usleep(200_000)
-        destination = try Destination(postcopyRecoverTimeout: postcopyRecoverTimeout)
-        settings = postcopySettings(destination, afterRounds: 0)
-        sender = PreCopySender(vm: machine, settings: settings)
+        let destination = try Destination(postcopyRecoverTimeout: postcopyRecoverTimeout)
+        let settings = postcopySettings(destination, afterRounds: 0)
+        let sender = PreCopySender(vm: machine, settings: settings)
         let made = Mutex<[CuttableTransport]>([])
-        let machine = machine, settings = settings
-        report = sender.run {
+        let report = sender.run {
             let t = CuttableTransport(try machine.connect(settings))
             let isPageChannel = made.withLock { $0.append(t); return $0.count == 2 }
             // The page channel carries small messages (its opening, heartbeats) and pages; the
@@ -134,8 +157,9 @@ struct InterruptedPostCopy {
             return t
         }
         #expect(destination.wait())
-        guest = try #require(destination.machine, "\(String(describing: destination.error))")
-        incoming = try #require(guest.incomingPostCopy)
+        let guest = try #require(destination.machine, "\(String(describing: destination.error))")
+        let incoming = try #require(guest.incomingPostCopy)
+        return (sourceOutput, machine, destination, settings, sender, report, guest, incoming)
     }
 
     /// The source's instance record on its billboard.
