@@ -522,6 +522,8 @@ class OurVMM:
         self.steady = args.steady
         self.settle = args.settle
         self.channels = args.channels
+        # Bytes per second, 0 = unlimited (--max-bandwidth: a capped link for both systems).
+        self.max_bandwidth = getattr(args, "max_bandwidth", 0)
         # None: each setting's policy (adaptive; throttle in the auto-converge setting).
         self.convergence = getattr(args, "ours_convergence", None)
 
@@ -566,7 +568,7 @@ class OurVMM:
         None) and when the command started and returned."""
         cmd = [self.vmm, "ctl", "migrate", destination, "--api-socket", ssock]
         cmd += ["--peer", BILLBOARD.host] if tls else ["--insecure-plaintext"]
-        cmd += ["--max-downtime-ms", str(downtime_ms), "--max-bandwidth", "0",
+        cmd += ["--max-downtime-ms", str(downtime_ms), "--max-bandwidth", str(self.max_bandwidth),
                 "--timeout", str(self.timeout), "--quiet"]
         # Each system with its own convergence defaults (issue #14): ours `adaptive`, QEMU none;
         # in the auto-converge setting ours throttles (`throttle`) and QEMU auto-converges.
@@ -929,6 +931,7 @@ class QEMU:
         self.settle = args.settle
         self.cpu = cpu
         self.postcopy_sync = args.qemu_postcopy_sync
+        self.max_bandwidth = getattr(args, "max_bandwidth", 0)
         # (server directory, client directory) from make_qemu_tls_creds, for the TLS runs.
         self.tls_dirs = tls_dirs
 
@@ -1113,7 +1116,7 @@ class QEMU:
             qs.cmd("migrate-set-capabilities",
                    capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
             params = {"downtime-limit": QEMU_POSTCOPY_DOWNTIME_MS if postcopy else int(downtime_ms),
-                      "max-bandwidth": QEMU_UNLIMITED_BANDWIDTH,
+                      "max-bandwidth": self.max_bandwidth or QEMU_UNLIMITED_BANDWIDTH,
                       "cpu-throttle-initial": THROTTLE_INITIAL,
                       "cpu-throttle-increment": THROTTLE_INCREMENT,
                       "max-cpu-throttle": THROTTLE_MAX}
@@ -2298,6 +2301,10 @@ def main():
     ap.add_argument("--ours-convergence", choices=["off", "throttle", "adaptive"],
                     help="our convergence policy in every setting, instead of adaptive (throttle with "
                          "auto-converge): to measure what the policy buys, e.g. off against adaptive")
+    ap.add_argument("--max-bandwidth", type=int, default=0, metavar="BYTES_PER_S",
+                    help="cap every migration's bandwidth (ours --max-bandwidth, QEMU max-bandwidth) to this many "
+                         "bytes per second, e.g. to see a convergence policy act on a slow link (default 0: "
+                         "unlimited, QEMU 1 TiB/s)")
     ap.add_argument("--channels", type=int, default=int(os.environ.get("BENCH_CHANNELS", "1")),
                     help="our data channels (vmm ctl migrate --channels; default 1, or $BENCH_CHANNELS); "
                          "the post-copy case always uses 1")
@@ -2421,8 +2428,10 @@ def main():
                           NET_MIGRATION_IPS[0], NET_MIGRATION_IPS[1], NET_DOWNTIME_MS, NET_UDP_PORT,
                           NET_INTERVAL_S * 1000, NET_AFTER_S),
         }
-        log("settings for every system: %d MiB, %d vCPU, pattern=%s mark_us=%d, bandwidth unlimited, timeout %g s, "
-            "migrate %g s after the first mark" % (MEMORY_MIB, VCPUS, PATTERN, MARK_US, args.timeout, args.steady))
+        bandwidth = ("bandwidth capped at %d bytes/s" % args.max_bandwidth) if args.max_bandwidth else "bandwidth unlimited"
+        common["max_bandwidth"] = args.max_bandwidth
+        log("settings for every system: %d MiB, %d vCPU, pattern=%s mark_us=%d, %s, timeout %g s, "
+            "migrate %g s after the first mark" % (MEMORY_MIB, VCPUS, PATTERN, MARK_US, bandwidth, args.timeout, args.steady))
         if args.ours_convergence:
             log("ours: convergence %s in every setting (--ours-convergence), whatever the tables' titles say "
                 "of its defaults" % args.ours_convergence)
