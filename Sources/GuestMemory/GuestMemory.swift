@@ -140,6 +140,18 @@ public final class GuestMemory: @unchecked Sendable {
         }
     }
 
+    /// Lets `body` fill a checked range of guest RAM in place (a socket read straight into the
+    /// pages, with no buffer between), one contiguous host piece per call, in order. The range
+    /// counts as written by the VMM, whatever `body` does; a throw leaves it partly written.
+    public func withWritableBytes(at address: GuestAddress, count: Int,
+                                  _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        try checkRange(address, UInt64(count))
+        vmmWrites.mark(address.raw, UInt64(count))
+        try forEachPiece(address, UInt64(count)) { dst, n, _ in
+            try body(UnsafeMutableRawBufferPointer(start: dst, count: n))
+        }
+    }
+
     /// Reads `count` bytes of guest RAM at `address`.
     public func read(at address: GuestAddress, count: Int) throws(GuestMemoryError) -> [UInt8] {
         try checkRange(address, UInt64(count))

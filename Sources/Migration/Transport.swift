@@ -27,14 +27,26 @@ extension MigrationTransport {
     public var streamIntegrity: SectionIntegrity { authenticatedPeer == nil ? .sha256Checksums : .channelAuthenticated }
 }
 
+/// A transport that gathers small writes into its own send buffers, so that a sink's bytes
+/// are copied once, into the memory they are sent (or encrypted) from. Bytes given to `send`
+/// go after everything gathered before them.
+public protocol GatheringTransport: MigrationTransport {
+    /// Appends `bytes` to what is gathered; full pieces go to the network as they fill.
+    func gather(_ bytes: UnsafeRawBufferPointer) throws
+    /// Sends everything gathered; returns once it is all in the socket, or throws.
+    func flushGathered() throws
+}
+
 /// The stream writer's view of a transport. Small writes (headers, page table
 /// entries, single pages) are gathered into one buffer and sent in large pieces;
 /// `flush()` must be called before waiting for the peer.
 public struct TransportSink: ByteSink {
     public let transport: any MigrationTransport
+    /// The transport itself, when it gathers: then the sink holds no buffer of its own.
+    private let gatherer: (any GatheringTransport)?
     private var buffer: UnsafeMutableRawBufferPointer
     private var used = 0
-    private let owner: BufferOwner
+    private let owner: BufferOwner?
     public static let bufferSize = 1 << 20
 
     /// Frees the buffer when the last copy of the sink goes away.
@@ -47,11 +59,20 @@ public struct TransportSink: ByteSink {
 
     public init(_ transport: any MigrationTransport) {
         self.transport = transport
-        self.owner = BufferOwner(Self.bufferSize)
-        self.buffer = owner.memory
+        if let gatherer = transport as? any GatheringTransport {
+            self.gatherer = gatherer
+            self.owner = nil
+            self.buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+        } else {
+            let owner = BufferOwner(Self.bufferSize)
+            self.gatherer = nil
+            self.owner = owner
+            self.buffer = owner.memory
+        }
     }
 
     public mutating func write(_ bytes: UnsafeRawBufferPointer) throws {
+        if let gatherer { return try gatherer.gather(bytes) }
         if used + bytes.count > buffer.count { try flush() }
         if bytes.count >= buffer.count {
             try transport.send(bytes)
@@ -64,6 +85,7 @@ public struct TransportSink: ByteSink {
 
     /// Sends whatever is buffered.
     public mutating func flush() throws {
+        if let gatherer { return try gatherer.flushGathered() }
         guard used > 0 else { return }
         let pending = UnsafeRawBufferPointer(start: buffer.baseAddress, count: used)
         used = 0

@@ -27,7 +27,7 @@ import SystemCalls
 ///
 /// One thread may receive while another sends; two concurrent receives (or sends) are not
 /// supported and are serialized.
-public final class TLSTransport: MigrationTransport {
+public final class TLSTransport: GatheringTransport {
     /// The authenticated peer's host name, as the authorizer named its key.
     public let peerHost: String
     /// The handshake proved the peer is this enrolled host.
@@ -125,31 +125,78 @@ public final class TLSTransport: MigrationTransport {
     /// Socket reads grow up to 1 MiB, so a fast stream is decrypted in large batches.
     static let receiveAllocator = AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 << 10, maximum: 1 << 20)
 
-    /// Writes all of `bytes`: returns once they are in the socket, or throws.
+    /// Writes all of `bytes` (after whatever was gathered): returns once they are in the
+    /// socket, or throws.
     public func send(_ bytes: UnsafeRawBufferPointer) throws {
         sending.lock(); defer { sending.unlock() }
         if let failure = state.unusableReason() {
             throw MigrationError.connection("cannot send to \(peer): \(failure)")
         }
+        try handOverGathered()
         var offset = 0
         while offset < bytes.count {
             let count = min(ConnectionLimits.sendChunk, bytes.count - offset)
-            try state.reserveWrite(count, window: ConnectionLimits.sendWindow - count, peer: peer, inactivitySeconds: inactivityTimeoutSeconds)
             var piece = channel.allocator.buffer(capacity: count)
             // SAFETY: `offset + count <= bytes.count`; the bytes are copied before this call returns.
             piece.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[offset ..< offset + count]))
-            let state = self.state
-            let written = channel.eventLoop.makePromise(of: Void.self)
-            written.futureResult.whenComplete { result in
-                switch result {
-                case .success: state.wrote(count)
-                case let .failure(error): state.writeFailed(ConnectionHandler.describe(error, remote: state.remote))
-                }
-            }
-            channel.writeAndFlush(piece, promise: written)
+            try handOver(piece)
             offset += count
         }
         try state.waitForUnwritten(atMost: 0, peer: peer, inactivitySeconds: inactivityTimeoutSeconds)
+    }
+
+    /// Gathers `bytes` into the piece being filled, which goes to the network thread once it
+    /// holds `ConnectionLimits.sendChunk`: the bytes are copied once, into the buffer TLS
+    /// encrypts from.
+    public func gather(_ bytes: UnsafeRawBufferPointer) throws {
+        sending.lock(); defer { sending.unlock() }
+        var offset = 0
+        while offset < bytes.count {
+            if gathering.piece == nil { gathering.piece = channel.allocator.buffer(capacity: ConnectionLimits.sendChunk) }
+            let count = min(ConnectionLimits.sendChunk - gathering.piece!.readableBytes, bytes.count - offset)
+            // SAFETY: `offset + count <= bytes.count`.
+            gathering.piece!.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[offset ..< offset + count]))
+            offset += count
+            if gathering.piece!.readableBytes >= ConnectionLimits.sendChunk { try handOverGathered() }
+        }
+    }
+
+    /// Sends what was gathered; returns once every byte is in the socket, or throws.
+    public func flushGathered() throws {
+        sending.lock(); defer { sending.unlock() }
+        if let failure = state.unusableReason() {
+            throw MigrationError.connection("cannot send to \(peer): \(failure)")
+        }
+        try handOverGathered()
+        try state.waitForUnwritten(atMost: 0, peer: peer, inactivitySeconds: inactivityTimeoutSeconds)
+    }
+
+    /// The piece `gather` is filling, not yet handed over.
+    // @unchecked: `piece` is read and written only with `sending` held.
+    private final class Gathering: @unchecked Sendable { var piece: ByteBuffer? }
+    private let gathering = Gathering()
+
+    /// Hands the gathered piece (if any) to the network thread. Called with `sending` held.
+    private func handOverGathered() throws {
+        guard let piece = gathering.piece, piece.readableBytes > 0 else { return }
+        gathering.piece = nil
+        try handOver(piece)
+    }
+
+    /// Hands `piece` to the network thread once at most a window of earlier bytes is unwritten.
+    /// Called with `sending` held.
+    private func handOver(_ piece: ByteBuffer) throws {
+        let count = piece.readableBytes
+        try state.reserveWrite(count, window: ConnectionLimits.sendWindow - count, peer: peer, inactivitySeconds: inactivityTimeoutSeconds)
+        let state = self.state
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        written.futureResult.whenComplete { result in
+            switch result {
+            case .success: state.wrote(count)
+            case let .failure(error): state.writeFailed(ConnectionHandler.describe(error, remote: state.remote))
+            }
+        }
+        channel.writeAndFlush(piece, promise: written)
     }
 
     /// Fills `buffer` completely or throws: at end of stream, on close, or when the peer

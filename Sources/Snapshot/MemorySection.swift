@@ -38,18 +38,31 @@ public enum MemorySection {
 
     /// `parse` over bytes held anywhere (a decrypted chunk is not an array).
     static func parse(_ payload: UnsafeRawBufferPointer) throws(MemorySectionDefect) -> Parsed {
-        let length = UInt64(payload.count)
-        guard length >= 8 else { throw .tooShort(length: length) }
-        let count = UInt32(littleEndian: payload.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
-        guard count >= 1, count <= SnapshotFormat.maxPagesPerSection else { throw .countOutOfRange(count: count) }
-        let reserved = UInt32(littleEndian: payload.loadUnaligned(fromByteOffset: 4, as: UInt32.self))
-        guard reserved == 0 else { throw .reservedFieldNonZero(value: reserved) }
+        try parseTable(payload, payloadLength: UInt64(payload.count))
+    }
 
-        let (tableBytes, overflow1) = UInt64(count).multipliedReportingOverflow(by: 8)
-        let (tableEnd, overflow2) = UInt64(8).addingReportingOverflow(tableBytes)
-        guard !overflow1, !overflow2, tableEnd <= length else {
-            throw .tableTruncated(count: count, length: length)
-        }
+    /// The length of a payload's count, reserved field and table (where its page data begins),
+    /// from its first 8 bytes and its declared length: for a reader that takes the table first
+    /// and the pages after, straight into guest memory.
+    static func tableLength(first8 head: UnsafeRawBufferPointer, payloadLength length: UInt64) throws(MemorySectionDefect) -> Int {
+        guard length >= 8, head.count >= 8 else { throw .tooShort(length: length) }
+        let count = UInt32(littleEndian: head.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
+        guard count >= 1, count <= SnapshotFormat.maxPagesPerSection else { throw .countOutOfRange(count: count) }
+        let reserved = UInt32(littleEndian: head.loadUnaligned(fromByteOffset: 4, as: UInt32.self))
+        guard reserved == 0 else { throw .reservedFieldNonZero(value: reserved) }
+        // count <= maxPagesPerSection: no overflow.
+        let tableEnd = 8 + 8 * UInt64(count)
+        guard tableEnd <= length else { throw .tableTruncated(count: count, length: length) }
+        return Int(tableEnd)
+    }
+
+    /// Checks a payload of `payloadLength` bytes from its head: `payload` holds at least its count,
+    /// reserved field and table (the whole payload, or only that much when the pages are read
+    /// apart). The data's length is checked against the table, not read.
+    static func parseTable(_ payload: UnsafeRawBufferPointer, payloadLength length: UInt64) throws(MemorySectionDefect) -> Parsed {
+        let tableEnd = UInt64(try tableLength(first8: payload, payloadLength: length))
+        let count = UInt32(littleEndian: payload.loadUnaligned(fromByteOffset: 0, as: UInt32.self))
+        guard tableEnd <= UInt64(payload.count) else { throw .tableTruncated(count: count, length: UInt64(payload.count)) }
 
         var entries: [Entry] = []
         entries.reserveCapacity(Int(count))
@@ -72,6 +85,49 @@ public enum MemorySection {
             throw .lengthMismatch(expected: overflow3 || overflow4 ? UInt64.max : expected, actual: length)
         }
         return Parsed(entries: entries, dataStart: Int(tableEnd))
+    }
+
+    /// Applies a payload whose head `parsed` checked and whose page data is still to be read:
+    /// every page's bounds are checked first, then `read` fills each run of consecutive data
+    /// pages straight in guest memory, in the order of the data, and zero pages are zeroed.
+    /// Malformed or out-of-range tables write nothing; a `read` that throws leaves the pages
+    /// before it written (the stream is broken then, and so is the state it was bringing).
+    static func apply(_ parsed: Parsed, readingDataWith read: (UnsafeMutableRawBufferPointer) throws -> Void,
+                      to memory: GuestMemory) throws -> (pages: Int, zeroPages: Int) {
+        var addresses: [GuestAddress] = []
+        addresses.reserveCapacity(parsed.entries.count)
+        for entry in parsed.entries {
+            guard let address = pageAddress(entry.pfn, memorySize: memory.size) else {
+                throw SnapshotFormatError.pageOutOfRange(pfn: entry.pfn, memorySize: memory.size)
+            }
+            addresses.append(address)
+        }
+        let page = Int(SnapshotFormat.pageSize)
+        var zeroPages = 0
+        // A run of data pages with consecutive frames: one read for all of them.
+        var runStart: GuestAddress?
+        var runPages = 0
+        func readRun() throws {
+            guard let start = runStart else { return }
+            try memory.withWritableBytes(at: start, count: runPages * page) { try read($0) }
+            runStart = nil
+            runPages = 0
+        }
+        for (entry, address) in zip(parsed.entries, addresses) {
+            if entry.isZero {
+                // Reading an untouched page maps the shared zero page; writing would allocate one.
+                if try !memory.isZeroPage(address) { try memory.zero(at: address, length: SnapshotFormat.pageSize) }
+                zeroPages += 1
+            } else if let start = runStart, start.raw + UInt64(runPages * page) == address.raw {
+                runPages += 1
+            } else {
+                try readRun()
+                runStart = address
+                runPages = 1
+            }
+        }
+        try readRun()
+        return (parsed.entries.count, zeroPages)
     }
 
     /// Guest-physical address of `pfn` if the whole page lies inside `memorySize`.

@@ -79,8 +79,20 @@ public enum StateSequence {
         var signature: [UInt8]?, signedDigest: [UInt8] = []
         var pages = 0, zeroPages = 0, memorySections = 0
         while true {
-            guard let section = try reader.nextSection() else {
+            // Memory sections are applied as they are read (on an authenticated channel, their
+            // pages go from the channel straight into guest memory).
+            let section: Section
+            switch try reader.nextSection(applyingMemoryTo: memory) {
+            case nil:
                 throw SnapshotFormatError.sectionOrder("the stream has no end section")
+            case let .appliedMemory(applied, appliedZero, _):
+                if signature != nil { throw SnapshotFormatError.sectionOrder("a memory section follows the signature, which must be last") }
+                pages += applied
+                zeroPages += appliedZero
+                memorySections += 1
+                continue
+            case let .section(read):
+                section = read
             }
             if signature != nil && section.type != .end {
                 throw SnapshotFormatError.sectionOrder("a \(section.type) section follows the signature, which must be last")

@@ -1,3 +1,4 @@
+import GuestMemory
 import Crypto
 
 /// Reads and verifies a version 1 snapshot stream, one section at a time.
@@ -47,9 +48,34 @@ public struct StreamReader<Source: ByteSource> {
     /// source) and returns nil; a migration receiver that keeps its connection
     /// open should stop at `.end` instead.
     public mutating func nextSection() throws -> Section? {
+        switch try next(applyingMemoryTo: nil) {
+        case let .section(section): section
+        case .appliedMemory, nil: nil  // not without a memory to apply to
+        }
+    }
+
+    /// What `nextSection(applyingMemoryTo:)` read.
+    public enum Item {
+        /// A section, verified as `nextSection()` verifies it.
+        case section(Section)
+        /// A memory section applied to guest memory as it was read, its pages never held apart.
+        case appliedMemory(pages: Int, zeroPages: Int, offset: UInt64)
+    }
+
+    /// Like `nextSection()`, but on an authenticated channel (no checksum to verify before the
+    /// pages may be used) a memory section's table is checked and its pages are read from the
+    /// source straight into `memory`: one copy, no payload array. A failure part way through a
+    /// section's pages leaves those before it written, as a failed stream leaves earlier
+    /// sections. On a checksummed stream (a file) memory sections come back whole and verified,
+    /// for the caller to apply.
+    public mutating func nextSection(applyingMemoryTo memory: GuestMemory) throws -> Item? {
+        try next(applyingMemoryTo: memory)
+    }
+
+    private mutating func next(applyingMemoryTo memory: GuestMemory?) throws -> Item? {
         if let failure { throw failure }
         do {
-            return try readSection()
+            return try readSection(applyingMemoryTo: memory)
         } catch {
             failure = error
             throw error
@@ -68,7 +94,7 @@ public struct StreamReader<Source: ByteSource> {
         return sections
     }
 
-    private mutating func readSection() throws -> Section? {
+    private mutating func readSection(applyingMemoryTo memory: GuestMemory?) throws -> Item? {
         if endReturned {
             if !exhausted {
                 try expectEndOfInput()
@@ -113,7 +139,14 @@ public struct StreamReader<Source: ByteSource> {
         }
         let hashStream = type != .end && integrity.hasStreamDigest
 
-        var payload = [UInt8](repeating: 0, count: Int(length))
+        if type == .memory, let memory, integrity == .channelAuthenticated {
+            let applied = try readMemoryInPlace(length: length, sectionOffset: sectionOffset, into: memory)
+            digestBeforeLastSection = digestBefore
+            return .appliedMemory(pages: applied.pages, zeroPages: applied.zeroPages, offset: sectionOffset)
+        }
+
+        // Filled before it is read: no zeroing first.
+        var payload = [UInt8](unsafeUninitializedCapacity: Int(length)) { _, count in count = Int(length) }
         do {
             try fill(&payload, hashStream: hashStream)
         } catch let SnapshotFormatError.truncated(at, needed) {
@@ -145,7 +178,38 @@ public struct StreamReader<Source: ByteSource> {
             break
         }
         digestBeforeLastSection = digestBefore
-        return Section(type: type, payload: payload, offset: sectionOffset)
+        return .section(Section(type: type, payload: payload, offset: sectionOffset))
+    }
+
+    /// A memory section's payload on an authenticated channel: its head and table read and
+    /// checked, then its pages read straight into `memory` (`MemorySection.apply(_:readingDataWith:to:)`).
+    private mutating func readMemoryInPlace(length: UInt64, sectionOffset: UInt64, into memory: GuestMemory) throws -> (pages: Int, zeroPages: Int) {
+        let payloadStart = offset
+        // A shortfall is reported for the rest of the section, as for a payload read whole.
+        func sectionShortfall(_ error: any Error) -> any Error {
+            guard case let SnapshotFormatError.truncated(at, _) = error else { return error }
+            return SnapshotFormatError.truncated(offset: at, needed: length - (at - payloadStart))
+        }
+        func malformed(_ defect: MemorySectionDefect) -> any Error {
+            SnapshotFormatError.malformedMemorySection(reason: defect, offset: sectionOffset)
+        }
+        guard length >= 8 else { throw malformed(.tooShort(length: length)) }
+        var head = [UInt8](unsafeUninitializedCapacity: 8) { _, count in count = 8 }
+        do { try fill(&head) } catch { throw sectionShortfall(error) }
+        // withUnsafeBytes forgets the error type: the defect comes out as a value.
+        func checkHead<T>(_ check: (UnsafeRawBufferPointer) throws(MemorySectionDefect) -> T) throws -> T {
+            let result = head.withUnsafeBytes { raw in Result { () throws(MemorySectionDefect) in try check(raw) } }
+            do { return try result.get() } catch { throw malformed(error) }
+        }
+        let tableEnd = try checkHead { raw throws(MemorySectionDefect) in try MemorySection.tableLength(first8: raw, payloadLength: length) }
+        head.append(contentsOf: repeatElement(0, count: tableEnd - 8))
+        do {
+            try head.withUnsafeMutableBytes { try fill(UnsafeMutableRawBufferPointer(rebasing: $0[8...])) }
+        } catch { throw sectionShortfall(error) }
+        let parsed = try checkHead { raw throws(MemorySectionDefect) in try MemorySection.parseTable(raw, payloadLength: length) }
+        do {
+            return try MemorySection.apply(parsed, readingDataWith: { try fill($0) }, to: memory)
+        } catch { throw sectionShortfall(error) }
     }
 
     /// Throws `dataAfterEnd` if the source has another byte.
@@ -161,15 +225,20 @@ public struct StreamReader<Source: ByteSource> {
 
     /// Reads exactly `buffer.count` bytes, reporting a shortfall in this stream's offsets.
     private mutating func fill(_ buffer: inout [UInt8], hashStream: Bool = false) throws {
+        try buffer.withUnsafeMutableBytes { try fill($0) }
+        if hashStream { streamHasher.update(bytes: buffer) }
+    }
+
+    /// `fill` into memory held anywhere (guest pages), without hashing.
+    private mutating func fill(_ buffer: UnsafeMutableRawBufferPointer) throws {
         let start = offset
         let count = UInt64(buffer.count)
         do {
-            try buffer.withUnsafeMutableBytes { try source.readExactly(into: $0) }
+            try source.readExactly(into: buffer)
         } catch SnapshotFormatError.truncated(_, let needed) {
             let missing = min(max(needed, 1), count)
             throw SnapshotFormatError.truncated(offset: start + (count - missing), needed: missing)
         }
         offset += count
-        if hashStream { streamHasher.update(bytes: buffer) }
     }
 }

@@ -80,9 +80,11 @@ public struct StreamWriter<Sink: ByteSink> {
     /// markers without data. Every frame is checked against `memory.size`
     /// before anything is written.
     ///
-    /// Page data passes through one reused 4 KiB buffer: the guest may be running
-    /// (pre-copy migration), and hashing and writing one stable copy keeps the
-    /// checksum consistent with the bytes sent. No per-page allocation.
+    /// With checksums, page data passes through one reused 4 KiB buffer: the guest may be
+    /// running (pre-copy migration), and hashing and writing one stable copy keeps the
+    /// checksum consistent with the bytes sent. Without (an authenticated channel) the sink
+    /// takes the page from guest memory directly; a page the guest changes meanwhile is in
+    /// the next round's dirty log either way.
     @discardableResult
     public mutating func writeMemoryPages(_ pageFrames: [UInt64], from memory: GuestMemory) throws -> MemoryWriteStats {
         try checkUsable()
@@ -123,6 +125,11 @@ public struct StreamWriter<Sink: ByteSink> {
             try beginSection(.memory, length: length)
             try table.withUnsafeBytes { try emit($0) }
             for address in dataPages {
+                if integrity == .channelAuthenticated {
+                    // Nothing hashes the page: it goes from guest memory to the sink in one copy.
+                    try memory.withBytes(at: address, count: page.count) { try emit($0) }
+                    continue
+                }
                 try memory.withBytes(at: address, count: page.count) { guest in
                     page.withUnsafeMutableBytes { $0.copyMemory(from: guest) }
                 }

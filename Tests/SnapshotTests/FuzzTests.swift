@@ -83,8 +83,10 @@ struct FuzzTests {
 
     /// Mutates the payload of one section, then re-frames the stream with valid
     /// checksums and end digest, so the structure checks behind them are reached.
-    private static func mutateStructure(_ sections: [(UInt32, [UInt8])], _ rng: inout SplitMix64) -> ([UInt8], [UInt8]?) {
-        guard !sections.isEmpty else { return (rawStream([]), nil) }
+    /// Also returns the same sections framed inside an authenticated channel (no checksums), whose
+    /// memory sections a reader applies page by page as it reads them.
+    private static func mutateStructure(_ sections: [(UInt32, [UInt8])], _ rng: inout SplitMix64) -> ([UInt8], [UInt8]?, channel: [UInt8]) {
+        guard !sections.isEmpty else { return (rawStream([]), nil, rawChannelStream([])) }
         var sections = sections
         let index = Int(rng.next() % UInt64(sections.count))
         var payload = sections[index].1
@@ -116,7 +118,8 @@ struct FuzzTests {
             sections.insert(sections[Int(rng.next() % UInt64(sections.count))], at: Int(rng.next() % UInt64(sections.count + 1)))
         }
         let stream = rawStream(sections.map { frame(type: $0.0, payload: $0.1) })
-        return (stream, sections[index].0 == SectionType.memory.rawValue ? payload : nil)
+        return (stream, sections[index].0 == SectionType.memory.rawValue ? payload : nil,
+                rawChannelStream(sections.map { (type: $0.0, payload: $0.1) }))
     }
 
     @Test("thousands of random mutations of valid streams decode to success or a format/memory error, never a crash")
@@ -129,10 +132,16 @@ struct FuzzTests {
         let corpus = try Self.corpus()
         let parsed = try corpus.map { try Self.sections(of: $0) }
         let headers = try corpus.map { try layout(of: $0).map(\.offset) }
+        let channels = parsed.map { rawChannelStream($0.map { (type: $0.0, payload: $0.1) }) }
+        // Header offsets of the channel framing: each section 16 bytes of header and its payload.
+        let channelHeaders = parsed.map { sections in
+            sections.reduce(into: [16]) { offsets, section in offsets.append(offsets.last! + 16 + section.1.count) }
+        }
         let memory = try GuestMemory(size: 1 << 20)
         // The unmutated corpus must decode (4 MiB holds every page it names).
         let roomy = try GuestMemory(size: 4 << 20)
         for stream in corpus { try decodeFully(stream, into: roomy) }
+        for stream in channels { try decodeChannelFully(stream, into: roomy) }
 
         let clock = ContinuousClock()
         let started = clock.now
@@ -170,8 +179,9 @@ struct FuzzTests {
             let pick = Int(rng.next() % UInt64(corpus.count))
 
             if rng.next() % 3 == 0 {
-                let (stream, memoryPayload) = Self.mutateStructure(parsed[pick], &rng)
+                let (stream, memoryPayload, channel) = Self.mutateStructure(parsed[pick], &rng)
                 check(seed, "re-framed stream") { try decodeFully(stream, into: memory) }
+                check(seed, "re-framed channel stream, pages applied as read") { try decodeChannelFully(channel, into: memory) }
                 if let memoryPayload {
                     check(seed, "bare memory payload") { _ = try MemorySection.apply(memoryPayload, to: memory) }
                 }
@@ -179,6 +189,12 @@ struct FuzzTests {
                 var bytes = corpus[pick]
                 for _ in 0..<(1 + rng.next() % 4) { Self.mutate(&bytes, headers: headers[pick], &rng) }
                 check(seed, "mutated stream") { try decodeFully(bytes, into: memory) }
+                if rng.next() % 2 == 0 {
+                    // The same byte mutations of the stream re-framed for a channel.
+                    var channel = channels[pick]
+                    for _ in 0..<(1 + rng.next() % 4) { Self.mutate(&channel, headers: channelHeaders[pick], &rng) }
+                    check(seed, "mutated channel stream") { try decodeChannelFully(channel, into: memory) }
+                }
             }
             done += 1
         }

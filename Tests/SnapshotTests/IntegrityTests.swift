@@ -81,4 +81,80 @@ struct IntegrityTests {
             _ = try StreamReader.readAll(from: BufferSource(Array(bytes.dropLast(5))), integrity: .channelAuthenticated)
         }
     }
+    /// Memory of `size` bytes whose every page holds 0xEE, so any page written shows.
+    func marked(size: UInt64 = 1 << 20) throws -> GuestMemory {
+        let memory = try GuestMemory(size: size)
+        try memory.write([UInt8](repeating: 0xEE, count: Int(size)), at: GuestAddress(0))
+        return memory
+    }
+
+    @Test("on an authenticated channel a memory section's pages go from the stream straight into guest memory: runs of neighbouring pages, lone pages and zero pages land where a whole-payload apply puts them")
+    func channelPagesAppliedInPlace() throws {
+        let source = try GuestMemory(size: 1 << 20)
+        let data: [UInt64] = [0, 1, 2, 5, 7, 8, 255]
+        try fillPages(source, data)
+        var writer = try StreamWriter(sink: BufferSink(), integrity: .channelAuthenticated)
+        try writer.writeMemoryPages([0, 1, 2, 3, 5, 7, 8, 9, 255], from: source)
+        try writer.writeSection(.vcpu, payload: vcpuJSON)
+        try writer.writeSection(.devices, payload: devicesJSON)
+        try writer.finish()
+
+        let inPlace = try marked()
+        let body = try readChannelBody(writer.sink.bytes, into: inPlace)
+        #expect(body.pages == 9 && body.zeroPages == 2 && body.memorySections == 1)
+        let whole = try marked()
+        let sections = try StreamReader.readAll(from: BufferSource(writer.sink.bytes), integrity: .channelAuthenticated)
+        for section in sections where section.type == .memory { _ = try MemorySection.apply(section, to: whole) }
+        #expect(try inPlace.read(at: GuestAddress(0), count: 1 << 20) == whole.read(at: GuestAddress(0), count: 1 << 20))
+        for pfn in data { #expect(try inPlace.read(at: GuestAddress(pfn * 4096), count: 4096) == source.read(at: GuestAddress(pfn * 4096), count: 4096)) }
+        #expect(try inPlace.isZeroPage(GuestAddress(3 * 4096)) && inPlace.isZeroPage(GuestAddress(9 * 4096)))
+        #expect(try inPlace.read(at: GuestAddress(4 * 4096), count: 4096) == [UInt8](repeating: 0xEE, count: 4096))
+    }
+
+    @Test("on an authenticated channel a hostile memory table (a page outside memory, frames out of order, a short or long payload, reserved bits) is refused before any page of its section is written")
+    func channelHostileTableWritesNothing() throws {
+        let page = [UInt8](repeating: 0x41, count: 4096)
+        func section(_ entries: [UInt64], pages: Int) -> [UInt8] {
+            var bytes: [UInt8] = []
+            bytes.appendLittleEndian(UInt32(entries.count))
+            bytes.appendLittleEndian(UInt32(0))
+            for e in entries { bytes.appendLittleEndian(e) }
+            for _ in 0..<pages { bytes += page }
+            return bytes
+        }
+        let hostile: [(String, [UInt8])] = [
+            ("a page past the end of memory", section([1, 2, 256], pages: 3)),
+            ("frames out of order", section([1, 3, 2], pages: 3)),
+            ("fewer pages than the table names", section([1, 2, 3], pages: 2)),
+            ("more pages than the table names", section([1, 2], pages: 3)),
+            ("reserved entry bits", section([1, 2 | (1 << 60)], pages: 2)),
+            ("a count past the table", Array(section([1, 2], pages: 0).prefix(8)) + [UInt8](repeating: 0, count: 4)),
+        ]
+        for (what, payload) in hostile {
+            let memory = try marked()
+            let stream = rawChannelStream([(SectionType.memory.rawValue, payload), (SectionType.vcpu.rawValue, vcpuJSON),
+                                           (SectionType.devices.rawValue, devicesJSON)])
+            #expect(throws: SnapshotFormatError.self, "\(what)") { _ = try readChannelBody(stream, into: memory) }
+            #expect(try memory.read(at: GuestAddress(0), count: 1 << 20) == [UInt8](repeating: 0xEE, count: 1 << 20), "\(what)")
+        }
+    }
+
+    @Test("on an authenticated channel a stream cut inside a memory section's pages reports the rest of the section as missing, at the offset where it ran out")
+    func channelCutInsidePages() throws {
+        let source = try GuestMemory(size: 1 << 20)
+        try fillPages(source, [4, 5, 6])
+        var writer = try StreamWriter(sink: BufferSink(), integrity: .channelAuthenticated)
+        try writer.writeMemoryPages([4, 5, 6], from: source)
+        let full = writer.sink.bytes
+        // Stream header 16, section header 16, count and table 8 + 24, then three pages: cut 100 bytes into the second.
+        let payloadStart = 16 + 16
+        let cut = payloadStart + 32 + 4096 + 100
+        let memory = try marked()
+        #expect(throws: SnapshotFormatError.truncated(offset: UInt64(cut), needed: UInt64(full.count - cut))) {
+            _ = try readChannelBody(Array(full.prefix(cut)), into: memory)
+        }
+        // Whatever of the section's pages arrived is lost with its stream; no other page was touched.
+        #expect(try memory.read(at: GuestAddress(0), count: 4 * 4096) == [UInt8](repeating: 0xEE, count: 4 * 4096))
+        #expect(try memory.read(at: GuestAddress(7 * 4096), count: 4096) == [UInt8](repeating: 0xEE, count: 4096))
+    }
 }

@@ -105,6 +105,28 @@ func rawStream(_ sections: [[UInt8]]) -> [UInt8] {
     return body + frame(type: 0xFFFF, payload: sha256(body))
 }
 
+/// A stream inside an authenticated channel: header naming that integrity, the sections framed
+/// without checksums, and an empty end section.
+func rawChannelStream(_ sections: [(type: UInt32, payload: [UInt8])]) -> [UInt8] {
+    var bytes = streamHeader(flags: SectionIntegrity.channelAuthenticated.headerFlags)
+    for section in sections { bytes += encodeSectionHeader(type: section.type, flags: 0, length: UInt64(section.payload.count)) + section.payload }
+    return bytes + encodeSectionHeader(type: SectionType.end.rawValue, flags: 0, length: 0)
+}
+
+/// Reads every section of a channel stream, applying memory sections as they are read.
+func decodeChannelFully(_ bytes: [UInt8], into memory: GuestMemory) throws {
+    var reader = try StreamReader(source: BufferSource(bytes), integrity: .channelAuthenticated)
+    while let item = try reader.nextSection(applyingMemoryTo: memory) {
+        if case let .section(section) = item, section.type == .memory { _ = try MemorySection.apply(section, to: memory) }
+    }
+}
+
+/// Reads a channel stream's body the way a migration does: memory applied as it is read.
+func readChannelBody(_ bytes: [UInt8], into memory: GuestMemory) throws -> StateBody {
+    var reader = try StreamReader(source: BufferSource(bytes), integrity: .channelAuthenticated)
+    return try StateSequence.readBody(from: &reader, into: memory)
+}
+
 /// A memory payload with the given raw entries; data for each entry without bit 63
 /// unless `dataPages` overrides how many pages of data follow.
 func memoryPayload(entries: [UInt64], count: UInt32? = nil, reserved: UInt32 = 0, dataPages: Int? = nil) -> [UInt8] {
