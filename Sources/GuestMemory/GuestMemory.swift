@@ -37,8 +37,9 @@ public enum GuestMemoryError: Error, Equatable, CustomStringConvertible {
 /// more anonymous host mappings (one KVM memory slot each).
 ///
 /// Every access is bounds-checked by guest-physical address and may span regions.
-/// Host pointers stay inside this type; the only thing that leaves it is each
-/// region's host address as an integer, which KVM needs to register the slot.
+/// Host pointers stay inside this type, but for buffers lent to a closure for the length of
+/// one call (`withBytes`, `withWritableBytes`) over a checked range; the only thing that
+/// leaves it is each region's host address as an integer, which KVM needs to register the slot.
 ///
 /// Thread-safety: the mappings never change after `init` and are unmapped in
 /// `deinit`; the bytes themselves are shared with the running guest by design,
@@ -145,6 +146,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// counts as written by the VMM, whatever `body` does; a throw leaves it partly written.
     public func withWritableBytes(at address: GuestAddress, count: Int,
                                   _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        guard count >= 0 else { throw GuestMemoryError.outOfBounds(address: address.raw, length: 0, size: size) }
         try checkRange(address, UInt64(count))
         vmmWrites.mark(address.raw, UInt64(count))
         try forEachPiece(address, UInt64(count)) { dst, n, _ in

@@ -29,7 +29,8 @@ extension MigrationTransport {
 
 /// A transport that gathers small writes into its own send buffers, so that a sink's bytes
 /// are copied once, into the memory they are sent (or encrypted) from. Bytes given to `send`
-/// go after everything gathered before them.
+/// go after everything gathered before them. One writer at a time: two sinks writing at once
+/// would mix their bytes at every write, not at every flush.
 public protocol GatheringTransport: MigrationTransport {
     /// Appends `bytes` to what is gathered; full pieces go to the network as they fill.
     func gather(_ bytes: UnsafeRawBufferPointer) throws

@@ -26,7 +26,8 @@ import SystemCalls
 /// `PeerCertificateCheck`.
 ///
 /// One thread may receive while another sends; two concurrent receives (or sends) are not
-/// supported and are serialized.
+/// supported and are serialized. Gathered writes (`gather`, through a `TransportSink`) are one
+/// stream: one writer at a time.
 public final class TLSTransport: GatheringTransport {
     /// The authenticated peer's host name, as the authorizer named its key.
     public let peerHost: String
@@ -186,6 +187,10 @@ public final class TLSTransport: GatheringTransport {
     /// Hands `piece` to the network thread once at most a window of earlier bytes is unwritten.
     /// Called with `sending` held.
     private func handOver(_ piece: ByteBuffer) throws {
+        // A closed or failed connection is noticed at the next piece, not only when the window fills.
+        if let failure = state.unusableReason() {
+            throw MigrationError.connection("cannot send to \(peer): \(failure)")
+        }
         let count = piece.readableBytes
         try state.reserveWrite(count, window: ConnectionLimits.sendWindow - count, peer: peer, inactivitySeconds: inactivityTimeoutSeconds)
         let state = self.state

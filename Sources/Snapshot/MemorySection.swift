@@ -90,8 +90,9 @@ public enum MemorySection {
     /// Applies a payload whose head `parsed` checked and whose page data is still to be read:
     /// every page's bounds are checked first, then `read` fills each run of consecutive data
     /// pages straight in guest memory, in the order of the data, and zero pages are zeroed.
-    /// Malformed or out-of-range tables write nothing; a `read` that throws leaves the pages
-    /// before it written (the stream is broken then, and so is the state it was bringing).
+    /// Malformed or out-of-range tables write nothing; a `read` that throws leaves some of the
+    /// section's pages written (the runs read before it, zero pages named before its run's end):
+    /// the stream is broken then, and so is the state it was bringing.
     static func apply(_ parsed: Parsed, readingDataWith read: (UnsafeMutableRawBufferPointer) throws -> Void,
                       to memory: GuestMemory) throws -> (pages: Int, zeroPages: Int) {
         var addresses: [GuestAddress] = []

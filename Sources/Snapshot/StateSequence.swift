@@ -81,12 +81,13 @@ public enum StateSequence {
         while true {
             // Memory sections are applied as they are read (on an authenticated channel, their
             // pages go from the channel straight into guest memory).
+            // After a signature nothing may follow but the end: read whole, refused before applied.
+            let item = signature == nil ? try reader.nextSection(applyingMemoryTo: memory) : try reader.nextSection().map { .section($0) }
             let section: Section
-            switch try reader.nextSection(applyingMemoryTo: memory) {
+            switch item {
             case nil:
                 throw SnapshotFormatError.sectionOrder("the stream has no end section")
             case let .appliedMemory(applied, appliedZero, _):
-                if signature != nil { throw SnapshotFormatError.sectionOrder("a memory section follows the signature, which must be last") }
                 pages += applied
                 zeroPages += appliedZero
                 memorySections += 1

@@ -65,8 +65,7 @@ public struct StreamReader<Source: ByteSource> {
     /// Like `nextSection()`, but on an authenticated channel (no checksum to verify before the
     /// pages may be used) a memory section's table is checked and its pages are read from the
     /// source straight into `memory`: one copy, no payload array. A failure part way through a
-    /// section's pages leaves those before it written, as a failed stream leaves earlier
-    /// sections. On a checksummed stream (a file) memory sections come back whole and verified,
+    /// section's pages leaves some of them written, as a failed stream leaves earlier sections. On a checksummed stream (a file) memory sections come back whole and verified,
     /// for the caller to apply.
     public mutating func nextSection(applyingMemoryTo memory: GuestMemory) throws -> Item? {
         try next(applyingMemoryTo: memory)
@@ -145,10 +144,9 @@ public struct StreamReader<Source: ByteSource> {
             return .appliedMemory(pages: applied.pages, zeroPages: applied.zeroPages, offset: sectionOffset)
         }
 
-        // Filled before it is read: no zeroing first.
-        var payload = [UInt8](unsafeUninitializedCapacity: Int(length)) { _, count in count = Int(length) }
+        let payload: [UInt8]
         do {
-            try fill(&payload, hashStream: hashStream)
+            payload = try readBytes(Int(length), hashStream: hashStream)
         } catch let SnapshotFormatError.truncated(at, needed) {
             // Report the whole shortfall of the section, its checksum included.
             throw SnapshotFormatError.truncated(offset: at, needed: needed + UInt64(integrity.trailerSize))
@@ -194,18 +192,15 @@ public struct StreamReader<Source: ByteSource> {
             SnapshotFormatError.malformedMemorySection(reason: defect, offset: sectionOffset)
         }
         guard length >= 8 else { throw malformed(.tooShort(length: length)) }
-        var head = [UInt8](unsafeUninitializedCapacity: 8) { _, count in count = 8 }
-        do { try fill(&head) } catch { throw sectionShortfall(error) }
+        var head: [UInt8]
+        do { head = try readBytes(8) } catch { throw sectionShortfall(error) }
         // withUnsafeBytes forgets the error type: the defect comes out as a value.
         func checkHead<T>(_ check: (UnsafeRawBufferPointer) throws(MemorySectionDefect) -> T) throws -> T {
             let result = head.withUnsafeBytes { raw in Result { () throws(MemorySectionDefect) in try check(raw) } }
             do { return try result.get() } catch { throw malformed(error) }
         }
         let tableEnd = try checkHead { raw throws(MemorySectionDefect) in try MemorySection.tableLength(first8: raw, payloadLength: length) }
-        head.append(contentsOf: repeatElement(0, count: tableEnd - 8))
-        do {
-            try head.withUnsafeMutableBytes { try fill(UnsafeMutableRawBufferPointer(rebasing: $0[8...])) }
-        } catch { throw sectionShortfall(error) }
+        do { head += try readBytes(tableEnd - 8) } catch { throw sectionShortfall(error) }
         let parsed = try checkHead { raw throws(MemorySectionDefect) in try MemorySection.parseTable(raw, payloadLength: length) }
         do {
             return try MemorySection.apply(parsed, readingDataWith: { try fill($0) }, to: memory)
@@ -227,6 +222,16 @@ public struct StreamReader<Source: ByteSource> {
     private mutating func fill(_ buffer: inout [UInt8], hashStream: Bool = false) throws {
         try buffer.withUnsafeMutableBytes { try fill($0) }
         if hashStream { streamHasher.update(bytes: buffer) }
+    }
+
+    /// `count` bytes read into a new array, filled as it is made (not zeroed first).
+    private mutating func readBytes(_ count: Int, hashStream: Bool = false) throws -> [UInt8] {
+        let bytes = try [UInt8](unsafeUninitializedCapacity: count) { buffer, initialized in
+            try fill(UnsafeMutableRawBufferPointer(buffer))
+            initialized = count
+        }
+        if hashStream { streamHasher.update(bytes: bytes) }
+        return bytes
     }
 
     /// `fill` into memory held anywhere (guest pages), without hashing.

@@ -278,6 +278,40 @@ struct TLSTransportTests {
         _ = try? trickling.result()
     }
 
+    @Test("bytes gathered by a stream sink reach the peer in order with bytes sent directly, small writes and pieces larger than a gathered piece alike; after a close a gather or flush fails and says why")
+    func gatheredBytesKeepTheirOrder() throws {
+        let (client, server) = try connectedPair()
+        defer { client.close(); server.close() }
+        var sink = TransportSink(client)
+        var expected: [UInt8] = []
+        func write(_ bytes: [UInt8]) throws {
+            try bytes.withUnsafeBytes { try sink.write($0) }
+            expected += bytes
+        }
+        // Headers and pages, as a stream writes them, across several 256 KiB pieces...
+        for i in 0..<200 {
+            try write(Array("header \(i)".utf8))
+            try write(pattern(count: 4096, seed: UInt8(truncatingIfNeeded: i)))
+        }
+        // ...one write larger than a piece...
+        try write(pattern(count: 600 << 10, seed: 99))
+        try write([1, 2, 3])
+        // ...and a direct send, which must go after everything gathered before it.
+        let direct = Array("sent directly".utf8)
+        try client.send(direct)
+        expected += direct
+        try write(Array("after".utf8))
+        try sink.flush()
+        #expect(try server.receive(count: expected.count) == expected)
+
+        client.close()
+        let afterClose = #expect(throws: MigrationError.self) {
+            try write(pattern(count: 300 << 10, seed: 5))
+            try sink.flush()
+        }
+        #expect("\(afterClose.map { "\($0)" } ?? "")".contains("closed on this side"))
+    }
+
     func connectedPair(inactivityTimeoutSeconds: Double = 30) throws -> (client: TLSTransport, server: TLSTransport) {
         let listener = try listener(trusting: [source], inactivityTimeoutSeconds: inactivityTimeoutSeconds)
         let accepting = acceptInBackground(listener, seconds: 10, log: RefusalLog())

@@ -4,8 +4,8 @@ import SecureChannel
 import SystemCalls
 import Testing
 
-/// Loopback throughput of the TLS transport against plain TCP, in the stream's own piece size
-/// (`TransportSink.bufferSize`). Prints MiB/s and asserts nothing about speed: the figure
+/// Loopback throughput of the TLS transport's `send` against plain TCP, in 1 MiB pieces (a
+/// migration stream over TLS goes through `gather` instead, in 256 KiB pieces). Prints MiB/s and asserts nothing about speed: the figure
 /// depends on the machine. Off by default (it moves 512 MiB); run with
 /// `SECURE_CHANNEL_BENCHMARK=1 swift test --filter ThroughputBenchmark`.
 @Suite(.serialized, .enabled(if: ProcessInfo.processInfo.environment["SECURE_CHANNEL_BENCHMARK"] != nil))

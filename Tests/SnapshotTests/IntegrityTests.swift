@@ -111,6 +111,23 @@ struct IntegrityTests {
         #expect(try inPlace.read(at: GuestAddress(4 * 4096), count: 4096) == [UInt8](repeating: 0xEE, count: 4096))
     }
 
+    @Test("on an authenticated channel a run of neighbouring pages that crosses from one memory region (KVM slot) into the next is read into both, each page where it belongs")
+    func channelRunAcrossRegions() throws {
+        // Regions of 8 pages: pages 6...9 straddle the first boundary, 15...16 the second.
+        let pages: [UInt64] = [6, 7, 8, 9, 15, 16]
+        let source = try GuestMemory(size: 32 * 4096, regionSize: 8 * 4096)
+        try fillPages(source, pages)
+        var writer = try StreamWriter(sink: BufferSink(), integrity: .channelAuthenticated)
+        try writer.writeMemoryPages(pages, from: source)
+        try writer.writeSection(.vcpu, payload: vcpuJSON)
+        try writer.writeSection(.devices, payload: devicesJSON)
+        try writer.finish()
+        let target = try GuestMemory(size: 32 * 4096, regionSize: 8 * 4096)
+        _ = try readChannelBody(writer.sink.bytes, into: target)
+        #expect(target.regions.count == 4)
+        #expect(try target.read(at: GuestAddress(0), count: 32 * 4096) == source.read(at: GuestAddress(0), count: 32 * 4096))
+    }
+
     @Test("on an authenticated channel a hostile memory table (a page outside memory, frames out of order, a short or long payload, reserved bits) is refused before any page of its section is written")
     func channelHostileTableWritesNothing() throws {
         let page = [UInt8](repeating: 0x41, count: 4096)
