@@ -1,5 +1,5 @@
-import GuestMemory
 import Crypto
+import GuestMemory
 
 /// Reads and verifies a version 1 snapshot stream, one section at a time.
 ///
@@ -65,8 +65,9 @@ public struct StreamReader<Source: ByteSource> {
     /// Like `nextSection()`, but on an authenticated channel (no checksum to verify before the
     /// pages may be used) a memory section's table is checked and its pages are read from the
     /// source straight into `memory`: one copy, no payload array. A failure part way through a
-    /// section's pages leaves some of them written, as a failed stream leaves earlier sections. On a checksummed stream (a file) memory sections come back whole and verified,
-    /// for the caller to apply.
+    /// section's pages leaves some of them written, as a failed stream leaves earlier sections.
+    /// On a checksummed stream (a file) memory sections come back whole and verified, for the
+    /// caller to apply.
     public mutating func nextSection(applyingMemoryTo memory: GuestMemory) throws -> Item? {
         try next(applyingMemoryTo: memory)
     }
