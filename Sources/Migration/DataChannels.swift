@@ -327,17 +327,38 @@ final class IncomingDataChannels: Sendable {
     /// One channel's stream after its opening: memory sections and round marks, [signature], end.
     private static func read(_ reader: inout StreamReader<TransportSource>, into memory: GuestMemory, channel: Int, count: Int) throws -> Tally {
         var tally = Tally()
+        // The order of a page's versions holds only if it always comes on its own channel.
+        func checkOwnChannel(_ pfn: UInt64) throws {
+            let own = dataChannel(ofPage: pfn, count: count)
+            if own != channel {
+                throw MigrationError.protocolViolation("page frame \(pfn) came on data channel \(channel), not on its own (\(own))")
+            }
+        }
         while true {
-            guard let section = try reader.nextSection() else { throw SnapshotFormatError.sectionOrder("data channel \(channel) has no end section") }
+            // Over TLS a memory section's pages go straight into guest memory once its table
+            // passed every check, its channel included; after a signature, read whole (refused).
+            let item = tally.signature == nil
+                ? try reader.nextSection(applyingMemoryTo: memory, checkFrame: checkOwnChannel)
+                : try reader.nextSection().map { .section($0) }
+            let section: Section
+            switch item {
+            case nil:
+                throw SnapshotFormatError.sectionOrder("data channel \(channel) has no end section")
+            case let .appliedMemory(pages, zeroPages, _):
+                tally.pages += pages
+                tally.zeroPages += zeroPages
+                tally.memorySections += 1
+                continue
+            case let .section(read):
+                section = read
+            }
             if tally.signature != nil && section.type != .end {
                 throw SnapshotFormatError.sectionOrder("a \(section.type) section follows the signature of data channel \(channel)")
             }
             switch section.type {
             case .memory:
-                // The order of a page's versions holds only if it always comes on its own channel.
-                if let stray = strayPage(in: section.payload, channel: channel, count: count) {
-                    throw MigrationError.protocolViolation("page frame \(stray) came on data channel \(channel), not on its own (\(dataChannel(ofPage: stray, count: count)))")
-                }
+                // A checksummed (plaintext) channel: the section was read whole and verified.
+                if let stray = strayPage(in: section.payload, channel: channel, count: count) { try checkOwnChannel(stray) }
                 let applied = try MemorySection.apply(section, to: memory)
                 tally.pages += applied.pages
                 tally.zeroPages += applied.zeroPages

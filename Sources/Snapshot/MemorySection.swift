@@ -197,28 +197,12 @@ public enum MemorySection {
         } catch {
             throw SnapshotFormatError.malformedMemorySection(reason: error, offset: sectionOffset)
         }
-        var addresses: [GuestAddress] = []
-        addresses.reserveCapacity(parsed.entries.count)
-        for entry in parsed.entries {
-            guard let address = pageAddress(entry.pfn, memorySize: memory.size) else {
-                throw SnapshotFormatError.pageOutOfRange(pfn: entry.pfn, memorySize: memory.size)
-            }
-            addresses.append(address)
-        }
-
+        // The pages are in the payload already: "reading" a run copies it from there.
         var dataOffset = parsed.dataStart
-        var zeroPages = 0
-        let page = Int(SnapshotFormat.pageSize)
-        for (entry, address) in zip(parsed.entries, addresses) {
-            if entry.isZero {
-                // Reading an untouched page maps the shared zero page; writing would allocate one.
-                if try !memory.isZeroPage(address) { try memory.zero(at: address, length: SnapshotFormat.pageSize) }
-                zeroPages += 1
-            } else {
-                try memory.write(bytes: UnsafeRawBufferPointer(rebasing: payload[dataOffset..<dataOffset + page]), at: address)
-                dataOffset += page
-            }
-        }
-        return (parsed.entries.count, zeroPages)
+        return try apply(parsed, readingDataWith: { run in
+            // SAFETY: parse checked that the payload holds every data page the table names.
+            run.copyMemory(from: UnsafeRawBufferPointer(rebasing: payload[dataOffset ..< dataOffset + run.count]))
+            dataOffset += run.count
+        }, to: memory)
     }
 }

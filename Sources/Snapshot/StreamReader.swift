@@ -68,14 +68,17 @@ public struct StreamReader<Source: ByteSource> {
     /// section's pages leaves some of them written, as a failed stream leaves earlier sections.
     /// On a checksummed stream (a file) memory sections come back whole and verified, for the
     /// caller to apply.
-    public mutating func nextSection(applyingMemoryTo memory: GuestMemory) throws -> Item? {
-        try next(applyingMemoryTo: memory)
+    /// `checkFrame` sees every page frame of a section applied in place once its table is
+    /// checked and before any page is written; it throws to refuse the section.
+    public mutating func nextSection(applyingMemoryTo memory: GuestMemory,
+                                     checkFrame: ((UInt64) throws -> Void)? = nil) throws -> Item? {
+        try next(applyingMemoryTo: memory, checkFrame: checkFrame)
     }
 
-    private mutating func next(applyingMemoryTo memory: GuestMemory?) throws -> Item? {
+    private mutating func next(applyingMemoryTo memory: GuestMemory?, checkFrame: ((UInt64) throws -> Void)? = nil) throws -> Item? {
         if let failure { throw failure }
         do {
-            return try readSection(applyingMemoryTo: memory)
+            return try readSection(applyingMemoryTo: memory, checkFrame: checkFrame)
         } catch {
             failure = error
             throw error
@@ -94,7 +97,7 @@ public struct StreamReader<Source: ByteSource> {
         return sections
     }
 
-    private mutating func readSection(applyingMemoryTo memory: GuestMemory?) throws -> Item? {
+    private mutating func readSection(applyingMemoryTo memory: GuestMemory?, checkFrame: ((UInt64) throws -> Void)?) throws -> Item? {
         if endReturned {
             if !exhausted {
                 try expectEndOfInput()
@@ -140,7 +143,7 @@ public struct StreamReader<Source: ByteSource> {
         let hashStream = type != .end && integrity.hasStreamDigest
 
         if type == .memory, let memory, integrity == .channelAuthenticated {
-            let applied = try readMemoryInPlace(length: length, sectionOffset: sectionOffset, into: memory)
+            let applied = try readMemoryInPlace(length: length, sectionOffset: sectionOffset, into: memory, checkFrame: checkFrame)
             digestBeforeLastSection = digestBefore
             return .appliedMemory(pages: applied.pages, zeroPages: applied.zeroPages, offset: sectionOffset)
         }
@@ -182,7 +185,8 @@ public struct StreamReader<Source: ByteSource> {
 
     /// A memory section's payload on an authenticated channel: its head and table read and
     /// checked, then its pages read straight into `memory` (`MemorySection.apply(_:readingDataWith:to:)`).
-    private mutating func readMemoryInPlace(length: UInt64, sectionOffset: UInt64, into memory: GuestMemory) throws -> (pages: Int, zeroPages: Int) {
+    private mutating func readMemoryInPlace(length: UInt64, sectionOffset: UInt64, into memory: GuestMemory,
+                                            checkFrame: ((UInt64) throws -> Void)?) throws -> (pages: Int, zeroPages: Int) {
         let payloadStart = offset
         // A shortfall is reported for the rest of the section, as for a payload read whole.
         func sectionShortfall(_ error: any Error) -> any Error {
@@ -203,6 +207,7 @@ public struct StreamReader<Source: ByteSource> {
         let tableEnd = try checkHead { raw throws(MemorySectionDefect) in try MemorySection.tableLength(first8: raw, payloadLength: length) }
         do { head += try readBytes(tableEnd - 8) } catch { throw sectionShortfall(error) }
         let parsed = try checkHead { raw throws(MemorySectionDefect) in try MemorySection.parseTable(raw, payloadLength: length) }
+        if let checkFrame { for entry in parsed.entries { try checkFrame(entry.pfn) } }
         do {
             return try MemorySection.apply(parsed, readingDataWith: { try fill($0) }, to: memory)
         } catch { throw sectionShortfall(error) }

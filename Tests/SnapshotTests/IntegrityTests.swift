@@ -128,6 +128,33 @@ struct IntegrityTests {
         #expect(try target.read(at: GuestAddress(0), count: 32 * 4096) == source.read(at: GuestAddress(0), count: 32 * 4096))
     }
 
+    @Test("a frame check (a data channel's: every page on its own channel) sees the table before any page is written; its refusal leaves memory untouched and ends the stream")
+    func channelFrameCheckComesFirst() throws {
+        struct NotHere: Error, Equatable { var pfn: UInt64 }
+        let source = try GuestMemory(size: 1 << 20)
+        try fillPages(source, [2, 3, 40])
+        var writer = try StreamWriter(sink: BufferSink(), integrity: .channelAuthenticated)
+        try writer.writeMemoryPages([2, 3, 40], from: source)
+        try writer.finish()
+        let memory = try marked()
+        var reader = try StreamReader(source: BufferSource(writer.sink.bytes), integrity: .channelAuthenticated)
+        var seen: [UInt64] = []
+        #expect(throws: NotHere(pfn: 40)) {
+            _ = try reader.nextSection(applyingMemoryTo: memory) { pfn in
+                seen.append(pfn)
+                if pfn >= 32 { throw NotHere(pfn: pfn) }
+            }
+        }
+        #expect(seen == [2, 3, 40])
+        #expect(try memory.read(at: GuestAddress(0), count: 1 << 20) == [UInt8](repeating: 0xEE, count: 1 << 20))
+        // The reader is poisoned after a refusal: the next call repeats it.
+        #expect(throws: NotHere(pfn: 40)) { _ = try reader.nextSection(applyingMemoryTo: memory) }
+        // The same stream without the check lands whole.
+        var again = try StreamReader(source: BufferSource(writer.sink.bytes), integrity: .channelAuthenticated)
+        _ = try again.nextSection(applyingMemoryTo: memory)
+        #expect(try memory.read(at: GuestAddress(40 * 4096), count: 4096) == source.read(at: GuestAddress(40 * 4096), count: 4096))
+    }
+
     @Test("on an authenticated channel a hostile memory table (a page outside memory, frames out of order, a short or long payload, reserved bits) is refused before any page of its section is written")
     func channelHostileTableWritesNothing() throws {
         let page = [UInt8](repeating: 0x41, count: 4096)
